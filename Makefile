@@ -1,0 +1,63 @@
+# fastbus: `make demo` and `make test` each work on a fresh machine with Python 3.11+
+# and a C compiler: they create .venv, install the build and test dependencies,
+# and compile the Cython extensions in place before doing their job.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fastbus-installed
+BUILD_DEPS := "setuptools>=77" wheel "Cython>=3.1,<4" "numpy>=1.26" "cysignals>=1.11"
+PERF_SMOKE := --debug-single-value --quiet
+
+.PHONY: all build demo test lint unit test-debug bench-smoke bench bench-report docs wheel clean
+
+all: build
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(BUILD_DEPS)
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+# Incremental: only the extensions whose .pyx/.pxd/.h changed are rebuilt.
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace -j 2
+
+demo: build
+	$(PY) -m fastbus demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+unit: build
+	$(PY) -m pytest -q
+
+# The suite again on a debug build (bounds checks and invariant assertions on),
+# built out of tree in build/debug so the release build in place is untouched.
+test-debug: $(STAMP)
+	rm -rf build/debug && mkdir -p build/debug
+	cp -r fastbus build/debug/ && rm -f build/debug/fastbus/*.so build/debug/fastbus/*.c
+	cd build/debug && FASTBUS_DEBUG_BUILD=1 ../../$(PY) ../../setup.py -q build_ext --inplace -j 2
+	FASTBUS_TEST_DEBUG_BUILD=1 $(PY) -m pytest -q -o pythonpath=build/debug -m "not slow" \
+		tests/test_ring.py tests/test_partition.py tests/test_walcodec.py
+
+bench-smoke: build
+	@set -e; for f in perf/bench_*.py; do \
+		echo "== smoke: $$f"; $(PY) $$f $(PERF_SMOKE) -o /dev/null >/dev/null || { echo "FAILED: $$f"; exit 1; }; \
+	done; echo "bench smoke: every perf/ script ran"
+
+test: lint unit test-debug bench-smoke
+
+bench: build
+	$(PY) -m pip install -q -e ".[bench]" --no-build-isolation
+	mkdir -p perf/results
+	@set -e; for f in perf/bench_*.py; do \
+		n=$$(basename $$f .py); $(PY) $$f -o perf/results/$$n.json --rigorous; \
+	done
+
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-deps -w dist .
+
+clean:
+	rm -rf build dist *.egg-info fastbus/*.c fastbus/*.so fastbus/*.html

@@ -1,0 +1,33 @@
+"""fastbus: an embeddable message bus with a Cython core."""
+
+from ._version import __version__
+
+try:
+    from . import _partition as _partition_check  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised by the packaging test
+    raise ImportError(
+        "fastbus's compiled extensions are not built or do not load "
+        f"({exc}). Build them with `make build` (or `pip install .`, or "
+        "`python setup.py build_ext --inplace` with Cython, numpy and cysignals installed)."
+    ) from exc
+
+from ._partition import murmur2, partition_for, partition_many
+from .config import FsyncPolicy, Limits, Retention, Thresholds, TopicConfig
+from .errors import BusClosed, BusOverloaded, FastbusError, LimitExceeded, WalCorruptionError
+
+__all__ = [
+    "BusClosed",
+    "BusOverloaded",
+    "FastbusError",
+    "FsyncPolicy",
+    "LimitExceeded",
+    "Limits",
+    "Retention",
+    "Thresholds",
+    "TopicConfig",
+    "WalCorruptionError",
+    "__version__",
+    "murmur2",
+    "partition_for",
+    "partition_many",
+]
