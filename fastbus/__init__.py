@@ -12,6 +12,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the packaging test
     ) from exc
 
 from ._partition import murmur2, partition_for, partition_many
+from .bus import InProcessBus, Message, MessageBus, Subscription
 from .config import FsyncPolicy, Limits, Retention, Thresholds, TopicConfig
 from .errors import BusClosed, BusOverloaded, FastbusError, LimitExceeded, WalCorruptionError
 
@@ -20,9 +21,13 @@ __all__ = [
     "BusOverloaded",
     "FastbusError",
     "FsyncPolicy",
+    "InProcessBus",
     "LimitExceeded",
     "Limits",
+    "Message",
+    "MessageBus",
     "Retention",
+    "Subscription",
     "Thresholds",
     "TopicConfig",
     "WalCorruptionError",

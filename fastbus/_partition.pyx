@@ -65,10 +65,10 @@ cdef object _key_bytes(object key):
         return key
     if isinstance(key, str):
         return PyUnicode_AsUTF8String(key)
-    if isinstance(key, (bytearray, memoryview)) or hasattr(key, "__buffer__"):
+    if not isinstance(key, (int, float)):  # ints would make bytes(n) zero-filled
         try:
-            return bytes(memoryview(key).cast("B"))
-        except TypeError:
+            return memoryview(key).cast("B").tobytes()
+        except (TypeError, ValueError):
             pass
     raise TypeError(
         f"a partition key must be bytes, bytearray, memoryview or str, "

@@ -1,0 +1,291 @@
+"""The bus protocol, the message envelope and the reference in-process bus.
+
+``MessageBus`` is the protocol every bus speaks: ``publish(topic, message)`` and
+``subscribe(topic, handler) -> Subscription``. ``InProcessBus`` is the reference
+implementation: synchronous, thread-safe fan-out in the publisher's thread.
+``ScalableBus`` decorates any ``MessageBus`` (see ``fastbus.scalable``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["InProcessBus", "Message", "MessageBus", "Subscription"]
+
+log = logging.getLogger("fastbus")
+
+Handler = Callable[[Any], Any]
+ErrorHandler = Callable[[BaseException, str, Any, Handler], Any]
+
+
+@runtime_checkable
+class MessageBus(Protocol):
+    """What fastbus needs of a bus, and what every fastbus bus provides."""
+
+    def publish(self, topic: str, message: Any) -> Any: ...
+
+    def subscribe(self, topic: str, handler: Handler) -> Subscription: ...
+
+
+class Subscription:
+    """A handle on one subscription: ``unsubscribe()`` ends it; also a context manager.
+
+    ``unsubscribe()`` is idempotent and safe from any thread, including from
+    inside the handler itself: a publish already under way may still call the
+    handler once, no later publish does.
+    """
+
+    __slots__ = ("__weakref__", "_cancel", "active", "handler", "topic")
+
+    def __init__(self, topic: str, handler: Handler,
+                 cancel: Callable[[Subscription], None] | None = None) -> None:
+        self.topic = topic
+        self.handler = handler
+        self.active = True
+        self._cancel = cancel
+
+    def unsubscribe(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        cancel, self._cancel = self._cancel, None
+        if cancel is not None:
+            cancel(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.unsubscribe()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "ended"
+        name = getattr(self.handler, "__qualname__", repr(self.handler))
+        return f"<Subscription {self.topic!r} -> {name} ({state})>"
+
+
+@dataclass(slots=True)
+class Message:
+    """The envelope a ``ScalableBus`` subscriber receives for a configured topic.
+
+    ``payload`` is what was published. ``partition`` is the partition it went
+    to; ``offset`` its WAL offset for durable topics (None otherwise).
+    ``headers`` carries, among others, ``X-Backpressure`` when the bus was
+    under pressure as it was accepted.
+    """
+
+    topic: str
+    payload: Any
+    key: Any = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    timestamp_ns: int = 0
+    partition: int | None = None
+    offset: int | None = None
+
+
+def check_topic(topic: Any) -> str:
+    """Return ``topic`` if it is a non-empty str; else raise a clear TypeError/ValueError."""
+    if type(topic) is not str:
+        if isinstance(topic, str):
+            return topic
+        raise TypeError(f"topic must be a str, got {type(topic).__name__} {topic!r}")
+    if not topic:
+        raise ValueError("topic must be a non-empty str")
+    return topic
+
+
+def check_handler(handler: Any) -> Any:
+    if not callable(handler):
+        raise TypeError(f"handler must be callable, got {type(handler).__name__} {handler!r}")
+    return handler
+
+
+def is_async_handler(handler: Any) -> bool:
+    """True for coroutine functions, including bound methods and partials of them."""
+    while hasattr(handler, "func") and not inspect.iscoroutinefunction(handler):
+        handler = handler.func  # functools.partial
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 - callable objects with async __call__
+    )
+
+
+def _log_error(exc: BaseException, topic: str, message: Any, handler: Handler) -> None:
+    name = getattr(handler, "__qualname__", repr(handler))
+    log.error("fastbus: handler %s for topic %r raised", name, topic, exc_info=exc)
+
+
+class _AsyncRunner:
+    """Runs coroutine handlers on the event loop they were subscribed from.
+
+    A subscription made inside a running loop is bound to it: each call is
+    scheduled there (``create_task`` from the loop's own thread,
+    ``run_coroutine_threadsafe`` from any other). A subscription made with no
+    running loop runs each call on the publisher's running loop if it has one,
+    else to completion with ``asyncio.run`` in the publisher's thread.
+    """
+
+    __slots__ = ("_on_error", "_tasks")
+
+    def __init__(self, on_error: Callable[[BaseException, Any], None]) -> None:
+        self._on_error = on_error
+        self._tasks: set[Any] = set()
+
+    def run(self, loop: asyncio.AbstractEventLoop | None, coro: Any, context: Any) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is not None and loop.is_closed():
+            loop = None
+        target = loop or running
+        if target is None:
+            try:
+                asyncio.run(coro)
+            except Exception as exc:
+                self._on_error(exc, context)
+            return
+        if target is running:
+            task = target.create_task(coro)
+        else:
+            task = asyncio.run_coroutine_threadsafe(coro, target)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._done(t, context))
+
+    def _done(self, task: Any, context: Any) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._on_error(exc, context)
+
+
+class InProcessBus:
+    """The reference bus: synchronous, thread-safe fan-out in the publisher's thread.
+
+    - ``publish(topic, message)`` calls every handler subscribed to ``topic``
+      at that moment, in subscription order, in the calling thread, and
+      returns the number of handlers called. A topic nobody subscribed to is
+      not an error (0 is returned).
+    - Handlers are snapshotted (copy-on-write tuples swapped under a lock) and
+      called outside any lock, so handlers may publish, subscribe and
+      unsubscribe (themselves included) without deadlock.
+    - A handler that raises does not stop the others: the exception goes to
+      ``on_error(exc, topic, message, handler)`` (default: logged on the
+      ``fastbus`` logger) and is counted in ``handler_errors``. An exception
+      raised by ``on_error`` itself is logged and counted, never propagated.
+    - Coroutine functions are accepted as handlers. One subscribed while an
+      event loop runs in the subscribing thread is scheduled on that loop
+      (thread-safe from any publisher thread); otherwise it runs on the
+      publisher's running loop, or to completion in the publisher's thread.
+      Its errors reach ``on_error`` too, when it finishes.
+    """
+
+    def __init__(self, *, on_error: ErrorHandler | None = None) -> None:
+        self._lock = threading.Lock()
+        self._subs: dict[str, tuple[tuple[Subscription, Handler], ...]] = {}
+        self._on_error: ErrorHandler = on_error or _log_error
+        self._errors = 0
+        self._errors_lock = threading.Lock()
+        self._runner = _AsyncRunner(self._async_error)
+
+    # -- the protocol -----------------------------------------------------
+
+    def publish(self, topic: str, message: Any) -> int:
+        subs = self._subs.get(topic)
+        if subs is None:
+            check_topic(topic)
+            return 0
+        for sub, call in subs:
+            try:
+                call(message)
+            except Exception as exc:
+                self._handler_failed(exc, topic, message, sub.handler)
+        return len(subs)
+
+    def subscribe(self, topic: str, handler: Handler) -> Subscription:
+        check_topic(topic)
+        check_handler(handler)
+        sub = Subscription(topic, handler, self._remove)
+        call: Handler = handler
+        if is_async_handler(handler):
+            try:
+                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            call = self._async_call(topic, sub, loop)
+        with self._lock:
+            self._subs[topic] = (*self._subs.get(topic, ()), (sub, call))
+        return sub
+
+    # -- introspection ----------------------------------------------------
+
+    @property
+    def handler_errors(self) -> int:
+        """How many handler calls raised (including async handlers that failed)."""
+        return self._errors
+
+    def topics(self) -> list[str]:
+        """Topics with at least one subscriber."""
+        return list(self._subs)
+
+    def subscriber_count(self, topic: str) -> int:
+        return len(self._subs.get(topic, ()))
+
+    # -- internals ----------------------------------------------------------
+
+    def _remove(self, sub: Subscription) -> None:
+        with self._lock:
+            current = self._subs.get(sub.topic, ())
+            remaining = tuple(entry for entry in current if entry[0] is not sub)
+            if remaining:
+                self._subs[sub.topic] = remaining
+            else:
+                self._subs.pop(sub.topic, None)
+
+    def _async_call(self, topic: str, sub: Subscription,
+                    loop: asyncio.AbstractEventLoop | None) -> Handler:
+        handler = sub.handler
+        runner = self._runner
+
+        def call(message: Any) -> None:
+            runner.run(loop, handler(message), (topic, message, handler))
+
+        return call
+
+    def _async_error(self, exc: BaseException, context: Any) -> None:
+        topic, message, handler = context
+        self._handler_failed(exc, topic, message, handler)
+
+    def _handler_failed(self, exc: BaseException, topic: str, message: Any,
+                        handler: Handler) -> None:
+        with self._errors_lock:
+            self._errors += 1
+        try:
+            self._on_error(exc, topic, message, handler)
+        except Exception as inner:  # on_error must never break a publish
+            log.error("fastbus: on_error raised while reporting a handler error",
+                      exc_info=inner)
+
+    def __repr__(self) -> str:
+        return f"<InProcessBus topics={len(self._subs)} errors={self._errors}>"
+
+
+def message_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A fresh dict of headers; validates that names are str."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise TypeError(f"headers must be a mapping of str to str/bytes, got "
+                        f"{type(headers).__name__}")
+    out = dict(headers)
+    for name in out:
+        if not isinstance(name, str):
+            raise TypeError(f"header names must be str, got {type(name).__name__} {name!r}")
+    return out

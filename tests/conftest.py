@@ -1,0 +1,25 @@
+"""Suite-wide checks: the compiled extensions must really be loaded."""
+
+import importlib
+import os
+import pathlib
+
+import pytest
+
+COMPILED = ("_partition", "_ring", "_walcodec")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    root = pathlib.Path(__file__).resolve().parent.parent / "fastbus"
+    for name in COMPILED:
+        if not (root / f"{name}.pyx").exists():
+            continue  # a module not written yet on this branch
+        module = importlib.import_module(f"fastbus.{name}")
+        origin = getattr(module, "__file__", "") or ""
+        if not origin.endswith((".so", ".pyd")):
+            raise pytest.UsageError(
+                f"fastbus.{name} did not load as a compiled extension (got {origin!r}); "
+                "run `make build`"
+            )
+        if os.environ.get("FASTBUS_TEST_DEBUG_BUILD") and "build/debug" not in origin:
+            raise pytest.UsageError(f"expected the debug build of fastbus.{name}, got {origin}")
