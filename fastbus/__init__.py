@@ -12,16 +12,19 @@ except ImportError as exc:  # pragma: no cover - exercised by the packaging test
     ) from exc
 
 from ._partition import murmur2, partition_for, partition_many
+from .backpressure import BackpressureState, MessageBusBackpressure
 from .config import FsyncPolicy, Limits, Retention, Thresholds, TopicConfig
 from .errors import BusClosed, BusOverloaded, FastbusError, LimitExceeded, WalCorruptionError
 
 __all__ = [
+    "BackpressureState",
     "BusClosed",
     "BusOverloaded",
     "FastbusError",
     "FsyncPolicy",
     "LimitExceeded",
     "Limits",
+    "MessageBusBackpressure",
     "Retention",
     "Thresholds",
     "TopicConfig",
