@@ -233,8 +233,8 @@ class MessageBusBackpressure:
     def remove(self, n: int = 1) -> None:
         """``n`` messages left them (delivered). Wakes critical publishers waiting for room.
 
-        ``remove(n)`` for n != 1 refuses to make the depth negative (``ValueError``);
-        ``remove(1)`` is not checked on the hot path (a negative depth is logged).
+        Not checked against the depth on the hot path: removing more than was added
+        is a bug of the caller, logged (as an error) when the slow path sees it.
         """
         if n == 1:
             if next(self._out) < self._rem_at:
@@ -549,15 +549,25 @@ class MessageBusBackpressure:
         self._deliver()
 
     def _bulk_change(self, name: str, n: int, sign: int) -> None:
+        """add(n)/remove(n) for n != 1: change ``bulk`` under the lock, shift the triggers by
+        the same amount, and take the slow path only if this change crossed one."""
         if _check_count(name, n) == 0:
             return
         with self._lock:
-            if sign < 0:
-                depth = self._depth_locked()
-                if n > depth:
-                    raise ValueError(f"remove({n}): only {depth} messages are counted in the "
-                                     f"bus; remove() must not exceed what add() counted")
             self._bulk += sign * n
+            # The triggers are written in counter values; moving bulk moves them by n.
+            if self._add_at != _NEVER:
+                self._add_at -= sign * n
+            if self._rem_at != _NEVER:
+                self._rem_at += sign * n
+            # Read the counter only after the shift: an add(1)/remove(1) that ran before
+            # this read is seen by it; one that ran after it compares with the new triggers.
+            if sign > 0:
+                crossed = _count_value(self._in) > self._add_at
+            else:
+                crossed = _count_value(self._out) > self._rem_at
+            if not crossed:
+                return
             self._refresh_locked()
         self._deliver()
 
