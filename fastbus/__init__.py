@@ -12,11 +12,13 @@ except ImportError as exc:  # pragma: no cover - exercised by the packaging test
     ) from exc
 
 from ._partition import murmur2, partition_for, partition_many
+from .backpressure import BackpressureState, MessageBusBackpressure
 from .bus import InProcessBus, Message, MessageBus, Subscription
 from .config import FsyncPolicy, Limits, Retention, Thresholds, TopicConfig
 from .errors import BusClosed, BusOverloaded, FastbusError, LimitExceeded, WalCorruptionError
 
 __all__ = [
+    "BackpressureState",
     "BusClosed",
     "BusOverloaded",
     "FastbusError",
@@ -25,6 +27,7 @@ __all__ = [
     "LimitExceeded",
     "Limits",
     "Message",
+    "MessageBusBackpressure",
     "MessageBus",
     "Retention",
     "Subscription",
