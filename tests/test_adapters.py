@@ -8,8 +8,12 @@ once and in the call shape they had before.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import io
 import itertools
+import pathlib
+import re
 
 import blinker
 import pytest
@@ -512,3 +516,27 @@ class TestWrap:
 
         with pytest.raises(AttributeError, match="no attribute 'Nope'"):
             _ = adapters.Nope
+
+
+# -- docs/adapters.md ---------------------------------------------------------------------
+
+DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "adapters.md"
+EXAMPLE = re.compile(r"```python\n(.*?)```\s*```text\n(.*?)```", re.DOTALL)
+
+
+def doc_examples() -> list[tuple[str, str]]:
+    return EXAMPLE.findall(DOC.read_text())
+
+
+def test_docs_have_examples():
+    assert len(doc_examples()) >= 6
+
+
+@pytest.mark.parametrize("index", range(len(doc_examples())))
+def test_docs_examples(index):
+    """Every ```python block of docs/adapters.md prints the ```text block after it."""
+    code, expected = doc_examples()[index]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, f"docs/adapters.md example {index}", "exec"), {"__name__": "doc"})
+    assert out.getvalue() == expected

@@ -32,7 +32,8 @@ class PubSubBus:
 
     Topic names: dots are hierarchical in pypubsub. ``"orders.created"`` is a
     subtopic of ``"orders"``, and a message sent on it is also delivered to the
-    listeners (and fastbus handlers) of ``"orders"``. pypubsub refuses a part
+    listeners (and fastbus handlers) of ``"orders"``, before those of the subtopic
+    (pypubsub delivers from the top of the hierarchy down). pypubsub refuses a part
     that is empty (``"a..b"``), starts with ``_`` or is ``ALL_TOPICS``
     (``TopicNameError``); other characters (``/``, spaces) pass through as is.
 
