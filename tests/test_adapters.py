@@ -324,6 +324,18 @@ class TestPyee:
         assert got == ["a"]
         assert [str(e) for e in errors] == ["async boom"]
 
+    def test_executor_emitter_refuses_coroutine_handlers(self):
+        from pyee.executor import ExecutorEventEmitter
+
+        async def handler(m):
+            pass
+
+        with ExecutorEventEmitter() as em:
+            bus = PyeeBus(em)
+            assert not bus.runs_coroutines
+            with pytest.raises(TypeError, match="AsyncIOEventEmitter"):
+                bus.subscribe("t", handler)
+
     def test_publish_error_event_without_listener_raises(self):
         with pytest.raises(ValueError, match="x"):
             PyeeBus().publish("error", ValueError("x"))

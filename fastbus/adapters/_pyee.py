@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from pyee import EventEmitter
@@ -9,6 +10,12 @@ from pyee import EventEmitter
 from ..bus import Handler, Subscription, check_handler, check_topic, is_async_handler
 
 __all__ = ["PyeeBus"]
+
+_COROUTINE_EMITTERS = (
+    ("pyee.asyncio", "AsyncIOEventEmitter"),
+    ("pyee.trio", "TrioEventEmitter"),
+    ("pyee.twisted", "TwistedEventEmitter"),
+)
 
 
 class PyeeBus:
@@ -35,8 +42,9 @@ class PyeeBus:
       every ``subscribe``.
 
     Coroutine handlers: an ``AsyncIOEventEmitter`` schedules them on its loop
-    (``ensure_future``; their errors become ``'error'`` events). A plain
-    ``EventEmitter`` would call them and drop the coroutine unawaited, so
+    (``ensure_future``; their errors become ``'error'`` events), as pyee's Trio and
+    Twisted emitters do in their own way. A plain ``EventEmitter`` (or an
+    ``ExecutorEventEmitter``) would call them and drop the coroutine unawaited, so
     subscribing one there raises ``TypeError``. ``emitter=None`` creates a new
     plain ``EventEmitter`` (pyee has no global emitter).
     """
@@ -51,8 +59,13 @@ class PyeeBus:
 
     @property
     def runs_coroutines(self) -> bool:
-        """True when the emitter schedules coroutine listeners (AsyncIOEventEmitter)."""
-        return type(self.emitter)._emit_run is not EventEmitter._emit_run
+        """True when the emitter awaits coroutine listeners: pyee's AsyncIO, Trio and
+        Twisted emitters (a plain or Executor emitter would drop the coroutine)."""
+        for module, name in _COROUTINE_EMITTERS:
+            cls = getattr(sys.modules.get(module), name, None)  # imported only if used
+            if cls is not None and isinstance(self.emitter, cls):
+                return True
+        return False
 
     def publish(self, topic: str, message: Any) -> bool:
         return self.emitter.emit(check_topic(topic), message)
