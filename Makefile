@@ -44,7 +44,7 @@ test-debug: $(STAMP)
 
 bench-smoke: build
 	@set -e; for f in perf/bench_*.py; do \
-		echo "== smoke: $$f"; $(PY) $$f $(PERF_SMOKE) -o /dev/null >/dev/null || { echo "FAILED: $$f"; exit 1; }; \
+		echo "== smoke: $$f"; $(PY) $$f $(PERF_SMOKE) >/dev/null || { echo "FAILED: $$f"; exit 1; }; \
 	done; echo "bench smoke: every perf/ script ran"
 
 test: lint unit test-debug bench-smoke

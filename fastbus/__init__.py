@@ -16,6 +16,8 @@ from .backpressure import BackpressureState, MessageBusBackpressure
 from .bus import InProcessBus, Message, MessageBus, Subscription
 from .config import FsyncPolicy, Limits, Retention, Thresholds, TopicConfig
 from .errors import BusClosed, BusOverloaded, FastbusError, LimitExceeded, WalCorruptionError
+from .metrics import ScalingMetrics
+from .scalable import ScalableBus
 
 __all__ = [
     "BackpressureState",
@@ -27,9 +29,11 @@ __all__ = [
     "LimitExceeded",
     "Limits",
     "Message",
-    "MessageBusBackpressure",
     "MessageBus",
+    "MessageBusBackpressure",
     "Retention",
+    "ScalableBus",
+    "ScalingMetrics",
     "Subscription",
     "Thresholds",
     "TopicConfig",

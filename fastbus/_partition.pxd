@@ -9,3 +9,4 @@ cdef inline int32_t partition_c(uint32_t h, int32_t num_partitions) noexcept nog
 cdef class RoundRobin:
     cdef int64_t _next
     cpdef int32_t next(self, int32_t num_partitions) except -1
+    cpdef int64_t reserve(self, int64_t count) except -1

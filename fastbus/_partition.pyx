@@ -213,6 +213,14 @@ cdef class RoundRobin:
         self._next = value + 1
         return <int32_t>(value % num_partitions)
 
+    cpdef int64_t reserve(self, int64_t count) except -1:
+        """Hand out ``count`` positions at once; returns the first (for batches)."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        cdef int64_t start = self._next
+        self._next = start + count
+        return start
+
     @property
     def position(self):
         """How many partitions this counter has handed out."""

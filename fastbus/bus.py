@@ -13,8 +13,9 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+from ._dispatch import Message
 
 __all__ = ["InProcessBus", "Message", "MessageBus", "Subscription"]
 
@@ -41,7 +42,7 @@ class Subscription:
     handler once, no later publish does.
     """
 
-    __slots__ = ("__weakref__", "_cancel", "active", "handler", "topic")
+    __slots__ = ("__weakref__", "_cancel", "_data", "active", "handler", "topic")
 
     def __init__(self, topic: str, handler: Handler,
                  cancel: Callable[[Subscription], None] | None = None) -> None:
@@ -49,6 +50,7 @@ class Subscription:
         self.handler = handler
         self.active = True
         self._cancel = cancel
+        self._data: Any = None  # the owning bus's bookkeeping
 
     def unsubscribe(self) -> None:
         if not self.active:
@@ -68,25 +70,6 @@ class Subscription:
         state = "active" if self.active else "ended"
         name = getattr(self.handler, "__qualname__", repr(self.handler))
         return f"<Subscription {self.topic!r} -> {name} ({state})>"
-
-
-@dataclass(slots=True)
-class Message:
-    """The envelope a ``ScalableBus`` subscriber receives for a configured topic.
-
-    ``payload`` is what was published. ``partition`` is the partition it went
-    to; ``offset`` its WAL offset for durable topics (None otherwise).
-    ``headers`` carries, among others, ``X-Backpressure`` when the bus was
-    under pressure as it was accepted.
-    """
-
-    topic: str
-    payload: Any
-    key: Any = None
-    headers: dict[str, Any] = field(default_factory=dict)
-    timestamp_ns: int = 0
-    partition: int | None = None
-    offset: int | None = None
 
 
 def check_topic(topic: Any) -> str:

@@ -1,0 +1,213 @@
+"""What a ScalableBus reports: ``ScalingMetrics`` snapshots, rate meters, Prometheus.
+
+``ScalableBus.metrics()`` returns a ``ScalingMetrics``: plain dataclasses of
+numbers taken at one moment, with ``as_dict()`` for logging or JSON. Counters
+are cumulative since the bus started; rates are messages per second over the
+last 1 s and 10 s.
+
+``PrometheusCollector(bus)`` exposes the same figures to ``prometheus_client``
+(``pip install fastbus[prometheus]``)::
+
+    from prometheus_client import REGISTRY
+    REGISTRY.register(PrometheusCollector(bus))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["PrometheusCollector", "RateMeter", "RingMetrics", "ScalingMetrics", "TopicMetrics"]
+
+
+class RateMeter:
+    """Messages per second over sliding windows, from a cumulative counter.
+
+    The owner keeps a plain integer total (cheap to bump on the hot path);
+    ``sample(total)`` records it now and then (the bus does it on every
+    housekeeping tick and on every ``metrics()`` call), and ``rate(window)``
+    compares the newest sample with the one ``window`` seconds older.
+    """
+
+    __slots__ = ("_clock", "_lock", "_samples")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, horizon: int = 64) -> None:
+        self._clock = clock
+        self._samples: deque[tuple[float, int]] = deque(maxlen=horizon)
+        self._lock = threading.Lock()
+
+    def sample(self, total: int) -> None:
+        now = self._clock()
+        with self._lock:
+            s = self._samples
+            if len(s) >= 2 and now - s[-2][0] < 0.1:
+                s[-1] = (now, total)  # keep samples >= 0.1 s apart
+            else:
+                s.append((now, total))
+
+    def rate(self, window: float) -> float:
+        with self._lock:
+            if len(self._samples) < 2:
+                return 0.0
+            t_new, n_new = self._samples[-1]
+            base = self._samples[0]
+            for t, n in reversed(self._samples):
+                if t_new - t >= window:
+                    base = (t, n)
+                    break
+            dt = t_new - base[0]
+            return (n_new - base[1]) / dt if dt > 0 else 0.0
+
+
+@dataclass(slots=True)
+class RingMetrics:
+    """A hot partition's ring: positions and capacity."""
+
+    size: int
+    cursor: int
+    slowest_consumer: int
+    remaining_capacity: int
+    overflow_size: int
+    spills: int
+
+
+@dataclass(slots=True)
+class TopicMetrics:
+    name: str
+    partitions: int
+    hot: bool
+    durable: bool
+    critical: bool
+    published: int
+    delivered: int
+    rate_1s: float
+    rate_10s: float
+    depth: list[int]
+    subscribers: int
+    groups: dict[str, int]
+    handler_errors: int
+    rebalances: int
+    spills: int
+    rejections: int
+    rings: dict[int, RingMetrics] = field(default_factory=dict)
+    wal: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ScalingMetrics:
+    """One snapshot of a ScalableBus."""
+
+    topics: int
+    published: int
+    delivered: int
+    rate_1s: float
+    rate_10s: float
+    depth: int
+    capacity: int
+    handler_errors: int
+    drops: dict[str, int]
+    rejections: dict[str, int]
+    spills: int
+    rebalances: int
+    limits: dict[str, int]
+    backpressure: dict[str, Any]
+    per_topic: dict[str, TopicMetrics]
+    taken_at: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        """A fixed-width text table of the per-topic figures, for humans."""
+        head = (f"{'topic':<18}{'kind':<9}{'parts':>6}{'published':>11}{'msg/s(1s)':>11}"
+                f"{'depth':>8}{'subs':>6}{'groups':>7}{'spills':>8}{'errors':>7}")
+        lines = [head, "-" * len(head)]
+        for t in self.per_topic.values():
+            kind = "hot" if t.hot else "durable" if t.durable else "queue"
+            lines.append(
+                f"{t.name[:17]:<18}{kind:<9}{t.partitions:>6}{t.published:>11}"
+                f"{t.rate_1s:>11.0f}{sum(t.depth):>8}{t.subscribers:>6}{len(t.groups):>7}"
+                f"{t.spills:>8}{t.handler_errors:>7}"
+            )
+        bp = self.backpressure
+        lines.append(
+            f"bus: {self.topics} topics, depth {self.depth}/{self.capacity}, "
+            f"state {bp.get('state', '?')}, rejections {sum(self.rejections.values())}, "
+            f"handler errors {self.handler_errors}"
+        )
+        return "\n".join(lines)
+
+
+class PrometheusCollector:
+    """A ``prometheus_client`` collector over ``bus.metrics()``.
+
+    Register it with ``REGISTRY.register(PrometheusCollector(bus))``. Each scrape
+    takes one ``metrics()`` snapshot. Needs ``prometheus_client`` (the
+    ``fastbus[prometheus]`` extra); constructing it without raises ImportError
+    saying so.
+    """
+
+    def __init__(self, bus: Any, *, namespace: str = "fastbus") -> None:
+        try:
+            import prometheus_client.core  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "PrometheusCollector needs prometheus_client: pip install 'fastbus[prometheus]'"
+            ) from exc
+        self._bus = bus
+        self._ns = namespace
+
+    def describe(self) -> list[Any]:
+        return []  # collected lazily; nothing to describe up front
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        m = self._bus.metrics()
+        ns = self._ns
+        g = GaugeMetricFamily(f"{ns}_topics", "Configured topics")
+        g.add_metric([], m.topics)
+        yield g
+        depth = GaugeMetricFamily(f"{ns}_queue_depth", "Messages held in memory",
+                                  labels=["topic", "partition"])
+        published = CounterMetricFamily(f"{ns}_published", "Messages accepted",
+                                        labels=["topic"])
+        delivered = CounterMetricFamily(f"{ns}_delivered", "Messages dispatched",
+                                        labels=["topic"])
+        rate = GaugeMetricFamily(f"{ns}_publish_rate", "Messages per second (10 s window)",
+                                 labels=["topic"])
+        subs = GaugeMetricFamily(f"{ns}_subscribers", "Subscribers", labels=["topic"])
+        errors = CounterMetricFamily(f"{ns}_handler_errors", "Handler calls that raised",
+                                     labels=["topic"])
+        spills = CounterMetricFamily(f"{ns}_ring_spills", "Messages spilled to overflow",
+                                     labels=["topic"])
+        cursor = GaugeMetricFamily(f"{ns}_ring_cursor", "Ring producer cursor",
+                                   labels=["topic", "partition"])
+        for t in m.per_topic.values():
+            published.add_metric([t.name], t.published)
+            delivered.add_metric([t.name], t.delivered)
+            rate.add_metric([t.name], t.rate_10s)
+            subs.add_metric([t.name], t.subscribers)
+            errors.add_metric([t.name], t.handler_errors)
+            spills.add_metric([t.name], t.spills)
+            for p, d in enumerate(t.depth):
+                depth.add_metric([t.name, str(p)], d)
+            for p, r in t.rings.items():
+                cursor.add_metric([t.name, str(p)], r.cursor)
+        yield from (depth, published, delivered, rate, subs, errors, spills, cursor)
+        rej = CounterMetricFamily(f"{ns}_rejections", "Publishes refused", labels=["cause"])
+        for cause, n in m.rejections.items():
+            rej.add_metric([cause], n)
+        yield rej
+        state = GaugeMetricFamily(f"{ns}_backpressure_state",
+                                  "0 normal, 1 warning, 2 critical, 3 shedding")
+        state.add_metric([], m.backpressure.get("state_value", 0))
+        yield state
+        util = GaugeMetricFamily(f"{ns}_utilisation", "In-memory depth over max_queue_size")
+        util.add_metric([], m.depth / m.capacity if m.capacity else 0.0)
+        yield util

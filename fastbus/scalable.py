@@ -1,0 +1,1006 @@
+"""ScalableBus: the decorator that adds partitions, groups, hot rings and durability.
+
+``ScalableBus(inner)`` speaks the ``MessageBus`` protocol and wraps any bus with
+``publish(topic, message)`` and ``subscribe(topic, handler)``. A topic that was
+never configured is passed straight through to ``inner`` (same thread, same
+order, same errors). A topic configured with ``configure_topic`` is carried by
+fastbus:
+
+    publish -> backpressure.admit -> partition (Kafka murmur2 of the key, or
+    round robin) -> the partition's carrier (a Disruptor ring for hot topics, a
+    queue otherwise, the WAL for durable topics) -> one dispatch worker at a
+    time per partition -> each subscriber group's owner of the partition gets
+    ``handler(Message)`` -> ``inner.publish(topic, payload)`` so subscribers of
+    the wrapped bus still receive.
+
+Threads: a small pool of dispatch workers (``workers=``) serves every in-memory
+partition, one worker at a time per partition, so the messages of a key reach a
+subscriber in publish order. Each durable topic has one delivery thread per
+subscriber group. Handlers therefore run on fastbus threads, except coroutine
+handlers, which run on the event loop they were subscribed from.
+
+Errors: a handler that raises does not stop delivery; the exception goes to
+``on_error(exc, message, handler)`` (default: logged) and is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from ._dispatch import Message, deliver_each, envelope, key_partition, route
+from ._partition import RoundRobin
+from .backpressure import BackpressureState, MessageBusBackpressure
+from .bus import InProcessBus, MessageBus, Subscription, check_handler, check_topic
+from .bus import is_async_handler as _is_async
+from .config import ConfigRef, Limits, Thresholds, TopicConfig
+from .errors import BusClosed, LimitExceeded
+from .metrics import RateMeter, RingMetrics, ScalingMetrics, TopicMetrics
+
+__all__ = ["ScalableBus"]
+
+log = logging.getLogger("fastbus")
+
+_NORMAL = BackpressureState.NORMAL
+_STOP = object()
+
+
+def _log_error(exc: BaseException, message: Any, handler: Any) -> None:
+    name = getattr(handler, "__qualname__", repr(handler))
+    topic = getattr(message, "topic", "?")
+    log.error("fastbus: handler %s for topic %r raised", name, topic, exc_info=exc)
+
+
+# -- carriers: what holds a partition's messages between publish and dispatch --
+
+
+class _QueueCarrier:
+    """A plain FIFO for topics that are neither hot nor durable.
+
+    ``deque.append``/``popleft`` are atomic; the topic lock serialises the
+    producers and the pool guarantees one consumer at a time.
+    """
+
+    __slots__ = ("_q",)
+    hot = False
+
+    def __init__(self) -> None:
+        self._q: deque[Any] = deque()
+
+    def put(self, msg: Any) -> None:
+        self._q.append(msg)
+
+    def put_many(self, msgs: list[Any]) -> None:
+        self._q.extend(msgs)
+
+    def take(self, max_n: int) -> list[Any]:
+        q = self._q
+        n = min(len(q), max_n)
+        return [q.popleft() for _ in range(n)]
+
+    def depth(self) -> int:
+        return len(self._q)
+
+    def ring_metrics(self) -> None:
+        return None
+
+
+class _RingCarrier:
+    """A Disruptor ring with overflow: never blocks a publisher, never loses."""
+
+    __slots__ = ("_consumer", "_ring")
+    hot = True
+
+    def __init__(self, size: int) -> None:
+        from ._ring import RingBuffer
+
+        # The topic lock serialises producers, so the single-producer sequencer
+        # (no CAS) is correct here.
+        self._ring = RingBuffer(size, producer="single", wait="yielding", overflow=True)
+        self._consumer = self._ring.add_consumer()
+
+    def put(self, msg: Any) -> None:
+        self._ring.publish(msg)
+
+    def put_many(self, msgs: list[Any]) -> None:
+        self._ring.publish_many(msgs)
+
+    def take(self, max_n: int) -> list[Any]:
+        return self._consumer.poll(max_batch=max_n, timeout=0)
+
+    def depth(self) -> int:
+        return self._ring.pending
+
+    def ring_metrics(self) -> RingMetrics:
+        r = self._ring
+        return RingMetrics(size=r.size, cursor=r.cursor, slowest_consumer=self._consumer.sequence,
+                           remaining_capacity=r.remaining_capacity,
+                           overflow_size=r.overflow_size, spills=r.spills)
+
+    @property
+    def spills(self) -> int:
+        return self._ring.spills
+
+
+# -- partitions, groups, topics ------------------------------------------------
+
+
+class _Partition:
+    __slots__ = ("carrier", "index", "sched", "topic")
+
+    def __init__(self, topic: _Topic, index: int, carrier: Any) -> None:
+        self.topic = topic
+        self.index = index
+        self.carrier = carrier
+        # Held by whoever is (or is about to be) dispatching this partition:
+        # acquire(False) is the atomic test-and-set that keeps one worker at a time.
+        self.sched = threading.Lock()
+
+
+class _Member:
+    __slots__ = ("batch", "call", "group", "handler", "sub")
+
+    def __init__(self, sub: Subscription, handler: Any, call: Any, batch: bool,
+                 group: _Group) -> None:
+        self.sub = sub
+        self.handler = handler
+        self.call = call
+        self.batch = batch
+        self.group = group
+
+
+class _Group:
+    """Subscribers that share a topic's partitions; each partition has one owner.
+
+    An ungrouped subscription is a group of its own (name None): it gets all.
+    ``owners`` is rebuilt (copy-on-write) on every join, leave and partition
+    change: partition p belongs to member ``p % len(members)`` in join order.
+    """
+
+    __slots__ = ("members", "name", "owners", "reader", "thread")
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+        self.members: list[_Member] = []
+        self.owners: tuple[_Member, ...] = ()
+        self.reader: Any = None
+        self.thread: threading.Thread | None = None
+
+    def assign(self, partitions: int) -> None:
+        m = self.members
+        self.owners = tuple(m[p % len(m)] for p in range(partitions)) if m else ()
+
+
+class _Topic:
+    __slots__ = ("config", "delivered", "draining", "errors", "groups", "lock", "meter",
+                 "name", "parts", "published", "rebalances", "rejections", "rr", "wal",
+                 "wal_stop")
+
+    def __init__(self, name: str, config: TopicConfig, partitions: int) -> None:
+        self.name = name
+        self.config = config
+        self.lock = threading.Lock()
+        self.parts: tuple[_Partition, ...] = ()
+        self.groups: tuple[_Group, ...] = ()
+        self.rr = RoundRobin()
+        self.published = 0
+        self.delivered = 0
+        self.errors = 0
+        self.rebalances = 0
+        self.rejections = 0
+        self.meter = RateMeter()
+        self.draining: list[tuple[_Partition, ...]] = []
+        self.wal: Any = None
+        self.wal_stop = threading.Event()
+
+    @property
+    def n(self) -> int:
+        return len(self.parts)
+
+
+class ScalableBus:
+    """A ``MessageBus`` that decorates ``inner`` with partitions, rings, a WAL and backpressure.
+
+    ``ScalableBus(inner=None, *, limits=Limits(), thresholds=Thresholds(),
+    data_dir=None, store=None, workers=None, max_batch=512, linger=0.0,
+    on_error=None)``
+
+    - ``inner``: the bus to decorate (an ``InProcessBus`` when None). Topics
+      that are not configured go straight to it.
+    - ``data_dir``/``store``: where durable topics keep their WAL (one
+      directory per topic under ``data_dir``); required before configuring a
+      durable topic.
+    - ``workers``: dispatch threads for in-memory topics (default: 2 x CPUs,
+      at least 2, at most 8). ``max_batch``: most messages handed to a handler
+      (``batch=True``) or dispatched in one turn. ``linger``: seconds a worker
+      may wait to fill a batch while the bus is not under pressure (0 = deliver
+      at once).
+
+    Publishing never blocks on subscribers, except through backpressure: a
+    publish in CRITICAL state is delayed, and in SHEDDING a publish to a topic
+    that is not ``critical`` raises ``BusOverloaded``. A publish that returned
+    reaches every subscriber group once while the process lives.
+    """
+
+    def __init__(self, inner: MessageBus | None = None, *, limits: Limits | None = None,
+                 thresholds: Thresholds | None = None, data_dir: str | os.PathLike[str] | None
+                 = None, store: Any = None, workers: int | None = None, max_batch: int = 512,
+                 linger: float = 0.0,
+                 on_error: Callable[[BaseException, Any, Any], Any] | None = None) -> None:
+        if inner is None:
+            inner = InProcessBus()
+        elif not (callable(getattr(inner, "publish", None))
+                  and callable(getattr(inner, "subscribe", None))):
+            raise TypeError(
+                f"inner must have publish(topic, message) and subscribe(topic, handler); "
+                f"got {type(inner).__name__} (wrap other buses with fastbus.adapters.wrap)"
+            )
+        limits = Limits() if limits is None else limits
+        thresholds = Thresholds() if thresholds is None else thresholds
+        if not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a fastbus.Limits, got {type(limits).__name__}")
+        if not isinstance(thresholds, Thresholds):
+            raise TypeError(
+                f"thresholds must be a fastbus.Thresholds, got {type(thresholds).__name__}")
+        if workers is None:
+            workers = min(8, max(2, 2 * (os.cpu_count() or 1)))
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if not isinstance(linger, int | float) or linger < 0:
+            raise ValueError(f"linger must be a number of seconds >= 0, got {linger!r}")
+        self._inner = inner
+        self._inner_subs = inner._subs if type(inner) is InProcessBus else None
+        self._limits: ConfigRef[Limits] = ConfigRef(limits)
+        self._bp = MessageBusBackpressure(limits.max_queue_size, thresholds)
+        self._data_dir = os.fspath(data_dir) if data_dir is not None else None
+        self._store = store
+        self._topics: dict[str, _Topic] = {}
+        self._lock = threading.RLock()  # topic table and subscriptions
+        self._on_error = on_error or _log_error
+        self._max_batch = max_batch
+        self._linger = float(linger)
+        self._closed = False
+        self._runq: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._busy = 0  # partitions being dispatched right now
+        self._busy_lock = threading.Lock()
+        self._drops: dict[str, int] = {}
+        self._totals = RateMeter()
+        self._workers = [
+            threading.Thread(target=self._worker, name=f"fastbus-dispatch-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for t in self._workers:
+            t.start()
+        self._housekeeper = threading.Thread(
+            target=self._housekeeping, args=(weakref.ref(self),), name="fastbus-housekeeping",
+            daemon=True)
+        self._stop = threading.Event()
+        self._housekeeper.start()
+
+    # -- configuration ------------------------------------------------------
+
+    @property
+    def inner(self) -> MessageBus:
+        return self._inner
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits.current
+
+    @property
+    def backpressure(self) -> MessageBusBackpressure:
+        return self._bp
+
+    def configure_topic(self, name: str, config: TopicConfig | None = None) -> TopicConfig:
+        """Carry ``name`` through fastbus with ``config``; returns the config in force.
+
+        On a topic already configured, the partition count may be raised (the
+        old partitions drain before messages under the new mapping are
+        delivered, so per-key order holds) and ``critical``, ``fsync`` and
+        ``retention`` may change; changing ``hot``/``durable``/``ring_size`` of
+        a live topic raises ``ValueError``. A new topic beyond
+        ``Limits.max_topics`` raises ``LimitExceeded``.
+
+        With ``partitions=None`` the count follows the subscribers: it starts at
+        the size of the largest group (at least 1) and grows when a group gets
+        more members than partitions, so every member owns a partition.
+        """
+        check_topic(name)
+        config = TopicConfig() if config is None else config
+        if not isinstance(config, TopicConfig):
+            raise TypeError(f"config must be a fastbus.TopicConfig, got {type(config).__name__}")
+        self._check_open()
+        with self._lock:
+            t = self._topics.get(name)
+            if t is None:
+                limit = self._limits.current.max_topics
+                if len(self._topics) >= limit:
+                    raise LimitExceeded(
+                        f"cannot configure topic {name!r}: max_topics is {limit} and "
+                        f"{len(self._topics)} topics are configured; raise it with "
+                        f"reconfigure_limits(max_topics=...)",
+                        limit="max_topics", value=limit, current=len(self._topics))
+                if config.durable:
+                    wal = self._open_wal(name, config)
+                t = _Topic(name, config, 0)
+                if config.durable:
+                    t.wal = wal
+                    t.parts = tuple(_Partition(t, i, None) for i in range(wal.partitions))
+                else:
+                    n = config.partitions or 1
+                    t.parts = tuple(_Partition(t, i, self._carrier(config)) for i in range(n))
+                self._topics = {**self._topics, name: t}
+                return config
+            old = t.config
+            for attr in ("hot", "durable", "ring_size"):
+                if getattr(old, attr) != getattr(config, attr):
+                    raise ValueError(
+                        f"topic {name!r} is live with {attr}={getattr(old, attr)!r}; it cannot "
+                        f"change to {getattr(config, attr)!r} without a new topic name")
+            if config.partitions is not None and config.partitions < t.n:
+                raise ValueError(
+                    f"topic {name!r} has {t.n} partitions; the count can be raised, not "
+                    f"lowered (got {config.partitions})")
+            if config.durable and config.partitions is not None and config.partitions != t.n:
+                raise ValueError(
+                    f"durable topic {name!r} keeps the {t.n} partitions its WAL was created "
+                    f"with; got {config.partitions}")
+            t.config = config
+            if config.partitions is not None and config.partitions > t.n:
+                self._repartition(t, config.partitions)
+            return config
+
+    def topic_config(self, name: str) -> TopicConfig | None:
+        """The config of a configured topic, or None for a pass-through topic."""
+        t = self._topics.get(check_topic(name))
+        return None if t is None else t.config
+
+    def topics(self) -> list[str]:
+        return list(self._topics)
+
+    def partitions(self, name: str) -> int:
+        """The partition count of a configured topic."""
+        t = self._topics.get(check_topic(name))
+        if t is None:
+            raise KeyError(f"topic {name!r} is not configured (configure_topic first)")
+        return t.n
+
+    def reconfigure_limits(self, **changes: Any) -> Limits:
+        """Change limits at runtime; returns the new ``Limits``.
+
+        Takes effect for the next operation; nothing queued is lost. A limit
+        lowered below current use keeps what exists and refuses what is new.
+        Unknown names raise ``TypeError``, bad values ``ValueError``; nothing
+        changes then.
+        """
+        if not changes:
+            return self._limits.current
+        new = self._limits.swap(lambda old: old.replace(**changes))
+        if "max_queue_size" in changes:
+            self._bp.set_capacity(new.max_queue_size)
+        return new
+
+    async def reconfigure_limits_async(self, **changes: Any) -> Limits:
+        """``reconfigure_limits`` for asyncio code (it never blocks the loop for long)."""
+        return self.reconfigure_limits(**changes)
+
+    # -- publishing -----------------------------------------------------------
+
+    def publish(self, topic: str, message: Any, *, key: Any = None,
+                headers: Mapping[str, Any] | None = None) -> int | None:
+        """Publish ``message`` on ``topic``.
+
+        Returns the WAL offset for durable topics, else None (for a
+        pass-through topic: whatever ``inner.publish`` returns). Raises
+        ``BusOverloaded`` when shedding (non-critical topics), ``BusClosed``
+        after ``close()``, ``TypeError`` for a bad topic, key or headers.
+        """
+        t = self._topics.get(topic)
+        if t is None:
+            if self._closed:
+                raise BusClosed("publish on a closed ScalableBus")
+            return self._inner.publish(topic, message)
+        hdrs = None if headers is None else _check_headers(headers)
+        bp = self._bp
+        if bp._state is not _NORMAL:
+            extra = bp.admit(topic, critical=t.config.critical)
+            if extra:
+                hdrs = {**hdrs, **extra} if hdrs else dict(extra)
+        return self._enqueue(t, message, key, hdrs)
+
+    async def publish_async(self, topic: str, message: Any, *, key: Any = None,
+                            headers: Mapping[str, Any] | None = None) -> int | None:
+        """``publish`` for asyncio: backpressure delays are awaited, never slept.
+
+        Durable topics with ``FsyncPolicy.always()`` wait for their fsync in a
+        thread, so the event loop keeps running.
+        """
+        t = self._topics.get(topic)
+        if t is None:
+            if self._closed:
+                raise BusClosed("publish on a closed ScalableBus")
+            return self._inner.publish(topic, message)
+        hdrs = None if headers is None else _check_headers(headers)
+        bp = self._bp
+        if bp._state is not _NORMAL:
+            extra = await bp.admit_async(topic, critical=t.config.critical)
+            if extra:
+                hdrs = {**hdrs, **extra} if hdrs else dict(extra)
+        if t.wal is not None and t.config.fsync.mode == "always":
+            return await asyncio.to_thread(self._enqueue, t, message, key, hdrs)
+        return self._enqueue(t, message, key, hdrs)
+
+    def _enqueue(self, t: _Topic, message: Any, key: Any, hdrs: dict[str, Any] | None
+                 ) -> int | None:
+        if t.wal is not None:
+            return self._append_durable(t, message, key, hdrs)
+        with t.lock:
+            if self._closed:
+                raise BusClosed("publish on a closed ScalableBus")
+            parts = t.parts
+            n = len(parts)
+            p = t.rr.next(n) if key is None else key_partition(key, n)
+            part = parts[p]
+            msg = envelope(t.name, message, key, hdrs, p)
+            self._bp.add(1)  # counted before a worker can see it, so depth never dips below 0
+            part.carrier.put(msg)
+            t.published += 1
+        if part.sched.acquire(False):
+            self._schedule(part)
+        return None
+
+    def publish_many(self, topic: str, messages: Iterable[Any], *,
+                     keys: Iterable[Any] | None = None,
+                     headers: Mapping[str, Any] | None = None) -> int | list[int] | None:
+        """Publish a batch; one admission check, one routing pass, one ring claim per partition.
+
+        ``keys``: None, or one key per message (None entries go round robin).
+        Returns the number published for in-memory topics, the list of offsets for
+        durable topics, or what ``inner.publish`` returned for each message of a
+        pass-through topic (as a list). All or nothing: a refused batch
+        (``BusOverloaded``) enqueued none of its messages.
+        """
+        msgs = messages if type(messages) is list else list(messages)
+        t = self._topics.get(topic)
+        if t is None:
+            if self._closed:
+                raise BusClosed("publish on a closed ScalableBus")
+            if keys is not None:
+                raise ValueError(f"topic {topic!r} is not configured: keys need partitions "
+                                 f"(configure_topic first)")
+            return [self._inner.publish(topic, m) for m in msgs]
+        hdrs = None if headers is None else _check_headers(headers)
+        klist = None if keys is None else (keys if type(keys) is list else list(keys))
+        if klist is not None and len(klist) != len(msgs):
+            raise ValueError(f"keys has {len(klist)} items but there are {len(msgs)} "
+                             f"messages; pass one key per message, or keys=None")
+        bp = self._bp
+        if bp._state is not _NORMAL:
+            extra = bp.admit(topic, critical=t.config.critical)
+            if extra:
+                hdrs = {**hdrs, **extra} if hdrs else dict(extra)
+        if not msgs:
+            return [] if t.wal is not None else 0
+        if t.wal is not None:
+            return [self._append_durable(t, m, None if klist is None else klist[i], hdrs)
+                    for i, m in enumerate(msgs)]
+        ready = []
+        with t.lock:
+            if self._closed:
+                raise BusClosed("publish on a closed ScalableBus")
+            parts = t.parts
+            n = len(parts)
+            unkeyed = len(msgs) if klist is None else klist.count(None)
+            batches = route(t.name, msgs, klist, n, t.rr.reserve(unkeyed), hdrs)
+            self._bp.add(len(msgs))
+            for p, batch in enumerate(batches):
+                if batch:
+                    parts[p].carrier.put_many(batch)
+                    ready.append(parts[p])
+            t.published += len(msgs)
+        for part in ready:
+            if part.sched.acquire(False):
+                self._schedule(part)
+        return len(msgs)
+
+    # -- subscribing --------------------------------------------------------
+
+    def subscribe(self, topic: str, handler: Callable[[Any], Any], *, group: str | None = None,
+                  batch: bool = False) -> Subscription:
+        """Subscribe ``handler`` to ``topic``.
+
+        On a configured topic the handler receives ``Message`` envelopes (a
+        list of them with ``batch=True``). ``group``: subscribers of one group
+        share the topic's partitions, each partition owned by one member and
+        rebalanced on join and leave; without a group the subscriber receives
+        every message. On a pass-through topic the subscription is made on the
+        inner bus (``group``/``batch`` are then refused with ``ValueError``).
+        """
+        check_topic(topic)
+        check_handler(handler)
+        if group is not None and (not isinstance(group, str) or not group):
+            raise TypeError(f"group must be a non-empty str or None, got {group!r}")
+        if not isinstance(batch, bool):
+            raise TypeError(f"batch must be a bool, got {batch!r}")
+        self._check_open()
+        t = self._topics.get(topic)
+        if t is None:
+            if group is not None or batch:
+                raise ValueError(
+                    f"topic {topic!r} is not configured: groups and batch delivery need "
+                    f"configure_topic({topic!r}, TopicConfig(...)) first")
+            return self._inner.subscribe(topic, handler)
+        with self._lock:
+            limit = self._limits.current.max_subscribers_per_topic
+            count = sum(len(g.members) for g in t.groups)
+            if count >= limit:
+                raise LimitExceeded(
+                    f"topic {topic!r} has {count} subscribers and max_subscribers_per_topic "
+                    f"is {limit}; raise it with reconfigure_limits(max_subscribers_per_topic=...)",
+                    limit="max_subscribers_per_topic", value=limit, current=count)
+            g = next((g for g in t.groups if group is not None and g.name == group), None)
+            new_group = g is None
+            if new_group:
+                g = _Group(group)
+            sub = Subscription(topic, handler, self._unsubscribe)
+            member = _Member(sub, handler, self._make_call(handler), batch, g)
+            sub._data = member
+            if t.wal is not None and new_group:
+                self._start_durable_group(t, g)
+            with t.lock:
+                g.members = [*g.members, member]
+                if t.config.partitions is None and t.wal is None and len(g.members) > t.n:
+                    self._repartition(t, len(g.members))
+                g.assign(t.n)
+                if new_group:
+                    t.groups = (*t.groups, g)
+                elif len(g.members) > 1:
+                    t.rebalances += 1
+            return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        member: _Member = sub._data
+        g = member.group
+        t = self._topics.get(sub.topic)
+        if t is None:
+            return
+        with self._lock, t.lock:
+            g.members = [m for m in g.members if m is not member]
+            if g.members:
+                g.assign(t.n)
+                t.rebalances += 1
+            else:
+                t.groups = tuple(x for x in t.groups if x is not g)
+                g.owners = ()
+        if not g.members and t.wal is not None:
+            self._stop_durable_group(t, g)
+
+    def _make_call(self, handler: Any) -> Any:
+        if not _is_async(handler):
+            return handler
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+
+        def call(arg: Any) -> Any:
+            # Dispatch threads never run an event loop: wait for the coroutine on
+            # its own loop, so a partition's order and the durable commit hold.
+            if loop is not None and not loop.is_closed():
+                return asyncio.run_coroutine_threadsafe(handler(arg), loop).result()
+            return asyncio.run(handler(arg))
+
+        return call
+
+    # -- dispatch (in-memory topics) ----------------------------------------
+
+    def _schedule(self, part: _Partition) -> None:
+        self._runq.put(part)
+
+    def _worker(self) -> None:
+        runq = self._runq
+        while True:
+            part = runq.get()
+            if part is _STOP:
+                return
+            with self._busy_lock:
+                self._busy += 1
+            try:
+                self._run_partition(part)
+            except BaseException:  # a bug of ours: keep the worker alive, say so loudly
+                log.exception("fastbus: dispatch worker failed on %s/%d",
+                              part.topic.name, part.index)
+                with contextlib.suppress(RuntimeError):
+                    part.sched.release()
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
+
+    def _run_partition(self, part: _Partition) -> None:
+        """Dispatch one turn of ``part``; the caller holds ``part.sched``."""
+        carrier = part.carrier
+        bp = self._bp
+        if self._linger and bp.batching_allowed and carrier.depth() < self._max_batch:
+            time.sleep(self._linger)
+        batch = carrier.take(self._max_batch)
+        if batch:
+            try:
+                self._deliver(part, batch)
+            finally:
+                bp.remove(len(batch))
+            if carrier.depth():
+                self._runq.put(part)  # more to do: requeue behind the others (fairness)
+                return
+        part.sched.release()
+        # A publisher that found the lock taken relies on this re-check.
+        if carrier.depth() and part.sched.acquire(False):
+            self._runq.put(part)
+
+    def _deliver(self, part: _Partition, batch: list[Any]) -> None:
+        t = part.topic
+        p = part.index
+        errors = 0
+        for g in t.groups:
+            owners = g.owners
+            if p >= len(owners):
+                continue
+            m = owners[p]
+            if m.batch:
+                try:
+                    m.call(batch)
+                except Exception as exc:
+                    errors += 1
+                    self._handler_error(exc, batch, m.handler)
+            else:
+                errors += deliver_each(m.call, batch,
+                                       lambda exc, msg, h=m.handler: self._handler_error(
+                                           exc, msg, h))
+        if errors:
+            with t.lock:
+                t.errors += errors
+        inner_subs = self._inner_subs
+        if inner_subs is None or t.name in inner_subs:
+            publish = self._inner.publish
+            name = t.name
+            for msg in batch:
+                try:
+                    publish(name, msg.payload)
+                except Exception as exc:
+                    with t.lock:
+                        t.errors += 1
+                    self._handler_error(exc, msg, publish)
+        t.delivered += len(batch)
+
+    def _handler_error(self, exc: BaseException, message: Any, handler: Any) -> None:
+        try:
+            self._on_error(exc, message, handler)
+        except Exception as inner:
+            log.error("fastbus: on_error raised while reporting a handler error",
+                      exc_info=inner)
+
+    # -- partition changes --------------------------------------------------
+
+    def _carrier(self, config: TopicConfig) -> Any:
+        return _RingCarrier(config.ring_size) if config.hot else _QueueCarrier()
+
+    def _repartition(self, t: _Topic, n: int) -> None:
+        """Raise ``t`` to ``n`` partitions; the caller holds ``t.lock``.
+
+        New partitions start held (their ``sched`` lock taken) so nothing under
+        the new mapping is delivered until every old partition has drained; a
+        background thread releases them then. Nothing is lost: the old carriers
+        keep their messages and are drained by the workers as usual.
+        """
+        old = t.parts
+        new = tuple(_Partition(t, i, self._carrier(t.config)) for i in range(n))
+        for part in new:
+            part.sched.acquire()
+        t.parts = new
+        for g in t.groups:
+            g.assign(n)
+        t.rebalances += 1
+        t.draining.append(old)
+        threading.Thread(target=self._release_after_drain, args=(t, old, new),
+                         name=f"fastbus-repartition-{t.name}", daemon=True).start()
+
+    def _release_after_drain(self, t: _Topic, old: tuple[_Partition, ...],
+                             new: tuple[_Partition, ...]) -> None:
+        while True:
+            busy = False
+            for part in old:
+                if part.carrier.depth():
+                    busy = True
+                    break
+                if not part.sched.acquire(False):
+                    busy = True  # a worker is still delivering from it
+                    break
+                part.sched.release()
+            if not busy:
+                break
+            time.sleep(0.0005)
+        with t.lock:
+            with contextlib.suppress(ValueError):
+                t.draining.remove(old)
+        for part in new:
+            part.sched.release()
+            if part.carrier.depth() and part.sched.acquire(False):
+                self._schedule(part)
+
+    # -- durable topics ---------------------------------------------------------
+
+    def _open_wal(self, name: str, config: TopicConfig) -> Any:
+        if self._data_dir is None and self._store is None:
+            raise ValueError(
+                f"topic {name!r} is durable but this ScalableBus has no data_dir; create it "
+                f"with ScalableBus(data_dir='path/to/dir')")
+        if "/" in name or name in (".", "..") or "\0" in name:
+            raise ValueError(f"durable topic names become directory names: {name!r} has a "
+                             f"'/' or is '.'/'..'")
+        from .wal import WalMessageQueue
+
+        target: Any
+        if self._store is not None:
+            target = self._store(name) if callable(self._store) else self._store
+        else:
+            assert self._data_dir is not None
+            os.makedirs(self._data_dir, mode=0o700, exist_ok=True)
+            target = os.path.join(self._data_dir, name)
+        return WalMessageQueue(target, partitions=config.partitions or 1, fsync=config.fsync,
+                               retention=config.retention)
+
+    def _append_durable(self, t: _Topic, message: Any, key: Any,
+                        hdrs: dict[str, Any] | None) -> int:
+        if self._closed:
+            raise BusClosed("publish on a closed ScalableBus")
+        _, offset = t.wal.append(message, key=key, headers=hdrs)
+        t.published += 1
+        return offset
+
+    def _start_durable_group(self, t: _Topic, g: _Group) -> None:
+        name = g.name if g.name is not None else f"_anon-{id(g):x}"
+        g.reader = t.wal.reader(name)
+        if g.name is None:
+            # An ungrouped subscriber gets what is published from now on.
+            for p in range(t.n):
+                g.reader.seek(t.wal.end_offset(p), partition=p)
+        g.thread = threading.Thread(target=self._durable_loop, args=(t, g),
+                                    name=f"fastbus-wal-{t.name}-{name}", daemon=True)
+        g.thread.start()
+
+    def _stop_durable_group(self, t: _Topic, g: _Group) -> None:
+        thread = g.thread
+        g.thread = None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
+
+    def _durable_loop(self, t: _Topic, g: _Group) -> None:
+        reader = g.reader
+        anonymous = g.name is None
+        while not t.wal_stop.is_set() and g.thread is not None:
+            records = reader.poll(max_records=self._max_batch, timeout=0.05)
+            if not records:
+                continue
+            by_owner: dict[int, list[Message]] = {}
+            for r in records:
+                msg = Message(t.name, r.payload, r.key, dict(r.headers), r.timestamp_ns,
+                              r.partition, r.offset)
+                by_owner.setdefault(r.partition, []).append(msg)
+            errors = 0
+            for p, msgs in by_owner.items():
+                owners = g.owners
+                if not owners:
+                    break
+                m = owners[p % len(owners)]
+                if m.batch:
+                    try:
+                        m.call(msgs)
+                    except Exception as exc:
+                        errors += 1
+                        self._handler_error(exc, msgs, m.handler)
+                else:
+                    errors += deliver_each(
+                        m.call, msgs,
+                        lambda exc, msg, h=m.handler: self._handler_error(exc, msg, h))
+                inner_subs = self._inner_subs
+                if inner_subs is None or t.name in inner_subs:
+                    for msg in msgs:
+                        try:
+                            self._inner.publish(t.name, msg.payload)
+                        except Exception as exc:
+                            errors += 1
+                            self._handler_error(exc, msg, self._inner.publish)
+            if not anonymous:
+                reader.commit()
+            with t.lock:
+                t.delivered += len(records)
+                t.errors += errors
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every accepted message was dispatched; True if it was in time.
+
+        Durable topics are also forced to disk (``WalMessageQueue.flush``) and
+        their groups caught up with the log end.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in list(self._topics.values()):
+            if t.wal is not None:
+                t.wal.flush()
+        delay = 0.0002
+        while True:
+            if self._idle():
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    async def flush_async(self, timeout: float | None = None) -> bool:
+        """``flush`` for asyncio code: waits in a thread, the loop keeps running."""
+        return await asyncio.to_thread(self.flush, timeout)
+
+    def _idle(self) -> bool:
+        if self._bp.depth or self._busy:
+            return False
+        for t in self._topics.values():
+            if t.draining:
+                return False
+            for part in t.parts:
+                if part.carrier is not None and part.carrier.depth():
+                    return False
+            if t.wal is not None:
+                for g in t.groups:
+                    if g.reader is not None and g.reader.lag:
+                        return False
+        return self._runq.empty()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Refuse new publishes, deliver what was accepted, stop the threads, close WALs.
+
+        Idempotent. Publishing after close raises ``BusClosed``.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for t in self._topics.values():
+            with t.lock:  # wait out publishes under way
+                pass
+        self.flush(timeout)
+        self._stop.set()
+        for _ in self._workers:
+            self._runq.put(_STOP)
+        for th in self._workers:
+            th.join(timeout=5)
+        for t in self._topics.values():
+            if t.wal is not None:
+                t.wal_stop.set()
+                for g in t.groups:
+                    if g.thread is not None:
+                        g.thread.join(timeout=5)
+                t.wal.close()
+
+    def __enter__(self) -> ScalableBus:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> ScalableBus:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await asyncio.to_thread(self.close)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BusClosed("this ScalableBus is closed")
+
+    @staticmethod
+    def _housekeeping(ref: Any) -> None:
+        while True:
+            bus = ref()
+            if bus is None or bus._stop.is_set():
+                return
+            bus._sample_rates()
+            stop = bus._stop
+            del bus
+            if stop.wait(0.25):
+                return
+
+    def _sample_rates(self) -> None:
+        total = 0
+        for t in list(self._topics.values()):
+            t.meter.sample(t.published)
+            total += t.published
+        self._totals.sample(total)
+
+    # -- metrics -----------------------------------------------------------------
+
+    def metrics(self) -> ScalingMetrics:
+        """A snapshot of every figure: see ``fastbus.metrics``."""
+        self._sample_rates()
+        per_topic: dict[str, TopicMetrics] = {}
+        bp = self._bp.snapshot()
+        rejections_by_topic = dict(bp.get("rejections_by_topic", {}))
+        spills_total = 0
+        for t in list(self._topics.values()):
+            rings: dict[int, RingMetrics] = {}
+            depth: list[int] = []
+            spills = 0
+            wal: dict[str, Any] = {}
+            for part in t.parts:
+                c = part.carrier
+                if c is None:
+                    depth.append(0)
+                    continue
+                depth.append(c.depth())
+                rm = c.ring_metrics()
+                if rm is not None:
+                    rings[part.index] = rm
+                    spills += rm.spills
+            for old in list(t.draining):
+                for part in old:
+                    if part.carrier is not None:
+                        spills += getattr(part.carrier, "spills", 0)
+            if t.wal is not None:
+                wal = dict(t.wal.stats())
+                lags = {}
+                for g in t.groups:
+                    if g.reader is not None and g.name is not None:
+                        lags[g.name] = g.reader.lag
+                wal["group_lag"] = lags
+            spills_total += spills
+            groups = {g.name: len(g.members) for g in t.groups if g.name is not None}
+            per_topic[t.name] = TopicMetrics(
+                name=t.name, partitions=t.n, hot=t.config.hot, durable=t.config.durable,
+                critical=t.config.critical, published=t.published, delivered=t.delivered,
+                rate_1s=t.meter.rate(1.0), rate_10s=t.meter.rate(10.0), depth=depth,
+                subscribers=sum(len(g.members) for g in t.groups), groups=groups,
+                handler_errors=t.errors, rebalances=t.rebalances, spills=spills,
+                rejections=rejections_by_topic.get(t.name, 0), rings=rings, wal=wal)
+        lim = self._limits.current
+        return ScalingMetrics(
+            topics=len(per_topic),
+            published=sum(t.published for t in per_topic.values()),
+            delivered=sum(t.delivered for t in per_topic.values()),
+            rate_1s=self._totals.rate(1.0), rate_10s=self._totals.rate(10.0),
+            depth=self._bp.depth, capacity=lim.max_queue_size,
+            handler_errors=sum(t.handler_errors for t in per_topic.values()),
+            drops=dict(self._drops),
+            rejections={"backpressure": sum(rejections_by_topic.values())},
+            spills=spills_total,
+            rebalances=sum(t.rebalances for t in per_topic.values()),
+            limits={"max_topics": lim.max_topics,
+                    "max_subscribers_per_topic": lim.max_subscribers_per_topic,
+                    "max_queue_size": lim.max_queue_size},
+            backpressure=bp, per_topic=per_topic)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else self._bp.state.name
+        return f"<ScalableBus topics={len(self._topics)} {state} inner={self._inner!r}>"
+
+
+def _check_headers(headers: Any) -> dict[str, Any]:
+    if not isinstance(headers, Mapping):
+        raise TypeError(f"headers must be a mapping of str to str or bytes, got "
+                        f"{type(headers).__name__}")
+    out = dict(headers)
+    for k, v in out.items():
+        if not isinstance(k, str):
+            raise TypeError(f"header names must be str, got {type(k).__name__} {k!r}")
+        if not isinstance(v, str | bytes):
+            raise TypeError(f"header {k!r} must be str or bytes, got {type(v).__name__}")
+    return out
+
