@@ -58,4 +58,102 @@ static inline void fb_cpu_relax(void) {
 }
 static inline void fb_yield(void) { sched_yield(); }
 
+
+/* ---- Additions for the rings (fastbus/_ring.pyx) ---------------------- */
+
+static inline void *fb_load_acquire_ptr(void *const *p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+static inline void fb_store_release_ptr(void **p, void *v) {
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+static inline int32_t fb_load_relaxed32(const int32_t *p) {
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+static inline int32_t fb_exchange32(int32_t *p, int32_t v) {
+    return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL);
+}
+
+/* Monotonic clock in seconds, safe without the GIL. */
+#include <time.h>
+static inline double fb_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* A futex-like waiter for the blocking wait strategy (LMAX
+ * LiteBlockingWaitStrategy): a waiter sets `signal_needed` under the mutex,
+ * issues a seq_cst fence, re-checks its condition and sleeps on the condition
+ * variable; a signaller makes its change visible (release store), issues a
+ * seq_cst fence and takes the mutex only when `signal_needed` was set. So a
+ * publish costs a fence and one relaxed load while nobody sleeps, and no
+ * wakeup is lost (store-buffering: one of the two sides sees the other). */
+#include <pthread.h>
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int32_t signal_needed;
+} fb_waiter;
+
+static inline int fb_waiter_init(fb_waiter *w) {
+    pthread_condattr_t attr;
+    if (pthread_condattr_init(&attr) != 0) return -1;
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    int rc = pthread_cond_init(&w->cv, &attr);
+    pthread_condattr_destroy(&attr);
+    if (rc != 0) return -1;
+    if (pthread_mutex_init(&w->mu, NULL) != 0) {
+        pthread_cond_destroy(&w->cv);
+        return -1;
+    }
+    w->signal_needed = 0;
+    return 0;
+}
+static inline void fb_waiter_destroy(fb_waiter *w) {
+    pthread_cond_destroy(&w->cv);
+    pthread_mutex_destroy(&w->mu);
+}
+/* Call after the release store that makes progress visible. */
+static inline void fb_waiter_signal(fb_waiter *w) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&w->signal_needed, __ATOMIC_RELAXED)
+            && __atomic_exchange_n(&w->signal_needed, 0, __ATOMIC_ACQ_REL)) {
+        pthread_mutex_lock(&w->mu);
+        pthread_cond_broadcast(&w->cv);
+        pthread_mutex_unlock(&w->mu);
+    }
+}
+/* Wake every sleeper unconditionally (close, consumer removal). */
+static inline void fb_waiter_wake_all(fb_waiter *w) {
+    __atomic_store_n(&w->signal_needed, 0, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&w->mu);
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+/* One sleep of the blocking strategy. `ready(arg)` is re-checked under the
+ * mutex after registering; sleeps at most until `until` (monotonic seconds).
+ * Returns 1 if ready was true at the re-check, 0 otherwise (woken or slice
+ * over: the caller re-checks). */
+typedef int (*fb_ready_fn)(void *arg);
+static inline int fb_waiter_sleep(fb_waiter *w, fb_ready_fn ready, void *arg, double until) {
+    int got;
+    struct timespec ts;
+    double whole;
+    pthread_mutex_lock(&w->mu);
+    __atomic_store_n(&w->signal_needed, 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    got = ready(arg);
+    if (!got) {
+        whole = (double)(long long)until;
+        ts.tv_sec = (time_t)whole;
+        ts.tv_nsec = (long)((until - whole) * 1e9);
+        if (ts.tv_nsec >= 1000000000L) { ts.tv_sec += 1; ts.tv_nsec -= 1000000000L; }
+        if (ts.tv_nsec < 0) ts.tv_nsec = 0;
+        pthread_cond_timedwait(&w->cv, &w->mu, &ts);
+    }
+    pthread_mutex_unlock(&w->mu);
+    return got;
+}
+
 #endif /* FASTBUS_ATOMIC_H */

@@ -16,3 +16,18 @@ cdef extern from "_atomic.h" nogil:
     void fb_fence_seq_cst() noexcept
     void fb_cpu_relax() noexcept
     void fb_yield() noexcept
+
+    # Additions for the rings.
+    void *fb_load_acquire_ptr(void *const *p) noexcept
+    void fb_store_release_ptr(void **p, void *v) noexcept
+    int32_t fb_load_relaxed32(const int32_t *p) noexcept
+    int32_t fb_exchange32(int32_t *p, int32_t v) noexcept
+    double fb_now() noexcept
+    ctypedef struct fb_waiter:
+        pass
+    ctypedef int (*fb_ready_fn)(void *arg) noexcept nogil
+    int fb_waiter_init(fb_waiter *w) noexcept
+    void fb_waiter_destroy(fb_waiter *w) noexcept
+    void fb_waiter_signal(fb_waiter *w) noexcept
+    void fb_waiter_wake_all(fb_waiter *w) noexcept
+    int fb_waiter_sleep(fb_waiter *w, fb_ready_fn ready, void *arg, double until) noexcept
