@@ -12,6 +12,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the packaging test
     ) from exc
 
 from ._partition import murmur2, partition_for, partition_many
+from ._walcodec import crc32c
 from .config import FsyncPolicy, Limits, Retention, Thresholds, TopicConfig
 from .errors import BusClosed, BusOverloaded, FastbusError, LimitExceeded, WalCorruptionError
 
@@ -27,6 +28,7 @@ __all__ = [
     "TopicConfig",
     "WalCorruptionError",
     "__version__",
+    "crc32c",
     "murmur2",
     "partition_for",
     "partition_many",
