@@ -588,3 +588,57 @@ def test_damage_never_yields_a_record_the_reference_rejects():
         assert start <= result.end <= len(buf)
         for r in result.records:
             assert _as_tuple(r) in originals
+
+
+def test_verify_with_start_reports_absolute_positions():
+    data, starts = _sample_buffer()
+    v = wc.verify(data, starts[2], index_interval=1, expected_offset=102)
+    assert (v.count, v.end, v.reason, v.first_offset) == (4, len(data), "end", 102)
+    assert v.index[:, 1].tolist() == starts[2:]
+    assert v.index[:, 0].tolist() == [102, 103, 104, 105]
+
+
+def test_records_are_not_gc_tracked_but_subclasses_work():
+    import gc
+
+    data, _ = _sample_buffer(2)
+    r = wc.scan(data).records[0]
+    assert not gc.is_tracked(r)
+
+    class Tagged(wc.Record):
+        pass
+
+    t = Tagged(1, 2, None, {"a": "b"}, b"p")
+    t.extra = t  # a cycle through a Python subclass is still collectable
+    assert gc.is_tracked(t)
+    assert t == wc.Record(1, 2, None, {"a": "b"}, b"p")
+
+
+def test_verify_and_scan_from_threads_agree():
+    from concurrent.futures import ThreadPoolExecutor
+
+    enc = wc.RecordEncoder()
+    enc.encode_many(0, 1, [b"x" * 100] * 20_000)
+    data = bytes(enc.getbuffer())
+    expected = wc.verify(data, index_interval=4096)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: wc.verify(data, index_interval=4096), range(8)))
+        scans = list(pool.map(lambda _: wc.scan(data, max_records=500).count, range(8)))
+    for v in results:
+        assert v[:7] == expected[:7]
+        assert (v.index == expected.index).all()
+    assert scans == [500] * 8
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=300), st.integers(0, 2))
+def test_next_record_at_finds_only_valid_records(noise, which):
+    data, starts = _sample_buffer(3)
+    buf = noise + data
+    pos = wc.next_record_at(buf, 0)
+    assert pos != -1 and pos <= len(noise)
+    result = wc.scan(buf, pos, max_records=1)
+    assert result.count == 1  # whatever it points at is a complete, valid record
+    assert wc.next_record_at(buf, len(noise) + starts[which]) == len(noise) + starts[which]
+    alone = wc.next_record_at(noise, 0)
+    assert alone == -1 or wc.scan(noise, alone, max_records=1).count == 1
