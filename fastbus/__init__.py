@@ -1,4 +1,7 @@
-"""fastbus: an embeddable message bus with a Cython core."""
+"""fastbus: an embeddable message bus with a Cython core.
+
+Start with ``ScalableBus`` (see README.md); everything public is listed in ``__all__``.
+"""
 
 from ._version import __version__
 
@@ -12,6 +15,8 @@ except ImportError as exc:  # pragma: no cover - exercised by the packaging test
     ) from exc
 
 from ._partition import murmur2, partition_for, partition_many
+from ._ring import RecordConsumer, RecordRing, RingBuffer, RingConsumer
+from ._walcodec import crc32c
 from .backpressure import BackpressureState, MessageBusBackpressure
 from .bus import InProcessBus, Message, MessageBus, Subscription
 from .config import FsyncPolicy, Limits, Retention, Thresholds, TopicConfig
@@ -31,7 +36,11 @@ __all__ = [
     "Message",
     "MessageBus",
     "MessageBusBackpressure",
+    "RecordConsumer",
+    "RecordRing",
     "Retention",
+    "RingBuffer",
+    "RingConsumer",
     "ScalableBus",
     "ScalingMetrics",
     "Subscription",
@@ -39,6 +48,7 @@ __all__ = [
     "TopicConfig",
     "WalCorruptionError",
     "__version__",
+    "crc32c",
     "murmur2",
     "partition_for",
     "partition_many",
