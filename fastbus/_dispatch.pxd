@@ -5,7 +5,7 @@ cdef class Message:
     cdef public object topic
     cdef public object payload
     cdef public object key
-    cdef public dict headers
+    cdef dict _headers
     cdef public int64_t timestamp_ns
     cdef public object partition
     cdef public object offset
@@ -13,3 +13,24 @@ cdef class Message:
 
 cdef Message make_message(object topic, object payload, object key, dict headers,
                           object partition, object offset)
+
+
+cdef class PartitionSlot:
+    cdef readonly object topic
+    cdef readonly int index
+    cdef readonly object carrier
+    cdef readonly object put
+    cdef int64_t _scheduled
+    cpdef bint try_schedule(self) noexcept
+    cpdef void unschedule(self) noexcept
+
+
+cdef class TopicCore:
+    cdef readonly object name
+    cdef public tuple parts
+    cdef object depth_add
+    cdef object schedule
+    cdef public bint closed
+    cdef int64_t _rr
+    cdef int64_t _published
+    cdef int64_t _inflight

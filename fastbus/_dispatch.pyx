@@ -11,6 +11,7 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from libc.stdint cimport int32_t, int64_t, uint32_t
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
+from fastbus._atomic cimport fb_cas, fb_fetch_add, fb_load_acquire, fb_store_release
 from fastbus._partition cimport murmur2_c, partition_c
 
 
@@ -20,6 +21,7 @@ cdef inline int64_t _now_ns() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
+@cython.freelist(4096)
 cdef class Message:
     """Message(topic, payload, key=None, headers=None, timestamp_ns=0, partition=None, offset=None)
 
@@ -37,10 +39,21 @@ cdef class Message:
         self.topic = topic
         self.payload = payload
         self.key = key
-        self.headers = {} if headers is None else dict(headers)
+        self._headers = None if not headers else dict(headers)
         self.timestamp_ns = timestamp_ns
         self.partition = partition
         self.offset = offset
+
+    @property
+    def headers(self):
+        """The message's headers, a dict (created on first use: most messages have none)."""
+        if self._headers is None:
+            self._headers = {}
+        return self._headers
+
+    @headers.setter
+    def headers(self, value):
+        self._headers = None if value is None else dict(value)
 
     def __repr__(self):
         return (f"Message(topic={self.topic!r}, payload={self.payload!r}, key={self.key!r}, "
@@ -52,7 +65,7 @@ cdef class Message:
             return NotImplemented
         cdef Message o = <Message>other
         return (self.topic == o.topic and self.payload == o.payload and self.key == o.key
-                and self.headers == o.headers and self.timestamp_ns == o.timestamp_ns
+                and (self._headers or {}) == (o._headers or {}) and self.timestamp_ns == o.timestamp_ns
                 and self.partition == o.partition and self.offset == o.offset)
 
     __hash__ = None
@@ -68,7 +81,7 @@ cdef Message make_message(object topic, object payload, object key, dict headers
     m.topic = topic
     m.payload = payload
     m.key = key
-    m.headers = headers
+    m._headers = headers
     m.timestamp_ns = _now_ns()
     m.partition = partition
     m.offset = offset
@@ -78,10 +91,9 @@ cdef Message make_message(object topic, object payload, object key, dict headers
 def envelope(topic, payload, key, headers, partition):
     """envelope(topic, payload, key, headers, partition) -> Message, stamped now.
 
-    ``headers`` must be a dict (or None for an empty one); it is not copied.
+    ``headers`` must be a dict or None (no headers); it is not copied.
     """
-    return make_message(topic, payload, key, {} if headers is None else headers,
-                        partition, None)
+    return make_message(topic, payload, key, headers, partition, None)
 
 
 cdef inline bytes _key_bytes(object key):
@@ -141,7 +153,7 @@ def route(topic, list payloads, keys, int32_t n, int64_t rr_start, headers):
         m.topic = topic
         m.payload = <object>PyList_GET_ITEM(payloads, i)
         m.key = key
-        m.headers = {} if headers is None else dict(headers)
+        m._headers = None if headers is None else dict(headers)
         m.timestamp_ns = ts
         m.partition = p
         m.offset = None
@@ -169,3 +181,121 @@ def deliver_each(handler, list batch, on_error):
             errors += 1
             on_error(exc, m)
     return errors
+
+
+cdef class PartitionSlot:
+    """One partition of a configured in-memory topic: its carrier and dispatch flag.
+
+    ``put`` is the carrier's publish (``RingBuffer.publish`` or ``deque.append``).
+    The ``scheduled`` flag is the test-and-set that keeps one dispatch worker at a
+    time on the partition: ``try_schedule()`` flips it 0 -> 1 atomically and says
+    whether the caller won; ``unschedule()`` clears it.
+    """
+
+    def __init__(self, topic, int index, carrier, put, bint held=False):
+        self.topic = topic
+        self.index = index
+        self.carrier = carrier
+        self.put = put
+        self._scheduled = 1 if held else 0
+
+    cpdef bint try_schedule(self) noexcept:
+        return fb_cas(&self._scheduled, 0, 1)
+
+    cpdef void unschedule(self) noexcept:
+        fb_store_release(&self._scheduled, 0)
+
+    @property
+    def scheduled(self):
+        return fb_load_acquire(&self._scheduled) != 0
+
+
+cdef class TopicCore:
+    """The publish path of one configured in-memory topic, compiled.
+
+    ``publish`` chooses the partition (Kafka murmur2 of the key, or round robin),
+    stamps the envelope, counts it in the backpressure depth *before* a worker
+    can see it, hands it to the partition's carrier, and schedules the partition
+    when no worker has it. ``inflight`` counts publishes under way, so a partition
+    change can wait until no publisher still holds the old partition tuple.
+    """
+
+    def __init__(self, name, tuple parts, depth_add, schedule):
+        self.name = name
+        self.parts = parts
+        self.depth_add = depth_add
+        self.schedule = schedule
+        self._rr = 0
+        self._published = 0
+        self._inflight = 0
+        self.closed = False
+
+    def publish(self, payload, key, headers):
+        """publish(payload, key, headers) -> None. Raises for a bad key, nothing queued then."""
+        cdef PartitionSlot part
+        cdef int32_t p
+        cdef tuple parts
+        cdef Message m
+        fb_fetch_add(&self._inflight, 1)
+        try:
+            if self.closed:
+                from fastbus.errors import BusClosed
+                raise BusClosed("publish on a closed ScalableBus")
+            parts = self.parts
+            if key is None:
+                p = <int32_t>(fb_fetch_add(&self._rr, 1) % len(parts))
+            else:
+                p = key_partition(key, <int32_t>len(parts))
+            part = <PartitionSlot>parts[p]
+            m = make_message(self.name, payload, key, headers, p, None)
+            self.depth_add(1)
+            part.put(m)
+            fb_fetch_add(&self._published, 1)
+        finally:
+            fb_fetch_add(&self._inflight, -1)
+        if part.try_schedule():
+            self.schedule(part)
+
+    def publish_many(self, list payloads, keys, headers):
+        """publish_many(payloads, keys, headers) -> int: one routing pass, one put per partition."""
+        cdef Py_ssize_t count = len(payloads), unkeyed, i
+        cdef list batches
+        cdef list ready = []
+        cdef tuple parts
+        cdef PartitionSlot part
+        if count == 0:
+            return 0
+        fb_fetch_add(&self._inflight, 1)
+        try:
+            if self.closed:
+                from fastbus.errors import BusClosed
+                raise BusClosed("publish on a closed ScalableBus")
+            parts = self.parts
+            unkeyed = count if keys is None else (<list>keys).count(None)
+            batches = route(self.name, payloads, keys, <int32_t>len(parts),
+                            fb_fetch_add(&self._rr, unkeyed), headers)
+            self.depth_add(count)
+            for i in range(len(parts)):
+                if batches[i]:
+                    part = <PartitionSlot>parts[i]
+                    part.carrier.put_many(batches[i])
+                    ready.append(part)
+            fb_fetch_add(&self._published, count)
+        finally:
+            fb_fetch_add(&self._inflight, -1)
+        for part in ready:
+            if part.try_schedule():
+                self.schedule(part)
+        return count
+
+    @property
+    def published(self):
+        return fb_load_acquire(&self._published)
+
+    @property
+    def inflight(self):
+        return fb_load_acquire(&self._inflight)
+
+    @property
+    def round_robin_position(self):
+        return fb_load_acquire(&self._rr)

@@ -37,8 +37,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ._dispatch import Message, deliver_each, envelope, key_partition, route
-from ._partition import RoundRobin
+from ._dispatch import Message, PartitionSlot, TopicCore, deliver_each
 from .backpressure import BackpressureState, MessageBusBackpressure
 from .bus import InProcessBus, MessageBus, Subscription, check_handler, check_topic
 from .bus import is_async_handler as _is_async
@@ -66,8 +65,8 @@ def _log_error(exc: BaseException, message: Any, handler: Any) -> None:
 class _QueueCarrier:
     """A plain FIFO for topics that are neither hot nor durable.
 
-    ``deque.append``/``popleft`` are atomic; the topic lock serialises the
-    producers and the pool guarantees one consumer at a time.
+    ``deque.append``/``extend``/``popleft`` are atomic under the GIL, and the pool
+    guarantees one consumer at a time.
     """
 
     __slots__ = ("_q",)
@@ -76,8 +75,9 @@ class _QueueCarrier:
     def __init__(self) -> None:
         self._q: deque[Any] = deque()
 
-    def put(self, msg: Any) -> None:
-        self._q.append(msg)
+    @property
+    def put(self) -> Callable[[Any], None]:
+        return self._q.append
 
     def put_many(self, msgs: list[Any]) -> None:
         self._q.extend(msgs)
@@ -103,13 +103,14 @@ class _RingCarrier:
     def __init__(self, size: int) -> None:
         from ._ring import RingBuffer
 
-        # The topic lock serialises producers, so the single-producer sequencer
-        # (no CAS) is correct here.
-        self._ring = RingBuffer(size, producer="single", wait="yielding", overflow=True)
+        # Publishers of a topic run concurrently (no lock on the publish path):
+        # the multi-producer sequencer claims slots with atomics.
+        self._ring = RingBuffer(size, producer="multi", wait="yielding", overflow=True)
         self._consumer = self._ring.add_consumer()
 
-    def put(self, msg: Any) -> None:
-        self._ring.publish(msg)
+    @property
+    def put(self) -> Callable[[Any], None]:
+        return self._ring.publish
 
     def put_many(self, msgs: list[Any]) -> None:
         self._ring.publish_many(msgs)
@@ -132,18 +133,6 @@ class _RingCarrier:
 
 
 # -- partitions, groups, topics ------------------------------------------------
-
-
-class _Partition:
-    __slots__ = ("carrier", "index", "sched", "topic")
-
-    def __init__(self, topic: _Topic, index: int, carrier: Any) -> None:
-        self.topic = topic
-        self.index = index
-        self.carrier = carrier
-        # Held by whoever is (or is about to be) dispatching this partition:
-        # acquire(False) is the atomic test-and-set that keeps one worker at a time.
-        self.sched = threading.Lock()
 
 
 class _Member:
@@ -181,30 +170,37 @@ class _Group:
 
 
 class _Topic:
-    __slots__ = ("config", "delivered", "draining", "errors", "groups", "lock", "meter",
-                 "name", "parts", "published", "rebalances", "rejections", "rr", "wal",
-                 "wal_stop")
+    """A configured topic: its config, groups, counters and carrier (core or WAL)."""
 
-    def __init__(self, name: str, config: TopicConfig, partitions: int) -> None:
+    __slots__ = ("config", "core", "delivered", "draining", "errors", "groups", "lock",
+                 "meter", "name", "published_durable", "rebalances", "wal", "wal_stop")
+
+    def __init__(self, name: str, config: TopicConfig) -> None:
         self.name = name
         self.config = config
         self.lock = threading.Lock()
-        self.parts: tuple[_Partition, ...] = ()
+        self.core: TopicCore | None = None
         self.groups: tuple[_Group, ...] = ()
-        self.rr = RoundRobin()
-        self.published = 0
+        self.published_durable = 0
         self.delivered = 0
         self.errors = 0
         self.rebalances = 0
-        self.rejections = 0
         self.meter = RateMeter()
-        self.draining: list[tuple[_Partition, ...]] = []
+        self.draining: list[tuple[PartitionSlot, ...]] = []
         self.wal: Any = None
         self.wal_stop = threading.Event()
 
     @property
+    def parts(self) -> tuple[PartitionSlot, ...]:
+        return self.core.parts if self.core is not None else ()
+
+    @property
     def n(self) -> int:
-        return len(self.parts)
+        return len(self.core.parts) if self.core is not None else self.wal.partitions
+
+    @property
+    def published(self) -> int:
+        return self.core.published if self.core is not None else self.published_durable
 
 
 class ScalableBus:
@@ -331,15 +327,12 @@ class ScalableBus:
                         f"{len(self._topics)} topics are configured; raise it with "
                         f"reconfigure_limits(max_topics=...)",
                         limit="max_topics", value=limit, current=len(self._topics))
+                t = _Topic(name, config)
                 if config.durable:
-                    wal = self._open_wal(name, config)
-                t = _Topic(name, config, 0)
-                if config.durable:
-                    t.wal = wal
-                    t.parts = tuple(_Partition(t, i, None) for i in range(wal.partitions))
+                    t.wal = self._open_wal(name, config)
                 else:
-                    n = config.partitions or 1
-                    t.parts = tuple(_Partition(t, i, self._carrier(config)) for i in range(n))
+                    parts = self._new_parts(t, config.partitions or 1, held=False)
+                    t.core = TopicCore(name, parts, self._bp.add, self._runq.put)
                 self._topics = {**self._topics, name: t}
                 return config
             old = t.config
@@ -443,21 +436,9 @@ class ScalableBus:
 
     def _enqueue(self, t: _Topic, message: Any, key: Any, hdrs: dict[str, Any] | None
                  ) -> int | None:
-        if t.wal is not None:
+        if t.core is None:
             return self._append_durable(t, message, key, hdrs)
-        with t.lock:
-            if self._closed:
-                raise BusClosed("publish on a closed ScalableBus")
-            parts = t.parts
-            n = len(parts)
-            p = t.rr.next(n) if key is None else key_partition(key, n)
-            part = parts[p]
-            msg = envelope(t.name, message, key, hdrs, p)
-            self._bp.add(1)  # counted before a worker can see it, so depth never dips below 0
-            part.carrier.put(msg)
-            t.published += 1
-        if part.sched.acquire(False):
-            self._schedule(part)
+        t.core.publish(message, key, hdrs)
         return None
 
     def publish_many(self, topic: str, messages: Iterable[Any], *,
@@ -495,24 +476,8 @@ class ScalableBus:
         if t.wal is not None:
             return [self._append_durable(t, m, None if klist is None else klist[i], hdrs)
                     for i, m in enumerate(msgs)]
-        ready = []
-        with t.lock:
-            if self._closed:
-                raise BusClosed("publish on a closed ScalableBus")
-            parts = t.parts
-            n = len(parts)
-            unkeyed = len(msgs) if klist is None else klist.count(None)
-            batches = route(t.name, msgs, klist, n, t.rr.reserve(unkeyed), hdrs)
-            self._bp.add(len(msgs))
-            for p, batch in enumerate(batches):
-                if batch:
-                    parts[p].carrier.put_many(batch)
-                    ready.append(parts[p])
-            t.published += len(msgs)
-        for part in ready:
-            if part.sched.acquire(False):
-                self._schedule(part)
-        return len(msgs)
+        assert t.core is not None
+        return t.core.publish_many(msgs, klist, hdrs)
 
     # -- subscribing --------------------------------------------------------
 
@@ -605,9 +570,6 @@ class ScalableBus:
 
     # -- dispatch (in-memory topics) ----------------------------------------
 
-    def _schedule(self, part: _Partition) -> None:
-        self._runq.put(part)
-
     def _worker(self) -> None:
         runq = self._runq
         while True:
@@ -621,14 +583,13 @@ class ScalableBus:
             except BaseException:  # a bug of ours: keep the worker alive, say so loudly
                 log.exception("fastbus: dispatch worker failed on %s/%d",
                               part.topic.name, part.index)
-                with contextlib.suppress(RuntimeError):
-                    part.sched.release()
+                part.unschedule()
             finally:
                 with self._busy_lock:
                     self._busy -= 1
 
-    def _run_partition(self, part: _Partition) -> None:
-        """Dispatch one turn of ``part``; the caller holds ``part.sched``."""
+    def _run_partition(self, part: PartitionSlot) -> None:
+        """Dispatch one turn of ``part``; the caller won its ``try_schedule``."""
         carrier = part.carrier
         bp = self._bp
         if self._linger and bp.batching_allowed and carrier.depth() < self._max_batch:
@@ -642,12 +603,12 @@ class ScalableBus:
             if carrier.depth():
                 self._runq.put(part)  # more to do: requeue behind the others (fairness)
                 return
-        part.sched.release()
-        # A publisher that found the lock taken relies on this re-check.
-        if carrier.depth() and part.sched.acquire(False):
+        part.unschedule()
+        # A publisher that lost try_schedule to us relies on this re-check.
+        if carrier.depth() and part.try_schedule():
             self._runq.put(part)
 
-    def _deliver(self, part: _Partition, batch: list[Any]) -> None:
+    def _deliver(self, part: PartitionSlot, batch: list[Any]) -> None:
         t = part.topic
         p = part.index
         errors = 0
@@ -691,22 +652,28 @@ class ScalableBus:
 
     # -- partition changes --------------------------------------------------
 
-    def _carrier(self, config: TopicConfig) -> Any:
-        return _RingCarrier(config.ring_size) if config.hot else _QueueCarrier()
+    def _new_parts(self, t: _Topic, n: int, *, held: bool) -> tuple[PartitionSlot, ...]:
+        parts = []
+        for i in range(n):
+            carrier = (_RingCarrier(t.config.ring_size) if t.config.hot
+                       else _QueueCarrier())
+            parts.append(PartitionSlot(t, i, carrier, carrier.put, held))
+        return tuple(parts)
 
     def _repartition(self, t: _Topic, n: int) -> None:
         """Raise ``t`` to ``n`` partitions; the caller holds ``t.lock``.
 
-        New partitions start held (their ``sched`` lock taken) so nothing under
-        the new mapping is delivered until every old partition has drained; a
-        background thread releases them then. Nothing is lost: the old carriers
-        keep their messages and are drained by the workers as usual.
+        The new partitions start held (scheduled, so no worker takes them) and
+        the publish path switches to them at once. A background thread waits
+        until no publisher still holds the old partitions and every old
+        partition has drained, then releases the new ones: per-key order holds
+        across the change, and nothing is lost (old carriers are drained by the
+        workers as usual).
         """
-        old = t.parts
-        new = tuple(_Partition(t, i, self._carrier(t.config)) for i in range(n))
-        for part in new:
-            part.sched.acquire()
-        t.parts = new
+        assert t.core is not None
+        old = t.core.parts
+        new = self._new_parts(t, n, held=True)
+        t.core.parts = new
         for g in t.groups:
             g.assign(n)
         t.rebalances += 1
@@ -714,28 +681,20 @@ class ScalableBus:
         threading.Thread(target=self._release_after_drain, args=(t, old, new),
                          name=f"fastbus-repartition-{t.name}", daemon=True).start()
 
-    def _release_after_drain(self, t: _Topic, old: tuple[_Partition, ...],
-                             new: tuple[_Partition, ...]) -> None:
-        while True:
-            busy = False
-            for part in old:
-                if part.carrier.depth():
-                    busy = True
-                    break
-                if not part.sched.acquire(False):
-                    busy = True  # a worker is still delivering from it
-                    break
-                part.sched.release()
-            if not busy:
-                break
-            time.sleep(0.0005)
+    def _release_after_drain(self, t: _Topic, old: tuple[PartitionSlot, ...],
+                             new: tuple[PartitionSlot, ...]) -> None:
+        assert t.core is not None
+        delay = 0.0001
+        while t.core.inflight or any(p.scheduled or p.carrier.depth() for p in old):
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
         with t.lock:
             with contextlib.suppress(ValueError):
                 t.draining.remove(old)
         for part in new:
-            part.sched.release()
-            if part.carrier.depth() and part.sched.acquire(False):
-                self._schedule(part)
+            part.unschedule()
+            if part.carrier.depth() and part.try_schedule():
+                self._runq.put(part)
 
     # -- durable topics ---------------------------------------------------------
 
@@ -764,7 +723,8 @@ class ScalableBus:
         if self._closed:
             raise BusClosed("publish on a closed ScalableBus")
         _, offset = t.wal.append(message, key=key, headers=hdrs)
-        t.published += 1
+        with t.lock:
+            t.published_durable += 1
         return offset
 
     def _start_durable_group(self, t: _Topic, g: _Group) -> None:
@@ -858,7 +818,7 @@ class ScalableBus:
             if t.draining:
                 return False
             for part in t.parts:
-                if part.carrier is not None and part.carrier.depth():
+                if part.carrier.depth():
                     return False
             if t.wal is not None:
                 for g in t.groups:
@@ -875,8 +835,10 @@ class ScalableBus:
             return
         self._closed = True
         for t in self._topics.values():
-            with t.lock:  # wait out publishes under way
-                pass
+            if t.core is not None:
+                t.core.closed = True
+                while t.core.inflight:  # wait out publishes under way
+                    time.sleep(0.0005)
         self.flush(timeout)
         self._stop.set()
         for _ in self._workers:
@@ -940,11 +902,10 @@ class ScalableBus:
             depth: list[int] = []
             spills = 0
             wal: dict[str, Any] = {}
+            if t.core is None:
+                depth = [0] * t.n
             for part in t.parts:
                 c = part.carrier
-                if c is None:
-                    depth.append(0)
-                    continue
                 depth.append(c.depth())
                 rm = c.ring_metrics()
                 if rm is not None:
@@ -952,8 +913,7 @@ class ScalableBus:
                     spills += rm.spills
             for old in list(t.draining):
                 for part in old:
-                    if part.carrier is not None:
-                        spills += getattr(part.carrier, "spills", 0)
+                    spills += getattr(part.carrier, "spills", 0)
             if t.wal is not None:
                 wal = dict(t.wal.stats())
                 lags = {}
