@@ -34,3 +34,9 @@ cdef class TopicCore:
     cdef int64_t _rr
     cdef int64_t _published
     cdef int64_t _inflight
+
+
+cdef class BusCore:
+    cdef public dict _topics
+    cdef public object _inner_publish
+    cdef public bint _closed

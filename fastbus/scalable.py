@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ._dispatch import Message, PartitionSlot, TopicCore, deliver_each
+from ._dispatch import BusCore, Message, PartitionSlot, TopicCore, deliver_each
 from .backpressure import BackpressureState, MessageBusBackpressure
 from .bus import InProcessBus, MessageBus, Subscription, check_handler, check_topic
 from .bus import is_async_handler as _is_async
@@ -203,7 +203,7 @@ class _Topic:
         return self.core.published if self.core is not None else self.published_durable
 
 
-class ScalableBus:
+class ScalableBus(BusCore):
     """A ``MessageBus`` that decorates ``inner`` with partitions, rings, a WAL and backpressure.
 
     ``ScalableBus(inner=None, *, limits=Limits(), thresholds=Thresholds(),
@@ -256,6 +256,7 @@ class ScalableBus:
         if not isinstance(linger, int | float) or linger < 0:
             raise ValueError(f"linger must be a number of seconds >= 0, got {linger!r}")
         self._inner = inner
+        self._inner_publish = inner.publish
         self._inner_subs = inner._subs if type(inner) is InProcessBus else None
         self._limits: ConfigRef[Limits] = ConfigRef(limits)
         self._bp = MessageBusBackpressure(limits.max_queue_size, thresholds)
@@ -390,20 +391,12 @@ class ScalableBus:
 
     # -- publishing -----------------------------------------------------------
 
-    def publish(self, topic: str, message: Any, *, key: Any = None,
-                headers: Mapping[str, Any] | None = None) -> int | None:
-        """Publish ``message`` on ``topic``.
+    # publish(topic, message, *, key=None, headers=None) is BusCore.publish (compiled):
+    # pass-through topics never reach Python code of ours; configured ones come here.
 
-        Returns the WAL offset for durable topics, else None (for a
-        pass-through topic: whatever ``inner.publish`` returns). Raises
-        ``BusOverloaded`` when shedding (non-critical topics), ``BusClosed``
-        after ``close()``, ``TypeError`` for a bad topic, key or headers.
-        """
-        t = self._topics.get(topic)
-        if t is None:
-            if self._closed:
-                raise BusClosed("publish on a closed ScalableBus")
-            return self._inner.publish(topic, message)
+    def _publish_topic(self, t: _Topic, message: Any, key: Any,
+                       headers: Mapping[str, Any] | None) -> int | None:
+        topic = t.name
         hdrs = None if headers is None else _check_headers(headers)
         bp = self._bp
         if bp._state is not _NORMAL:
