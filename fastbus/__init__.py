@@ -12,6 +12,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the packaging test
     ) from exc
 
 from ._partition import murmur2, partition_for, partition_many
+from ._ring import RecordConsumer, RecordRing, RecordView, RingBuffer, RingConsumer
 from .config import FsyncPolicy, Limits, Retention, Thresholds, TopicConfig
 from .errors import BusClosed, BusOverloaded, FastbusError, LimitExceeded, WalCorruptionError
 
@@ -22,7 +23,12 @@ __all__ = [
     "FsyncPolicy",
     "LimitExceeded",
     "Limits",
+    "RecordConsumer",
+    "RecordRing",
+    "RecordView",
     "Retention",
+    "RingBuffer",
+    "RingConsumer",
     "Thresholds",
     "TopicConfig",
     "WalCorruptionError",
