@@ -1297,6 +1297,8 @@ cdef class RecordConsumer(_ConsumerBase):
         cdef Py_ssize_t maxn, first, run, k
         cdef int64_t lo, hi
         cdef unsigned char *dst
+        cdef _ConsumerWait w
+        cdef bint sig = _in_main_thread()
         _get_buffer(out, &view, True, "out")
         try:
             maxn = view.len // rs
@@ -1308,22 +1310,29 @@ cdef class RecordConsumer(_ConsumerBase):
             self._enter()
             try:
                 lo = self.cc.seq.value + 1
-                hi = core_highest_available(c, self.cc, lo, lo + maxn - 1)
-                if hi < lo and t != 0.0:
-                    hi = _wait_available(c, self.cc, lo, lo + maxn - 1, t)
-                if hi < lo or self._closed:
-                    return 0
-                k = hi - lo + 1
                 dst = <unsigned char *>view.buf
+                w.c = c
+                w.cc = self.cc
+                w.lo = lo
+                w.cap = lo + maxn - 1
+                w.hi = lo - 1
+                # One GIL release for the wait, the copy and the advance.
                 with nogil:
-                    first = lo & c.mask
-                    run = c.size - first
-                    if run > k:
-                        run = k
-                    copy_chunked(dst, ring.base + first * rs, run * rs, ring._chunk)
-                    if k > run:
-                        copy_chunked(dst + run * rs, ring.base, (k - run) * rs, ring._chunk)
-                    _advance_core(c, self.cc, hi)
+                    if not _consumer_ready(&w) and t != 0.0:
+                        core_wait(c, _consumer_ready, &w, t, sig)
+                    hi = w.hi
+                    k = hi - lo + 1
+                    if k > 0 and not fb_load_acquire32(&self.cc.closed):
+                        first = lo & c.mask
+                        run = c.size - first
+                        if run > k:
+                            run = k
+                        copy_chunked(dst, ring.base + first * rs, run * rs, ring._chunk)
+                        if k > run:
+                            copy_chunked(dst + run * rs, ring.base, (k - run) * rs, ring._chunk)
+                        _advance_core(c, self.cc, hi)
+                    else:
+                        k = 0
                 return k
             finally:
                 self._busy = False
