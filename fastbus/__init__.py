@@ -15,7 +15,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the packaging test
     ) from exc
 
 from ._partition import murmur2, partition_for, partition_many
-from ._ring import RecordConsumer, RecordRing, RingBuffer, RingConsumer
+from ._ring import RecordConsumer, RecordRing, RecordView, RingBuffer, RingConsumer
 from ._walcodec import crc32c
 from .backpressure import BackpressureState, MessageBusBackpressure
 from .bus import InProcessBus, Message, MessageBus, Subscription
@@ -38,6 +38,7 @@ __all__ = [
     "MessageBusBackpressure",
     "RecordConsumer",
     "RecordRing",
+    "RecordView",
     "Retention",
     "RingBuffer",
     "RingConsumer",

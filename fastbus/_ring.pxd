@@ -130,6 +130,8 @@ cdef class RecordConsumer(_ConsumerBase):
     cdef readonly RecordRing ring
     cdef RecordView _view           # the open view, or None
 
+    cdef int _check_no_view(self) except -1
+
 
 cdef class RecordView:
     cdef RecordConsumer consumer
@@ -140,3 +142,5 @@ cdef class RecordView:
     cdef Py_ssize_t _exports
     cdef bint _done
     cdef object _mv
+
+    cdef int _finish(self, bint commit) except -1
