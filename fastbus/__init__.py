@@ -12,21 +12,31 @@ except ImportError as exc:  # pragma: no cover - exercised by the packaging test
     ) from exc
 
 from ._partition import murmur2, partition_for, partition_many
-from ._walcodec import crc32c
+from ._walcodec import Record, crc32c
 from .config import FsyncPolicy, Limits, Retention, Thresholds, TopicConfig
 from .errors import BusClosed, BusOverloaded, FastbusError, LimitExceeded, WalCorruptionError
+from .stores import FileStore, MemoryStore, SQLiteStore, Store, WalLockedError
+from .wal import WalMessageQueue, WalReader
 
 __all__ = [
     "BusClosed",
     "BusOverloaded",
     "FastbusError",
+    "FileStore",
     "FsyncPolicy",
     "LimitExceeded",
     "Limits",
+    "MemoryStore",
+    "Record",
     "Retention",
+    "SQLiteStore",
+    "Store",
     "Thresholds",
     "TopicConfig",
     "WalCorruptionError",
+    "WalLockedError",
+    "WalMessageQueue",
+    "WalReader",
     "__version__",
     "crc32c",
     "murmur2",
