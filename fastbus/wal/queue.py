@@ -121,19 +121,24 @@ def _payload_type_error(payload: object) -> TypeError:
 class _Part:
     """One partition's state; every field is guarded by the queue lock."""
 
-    __slots__ = ("broken", "buffered_since", "durable", "enc", "fail_floors", "fail_gen",
-                 "index", "io_busy", "last_error", "log_start", "next_offset",
-                 "pending_max_ts", "segments", "since_sync", "sync_busy", "sync_requested",
-                 "sync_seg", "unsynced_since", "unwritten", "visible", "visible_size",
-                 "written")
+    __slots__ = ("broken", "buffered", "buffered_since", "durable", "enc", "fail_floors",
+                 "fail_gen", "index", "io_busy", "last_error", "last_ts", "log_start",
+                 "next_offset", "opened_at", "segments", "slow", "sync_busy", "sync_mark",
+                 "sync_requested", "sync_seg", "unsynced_since", "unwritten", "visible",
+                 "visible_size", "written")
 
-    def __init__(self, index: int, segments: list[SegmentState]) -> None:
+    def __init__(self, index: int, segments: list[SegmentState], always: bool) -> None:
         self.index = index
         self.segments = segments
         self.enc = RecordEncoder(1 << 17)
         self.unwritten = b""  # written-and-failed bytes kept for retry (non-always)
         last = segments[-1]
         self.next_offset = last.next_offset
+        self.opened_at = last.next_offset
+        self.sync_mark = last.next_offset
+        self.slow = always  # True: appends take _append_slow (always, closed, broken, retry)
+        self.buffered = 0  # bytes in enc
+        self.last_ts = 0
         self.written = last.next_offset
         self.durable = last.next_offset
         self.visible = last.next_offset
@@ -142,10 +147,8 @@ class _Part:
         self.io_busy = False
         self.sync_busy = False
         self.sync_requested = False
-        self.since_sync = 0
-        self.unsynced_since = 0.0
-        self.buffered_since = 0.0
-        self.pending_max_ts = 0
+        self.unsynced_since = 0.0  # monotonic time of the first record not yet synced
+        self.buffered_since = 0.0  # monotonic time the buffer became non-empty
         self.fail_gen = 0
         self.fail_floors: dict[int, int] = {}
         self.broken: BaseException | None = None
@@ -220,12 +223,14 @@ class WalMessageQueue:
         self._store = store
         self._fsync = fsync
         self._always = fsync.mode == "always"
-        self._every = fsync.n if fsync.mode == "every" else 0
+        self._every = fsync.n if fsync.mode == "every" else 1 << 62
         self._interval = fsync.seconds if fsync.mode == "interval" else 0.0
         self._retention = retention
         self._segment_bytes = segment_bytes
         self._segment_age = segment_age
         self._clock = clock
+        self._ts: Callable[[], int] = (time.time_ns if clock is time.time
+                                       else lambda: int(clock() * 1e9))
         self._buffer_bytes = int(buffer_bytes)
         self._linger = float(linger)
         self._lock = threading.Lock()
@@ -238,7 +243,7 @@ class WalMessageQueue:
         self._syncer_idle = False
         self._groups: dict[str, dict[int, int]] = {}
         self._m = dict.fromkeys((
-            "appends", "append_bytes", "writes", "write_errors", "fsyncs", "fsync_errors",
+            "bytes_written", "writes", "write_errors", "fsyncs", "fsync_errors",
             "group_commits", "group_commit_records", "group_commit_max", "segments_rolled",
             "retention_runs", "retention_deleted_segments", "retention_deleted_bytes",
             "retention_deleted_records", "readers_moved_forward", "records_skipped",
@@ -254,6 +259,8 @@ class WalMessageQueue:
             store.close()
             raise
 
+        # The per-record hot path as a closure over its constants (see _build_append).
+        self.append = self._build_append()  # type: ignore[method-assign]
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         if not self._always:
@@ -308,7 +315,7 @@ class WalMessageQueue:
                 h = store.create_segment(p, base)
                 rec.segments.append(SegmentState(base, store.segment_location(p, base), h, 0,
                                                  base, 0, now))
-            parts.append(_Part(p, rec.segments))
+            parts.append(_Part(p, rec.segments, self._always))
             if rec.findings:
                 for f in rec.findings:
                     log.warning("fastbus WAL %s partition %d: %s", store.location, p,
@@ -363,32 +370,157 @@ class WalMessageQueue:
         else:
             p = self._check_partition(partition)
         part = self._parts[p]
-        ts = time.time_ns() if self._clock is time.time else int(self._clock() * 1e9)
-        with self._lock:
-            if self._closed:
-                raise BusClosed(f"WalMessageQueue {self._store.location} is closed")
-            if part.broken is not None:
-                raise self._broken_error(part)
-            if part.unwritten or len(part.enc) >= self._buffer_bytes:
-                if self._always:
-                    self._write_out(part)
-                else:
-                    self._make_room(part)
+        if part.slow:
+            return self._append_slow(part, payload, key, headers)
+        lock = self._lock
+        lock.acquire()
+        try:
+            if part.slow:
+                lock.release()
+                lock = None
+                return self._append_slow(part, payload, key, headers)
             off = part.next_offset
-            size = part.enc.add(off, ts, key, headers, payload)
+            ts = self._ts()
+            part.buffered += part.enc.add(off, ts, key, headers, payload)
             part.next_offset = off + 1
-            if ts > part.pending_max_ts:
-                part.pending_max_ts = ts
-            m = self._m
-            m["appends"] += 1
-            m["append_bytes"] += size
+            part.last_ts = ts
+            if off == part.written:  # the buffer was empty
+                self._first_buffered(part)
+            if off - part.sync_mark >= self._every:
+                self._request_sync(part)
+            if part.buffered >= self._buffer_bytes:
+                self._write_accepted(part)
+            if self._readers_waiting:
+                self._cond.notify_all()
+        finally:
+            if lock is not None:
+                lock.release()
+        return (p, off)
+
+    def _build_append(self) -> Callable[..., tuple[int, int]]:
+        """``append`` specialised for this queue: same contract as :meth:`append`.
+
+        Constants live in closure cells instead of instance attributes: this is the
+        one method called per record, and attribute look-ups are most of its cost.
+        """
+        lock = self._lock
+        parts = self._parts
+        nparts = self.partitions
+        ser = self._serializer
+        ts_fn = self._ts
+        every = self._every
+        buffer_bytes = self._buffer_bytes
+        append_slow = self._append_slow
+        first_buffered = self._first_buffered
+        request_sync = self._request_sync
+        write_accepted = self._write_accepted
+        check_partition = self._check_partition
+        notify_readers = self._cond.notify_all
+        q = self
+
+        def append(payload: Any, *, key: bytes | str | None = None,
+                   headers: Mapping[str, bytes | str] | None = None,
+                   partition: int | None = None) -> tuple[int, int]:
+            if ser is not None:
+                payload = ser.dumps(payload)
+            elif payload.__class__ is not bytes and payload.__class__ is not str \
+                    and not isinstance(payload, _BytesLike):
+                raise _payload_type_error(payload)
+            if partition is None:
+                if nparts == 1:
+                    p = 0
+                elif key is None:
+                    p = q._rr
+                    q._rr = p + 1 if p + 1 < nparts else 0
+                else:
+                    p = partition_for(key, nparts)
+            else:
+                p = check_partition(partition)
+            part = parts[p]
+            if part.slow:
+                return append_slow(part, payload, key, headers)
+            lock.acquire()
+            if part.slow:
+                lock.release()
+                return append_slow(part, payload, key, headers)
+            try:
+                off = part.next_offset
+                ts = ts_fn()
+                part.buffered += part.enc.add(off, ts, key, headers, payload)
+                part.next_offset = off + 1
+                part.last_ts = ts
+                if off == part.written:  # the buffer was empty
+                    first_buffered(part)
+                if off - part.sync_mark >= every:
+                    request_sync(part)
+                if part.buffered >= buffer_bytes:
+                    write_accepted(part)
+                if q._readers_waiting:
+                    notify_readers()
+            finally:
+                lock.release()
+            return (p, off)
+
+        append.__doc__ = WalMessageQueue.append.__doc__
+        append.__name__ = "append"
+        append.__qualname__ = "WalMessageQueue.append"
+        return append
+
+    def _append_slow(self, part: _Part, payload: Any, key: Any, headers: Any) -> tuple[int, int]:
+        """``always`` appends, and any append while the partition needs care."""
+        with self._lock:
+            self._check_open(part)
+            if part.unwritten or part.buffered >= self._buffer_bytes:
+                # Before adding: a failure here refuses this record (nothing accepted).
+                self._write_out(part)
+            off = part.next_offset
+            ts = self._ts()
+            part.buffered += part.enc.add(off, ts, key, headers, payload)
+            part.next_offset = off + 1
+            part.last_ts = ts
             if self._always:
                 self._wait_durable(part, off + 1, part.fail_gen)
             else:
-                self._after_buffered(part, 1)
+                if off == part.written:
+                    self._first_buffered(part)
+                if off - part.sync_mark >= self._every:
+                    self._request_sync(part)
             if self._readers_waiting:
                 self._cond.notify_all()
-        return (p, off)
+        return (part.index, off)
+
+    def _check_open(self, part: _Part) -> None:
+        if self._closed:
+            raise BusClosed(f"WalMessageQueue {self._store.location} is closed")
+        if part.broken is not None:
+            raise self._broken_error(part)
+
+    def _first_buffered(self, part: _Part) -> None:
+        """Lock held: the partition's buffer just went from empty to non-empty."""
+        now = time.monotonic()
+        part.buffered_since = now
+        if part.unsynced_since == 0.0:
+            part.unsynced_since = now
+        if self._syncer_idle:
+            self._syncer_cond.notify()
+
+    def _request_sync(self, part: _Part) -> None:
+        """Lock held: ``every(n)``: n records since the last sync; the syncer does it."""
+        part.sync_mark = part.next_offset
+        if not part.sync_requested:
+            part.sync_requested = True
+            self._syncer_cond.notify()
+
+    def _write_accepted(self, part: _Part) -> None:
+        """Lock held, non-always: the buffer is full after an accepted append: write it.
+
+        The record is already accepted, so a failure is not raised here: the data
+        stays buffered (``unwritten``) and the next append or ``flush()`` reports it.
+        """
+        if part.io_busy:
+            return  # the running writer (or the next append) takes care of it
+        with contextlib.suppress(OSError):
+            self._do_write(part)
 
     def append_many(self, payloads: Sequence[Any], *,
                     keys: Sequence[bytes | str | None] | None = None,
@@ -452,29 +584,26 @@ class WalMessageQueue:
 
     def _append_batch(self, p: int, payloads: Sequence[Any], keys: Any, hdrs: Any) -> int:
         part = self._parts[p]
-        ts = time.time_ns() if self._clock is time.time else int(self._clock() * 1e9)
         with self._lock:
-            if self._closed:
-                raise BusClosed(f"WalMessageQueue {self._store.location} is closed")
-            if part.broken is not None:
-                raise self._broken_error(part)
-            if part.unwritten or len(part.enc) >= self._buffer_bytes:
-                if self._always:
-                    self._write_out(part)
-                else:
-                    self._make_room(part)
+            self._check_open(part)
+            if part.unwritten or part.buffered >= self._buffer_bytes:
+                self._write_out(part)
             first = part.next_offset
+            ts = self._ts()
             before = len(part.enc)
             n = part.enc.encode_many(first, ts, payloads, keys, hdrs)
+            part.buffered += len(part.enc) - before
             part.next_offset = first + n
-            if ts > part.pending_max_ts:
-                part.pending_max_ts = ts
-            self._m["appends"] += n
-            self._m["append_bytes"] += len(part.enc) - before
+            part.last_ts = ts
             if self._always:
                 self._wait_durable(part, first + n, part.fail_gen)
-            else:
-                self._after_buffered(part, n)
+            elif n:
+                if first == part.written:
+                    self._first_buffered(part)
+                if first + n - 1 - part.sync_mark >= self._every:
+                    self._request_sync(part)
+                if part.buffered >= self._buffer_bytes:
+                    self._write_accepted(part)
             if self._readers_waiting:
                 self._cond.notify_all()
         return first
@@ -485,25 +614,6 @@ class WalMessageQueue:
             raise ValueError(f"partition must be an int in 0..{self.partitions - 1}, "
                              f"got {partition!r}")
         return partition
-
-    def _after_buffered(self, part: _Part, n: int) -> None:
-        """Lock held; a non-always append buffered ``n`` records."""
-        if part.since_sync == 0:
-            part.unsynced_since = time.monotonic()
-        part.since_sync += n
-        wake = False
-        if part.buffered_since == 0.0:
-            part.buffered_since = time.monotonic()
-            wake = self._syncer_idle
-        if self._every and part.since_sync >= self._every and not part.sync_requested:
-            part.sync_requested = True
-            wake = True
-        if wake:
-            self._syncer_cond.notify()
-
-    def _make_room(self, part: _Part) -> None:
-        """Lock held, non-always: write the full buffer out before adding to it."""
-        self._write_out(part)
 
     def _broken_error(self, part: _Part) -> FastbusError:
         return FastbusError(
@@ -536,9 +646,10 @@ class WalMessageQueue:
             data = part.unwritten + mv.tobytes() if part.unwritten else mv.tobytes()
         enc.clear()
         part.unwritten = b""
+        part.buffered = 0
+        part.slow = self._always or self._closed or part.broken is not None
         first, last = part.written, part.next_offset
-        max_ts = part.pending_max_ts
-        part.pending_max_ts = 0
+        max_ts = part.last_ts
         part.buffered_since = 0.0
         seg = part.segments[-1]
         now = self._clock()
@@ -590,6 +701,7 @@ class WalMessageQueue:
                     active.max_timestamp_ns = max_ts
                 part.written = last
                 self._m["writes"] += 1
+                self._m["bytes_written"] += len(data)
                 if not self._always:
                     part.visible = last
                     part.visible_size = active.size
@@ -600,7 +712,7 @@ class WalMessageQueue:
             # Nobody was told these records were written: discard them and everything
             # buffered behind them; their appenders raise. Offsets are reused.
             part.enc.clear()
-            part.pending_max_ts = 0
+            part.buffered = 0
             part.next_offset = first
             part.fail_gen += 1
             part.fail_floors[part.fail_gen] = first
@@ -612,7 +724,8 @@ class WalMessageQueue:
                 rest = mv.tobytes()
             part.enc.clear()
             part.unwritten = data + rest
-            part.pending_max_ts = max(max_ts, part.pending_max_ts)
+            part.buffered = 0
+            part.slow = True
             part.buffered_since = time.monotonic()
         self._cond.notify_all()
         if not isinstance(error, OSError):
@@ -642,8 +755,9 @@ class WalMessageQueue:
         handle = seg.handle
         assert handle is not None
         batch = upto - part.durable
-        part.since_sync = 0
+        part.sync_mark = part.next_offset
         part.sync_requested = False
+        part.unsynced_since = 0.0
         self._lock.release()
         error: BaseException | None = None
         t0 = time.perf_counter()
@@ -661,6 +775,7 @@ class WalMessageQueue:
         if error is not None:
             m["fsync_errors"] += 1
             part.broken = error
+            part.slow = True
             log.error("fastbus WAL %s: fdatasync of %s failed (%s); partition %d is broken "
                       "until the queue is reopened", self._store.location, seg.location,
                       error, part.index)
@@ -760,6 +875,7 @@ class WalMessageQueue:
     def _syncer_loop(self) -> None:
         """Writes out lingering buffers and performs the policy's syncs (non-always)."""
         linger = self._linger
+        interval = self._interval
         with self._lock:
             while not self._closed:
                 now = time.monotonic()
@@ -778,27 +894,26 @@ class WalMessageQueue:
                                 timeout = due - now if timeout is None else min(timeout,
                                                                                 due - now)
                         sync_due = part.sync_requested
-                        if self._interval and part.since_sync:
-                            at = part.unsynced_since + self._interval
+                        if interval and part.unsynced_since:
+                            at = part.unsynced_since + interval
                             if at <= now:
                                 sync_due = True
                             else:
                                 timeout = at - now if timeout is None else min(timeout,
                                                                                at - now)
-                        if sync_due and part.written > part.durable and not part.sync_busy \
-                                and not part.io_busy:
-                            self._sync(part)
-                            did = True
-                        elif sync_due and part.written <= part.durable \
-                                and part.written >= part.next_offset:
-                            part.sync_requested = False
-                            part.since_sync = 0
+                        if sync_due and not part.sync_busy:
+                            if part.written > part.durable:
+                                self._sync(part)
+                                did = True
+                            elif part.written >= part.next_offset:
+                                part.sync_requested = False
+                                part.unsynced_since = 0.0
                     except OSError as exc:
                         # Reported to appenders and flush(); back off and retry.
                         log.debug("fastbus WAL background write failed: %s", exc)
                         timeout = 0.05 if timeout is None else min(timeout, 0.05)
                     except FastbusError:
-                        pass
+                        pass  # broken partition: reported to its appenders
                 if did or self._closed:
                     continue
                 self._syncer_idle = timeout is None
@@ -951,6 +1066,7 @@ class WalMessageQueue:
             m["segments"] = sum(len(p.segments) for p in self._parts)
             m["bytes"] = sum(s.size for p in self._parts for s in p.segments)
             m["records"] = sum(p.next_offset - p.log_start for p in self._parts)
+            m["appends"] = sum(p.next_offset - p.opened_at for p in self._parts)
             m["buffered_bytes"] = sum(len(p.enc) + len(p.unwritten) for p in self._parts)
             m["unsynced_records"] = sum(p.next_offset - p.durable for p in self._parts)
             m["group_commit_mean"] = (m["group_commit_records"] / m["group_commits"]
@@ -986,6 +1102,8 @@ class WalMessageQueue:
             if self._closed:
                 return
             self._closed = True  # appends and polls are refused from here on
+            for part in self._parts:
+                part.slow = True
             self._cond.notify_all()
             self._syncer_cond.notify_all()
             try:
