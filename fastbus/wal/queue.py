@@ -124,8 +124,8 @@ class _Part:
     __slots__ = ("broken", "buffered", "buffered_since", "durable", "enc", "fail_floors",
                  "fail_gen", "index", "io_busy", "last_error", "last_ts", "log_start",
                  "next_offset", "opened_at", "segments", "slow", "sync_busy", "sync_mark",
-                 "sync_requested", "sync_seg", "unsynced_since", "unwritten", "visible",
-                 "visible_size", "written")
+                 "sync_requested", "sync_seg", "sync_waiters", "unsynced_since", "unwritten",
+                 "visible", "visible_size", "written")
 
     def __init__(self, index: int, segments: list[SegmentState], always: bool) -> None:
         self.index = index
@@ -154,6 +154,7 @@ class _Part:
         self.broken: BaseException | None = None
         self.last_error: BaseException | None = None
         self.sync_seg: SegmentState | None = None
+        self.sync_waiters: list[tuple[int, threading.Condition]] = []
 
 
 class WalMessageQueue:
@@ -235,6 +236,7 @@ class WalMessageQueue:
         self._linger = float(linger)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # I/O done, data visible, closed
+        self._tls = threading.local()  # per-thread conditions of group-commit waiters
         self._syncer_cond = threading.Condition(self._lock)
         self._delete_lock = threading.Lock()  # readers' reads vs retention's deletes
         self._closed = False
@@ -718,6 +720,7 @@ class WalMessageQueue:
             part.fail_floors[part.fail_gen] = first
             part.fail_floors.pop(part.fail_gen - 64, None)
             part.last_error = error
+            self._wake_sync_waiters(part, everyone=True)
         else:
             # These records were acknowledged (buffered): keep them for the next attempt.
             with part.enc.getbuffer() as mv:
@@ -780,6 +783,7 @@ class WalMessageQueue:
                       "until the queue is reopened", self._store.location, seg.location,
                       error, part.index)
             self._cond.notify_all()
+            self._wake_sync_waiters(part, everyone=True)
             raise self._broken_error(part) from error
         m["fsyncs"] += 1
         if upto > part.durable:
@@ -793,10 +797,12 @@ class WalMessageQueue:
                     part.visible = upto
                 if part.segments[-1] is seg:
                     part.visible_size = size
+        self._wake_sync_waiters(part)
         self._cond.notify_all()
 
     def _wait_durable(self, part: _Part, target: int, gen: int) -> None:
         """Lock held, ``always``: return once offsets < target are durable."""
+        swept = False
         while part.durable < target:
             if part.fail_gen != gen:
                 for g in range(gen + 1, part.fail_gen + 1):
@@ -820,9 +826,48 @@ class WalMessageQueue:
                 self._do_write(part)
                 continue
             if part.sync_busy:
-                self._cond.wait()
+                # Sleep until the running sync covers this record, or until it is this
+                # thread's turn to lead the next one; nobody else is woken for it.
+                cond = self._waiter_cond()
+                entry = (target, cond)
+                part.sync_waiters.append(entry)
+                try:
+                    cond.wait()
+                finally:
+                    with contextlib.suppress(ValueError):
+                        part.sync_waiters.remove(entry)
+                continue
+            if not swept and part.written < part.next_offset and not part.io_busy:
+                # About to lead a sync: first write what the others queued meanwhile,
+                # so this one fdatasync covers them too (group commit).
+                swept = True
+                with contextlib.suppress(OSError):  # mine is written; theirs see fail_gen
+                    self._do_write(part)
                 continue
             self._sync(part)
+
+    def _waiter_cond(self) -> threading.Condition:
+        cond = getattr(self._tls, "cond", None)
+        if cond is None:
+            cond = self._tls.cond = threading.Condition(self._lock)
+        return cond
+
+    def _wake_sync_waiters(self, part: _Part, *, everyone: bool = False) -> None:
+        """Lock held: wake the waiters whose record is durable, plus one to lead next."""
+        waiters = part.sync_waiters
+        if not waiters:
+            return
+        keep = []
+        leader = everyone
+        for entry in waiters:
+            if everyone or entry[0] <= part.durable:
+                entry[1].notify()
+            elif not leader:
+                entry[1].notify()
+                leader = True
+            else:
+                keep.append(entry)
+        part.sync_waiters = keep
 
     def flush(self, timeout: float | None = None) -> bool:
         """Write and fdatasync everything appended before this call, on every partition.
