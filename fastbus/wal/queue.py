@@ -819,7 +819,7 @@ class WalMessageQueue:
                 gen = part.fail_gen
             if part.broken is not None:
                 raise self._broken_error(part)
-            if part.written < target:
+            if part.written < target and not part.sync_busy:
                 if part.io_busy:
                     self._cond.wait()
                     continue
@@ -827,7 +827,8 @@ class WalMessageQueue:
                 continue
             if part.sync_busy:
                 # Sleep until the running sync covers this record, or until it is this
-                # thread's turn to lead the next one; nobody else is woken for it.
+                # thread's turn to lead the next one (which writes every queued record,
+                # this one included, then syncs); nobody else is woken for it.
                 cond = self._waiter_cond()
                 entry = (target, cond)
                 part.sync_waiters.append(entry)
