@@ -59,9 +59,9 @@ from fastbus.wal.recovery import recover_partition  # noqa: E402
 PAYLOAD = bytes(range(100))
 KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
 APPENDS = 20_000
-SYNCS = 10
+SYNCS = 50
 THREADS = 8
-PER_THREAD = 10
+PER_THREAD = 25
 PEER_N = 2_000
 
 
