@@ -16,41 +16,51 @@ except ImportError as exc:  # pragma: no cover - exercised by the packaging test
 
 from ._partition import murmur2, partition_for, partition_many
 from ._ring import RecordConsumer, RecordRing, RecordView, RingBuffer, RingConsumer
-from ._walcodec import crc32c
+from ._walcodec import Record, crc32c
 from .backpressure import BackpressureState, MessageBusBackpressure
 from .bus import InProcessBus, Message, MessageBus, Subscription
 from .config import FsyncPolicy, Limits, Retention, Thresholds, TopicConfig
 from .errors import BusClosed, BusOverloaded, FastbusError, LimitExceeded, WalCorruptionError
 from .metrics import ScalingMetrics
 from .scalable import ScalableBus
+from .stores import FileStore, MemoryStore, SQLiteStore, Store, WalLockedError
+from .wal import WalMessageQueue, WalReader
 
 __all__ = [
     "BackpressureState",
     "BusClosed",
     "BusOverloaded",
     "FastbusError",
+    "FileStore",
     "FsyncPolicy",
     "InProcessBus",
     "LimitExceeded",
     "Limits",
+    "MemoryStore",
     "Message",
     "MessageBus",
     "MessageBusBackpressure",
+    "Record",
     "RecordConsumer",
     "RecordRing",
     "RecordView",
     "Retention",
     "RingBuffer",
     "RingConsumer",
+    "SQLiteStore",
     "ScalableBus",
     "ScalingMetrics",
+    "Store",
     "Subscription",
     "Thresholds",
     "TopicConfig",
     "WalCorruptionError",
-    "__version__",
+    "WalLockedError",
+    "WalMessageQueue",
+    "WalReader",
     "crc32c",
     "murmur2",
     "partition_for",
     "partition_many",
+    "__version__",
 ]

@@ -1,0 +1,8 @@
+"""``python -m fastbus``: the command line (see fastbus/cli.py)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,796 @@
+"""The backing stores behind a :class:`~fastbus.WalMessageQueue`.
+
+A store keeps three kinds of things for one queue: a small ``meta`` document,
+per-partition *segments* (append-only byte streams of encoded WAL records, each
+named by the offset of its first record) and per-subscriber *offsets* documents.
+The queue does all the record work (encoding, CRC checks, recovery, retention);
+a store only moves bytes. The same queue code runs on every store:
+
+- :class:`FileStore` (the default; a path given to the queue means a FileStore):
+  ``DIR/meta.json``, ``DIR/p-0000/00000000000000000000.log``...,
+  ``DIR/offsets/<subscriber>.json``, and ``DIR/.lock`` held with ``flock``.
+  Files are created 0600, directories 0700.
+- :class:`SQLiteStore`: one sqlite3 database (WAL journal), one row per encoded
+  record, so the same CRC checks apply when the segment is read back.
+- :class:`MemoryStore`: everything in memory, with fault injection for tests
+  (fail after N bytes, ENOSPC, torn writes, loss of unsynced data).
+
+Concurrency: the queue calls a segment's ``append``/``truncate``/``sync`` from
+one thread at a time per partition, and ``read`` from any thread; stores must
+allow reads concurrent with an append of later bytes. Errors from the
+operating system are raised as ``OSError`` with the path filled in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import sqlite3
+import struct
+import threading
+from typing import Protocol, runtime_checkable
+
+from .errors import FastbusError
+
+__all__ = [
+    "FileStore",
+    "MemoryStore",
+    "SQLiteStore",
+    "SegmentHandle",
+    "Store",
+    "WalLockedError",
+    "check_subscriber_name",
+]
+
+_PART_RE = re.compile(r"^p-(\d{4,})$")
+_SEG_RE = re.compile(r"^(\d{20})\.log$")
+_BAD_NAME_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
+_MAX_NAME = 200
+
+
+class WalLockedError(FastbusError):
+    """Another process (or another queue in this process) has the WAL open for writing.
+
+    Only one writer may own a WAL directory at a time; it holds an exclusive
+    ``flock`` on ``DIR/.lock`` until it closes. Read-only tools
+    (``fastbus wal inspect|verify|dump``) do not need the lock.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def check_subscriber_name(name: object) -> str:
+    """Return ``name`` if it is usable as a subscriber (group) name, else raise.
+
+    A name becomes a file name, so it must be a non-empty str of at most 200
+    characters without path separators, control characters or a leading dot.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"subscriber name must be a str, got {type(name).__name__} {name!r}")
+    if not name or len(name) > _MAX_NAME:
+        raise ValueError(
+            f"subscriber name must be 1..{_MAX_NAME} characters, got {len(name)} ({name[:40]!r})"
+        )
+    if name.startswith(".") or _BAD_NAME_CHARS.search(name):
+        raise ValueError(
+            f"subscriber name {name!r} is not usable as a file name: no '/', '\\', "
+            "control characters or leading '.' (try e.g. 'billing-workers')"
+        )
+    return name
+
+
+def partition_dir_name(partition: int) -> str:
+    return f"p-{partition:04d}"
+
+
+def segment_file_name(base: int) -> str:
+    return f"{base:020d}.log"
+
+
+@runtime_checkable
+class SegmentHandle(Protocol):
+    """One open segment: an append-only byte stream of encoded records."""
+
+    location: str  # a path or description naming the segment in error messages
+
+    def size(self) -> int:
+        """Bytes currently in the segment (written, not necessarily synced)."""
+        ...
+
+    def read(self, position: int, size: int) -> bytes:
+        """Up to ``size`` bytes from ``position`` (fewer at the end)."""
+        ...
+
+    def append(self, data: bytes | memoryview) -> None:
+        """Append all of ``data`` or raise ``OSError`` (possibly after a partial write:
+        the caller truncates back to the old size)."""
+        ...
+
+    def truncate(self, size: int) -> None:
+        """Cut the segment to ``size`` bytes and make that durable."""
+        ...
+
+    def sync(self) -> None:
+        """Force everything appended so far to stable storage (fdatasync)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where a queue keeps its meta document, segments and subscriber offsets."""
+
+    location: str
+
+    def open(self, *, readonly: bool = False, durable_commits: bool = True) -> None:
+        """Prepare the store. A writer (``readonly=False``) takes the exclusive lock
+        and raises :class:`WalLockedError` if someone else has it.
+        ``durable_commits`` tells stores with their own commit machinery (SQLite)
+        whether every append must be durable by itself (fsync ``always``)."""
+        ...
+
+    def close(self) -> None: ...
+
+    def read_meta(self) -> bytes | None: ...
+
+    def write_meta(self, data: bytes) -> None:
+        """Replace the meta document atomically and durably."""
+        ...
+
+    def list_partitions(self) -> list[int]: ...
+
+    def list_segments(self, partition: int) -> list[int]:
+        """Base offsets of the partition's segments, ascending."""
+        ...
+
+    def create_segment(self, partition: int, base: int) -> SegmentHandle:
+        """Create an empty segment (its existence made durable) open for appending."""
+        ...
+
+    def open_segment(self, partition: int, base: int, *, writable: bool) -> SegmentHandle: ...
+
+    def delete_segment(self, partition: int, base: int) -> None: ...
+
+    def segment_location(self, partition: int, base: int) -> str: ...
+
+    def list_groups(self) -> list[str]: ...
+
+    def read_offsets(self, group: str) -> bytes | None: ...
+
+    def write_offsets(self, group: str, data: bytes) -> None:
+        """Replace a group's offsets document atomically and durably."""
+        ...
+
+    def delete_offsets(self, group: str) -> None: ...
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mkdir(path: str) -> bool:
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return False
+    return True
+
+
+def _atomic_write(directory: str, name: str, data: bytes) -> None:
+    """write temp, fsync, rename over ``name``, fsync the directory."""
+    final = os.path.join(directory, name)
+    tmp = os.path.join(directory, f".{name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+
+
+def _read_file(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+class _FileSegment:
+    __slots__ = ("_fd", "_size", "location")
+
+    def __init__(self, path: str, *, writable: bool, create: bool) -> None:
+        self.location = path
+        if writable:
+            flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+            if create:
+                flags |= os.O_CREAT | os.O_EXCL
+        else:
+            flags = os.O_RDONLY | os.O_CLOEXEC
+        self._fd = os.open(path, flags, 0o600)
+        self._size = os.fstat(self._fd).st_size
+
+    def size(self) -> int:
+        return self._size
+
+    def read(self, position: int, size: int) -> bytes:
+        return os.pread(self._fd, size, position)
+
+    def append(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                self._size += n
+                view = view[n:]
+        except OSError as exc:
+            # os.write reports the path-less error; say which file it was.
+            raise OSError(exc.errno, exc.strerror, self.location) from exc
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+        os.fsync(self._fd)
+        self._size = size
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class FileStore:
+    """A queue directory on the local file system (the default store).
+
+    Layout: ``meta.json``; ``p-0000/`` ... one directory per partition holding
+    segments ``<first offset, 20 digits>.log``; ``offsets/<subscriber>.json``;
+    ``.lock`` (the writer's exclusive ``flock``). Documents are replaced
+    atomically (write temp, fsync, rename, fsync the directory).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.location = self.path
+        self._lock_fd = -1
+        self._readonly = True
+
+    def __repr__(self) -> str:
+        return f"FileStore({self.path!r})"
+
+    def open(self, *, readonly: bool = False, durable_commits: bool = True) -> None:
+        self._readonly = readonly
+        if readonly:
+            if not os.path.isdir(self.path):
+                raise FileNotFoundError(errno.ENOENT, "no WAL directory here", self.path)
+            return
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        lock_path = os.path.join(self.path, ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WalLockedError(
+                f"WAL directory {self.path} is locked by another writer (flock on "
+                f"{lock_path}); close the other WalMessageQueue or process first, or use "
+                "`fastbus wal inspect` to read it without the lock",
+                path=self.path,
+            ) from None
+        self._lock_fd = fd
+        if _mkdir(os.path.join(self.path, "offsets")):
+            _fsync_dir(self.path)
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _check_writable(self) -> None:
+        if self._readonly:
+            raise PermissionError(errno.EPERM, "store opened read-only", self.path)
+
+    # meta
+    def read_meta(self) -> bytes | None:
+        return _read_file(os.path.join(self.path, "meta.json"))
+
+    def write_meta(self, data: bytes) -> None:
+        self._check_writable()
+        _atomic_write(self.path, "meta.json", data)
+
+    # segments
+    def list_partitions(self) -> list[int]:
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return []
+        return sorted(int(m.group(1)) for n in names if (m := _PART_RE.match(n)))
+
+    def _pdir(self, partition: int) -> str:
+        return os.path.join(self.path, partition_dir_name(partition))
+
+    def list_segments(self, partition: int) -> list[int]:
+        try:
+            names = os.listdir(self._pdir(partition))
+        except FileNotFoundError:
+            return []
+        return sorted(int(m.group(1)) for n in names if (m := _SEG_RE.match(n)))
+
+    def segment_location(self, partition: int, base: int) -> str:
+        return os.path.join(self._pdir(partition), segment_file_name(base))
+
+    def create_segment(self, partition: int, base: int) -> _FileSegment:
+        self._check_writable()
+        pdir = self._pdir(partition)
+        if _mkdir(pdir):
+            _fsync_dir(self.path)
+        seg = _FileSegment(self.segment_location(partition, base), writable=True, create=True)
+        _fsync_dir(pdir)
+        return seg
+
+    def open_segment(self, partition: int, base: int, *, writable: bool) -> _FileSegment:
+        if writable:
+            self._check_writable()
+        return _FileSegment(self.segment_location(partition, base), writable=writable,
+                            create=False)
+
+    def delete_segment(self, partition: int, base: int) -> None:
+        self._check_writable()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.segment_location(partition, base))
+        _fsync_dir(self._pdir(partition))
+
+    # offsets
+    def _odir(self) -> str:
+        return os.path.join(self.path, "offsets")
+
+    def list_groups(self) -> list[str]:
+        try:
+            names = os.listdir(self._odir())
+        except FileNotFoundError:
+            return []
+        return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
+
+    def read_offsets(self, group: str) -> bytes | None:
+        return _read_file(os.path.join(self._odir(), check_subscriber_name(group) + ".json"))
+
+    def write_offsets(self, group: str, data: bytes) -> None:
+        self._check_writable()
+        _atomic_write(self._odir(), check_subscriber_name(group) + ".json", data)
+
+    def delete_offsets(self, group: str) -> None:
+        self._check_writable()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._odir(), check_subscriber_name(group) + ".json"))
+        _fsync_dir(self._odir())
+
+
+# -------------------------------------------------------------------------- sqlite
+
+_LEN = struct.Struct("<I")
+_OFFSET_AT = 10  # u32 length, u32 crc, u8 version, u8 attributes, then i64 offset
+_OFF = struct.Struct("<q")
+
+
+def _split_records(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(offset, position, blob) for each complete record in ``data`` (a write unit)."""
+    out = []
+    pos = 0
+    end = len(data)
+    while pos < end:
+        if end - pos < _OFFSET_AT + 8:
+            raise ValueError(f"SQLiteStore: incomplete record at byte {pos} of a write")
+        size = 4 + _LEN.unpack_from(data, pos)[0]
+        if pos + size > end:
+            raise ValueError(f"SQLiteStore: incomplete record at byte {pos} of a write")
+        out.append((_OFF.unpack_from(data, pos + _OFFSET_AT)[0], pos, data[pos:pos + size]))
+        pos += size
+    return out
+
+
+class _SQLiteSegment:
+    __slots__ = ("_base", "_partition", "_size", "_store", "location")
+
+    def __init__(self, store: SQLiteStore, partition: int, base: int) -> None:
+        self._store = store
+        self._partition = partition
+        self._base = base
+        self.location = store.segment_location(partition, base)
+        with store._mutex:
+            row = store._db.execute(
+                "SELECT COALESCE(MAX(pos + LENGTH(blob)), 0) FROM records "
+                "WHERE part = ? AND seg = ?", (partition, base)).fetchone()
+        self._size = int(row[0])
+
+    def size(self) -> int:
+        return self._size
+
+    def read(self, position: int, size: int) -> bytes:
+        end = position + size
+        with self._store._mutex:
+            rows = self._store._db.execute(
+                "SELECT pos, blob FROM records WHERE part = ? AND seg = ? AND pos < ? "
+                "AND pos + LENGTH(blob) > ? ORDER BY pos",
+                (self._partition, self._base, end, position)).fetchall()
+        if not rows:
+            return b""
+        first = rows[0][0]
+        buf = b"".join(r[1] for r in rows)
+        return buf[position - first:end - first]
+
+    def append(self, data: bytes | memoryview) -> None:
+        data = bytes(data)
+        recs = _split_records(data)
+        base_pos = self._size
+        store = self._store
+        with store._mutex:
+            try:
+                with store._db:
+                    store._db.executemany(
+                        "INSERT INTO records (part, seg, off, pos, blob) VALUES (?, ?, ?, ?, ?)",
+                        [(self._partition, self._base, off, base_pos + pos, blob)
+                         for off, pos, blob in recs])
+            except sqlite3.OperationalError as exc:
+                code = errno.ENOSPC if "full" in str(exc).lower() else errno.EIO
+                raise OSError(code, f"sqlite: {exc}", self.location) from exc
+        self._size = base_pos + len(data)
+
+    def truncate(self, size: int) -> None:
+        store = self._store
+        with store._mutex, store._db:
+            store._db.execute("DELETE FROM records WHERE part = ? AND seg = ? AND pos >= ?",
+                              (self._partition, self._base, size))
+        self._size = min(self._size, size)
+
+    def sync(self) -> None:
+        self._store._sync()
+
+    def close(self) -> None:
+        pass
+
+
+class SQLiteStore:
+    """A queue kept in one sqlite3 database file (stdlib ``sqlite3``).
+
+    Journal mode WAL; ``synchronous=FULL`` when the queue's fsync policy is
+    ``always`` (each append's commit is durable), ``NORMAL`` otherwise (commits
+    survive a crash of the process; ``sync()`` checkpoints for power loss).
+    Each encoded WAL record is one row ``(part, seg, off, pos, blob)``: reading a
+    segment back yields the same byte stream the FileStore would hold, and the
+    same CRC checks apply. The writer's exclusive lock is an ``flock`` on
+    ``<path>.lock``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.location = self.path
+        self._db: sqlite3.Connection = None  # type: ignore[assignment]
+        self._mutex = threading.RLock()
+        self._lock_fd = -1
+        self._readonly = True
+        self._full = True
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    def open(self, *, readonly: bool = False, durable_commits: bool = True) -> None:
+        self._readonly = readonly
+        self._full = durable_commits
+        if readonly:
+            if not os.path.exists(self.path):
+                raise FileNotFoundError(errno.ENOENT, "no WAL database here", self.path)
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                       check_same_thread=False, isolation_level=None)
+            return
+        lock_path = self.path + ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WalLockedError(
+                f"WAL database {self.path} is locked by another writer (flock on {lock_path}); "
+                "close the other WalMessageQueue or process first",
+                path=self.path,
+            ) from None
+        self._lock_fd = fd
+        if not os.path.exists(self.path):
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        self._db = sqlite3.connect(self.path, check_same_thread=False)
+        db = self._db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
+        with db:
+            db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB)")
+            db.execute("CREATE TABLE IF NOT EXISTS segments (part INTEGER, seg INTEGER, "
+                       "PRIMARY KEY (part, seg))")
+            db.execute("CREATE TABLE IF NOT EXISTS records (part INTEGER, seg INTEGER, "
+                       "off INTEGER, pos INTEGER, blob BLOB, PRIMARY KEY (part, seg, pos))")
+            db.execute("CREATE TABLE IF NOT EXISTS offsets (grp TEXT PRIMARY KEY, v BLOB)")
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(self.path + suffix, 0o600)
+
+    def close(self) -> None:
+        if self._db is not None:
+            with self._mutex:
+                self._db.close()
+            self._db = None  # type: ignore[assignment]
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _sync(self) -> None:
+        if self._full:
+            return  # every commit was already durable (synchronous=FULL)
+        with self._mutex:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def _check_writable(self) -> None:
+        if self._readonly:
+            raise PermissionError(errno.EPERM, "store opened read-only", self.path)
+
+    def _get(self, sql: str, args: tuple) -> list:
+        with self._mutex:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return []
+                raise
+
+    def _put(self, sql: str, args: tuple) -> None:
+        self._check_writable()
+        with self._mutex, self._db:
+            self._db.execute(sql, args)
+
+    def read_meta(self) -> bytes | None:
+        rows = self._get("SELECT v FROM meta WHERE k = 'meta'", ())
+        return bytes(rows[0][0]) if rows else None
+
+    def write_meta(self, data: bytes) -> None:
+        self._put("INSERT OR REPLACE INTO meta (k, v) VALUES ('meta', ?)", (data,))
+
+    def list_partitions(self) -> list[int]:
+        return [r[0] for r in self._get("SELECT DISTINCT part FROM segments ORDER BY part", ())]
+
+    def list_segments(self, partition: int) -> list[int]:
+        return [r[0] for r in self._get("SELECT seg FROM segments WHERE part = ? ORDER BY seg",
+                                        (partition,))]
+
+    def segment_location(self, partition: int, base: int) -> str:
+        return f"{self.path}#{partition_dir_name(partition)}/{segment_file_name(base)}"
+
+    def create_segment(self, partition: int, base: int) -> _SQLiteSegment:
+        self._put("INSERT INTO segments (part, seg) VALUES (?, ?)", (partition, base))
+        return _SQLiteSegment(self, partition, base)
+
+    def open_segment(self, partition: int, base: int, *, writable: bool) -> _SQLiteSegment:
+        if not self._get("SELECT 1 FROM segments WHERE part = ? AND seg = ?", (partition, base)):
+            raise FileNotFoundError(errno.ENOENT, "no such segment",
+                                    self.segment_location(partition, base))
+        return _SQLiteSegment(self, partition, base)
+
+    def delete_segment(self, partition: int, base: int) -> None:
+        self._check_writable()
+        with self._mutex, self._db:
+            self._db.execute("DELETE FROM records WHERE part = ? AND seg = ?", (partition, base))
+            self._db.execute("DELETE FROM segments WHERE part = ? AND seg = ?", (partition, base))
+
+    def list_groups(self) -> list[str]:
+        return [r[0] for r in self._get("SELECT grp FROM offsets ORDER BY grp", ())]
+
+    def read_offsets(self, group: str) -> bytes | None:
+        rows = self._get("SELECT v FROM offsets WHERE grp = ?", (check_subscriber_name(group),))
+        return bytes(rows[0][0]) if rows else None
+
+    def write_offsets(self, group: str, data: bytes) -> None:
+        self._put("INSERT OR REPLACE INTO offsets (grp, v) VALUES (?, ?)",
+                  (check_subscriber_name(group), data))
+
+    def delete_offsets(self, group: str) -> None:
+        self._put("DELETE FROM offsets WHERE grp = ?", (check_subscriber_name(group),))
+
+
+# -------------------------------------------------------------------------- memory
+
+
+class _MemSegment:
+    __slots__ = ("_data", "_store", "location", "synced")
+
+    def __init__(self, store: MemoryStore, data: bytearray, location: str) -> None:
+        self._store = store
+        self._data = data
+        self.location = location
+        self.synced = len(data)
+
+    def size(self) -> int:
+        return len(self._data)
+
+    def read(self, position: int, size: int) -> bytes:
+        return bytes(self._data[position:position + size])
+
+    def append(self, data: bytes | memoryview) -> None:
+        allowed = self._store._take_write_budget(len(data))
+        if allowed < len(data):
+            # The fault: part (maybe none) of the buffer lands, then the write fails.
+            self._data += bytes(memoryview(data)[:allowed])
+            raise OSError(self._store.fail_errno, os.strerror(self._store.fail_errno),
+                          self.location)
+        self._data += data
+
+    def truncate(self, size: int) -> None:
+        del self._data[size:]
+        self.synced = min(self.synced, size)
+
+    def sync(self) -> None:
+        self._store.syncs += 1
+        self.synced = len(self._data)
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryStore:
+    """A store held in memory, for tests, with fault injection.
+
+    The same MemoryStore object given to a new queue after ``close()`` (or
+    after dropping the old one) behaves like the directory surviving a restart.
+
+    Faults (all reset by :meth:`clear_faults`):
+
+    - ``fail_after(n, errno_=errno.ENOSPC, torn=True)``: the next ``n`` bytes
+      written succeed; the write that crosses the limit writes the part that
+      fits when ``torn`` (a torn write), else nothing, then raises
+      ``OSError(errno_)``; every later write fails the same way.
+    - ``enospc()``: every write fails with ENOSPC before writing anything
+      (``fail_after(0, torn=False)``).
+    - ``lose_unsynced()``: simulate power loss: every segment is cut back to
+      what its last ``sync()`` covered.
+    """
+
+    def __init__(self) -> None:
+        self.location = f"memory:{id(self):x}"
+        self._segments: dict[int, dict[int, bytearray]] = {}
+        self._handles: dict[tuple[int, int], _MemSegment] = {}
+        self._meta: bytes | None = None
+        self._offsets: dict[str, bytes] = {}
+        self._locked = False
+        self._budget: int | None = None
+        self._torn = True
+        self.fail_errno = errno.ENOSPC
+        self.bytes_written = 0
+        self.syncs = 0
+        self._mutex = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(<{sum(len(s) for s in self._segments.values())} segments>)"
+
+    # fault injection
+    def fail_after(self, n: int, errno_: int = errno.ENOSPC, *, torn: bool = True) -> None:
+        with self._mutex:
+            self._budget = n
+            self.fail_errno = errno_
+            self._torn = torn
+
+    def enospc(self) -> None:
+        self.fail_after(0, errno.ENOSPC, torn=False)
+
+    def clear_faults(self) -> None:
+        with self._mutex:
+            self._budget = None
+
+    def lose_unsynced(self) -> None:
+        for (p, base), h in list(self._handles.items()):
+            del self._segments[p][base][h.synced:]
+
+    def _take_write_budget(self, n: int) -> int:
+        with self._mutex:
+            if self._budget is None:
+                self.bytes_written += n
+                return n
+            allowed = min(n, self._budget)
+            if allowed < n and not self._torn:
+                allowed = 0
+            self._budget -= allowed
+            self.bytes_written += allowed
+            return allowed
+
+    # store protocol
+    def open(self, *, readonly: bool = False, durable_commits: bool = True) -> None:
+        if readonly:
+            return
+        with self._mutex:
+            if self._locked:
+                raise WalLockedError(f"{self.location} is already open for writing "
+                                     "(close the other WalMessageQueue first)",
+                                     path=self.location)
+            self._locked = True
+
+    def close(self) -> None:
+        with self._mutex:
+            self._locked = False
+
+    def read_meta(self) -> bytes | None:
+        return self._meta
+
+    def write_meta(self, data: bytes) -> None:
+        self._meta = bytes(data)
+
+    def list_partitions(self) -> list[int]:
+        return sorted(p for p, segs in self._segments.items() if segs)
+
+    def list_segments(self, partition: int) -> list[int]:
+        return sorted(self._segments.get(partition, {}))
+
+    def segment_location(self, partition: int, base: int) -> str:
+        return f"{self.location}/{partition_dir_name(partition)}/{segment_file_name(base)}"
+
+    def segment_bytes(self, partition: int, base: int) -> bytearray:
+        """The live bytes of a segment (tests use it to damage data)."""
+        return self._segments[partition][base]
+
+    def create_segment(self, partition: int, base: int) -> _MemSegment:
+        segs = self._segments.setdefault(partition, {})
+        if base in segs:
+            raise FileExistsError(errno.EEXIST, "segment exists",
+                                  self.segment_location(partition, base))
+        segs[base] = bytearray()
+        h = _MemSegment(self, segs[base], self.segment_location(partition, base))
+        self._handles[(partition, base)] = h
+        return h
+
+    def open_segment(self, partition: int, base: int, *, writable: bool) -> _MemSegment:
+        try:
+            data = self._segments[partition][base]
+        except KeyError:
+            raise FileNotFoundError(errno.ENOENT, "no such segment",
+                                    self.segment_location(partition, base)) from None
+        h = self._handles.get((partition, base))
+        if h is None or h._data is not data:
+            h = _MemSegment(self, data, self.segment_location(partition, base))
+            self._handles[(partition, base)] = h
+        return h
+
+    def delete_segment(self, partition: int, base: int) -> None:
+        self._segments.get(partition, {}).pop(base, None)
+        self._handles.pop((partition, base), None)
+
+    def list_groups(self) -> list[str]:
+        return sorted(self._offsets)
+
+    def read_offsets(self, group: str) -> bytes | None:
+        return self._offsets.get(check_subscriber_name(group))
+
+    def write_offsets(self, group: str, data: bytes) -> None:
+        self._offsets[check_subscriber_name(group)] = bytes(data)
+
+    def delete_offsets(self, group: str) -> None:
+        self._offsets.pop(check_subscriber_name(group), None)

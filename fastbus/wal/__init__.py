@@ -1,0 +1,11 @@
+"""fastbus.wal: the durable, partitioned write-ahead log behind durable topics.
+
+:class:`WalMessageQueue` appends records to per-partition segment files and
+hands them out through :class:`WalReader` with per-subscriber committed
+offsets. See docs/operations-wal.md for the on-disk layout, fsync policies,
+recovery and retention, and docs/wal-format.md for the record format.
+"""
+
+from .queue import WalMessageQueue, WalReader
+
+__all__ = ["WalMessageQueue", "WalReader"]

@@ -1,0 +1,1412 @@
+"""WalMessageQueue: a partitioned, CRC-checked write-ahead log with subscriber readers.
+
+Concurrency and durability in one page:
+
+- One lock (``self._lock``) guards the in-memory state of every partition;
+  no file I/O is done while it is held, except a segment roll's metadata work.
+- Appends encode into a per-partition user-space buffer (the codec's
+  ``RecordEncoder``). One thread at a time per partition owns the file
+  (``io_busy``): it takes the buffer, releases the lock, ``write()``s it, and
+  publishes the new end. A second flag (``sync_busy``) does the same for
+  ``fdatasync``, so a write can overlap a sync.
+- ``always``: an appender waits until its record is durable. Whoever finds its
+  record unwritten writes the whole buffer (its own record and everybody
+  else's); whoever then finds no sync running syncs everything written so far
+  and wakes the others: concurrent appenders share one ``fdatasync``
+  (group commit). Readers only see durable records.
+- ``every(n)`` / ``interval(s)`` / ``never``: an append returns once its record
+  is in the buffer. The buffer is written out when it reaches
+  ``buffer_bytes`` (by the appender), after ``linger`` seconds (by the
+  background syncer thread), when a reader has caught up, and by ``flush()``.
+  The syncer thread also does the policy's syncs, so appenders never wait for
+  the disk. Only ``flush()`` (or ``close()``) guarantees that what was
+  appended survives ``kill -9``; a record buffered at the crash is lost.
+- A failed write (ENOSPC, EIO) is rolled back: the segment is truncated to its
+  last good end. Under ``always`` the records of the failed write and of the
+  buffer behind it were not acknowledged: their appenders get the error and the
+  offsets are reused. Otherwise the acknowledged, buffered records are kept and
+  written on the next attempt; new appends are refused while the buffer cannot
+  be written. A failed ``fdatasync`` marks the partition broken (its state on
+  disk is unknown): every later append raises until the queue is reopened.
+- Retention deletes whole closed segments; the lock is held only to detach them
+  from the partition, the files are deleted outside it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import logging
+import os
+import pickle
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from .._partition import partition_for
+from .._walcodec import Record, RecordEncoder, scan
+from ..config import FsyncPolicy, Retention
+from ..errors import BusClosed, FastbusError, WalCorruptionError
+from ..stores import FileStore, Store, check_subscriber_name
+from .offsets import OffsetsDamaged, decode_meta, decode_offsets, encode_meta, encode_offsets
+from .recovery import PartitionRecovery, SegmentState, recover_partition
+from .retention import SegmentSummary, plan_retention
+
+__all__ = ["WalMessageQueue", "WalReader"]
+
+log = logging.getLogger("fastbus.wal")
+
+_BytesLike = (bytes, bytearray, memoryview)
+_READ_CHUNK = 1 << 20
+_DEFAULT_FSYNC = FsyncPolicy.always()
+_DEFAULT_RETENTION = Retention()
+
+
+class _Serializer:
+    __slots__ = ("dumps", "loads", "name")
+
+    def __init__(self, name: str, dumps: Callable[[Any], bytes],
+                 loads: Callable[[bytes], Any]) -> None:
+        self.name = name
+        self.dumps = dumps
+        self.loads = loads
+
+
+def _make_serializer(spec: object) -> _Serializer | None:
+    if spec is None:
+        return None
+    if spec == "json":
+        return _Serializer("json", lambda o: json.dumps(o, separators=(",", ":")).encode(),
+                           json.loads)
+    if spec == "pickle":
+        # Trusted data only: unpickling runs arbitrary code.
+        return _Serializer("pickle", lambda o: pickle.dumps(o, pickle.HIGHEST_PROTOCOL),
+                           pickle.loads)
+    if callable(getattr(spec, "dumps", None)) and callable(getattr(spec, "loads", None)):
+        dumps, loads = spec.dumps, spec.loads  # type: ignore[attr-defined]
+
+        def _dumps(o: Any) -> bytes:
+            out = dumps(o)
+            if isinstance(out, str):
+                return out.encode()
+            if not isinstance(out, _BytesLike):
+                raise TypeError(f"serializer {spec!r}.dumps returned {type(out).__name__}, "
+                                "expected bytes or str")
+            return bytes(out)
+        return _Serializer(type(spec).__name__, _dumps, loads)
+    raise TypeError(
+        f"serializer must be None, 'json', 'pickle' or an object with dumps() and loads(), "
+        f"got {spec!r}")
+
+
+class _DecodedRecord(Record):
+    """A Record whose ``payload`` went through the queue's serializer."""
+
+    __slots__ = ("_value",)
+
+    @property
+    def payload(self) -> Any:  # type: ignore[override]
+        return self._value
+
+
+def _payload_type_error(payload: object) -> TypeError:
+    return TypeError(
+        f"WAL payloads must be bytes-like or str, got {type(payload).__name__}; to store "
+        "other objects pass serializer='json', serializer='pickle' (trusted data only) or an "
+        "object with dumps()/loads() to WalMessageQueue")
+
+
+class _Part:
+    """One partition's state; every field is guarded by the queue lock."""
+
+    __slots__ = ("broken", "buffered", "buffered_since", "durable", "enc", "fail_floors",
+                 "fail_gen", "index", "io_busy", "last_error", "last_ts", "log_start",
+                 "next_offset", "opened_at", "segments", "slow", "sync_busy", "sync_mark",
+                 "sync_requested", "sync_seg", "sync_waiters", "unsynced_since", "unwritten",
+                 "visible", "visible_size", "written")
+
+    def __init__(self, index: int, segments: list[SegmentState], always: bool) -> None:
+        self.index = index
+        self.segments = segments
+        self.enc = RecordEncoder(1 << 17)
+        self.unwritten = b""  # written-and-failed bytes kept for retry (non-always)
+        last = segments[-1]
+        self.next_offset = last.next_offset
+        self.opened_at = last.next_offset
+        self.sync_mark = last.next_offset
+        self.slow = always  # True: appends take _append_slow (always, closed, broken, retry)
+        self.buffered = 0  # bytes in enc
+        self.last_ts = 0
+        self.written = last.next_offset
+        self.durable = last.next_offset
+        self.visible = last.next_offset
+        self.visible_size = last.size
+        self.log_start = segments[0].base
+        self.io_busy = False
+        self.sync_busy = False
+        self.sync_requested = False
+        self.unsynced_since = 0.0  # monotonic time of the first record not yet synced
+        self.buffered_since = 0.0  # monotonic time the buffer became non-empty
+        self.fail_gen = 0
+        self.fail_floors: dict[int, int] = {}
+        self.broken: BaseException | None = None
+        self.last_error: BaseException | None = None
+        self.sync_seg: SegmentState | None = None
+        self.sync_waiters: list[tuple[int, threading.Condition]] = []
+
+
+class WalMessageQueue:
+    """A durable, partitioned message log with per-subscriber committed offsets.
+
+    ``path_or_store``: a directory (a :class:`~fastbus.FileStore`) or a
+    :class:`~fastbus.Store`. ``partitions``: the partition count (None: use the
+    existing queue's, or 1). ``fsync``: a :class:`~fastbus.FsyncPolicy` (see the
+    module docstring for what each guarantees). ``retention``: a
+    :class:`~fastbus.Retention`, applied by a background thread every
+    ``compaction_interval`` seconds (None: only :meth:`compact`).
+    ``serializer``: None (payloads must be bytes-like or str), ``"json"``,
+    ``"pickle"`` (trusted data only) or an object with ``dumps``/``loads``.
+    ``repair``: truncate at mid-log corruption instead of raising
+    :class:`~fastbus.WalCorruptionError`. ``segment_bytes``/``segment_age``:
+    roll the active segment when it reaches that size / age (seconds).
+    ``clock``: seconds since the epoch, for timestamps, ages and retention.
+
+    Opening takes the store's exclusive lock (:class:`~fastbus.stores.WalLockedError`
+    if another writer has it) and recovers every partition (torn tails are
+    truncated and reported in :meth:`metrics`).
+    """
+
+    def __init__(
+        self,
+        path_or_store: str | os.PathLike[str] | Store,
+        *,
+        partitions: int | None = 1,
+        fsync: FsyncPolicy = _DEFAULT_FSYNC,
+        retention: Retention = _DEFAULT_RETENTION,
+        serializer: object = None,
+        repair: bool = False,
+        segment_bytes: int = 64 << 20,
+        segment_age: float | None = 7 * 86400.0,
+        clock: Callable[[], float] = time.time,
+        compaction_interval: float | None = 60.0,
+        buffer_bytes: int = 64 << 10,
+        linger: float = 0.005,
+    ) -> None:
+        if isinstance(path_or_store, str | os.PathLike):
+            store: Store = FileStore(path_or_store)
+        elif isinstance(path_or_store, Store):
+            store = path_or_store
+        else:
+            raise TypeError(
+                "WalMessageQueue needs a directory path or a Store (FileStore, SQLiteStore, "
+                f"MemoryStore), got {type(path_or_store).__name__}")
+        if partitions is not None and (isinstance(partitions, bool)
+                                       or not isinstance(partitions, int) or partitions < 1):
+            raise ValueError(f"partitions must be an int >= 1 or None, got {partitions!r}")
+        if not isinstance(fsync, FsyncPolicy):
+            raise TypeError(f"fsync must be a FsyncPolicy (e.g. FsyncPolicy.every(1000)), "
+                            f"got {fsync!r}")
+        if not isinstance(retention, Retention):
+            raise TypeError(f"retention must be a Retention, got {retention!r}")
+        if isinstance(segment_bytes, bool) or not isinstance(segment_bytes, int) \
+                or segment_bytes < 4096:
+            raise ValueError(f"segment_bytes must be an int >= 4096, got {segment_bytes!r}")
+        if segment_age is not None and not segment_age > 0:
+            raise ValueError(f"segment_age must be > 0 seconds or None, got {segment_age!r}")
+        if compaction_interval is not None and not compaction_interval > 0:
+            raise ValueError(
+                f"compaction_interval must be > 0 seconds or None, got {compaction_interval!r}")
+        if not linger > 0:
+            raise ValueError(f"linger must be > 0 seconds, got {linger!r}")
+        self._serializer = _make_serializer(serializer)
+        self._store = store
+        self._fsync = fsync
+        self._always = fsync.mode == "always"
+        self._every = fsync.n if fsync.mode == "every" else 1 << 62
+        self._interval = fsync.seconds if fsync.mode == "interval" else 0.0
+        self._retention = retention
+        self._segment_bytes = segment_bytes
+        self._segment_age = segment_age
+        self._clock = clock
+        self._ts: Callable[[], int] = (time.time_ns if clock is time.time
+                                       else lambda: int(clock() * 1e9))
+        self._buffer_bytes = int(buffer_bytes)
+        self._linger = float(linger)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # I/O done, data visible, closed
+        self._tls = threading.local()  # per-thread conditions of group-commit waiters
+        self._syncer_cond = threading.Condition(self._lock)
+        self._delete_lock = threading.Lock()  # readers' reads vs retention's deletes
+        self._closed = False
+        self._rr = 0
+        self._readers_waiting = 0
+        self._syncer_idle = False
+        self._groups: dict[str, dict[int, int]] = {}
+        self._m = dict.fromkeys((
+            "bytes_written", "writes", "write_errors", "fsyncs", "fsync_errors",
+            "group_commits", "group_commit_records", "group_commit_max", "segments_rolled",
+            "retention_runs", "retention_deleted_segments", "retention_deleted_bytes",
+            "retention_deleted_records", "readers_moved_forward", "records_skipped",
+            "offsets_damaged", "offsets_clamped", "polled_records", "commits"), 0)
+        self._m["fsync_seconds"] = 0.0
+
+        store.open(readonly=False, durable_commits=self._always)
+        try:
+            self._open_partitions(partitions, repair)
+            self._load_groups()
+        except BaseException:
+            self._close_handles()
+            store.close()
+            raise
+
+        # The per-record hot path as a closure over its constants (see _build_append).
+        self.append = self._build_append()  # type: ignore[method-assign]
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        if not self._always:
+            t = threading.Thread(target=self._syncer_loop, name="fastbus-wal-syncer",
+                                 daemon=True)
+            self._threads.append(t)
+            t.start()
+        if compaction_interval is not None:
+            self._compaction_interval = float(compaction_interval)
+            t = threading.Thread(target=self._compactor_loop, name="fastbus-wal-compactor",
+                                 daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    # ------------------------------------------------------------------ opening
+
+    def _open_partitions(self, partitions: int | None, repair: bool) -> None:
+        store = self._store
+        raw = store.read_meta()
+        existing = store.list_partitions()
+        if raw is not None:
+            try:
+                meta = decode_meta(raw)
+            except OffsetsDamaged as exc:
+                raise FastbusError(f"{store.location}: {exc}; restore meta.json (it records "
+                                   '{"format": 1, "kind": "fastbus-wal", "partitions": N})'
+                                   ) from None
+            count = meta["partitions"]
+            if partitions is not None and partitions != count:
+                raise ValueError(
+                    f"the WAL at {store.location} has {count} partitions, opened with "
+                    f"partitions={partitions}; open it with partitions={count} (or None). "
+                    "Changing an existing WAL's partition count is not supported: it would "
+                    "move keys to other partitions and break their order")
+        else:
+            if existing:
+                raise FastbusError(
+                    f"{store.location} holds partition data but no meta document; refusing "
+                    "to guess its partition count (restore meta.json)")
+            count = partitions or 1
+            store.write_meta(encode_meta(count))
+        self.partitions = count
+        now = self._clock()
+        self._recoveries: list[PartitionRecovery] = []
+        parts = []
+        mode = "repair" if repair else "open"
+        for p in range(count):
+            rec = recover_partition(store, p, mode=mode, clock_now=now)
+            self._recoveries.append(rec)
+            if not rec.segments:
+                base = 0
+                h = store.create_segment(p, base)
+                rec.segments.append(SegmentState(base, store.segment_location(p, base), h, 0,
+                                                 base, 0, now))
+            parts.append(_Part(p, rec.segments, self._always))
+            if rec.findings:
+                for f in rec.findings:
+                    log.warning("fastbus WAL %s partition %d: %s", store.location, p,
+                                f.describe())
+        self._parts = parts
+
+    def _load_groups(self) -> None:
+        for name in self._store.list_groups():
+            self._groups[name] = self._read_group(name)
+
+    def _read_group(self, name: str) -> dict[int, int]:
+        """Committed offsets of ``name``; a damaged document falls back to log start."""
+        raw = self._store.read_offsets(name)
+        if raw is None:
+            return {}
+        try:
+            offsets = decode_offsets(raw, name)
+        except OffsetsDamaged as exc:
+            self._m["offsets_damaged"] += 1
+            log.warning("fastbus WAL %s: offsets of subscriber %r are damaged (%s); it "
+                        "restarts from the start of the log (at-least-once: records may be "
+                        "delivered again)", self._store.location, name, exc)
+            return {p: part.log_start for p, part in enumerate(self._parts)}
+        return {p: o for p, o in offsets.items() if p < self.partitions}
+
+    # ------------------------------------------------------------------ appending
+
+    def append(self, payload: Any, *, key: bytes | str | None = None,
+               headers: Mapping[str, bytes | str] | None = None,
+               partition: int | None = None) -> tuple[int, int]:
+        """Append one record; returns ``(partition, offset)``.
+
+        ``partition`` None: keyed records go to ``partition_for(key, partitions)``
+        (Kafka's), unkeyed ones round robin. Under ``always`` this returns once
+        the record is durable; otherwise once it is buffered (see ``flush``).
+        Raises ``TypeError`` for a payload that needs a ``serializer``,
+        ``OSError`` (with the segment's path) when the write fails, ``BusClosed``
+        after ``close()``.
+        """
+        ser = self._serializer
+        if ser is not None:
+            payload = ser.dumps(payload)
+        elif payload.__class__ is not bytes and payload.__class__ is not str \
+                and not isinstance(payload, _BytesLike):
+            raise _payload_type_error(payload)
+        if partition is None:
+            if key is None:
+                p = self._rr
+                self._rr = p + 1 if p + 1 < self.partitions else 0
+            else:
+                p = partition_for(key, self.partitions) if self.partitions > 1 else 0
+        else:
+            p = self._check_partition(partition)
+        part = self._parts[p]
+        if part.slow:
+            return self._append_slow(part, payload, key, headers)
+        lock = self._lock
+        lock.acquire()
+        try:
+            if part.slow:
+                lock.release()
+                lock = None
+                return self._append_slow(part, payload, key, headers)
+            off = part.next_offset
+            ts = self._ts()
+            part.buffered += part.enc.add(off, ts, key, headers, payload)
+            part.next_offset = off + 1
+            part.last_ts = ts
+            if off == part.written:  # the buffer was empty
+                self._first_buffered(part)
+            if off - part.sync_mark >= self._every:
+                self._request_sync(part)
+            if part.buffered >= self._buffer_bytes:
+                self._write_accepted(part)
+            if self._readers_waiting:
+                self._cond.notify_all()
+        finally:
+            if lock is not None:
+                lock.release()
+        return (p, off)
+
+    def _build_append(self) -> Callable[..., tuple[int, int]]:
+        """``append`` specialised for this queue: same contract as :meth:`append`.
+
+        Constants live in closure cells instead of instance attributes: this is the
+        one method called per record, and attribute look-ups are most of its cost.
+        """
+        lock = self._lock
+        parts = self._parts
+        nparts = self.partitions
+        ser = self._serializer
+        ts_fn = self._ts
+        every = self._every
+        buffer_bytes = self._buffer_bytes
+        append_slow = self._append_slow
+        first_buffered = self._first_buffered
+        request_sync = self._request_sync
+        write_accepted = self._write_accepted
+        check_partition = self._check_partition
+        notify_readers = self._cond.notify_all
+        q = self
+
+        def append(payload: Any, *, key: bytes | str | None = None,
+                   headers: Mapping[str, bytes | str] | None = None,
+                   partition: int | None = None) -> tuple[int, int]:
+            if ser is not None:
+                payload = ser.dumps(payload)
+            elif payload.__class__ is not bytes and payload.__class__ is not str \
+                    and not isinstance(payload, _BytesLike):
+                raise _payload_type_error(payload)
+            if partition is None:
+                if nparts == 1:
+                    p = 0
+                elif key is None:
+                    p = q._rr
+                    q._rr = p + 1 if p + 1 < nparts else 0
+                else:
+                    p = partition_for(key, nparts)
+            else:
+                p = check_partition(partition)
+            part = parts[p]
+            if part.slow:
+                return append_slow(part, payload, key, headers)
+            lock.acquire()
+            if part.slow:
+                lock.release()
+                return append_slow(part, payload, key, headers)
+            try:
+                off = part.next_offset
+                ts = ts_fn()
+                part.buffered += part.enc.add(off, ts, key, headers, payload)
+                part.next_offset = off + 1
+                part.last_ts = ts
+                if off == part.written:  # the buffer was empty
+                    first_buffered(part)
+                if off - part.sync_mark >= every:
+                    request_sync(part)
+                if part.buffered >= buffer_bytes:
+                    write_accepted(part)
+                if q._readers_waiting:
+                    notify_readers()
+            finally:
+                lock.release()
+            return (p, off)
+
+        append.__doc__ = WalMessageQueue.append.__doc__
+        append.__name__ = "append"
+        append.__qualname__ = "WalMessageQueue.append"
+        return append
+
+    def _append_slow(self, part: _Part, payload: Any, key: Any, headers: Any) -> tuple[int, int]:
+        """``always`` appends, and any append while the partition needs care."""
+        with self._lock:
+            self._check_open(part)
+            if part.unwritten or part.buffered >= self._buffer_bytes:
+                # Before adding: a failure here refuses this record (nothing accepted).
+                self._write_out(part)
+            off = part.next_offset
+            ts = self._ts()
+            part.buffered += part.enc.add(off, ts, key, headers, payload)
+            part.next_offset = off + 1
+            part.last_ts = ts
+            if self._always:
+                self._wait_durable(part, off + 1, part.fail_gen)
+            else:
+                if off == part.written:
+                    self._first_buffered(part)
+                if off - part.sync_mark >= self._every:
+                    self._request_sync(part)
+            if self._readers_waiting:
+                self._cond.notify_all()
+        return (part.index, off)
+
+    def _check_open(self, part: _Part) -> None:
+        if self._closed:
+            raise BusClosed(f"WalMessageQueue {self._store.location} is closed")
+        if part.broken is not None:
+            raise self._broken_error(part)
+
+    def _first_buffered(self, part: _Part) -> None:
+        """Lock held: the partition's buffer just went from empty to non-empty."""
+        now = time.monotonic()
+        part.buffered_since = now
+        if part.unsynced_since == 0.0:
+            part.unsynced_since = now
+        if self._syncer_idle:
+            self._syncer_cond.notify()
+
+    def _request_sync(self, part: _Part) -> None:
+        """Lock held: ``every(n)``: n records since the last sync; the syncer does it."""
+        part.sync_mark = part.next_offset
+        if not part.sync_requested:
+            part.sync_requested = True
+            self._syncer_cond.notify()
+
+    def _write_accepted(self, part: _Part) -> None:
+        """Lock held, non-always: the buffer is full after an accepted append: write it.
+
+        The record is already accepted, so a failure is not raised here: the data
+        stays buffered (``unwritten``) and the next append or ``flush()`` reports it.
+        """
+        if part.io_busy:
+            return  # the running writer (or the next append) takes care of it
+        with contextlib.suppress(OSError):
+            self._do_write(part)
+
+    def append_many(self, payloads: Sequence[Any], *,
+                    keys: Sequence[bytes | str | None] | None = None,
+                    headers: Mapping[str, bytes | str] | None = None,
+                    partition: int | None = None) -> list[tuple[int, int]]:
+        """Append many records; returns their ``(partition, offset)`` in input order.
+
+        With ``keys``, each record goes to its key's partition; without keys and
+        without ``partition`` the whole batch goes to one partition (the next in
+        round robin), which keeps the batch contiguous. ``headers`` (one mapping)
+        applies to every record. Under ``always`` it returns once all are durable
+        (one group commit for the batch). A batch is all or nothing per partition:
+        a payload of the wrong type rejects the batch before anything is appended.
+        """
+        if not isinstance(payloads, Sequence) or isinstance(payloads, str | bytes):
+            payloads = list(payloads) if isinstance(payloads, Iterable) \
+                and not isinstance(payloads, str | bytes) else None  # type: ignore[assignment]
+            if payloads is None:
+                raise TypeError("append_many needs a sequence of payloads")
+        ser = self._serializer
+        if ser is not None:
+            payloads = [ser.dumps(x) for x in payloads]
+        else:
+            for x in payloads:
+                if x.__class__ is not bytes and x.__class__ is not str \
+                        and not isinstance(x, _BytesLike):
+                    raise _payload_type_error(x)
+        n = len(payloads)
+        if keys is not None and len(keys) != n:
+            raise ValueError(f"keys must be as long as payloads ({n}), got {len(keys)}")
+        groups: dict[int, list[int]] | None = None
+        if partition is not None:
+            p = self._check_partition(partition)
+        elif keys is None or self.partitions == 1:
+            p = self._rr if keys is None else 0
+            if keys is None:
+                self._rr = p + 1 if p + 1 < self.partitions else 0
+        else:
+            groups = {}
+            rr = self._rr
+            for i, k in enumerate(keys):
+                if k is None:
+                    q = rr
+                    rr = rr + 1 if rr + 1 < self.partitions else 0
+                else:
+                    q = partition_for(k, self.partitions)
+                groups.setdefault(q, []).append(i)
+            self._rr = rr
+        hdrs = None if headers is None else [headers] * n
+        if groups is None:
+            first = self._append_batch(p, payloads, keys, hdrs)
+            return [(p, first + i) for i in range(n)]
+        out: list[tuple[int, int]] = [(0, 0)] * n
+        for q, idx in groups.items():
+            first = self._append_batch(q, [payloads[i] for i in idx],
+                                       [keys[i] for i in idx],  # type: ignore[index]
+                                       None if hdrs is None else hdrs[:len(idx)])
+            for j, i in enumerate(idx):
+                out[i] = (q, first + j)
+        return out
+
+    def _append_batch(self, p: int, payloads: Sequence[Any], keys: Any, hdrs: Any) -> int:
+        part = self._parts[p]
+        with self._lock:
+            self._check_open(part)
+            if part.unwritten or part.buffered >= self._buffer_bytes:
+                self._write_out(part)
+            first = part.next_offset
+            ts = self._ts()
+            before = len(part.enc)
+            n = part.enc.encode_many(first, ts, payloads, keys, hdrs)
+            part.buffered += len(part.enc) - before
+            part.next_offset = first + n
+            part.last_ts = ts
+            if self._always:
+                self._wait_durable(part, first + n, part.fail_gen)
+            elif n:
+                if first == part.written:
+                    self._first_buffered(part)
+                if first + n - 1 - part.sync_mark >= self._every:
+                    self._request_sync(part)
+                if part.buffered >= self._buffer_bytes:
+                    self._write_accepted(part)
+            if self._readers_waiting:
+                self._cond.notify_all()
+        return first
+
+    def _check_partition(self, partition: object) -> int:
+        if isinstance(partition, bool) or not isinstance(partition, int) \
+                or not 0 <= partition < self.partitions:
+            raise ValueError(f"partition must be an int in 0..{self.partitions - 1}, "
+                             f"got {partition!r}")
+        return partition
+
+    def _broken_error(self, part: _Part) -> FastbusError:
+        return FastbusError(
+            f"WAL partition {part.index} of {self._store.location} is unusable after a "
+            f"failed fdatasync ({part.broken}); what is on disk is unknown, so close and "
+            "reopen the queue (recovery checks every record)")
+
+    # ------------------------------------------------------------------ I/O
+
+    def _write_out(self, part: _Part) -> None:
+        """Lock held. Write everything buffered now (and wait for a running write).
+
+        Raises the ``OSError`` of a failed write this thread did. Under ``always``
+        the failed records are discarded (their appenders see it in
+        ``_wait_durable``); otherwise they stay buffered for the next attempt.
+        """
+        target = part.next_offset
+        while part.written < target:
+            if part.io_busy:
+                self._cond.wait()
+                if part.next_offset < target:  # a failure under always discarded them
+                    return
+                continue
+            self._do_write(part)
+
+    def _do_write(self, part: _Part) -> None:
+        part.io_busy = True
+        enc = part.enc
+        with enc.getbuffer() as mv:
+            data = part.unwritten + mv.tobytes() if part.unwritten else mv.tobytes()
+        enc.clear()
+        part.unwritten = b""
+        part.buffered = 0
+        part.slow = self._always or self._closed or part.broken is not None
+        first, last = part.written, part.next_offset
+        max_ts = part.last_ts
+        part.buffered_since = 0.0
+        seg = part.segments[-1]
+        now = self._clock()
+        roll = seg.next_offset > seg.base and (
+            seg.size + len(data) > self._segment_bytes
+            or (self._segment_age is not None and now - seg.created >= self._segment_age))
+        self._lock.release()
+        new_seg: SegmentState | None = None
+        error: BaseException | None = None
+        handle = seg.handle
+        assert handle is not None
+        try:
+            if roll:
+                # The old segment is complete: make it durable before the new one exists,
+                # so recovery never sees a torn segment that is not the last.
+                handle.sync()
+                h = self._store.create_segment(part.index, first)
+                new_seg = SegmentState(first, self._store.segment_location(part.index, first),
+                                       h, 0, first, 0, now)
+                handle = h
+            pos = new_seg.size if new_seg is not None else seg.size
+            if handle.size() != pos:
+                handle.truncate(pos)  # a previous failed write left bytes behind
+            if data:
+                handle.append(data)
+        except BaseException as exc:
+            error = exc
+            with contextlib.suppress(OSError):
+                handle.truncate(new_seg.size if new_seg is not None else seg.size)
+        finally:
+            self._lock.acquire()
+        part.io_busy = False
+        if new_seg is not None:
+            # A new list, so readers' snapshots of the old one stay consistent.
+            part.segments = [*part.segments, new_seg]
+            self._m["segments_rolled"] += 1
+            if first > part.durable:
+                part.durable = first  # the roll synced the old segment
+            if self._always and first > part.visible:
+                part.visible = first
+            part.visible_size = 0
+        if error is None:
+            if data:
+                active = part.segments[-1]
+                active.add_index(first, active.size)
+                active.size += len(data)
+                active.next_offset = last
+                if max_ts > active.max_timestamp_ns:
+                    active.max_timestamp_ns = max_ts
+                part.written = last
+                self._m["writes"] += 1
+                self._m["bytes_written"] += len(data)
+                if not self._always:
+                    part.visible = last
+                    part.visible_size = active.size
+            self._cond.notify_all()
+            return
+        self._m["write_errors"] += 1
+        if self._always:
+            # Nobody was told these records were written: discard them and everything
+            # buffered behind them; their appenders raise. Offsets are reused.
+            part.enc.clear()
+            part.buffered = 0
+            part.next_offset = first
+            part.fail_gen += 1
+            part.fail_floors[part.fail_gen] = first
+            part.fail_floors.pop(part.fail_gen - 64, None)
+            part.last_error = error
+            self._wake_sync_waiters(part, everyone=True)
+        else:
+            # These records were acknowledged (buffered): keep them for the next attempt.
+            with part.enc.getbuffer() as mv:
+                rest = mv.tobytes()
+            part.enc.clear()
+            part.unwritten = data + rest
+            part.buffered = 0
+            part.slow = True
+            part.buffered_since = time.monotonic()
+        self._cond.notify_all()
+        if not isinstance(error, OSError):
+            raise error
+        raise self._write_error(part, error, len(data), first, last)
+
+    def _write_error(self, part: _Part, exc: OSError, n: int, first: int,
+                     last: int) -> OSError:
+        path = exc.filename or part.segments[-1].location
+        what = ("the appends waiting for it were not acknowledged and nothing of them was "
+                "kept" if self._always else
+                "the records stay buffered and are written when space returns; new appends "
+                "are refused meanwhile")
+        err = OSError(exc.errno, f"{exc.strerror or exc}: writing {n} bytes (offsets "
+                      f"{first}..{last - 1}) to WAL segment {path} failed; the segment was "
+                      f"truncated back to its last good end and {what}", path)
+        err.__cause__ = exc
+        return err
+
+    def _sync(self, part: _Part) -> None:
+        """Lock held; no sync running. fdatasync what is written now."""
+        part.sync_busy = True
+        upto = part.written
+        seg = part.segments[-1]
+        part.sync_seg = seg
+        size = seg.size
+        handle = seg.handle
+        assert handle is not None
+        batch = upto - part.durable
+        part.sync_mark = part.next_offset
+        part.sync_requested = False
+        part.unsynced_since = 0.0
+        self._lock.release()
+        error: BaseException | None = None
+        t0 = time.perf_counter()
+        try:
+            handle.sync()
+        except BaseException as exc:
+            error = exc
+        finally:
+            dt = time.perf_counter() - t0
+            self._lock.acquire()
+        part.sync_busy = False
+        part.sync_seg = None
+        m = self._m
+        m["fsync_seconds"] += dt
+        if error is not None:
+            m["fsync_errors"] += 1
+            part.broken = error
+            part.slow = True
+            log.error("fastbus WAL %s: fdatasync of %s failed (%s); partition %d is broken "
+                      "until the queue is reopened", self._store.location, seg.location,
+                      error, part.index)
+            self._cond.notify_all()
+            self._wake_sync_waiters(part, everyone=True)
+            raise self._broken_error(part) from error
+        m["fsyncs"] += 1
+        if upto > part.durable:
+            part.durable = upto
+            if self._always:
+                m["group_commits"] += 1
+                m["group_commit_records"] += batch
+                if batch > m["group_commit_max"]:
+                    m["group_commit_max"] = batch
+                if upto > part.visible:
+                    part.visible = upto
+                if part.segments[-1] is seg:
+                    part.visible_size = size
+        self._wake_sync_waiters(part)
+        self._cond.notify_all()
+
+    def _wait_durable(self, part: _Part, target: int, gen: int) -> None:
+        """Lock held, ``always``: return once offsets < target are durable."""
+        swept = False
+        while part.durable < target:
+            if part.fail_gen != gen:
+                for g in range(gen + 1, part.fail_gen + 1):
+                    floor = part.fail_floors.get(g)
+                    if floor is None or target > floor:
+                        err = part.last_error
+                        if not isinstance(err, OSError):
+                            raise FastbusError(f"WAL write failed ({err!r}); this append was "
+                                               "not acknowledged and is not in the log")
+                        raise OSError(err.errno, f"{err.strerror or err} while writing WAL "
+                                      f"segment {err.filename or part.segments[-1].location}; "
+                                      "this append was not acknowledged and is not in the "
+                                      "log", err.filename) from err
+                gen = part.fail_gen
+            if part.broken is not None:
+                raise self._broken_error(part)
+            if part.written < target and not part.sync_busy:
+                if part.io_busy:
+                    self._cond.wait()
+                    continue
+                self._do_write(part)
+                continue
+            if part.sync_busy:
+                # Sleep until the running sync covers this record, or until it is this
+                # thread's turn to lead the next one (which writes every queued record,
+                # this one included, then syncs); nobody else is woken for it.
+                cond = self._waiter_cond()
+                entry = (target, cond)
+                part.sync_waiters.append(entry)
+                try:
+                    cond.wait()
+                finally:
+                    with contextlib.suppress(ValueError):
+                        part.sync_waiters.remove(entry)
+                continue
+            if not swept and part.written < part.next_offset and not part.io_busy:
+                # About to lead a sync: first write what the others queued meanwhile,
+                # so this one fdatasync covers them too (group commit).
+                swept = True
+                with contextlib.suppress(OSError):  # mine is written; theirs see fail_gen
+                    self._do_write(part)
+                continue
+            self._sync(part)
+
+    def _waiter_cond(self) -> threading.Condition:
+        cond = getattr(self._tls, "cond", None)
+        if cond is None:
+            cond = self._tls.cond = threading.Condition(self._lock)
+        return cond
+
+    def _wake_sync_waiters(self, part: _Part, *, everyone: bool = False) -> None:
+        """Lock held: wake the waiters whose record is durable, plus one to lead next."""
+        waiters = part.sync_waiters
+        if not waiters:
+            return
+        keep = []
+        leader = everyone
+        for entry in waiters:
+            if everyone or entry[0] <= part.durable:
+                entry[1].notify()
+            elif not leader:
+                entry[1].notify()
+                leader = True
+            else:
+                keep.append(entry)
+        part.sync_waiters = keep
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Write and fdatasync everything appended before this call, on every partition.
+
+        When it returns True, every record appended before the call survives
+        ``kill -9`` and power loss. Raises the ``OSError`` of a failed write.
+        ``timeout`` bounds the wait for a write or sync another thread is doing;
+        False means it ran out (nothing is lost; call again).
+        """
+        with self._lock:
+            if self._closed:
+                return True
+            return self._flush_locked(None if timeout is None else time.monotonic() + timeout)
+
+    def _flush_locked(self, deadline: float | None) -> bool:
+        for part in self._parts:
+            target = part.next_offset
+            while part.durable < target:
+                if part.broken is not None:
+                    raise self._broken_error(part)
+                if part.next_offset < target:  # always: failed and discarded
+                    target = part.next_offset
+                    continue
+                if part.written < target:
+                    if part.io_busy:
+                        if not self._wait(deadline):
+                            return False
+                        continue
+                    self._do_write(part)
+                    continue
+                if part.sync_busy:
+                    if not self._wait(deadline):
+                        return False
+                    continue
+                self._sync(part)
+        return True
+
+    def _wait(self, deadline: float | None) -> bool:
+        if deadline is None:
+            self._cond.wait()
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        self._cond.wait(left)
+        return True
+
+    # ------------------------------------------------------------------ background
+
+    def _syncer_loop(self) -> None:
+        """Writes out lingering buffers and performs the policy's syncs (non-always)."""
+        linger = self._linger
+        interval = self._interval
+        with self._lock:
+            while not self._closed:
+                now = time.monotonic()
+                timeout: float | None = None
+                did = False
+                for part in self._parts:
+                    if part.broken is not None:
+                        continue
+                    try:
+                        if part.written < part.next_offset and not part.io_busy:
+                            due = part.buffered_since + linger
+                            if part.sync_requested or part.unwritten or due <= now:
+                                self._do_write(part)
+                                did = True
+                            else:
+                                timeout = due - now if timeout is None else min(timeout,
+                                                                                due - now)
+                        sync_due = part.sync_requested
+                        if interval and part.unsynced_since:
+                            at = part.unsynced_since + interval
+                            if at <= now:
+                                sync_due = True
+                            else:
+                                timeout = at - now if timeout is None else min(timeout,
+                                                                               at - now)
+                        if sync_due and not part.sync_busy:
+                            if part.written > part.durable:
+                                self._sync(part)
+                                did = True
+                            elif part.written >= part.next_offset:
+                                part.sync_requested = False
+                                part.unsynced_since = 0.0
+                    except OSError as exc:
+                        # Reported to appenders and flush(); back off and retry.
+                        log.debug("fastbus WAL background write failed: %s", exc)
+                        timeout = 0.05 if timeout is None else min(timeout, 0.05)
+                    except FastbusError:
+                        pass  # broken partition: reported to its appenders
+                if did or self._closed:
+                    continue
+                self._syncer_idle = timeout is None
+                self._syncer_cond.wait(timeout if timeout is None else max(timeout, 0.0005))
+                self._syncer_idle = False
+
+    def _compactor_loop(self) -> None:
+        while not self._stop.wait(self._compaction_interval):
+            try:
+                self.compact()
+            except BusClosed:
+                return
+            except Exception:  # keep the thread alive; the error is logged
+                log.exception("fastbus WAL %s: background compaction failed",
+                              self._store.location)
+
+    # ------------------------------------------------------------------ retention
+
+    def compact(self) -> dict[str, int]:
+        """Apply the retention rules now; returns what was deleted.
+
+        Deletes whole closed segments from the front of each partition (see
+        :class:`~fastbus.Retention`). Readers positioned before a partition's new
+        start move forward to it when they next poll (counted in
+        ``readers_moved_forward`` / ``records_skipped``).
+        """
+        now_ns = int(self._clock() * 1e9)
+        doomed: list[tuple[int, SegmentState]] = []
+        with self._lock:
+            if self._closed:
+                raise BusClosed(f"WalMessageQueue {self._store.location} is closed")
+            self._m["retention_runs"] += 1
+            for part in self._parts:
+                segs = part.segments
+                summaries = [SegmentSummary(s.base, s.next_offset, s.size, s.max_timestamp_ns)
+                             for s in segs]
+                acked = None
+                if self._groups:
+                    acked = min(g.get(part.index, 0) for g in self._groups.values())
+                plan = plan_retention(summaries, self._retention, now_ns=now_ns, acked=acked)
+                count = plan.count
+                if part.sync_seg is not None and part.sync_seg in segs:
+                    count = min(count, segs.index(part.sync_seg))  # being fdatasync'ed
+                if count:
+                    gone = segs[:count]
+                    part.segments = segs[count:]
+                    part.log_start = part.segments[0].base
+                    for s in gone:
+                        doomed.append((part.index, s))
+        result = {"segments": 0, "bytes": 0, "records": 0}
+        with self._delete_lock:
+            for p, s in doomed:
+                s.deleted = True
+                if s.handle is not None:
+                    s.handle.close()
+                self._store.delete_segment(p, s.base)
+                result["segments"] += 1
+                result["bytes"] += s.size
+                result["records"] += s.count
+        if doomed:
+            with self._lock:
+                self._m["retention_deleted_segments"] += result["segments"]
+                self._m["retention_deleted_bytes"] += result["bytes"]
+                self._m["retention_deleted_records"] += result["records"]
+            log.info("fastbus WAL %s: retention deleted %d segment(s), %d records",
+                     self._store.location, result["segments"], result["records"])
+        return result
+
+    # ------------------------------------------------------------------ readers
+
+    def reader(self, subscriber: str) -> WalReader:
+        """A reader for ``subscriber`` (a group name, used as a file name).
+
+        It starts at the subscriber's committed offsets (from a previous run or
+        another reader), or at the start of the log for a new subscriber, which
+        then becomes known to ``Retention.until_acked`` at once.
+        """
+        name = check_subscriber_name(subscriber)
+        with self._lock:
+            if self._closed:
+                raise BusClosed(f"WalMessageQueue {self._store.location} is closed")
+            known = name in self._groups
+            committed = dict(self._groups.get(name, {}))
+        start: dict[int, int] = {}
+        for part in self._parts:
+            o = committed.get(part.index, part.log_start)
+            if o > part.next_offset:
+                with self._lock:
+                    self._m["offsets_clamped"] += 1
+                log.warning("fastbus WAL %s: subscriber %r committed offset %d of partition %d "
+                            "is past the end of the log (%d); resuming at the end",
+                            self._store.location, name, o, part.index, part.next_offset)
+                o = part.next_offset
+            start[part.index] = o
+        r = WalReader(self, name, start)
+        if not known:
+            r.commit()
+        return r
+
+    def _commit(self, name: str, offsets: dict[int, int]) -> None:
+        self._store.write_offsets(name, encode_offsets(name, offsets))
+        with self._lock:
+            self._groups[name] = dict(offsets)
+            self._m["commits"] += 1
+
+    def _snapshot(self, p: int) -> tuple[list[SegmentState], int, int, int, int]:
+        """(segments, log_start, visible offset, visible size of the active segment, next)."""
+        part = self._parts[p]
+        with self._lock:
+            if self._closed:
+                raise BusClosed(f"WalMessageQueue {self._store.location} is closed")
+            if not self._always and part.visible < part.next_offset and not part.io_busy \
+                    and part.broken is None:
+                with contextlib.suppress(OSError):  # the appenders and flush() report it
+                    self._do_write(part)
+            return (part.segments, part.log_start, part.visible, part.visible_size,
+                    part.next_offset)
+
+    # ------------------------------------------------------------------ info
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def end_offsets(self) -> dict[int, int]:
+        """The next offset to be assigned in each partition."""
+        with self._lock:
+            return {p.index: p.next_offset for p in self._parts}
+
+    def start_offsets(self) -> dict[int, int]:
+        """The first offset still kept in each partition."""
+        with self._lock:
+            return {p.index: p.log_start for p in self._parts}
+
+    def groups(self) -> dict[str, dict[int, int]]:
+        """Known subscribers and their committed offsets."""
+        with self._lock:
+            return {k: dict(v) for k, v in self._groups.items()}
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters and gauges (a snapshot dict; see docs/operations-wal.md)."""
+        with self._lock:
+            m: dict[str, Any] = dict(self._m)
+            m["partitions"] = self.partitions
+            m["fsync_policy"] = repr(self._fsync)
+            m["segments"] = sum(len(p.segments) for p in self._parts)
+            m["bytes"] = sum(s.size for p in self._parts for s in p.segments)
+            m["records"] = sum(p.next_offset - p.log_start for p in self._parts)
+            m["appends"] = sum(p.next_offset - p.opened_at for p in self._parts)
+            m["buffered_bytes"] = sum(len(p.enc) + len(p.unwritten) for p in self._parts)
+            m["unsynced_records"] = sum(p.next_offset - p.durable for p in self._parts)
+            m["group_commit_mean"] = (m["group_commit_records"] / m["group_commits"]
+                                      if m["group_commits"] else 0.0)
+            m["subscribers"] = len(self._groups)
+        rec = self._recoveries
+        m["recovered_records"] = sum(r.records for r in rec)
+        m["recovered_bytes"] = sum(r.bytes for r in rec)
+        m["truncated_bytes"] = sum(r.truncated_bytes for r in rec)
+        m["torn_tails"] = sum(1 for r in rec for f in r.findings if f.kind == "torn_tail")
+        m["corruption_reports"] = sum(1 for r in rec for f in r.findings
+                                      if f.kind != "torn_tail")
+        m["repaired_bytes"] = sum(r.repaired_bytes for r in rec)
+        m["repaired_segments_dropped"] = sum(r.dropped_segments for r in rec)
+        return m
+
+    stats = metrics
+
+    def recovery_report(self) -> list[str]:
+        """Human-readable findings of the recovery done when the queue was opened."""
+        return [f"partition {r.partition}: {f.describe()}" for r in self._recoveries
+                for f in r.findings]
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self) -> None:
+        """Flush (write + fdatasync) everything, stop the threads, release the lock.
+
+        Blocked ``poll`` calls return; later calls raise ``BusClosed``. Idempotent.
+        """
+        error: BaseException | None = None
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True  # appends and polls are refused from here on
+            for part in self._parts:
+                part.slow = True
+            self._cond.notify_all()
+            self._syncer_cond.notify_all()
+            try:
+                self._flush_locked(None)
+            except (OSError, FastbusError) as exc:
+                error = exc
+                log.error("fastbus WAL %s: close could not flush everything: %s",
+                          self._store.location, exc)
+        self._stop.set()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join()
+        with self._delete_lock:
+            self._close_handles()
+        self._store.close()
+        if error is not None:
+            raise error
+
+    def _close_handles(self) -> None:
+        for part in getattr(self, "_parts", ()):
+            for s in part.segments:
+                if s.handle is not None:
+                    s.handle.close()
+        for rec in getattr(self, "_recoveries", ()):
+            for s in rec.segments:
+                if s.handle is not None:
+                    s.handle.close()
+
+    def __enter__(self) -> WalMessageQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<WalMessageQueue {self._store.location} partitions={self.partitions} "
+                f"fsync={self._fsync!r}{' closed' if self._closed else ''}>")
+
+
+class _Cursor:
+    __slots__ = ("offset", "pos", "seg")
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset  # next offset to return
+        self.seg: SegmentState | None = None  # segment holding it, once resolved
+        self.pos = -1  # byte position of that record in seg
+
+
+class WalReader:
+    """Reads a :class:`WalMessageQueue` for one subscriber (group).
+
+    ``poll`` returns records across partitions in offset order per partition
+    (each ``Record.partition`` is set); ``commit`` makes everything returned so far
+    the subscriber's committed position (atomically, durably), so a restarted
+    reader resumes right after it. Delivery is at-least-once: records polled
+    but not committed before a crash are delivered again. A reader is meant for
+    one consumer thread; its methods are serialised by a lock.
+    """
+
+    def __init__(self, queue: WalMessageQueue, name: str, start: dict[int, int]) -> None:
+        self._q = queue
+        self.subscriber = name
+        self._cursors = {p: _Cursor(o) for p, o in start.items()}
+        self._committed = dict(start)
+        self._lock = threading.Lock()
+        self._next_part = 0
+
+    def __repr__(self) -> str:
+        return f"<WalReader {self.subscriber!r} positions={self.position}>"
+
+    @property
+    def position(self) -> dict[int, int]:
+        """Next offset ``poll`` returns, per partition."""
+        return {p: c.offset for p, c in self._cursors.items()}
+
+    @property
+    def committed(self) -> dict[int, int]:
+        """The committed offsets (next offset to process after a restart), per partition."""
+        return dict(self._committed)
+
+    @property
+    def lag(self) -> dict[int, int]:
+        """Records appended but not yet committed, per partition."""
+        ends = self._q.end_offsets()
+        return {p: max(0, ends[p] - o) for p, o in self._committed.items()}
+
+    def poll(self, max_records: int = 1000, timeout: float | None = 0.0) -> list[Record]:
+        """Up to ``max_records`` records; waits up to ``timeout`` seconds for the first
+        (None: until one arrives or the queue closes; 0: no wait).
+
+        Blocks on a condition that appends notify, never spinning. Raises
+        ``WalCorruptionError`` if a record read back fails its CRC (nothing
+        corrupt is returned) and ``BusClosed`` once the queue is closed.
+        """
+        if isinstance(max_records, bool) or not isinstance(max_records, int) \
+                or max_records < 1:
+            raise ValueError(f"max_records must be an int >= 1, got {max_records!r}")
+        q = self._q
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while True:
+                out = self._gather(max_records)
+                if out:
+                    q._m["polled_records"] += len(out)
+                    return out
+                with q._lock:
+                    if q._closed:
+                        raise BusClosed(f"WalMessageQueue {q._store.location} is closed")
+                    if any(q._parts[p].next_offset > c.offset
+                           for p, c in self._cursors.items()):
+                        continue  # data arrived meanwhile (or is buffered): read it
+                    if deadline is None:
+                        left = None
+                    else:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            return []
+                    q._readers_waiting += 1
+                    try:
+                        q._cond.wait(left)
+                    finally:
+                        q._readers_waiting -= 1
+
+    def _gather(self, max_records: int) -> list[Record]:
+        out: list[Record] = []
+        n = len(self._cursors)
+        start = self._next_part
+        self._next_part = (start + 1) % n
+        for i in range(n):
+            p = (start + i) % n
+            want = max_records - len(out)
+            if want <= 0:
+                break
+            out.extend(self._read_partition(p, want))
+        return out
+
+    def _read_partition(self, p: int, want: int) -> list[Record]:
+        q = self._q
+        cur = self._cursors[p]
+        segs, log_start, visible, visible_size, _ = q._snapshot(p)
+        if cur.offset < log_start:
+            skipped = log_start - cur.offset
+            with q._lock:
+                q._m["readers_moved_forward"] += 1
+                q._m["records_skipped"] += skipped
+            log.warning("fastbus WAL %s: subscriber %r was at offset %d of partition %d, "
+                        "which retention deleted; it moves forward to %d (%d records skipped)",
+                        q._store.location, self.subscriber, cur.offset, p, log_start, skipped)
+            cur.offset = log_start
+            cur.seg = None
+        if cur.offset >= visible:
+            return []
+        out: list[Record] = []
+        with q._delete_lock:
+            while len(out) < want and cur.offset < visible:
+                seg = cur.seg
+                if seg is None or seg.deleted:
+                    i = bisect.bisect_right([s.base for s in segs], cur.offset) - 1
+                    seg = segs[max(i, 0)]
+                    cur.seg = seg
+                    cur.pos = -1
+                if seg.deleted:
+                    return out  # retention ran meanwhile; the next poll moves forward
+                limit = visible_size if seg is segs[-1] else seg.size
+                if cur.pos < 0:
+                    self._locate(seg, cur)
+                if cur.pos >= limit:
+                    if seg is segs[-1] or cur.offset < seg.next_offset:
+                        break
+                    j = segs.index(seg) + 1
+                    cur.seg = segs[j]
+                    cur.pos = 0
+                    continue
+                out.extend(self._read_records(p, seg, cur, limit, want - len(out)))
+        return out
+
+    def _locate(self, seg: SegmentState, cur: _Cursor) -> None:
+        """Find the byte position of ``cur.offset`` in ``seg`` via the sparse index."""
+        i = bisect.bisect_right(seg.index_offsets, cur.offset) - 1
+        if i >= 0:
+            off, pos = seg.index_offsets[i], seg.index_positions[i]
+        else:
+            off, pos = seg.base, 0
+        assert seg.handle is not None
+        while off < cur.offset:
+            chunk = seg.handle.read(pos, _READ_CHUNK)
+            res = scan(chunk, 0, max_records=cur.offset - off, expected_offset=off)
+            if res.count == 0:
+                self._bad(seg, pos, res.reason)
+            off += res.count
+            pos += res.end
+        cur.pos = pos
+
+    def _read_records(self, p: int, seg: SegmentState, cur: _Cursor, limit: int,
+                      want: int) -> list[Record]:
+        handle = seg.handle
+        assert handle is not None
+        size = min(limit - cur.pos, _READ_CHUNK)
+        chunk = handle.read(cur.pos, size)
+        res = scan(chunk, 0, max_records=want, expected_offset=cur.offset)
+        if res.count == 0:
+            if res.reason == "truncated" and len(chunk) >= 4:
+                need = 4 + int.from_bytes(chunk[:4], "little")
+                if cur.pos + need <= limit:
+                    chunk = handle.read(cur.pos, need)
+                    res = scan(chunk, 0, max_records=1, expected_offset=cur.offset)
+            if res.count == 0:
+                self._bad(seg, cur.pos, res.reason)
+        elif res.reason not in ("end", "max_records", "truncated"):
+            # Deliver the good records before the damage; the next poll raises.
+            pass
+        records = res.records
+        cur.pos += res.end
+        cur.offset += res.count
+        ser = self._q._serializer
+        if ser is None:
+            for r in records:
+                r.partition = p
+            return records
+        out = []
+        for r in records:
+            d = _DecodedRecord(r.offset, r.timestamp_ns, r.key, r.headers, r.payload, p)
+            d._value = ser.loads(r.payload)
+            out.append(d)
+        return out
+
+    def _bad(self, seg: SegmentState, pos: int, reason: str) -> None:
+        raise WalCorruptionError(
+            f"WAL corruption read back from {seg.location} at byte {pos} ({reason}); the "
+            "record is not delivered. Close the queue and run `fastbus wal verify`; reopen "
+            "with repair=True to truncate there", path=seg.location, position=pos)
+
+    def commit(self) -> None:
+        """Persist the positions after everything ``poll`` returned so far (atomic, durable)."""
+        with self._lock:
+            offsets = {p: c.offset for p, c in self._cursors.items()}
+            self._q._commit(self.subscriber, offsets)
+            self._committed = offsets
+
+    def seek(self, offset: int, partition: int | None = None) -> None:
+        """Make ``poll`` continue at ``offset`` (in ``partition``, or in every partition).
+
+        An offset before the partition's start moves to the start; one past its end
+        raises ``ValueError``. The committed offsets change only with ``commit()``.
+        """
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be an int >= 0, got {offset!r}")
+        q = self._q
+        parts = list(self._cursors) if partition is None else [q._check_partition(partition)]
+        starts, ends = q.start_offsets(), q.end_offsets()
+        for p in parts:
+            if offset > ends[p]:
+                raise ValueError(f"offset {offset} is past the end of partition {p} (next "
+                                 f"offset {ends[p]}); seek to at most {ends[p]}")
+        with self._lock:
+            for p in parts:
+                c = self._cursors[p]
+                c.offset = max(offset, starts[p])
+                c.seg = None
+                c.pos = -1

@@ -1,0 +1,184 @@
+"""Recovery: check a partition's segments on open and decide what is valid.
+
+For each segment in order the codec's ``verify`` walks the records (CRC32C,
+lengths, consecutive offsets starting at the segment's base) without building
+Python objects, and returns the valid prefix plus a sparse index. Then:
+
+- the valid prefix ends at the end of the data: clean;
+- the *last* segment ends in bytes that hold no complete valid record at or
+  after the first bad byte (``next_record_at`` finds none): a torn tail, the
+  normal result of a crash mid-write. It is truncated (mode ``"open"``) and
+  reported;
+- anything else (a bad record followed by a good one, a bad record in a
+  segment that is not the last, a record whose offset is not the expected one,
+  a gap between segments) is mid-log corruption: :class:`WalCorruptionError`
+  naming the file and byte offset, unless mode is ``"repair"``, which truncates
+  there and drops every later segment, reporting what went.
+
+Mode ``"check"`` changes nothing and raises nothing: it only reports (used by
+``fastbus wal verify``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from .._walcodec import next_record_at, verify
+from ..errors import WalCorruptionError
+from ..stores import SegmentHandle, Store
+
+__all__ = ["INDEX_INTERVAL", "Finding", "PartitionRecovery", "SegmentState",
+           "recover_partition"]
+
+log = logging.getLogger("fastbus.wal")
+
+INDEX_INTERVAL = 4096  # bytes between sparse index entries
+
+
+@dataclass(slots=True, eq=False)
+class SegmentState:
+    """What the queue knows about one segment (kept in memory, never on disk)."""
+
+    base: int
+    location: str
+    handle: SegmentHandle | None
+    size: int  # valid bytes
+    next_offset: int  # base + records
+    max_timestamp_ns: int
+    created: float  # clock seconds; for age-based rolling
+    index_offsets: list[int] = field(default_factory=list)
+    index_positions: list[int] = field(default_factory=list)
+    last_index_pos: int = -INDEX_INTERVAL
+    deleted: bool = False
+
+    @property
+    def count(self) -> int:
+        return self.next_offset - self.base
+
+    def add_index(self, offset: int, position: int) -> None:
+        if position - self.last_index_pos >= INDEX_INTERVAL:
+            self.index_offsets.append(offset)
+            self.index_positions.append(position)
+            self.last_index_pos = position
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    kind: str  # "torn_tail" | "corruption" | "gap"
+    location: str
+    position: int
+    reason: str
+    bytes_after: int  # bytes from position to the end of that segment
+
+    def describe(self) -> str:
+        if self.kind == "torn_tail":
+            return (f"torn tail in {self.location} at byte {self.position} ({self.reason}, "
+                    f"{self.bytes_after} bytes after the last valid record)")
+        return (f"corruption in {self.location} at byte {self.position} ({self.reason}; "
+                f"{self.bytes_after} bytes from there to the end of the segment)")
+
+
+@dataclass(slots=True)
+class PartitionRecovery:
+    partition: int
+    segments: list[SegmentState]
+    findings: list[Finding] = field(default_factory=list)
+    records: int = 0
+    bytes: int = 0
+    truncated_bytes: int = 0  # torn tails cut
+    repaired_bytes: int = 0  # corrupt data cut or dropped with repair=True
+    dropped_segments: int = 0
+
+
+def _corrupt(f: Finding) -> WalCorruptionError:
+    return WalCorruptionError(
+        f"WAL {f.describe()}: a damaged record is followed by data, so this is not a torn "
+        "tail. Nothing was changed. Copy the directory for analysis, then open with "
+        "repair=True to truncate the partition at this point (later records are lost), "
+        "or restore from a replica",
+        path=f.location, position=f.position)
+
+
+def recover_partition(store: Store, partition: int, *, mode: str, clock_now: float,
+                      index_interval: int = INDEX_INTERVAL) -> PartitionRecovery:
+    """Scan ``partition``'s segments; ``mode`` is "open", "repair" or "check"."""
+    if mode not in ("open", "repair", "check"):
+        raise ValueError(f"mode must be 'open', 'repair' or 'check', got {mode!r}")
+    writable = mode != "check"
+    bases = store.list_segments(partition)
+    out = PartitionRecovery(partition, [])
+    expected_base: int | None = None
+    for i, base in enumerate(bases):
+        location = store.segment_location(partition, base)
+        is_last = i == len(bases) - 1
+        if expected_base is not None and base != expected_base:
+            f = Finding("gap", location, 0,
+                        f"segment starts at offset {base}, expected {expected_base}", 0)
+            out.findings.append(f)
+            if mode == "open":
+                raise _corrupt(f)
+            if mode == "repair":
+                _drop(store, partition, bases[i:], out)
+            break
+        handle = store.open_segment(partition, base, writable=writable)
+        size = handle.size()
+        data = handle.read(0, size) if size else b""
+        vr = verify(data, 0, expected_offset=base, index_interval=index_interval)
+        count, end = vr.count, vr.end
+        seg = SegmentState(
+            base=base, location=location, handle=handle, size=end, next_offset=base + count,
+            max_timestamp_ns=vr.max_timestamp_ns if count else 0,
+            created=(vr.max_timestamp_ns / 1e9) if count else clock_now)
+        if len(vr.index):
+            seg.index_offsets = vr.index[:, 0].tolist()
+            seg.index_positions = vr.index[:, 1].tolist()
+        if seg.index_positions:
+            seg.last_index_pos = seg.index_positions[-1]
+        out.records += count
+        out.bytes += end
+        if vr.reason != "end":
+            tail = size - end
+            torn = (is_last and vr.reason != "bad_offset"
+                    and next_record_at(data, end + 1) == -1)
+            f = Finding("torn_tail" if torn else "corruption", location, end, vr.reason, tail)
+            out.findings.append(f)
+            if torn:
+                if mode != "check":
+                    log.warning("fastbus WAL recovery: %s; truncating it", f.describe())
+                    handle.truncate(end)
+                    out.truncated_bytes += tail
+            elif mode == "open":
+                _close_all([*out.segments, seg])
+                raise _corrupt(f)
+            elif mode == "repair":
+                log.error("fastbus WAL repair: %s; truncating there and dropping %d later "
+                          "segment(s)", f.describe(), len(bases) - i - 1)
+                handle.truncate(end)
+                out.repaired_bytes += tail
+                out.segments.append(seg)
+                _drop(store, partition, bases[i + 1:], out)
+                break
+            else:  # check: report the first corruption only; later data is suspect
+                out.segments.append(seg)
+                break
+        out.segments.append(seg)
+        expected_base = seg.next_offset
+    if mode == "check":
+        _close_all(out.segments)
+    return out
+
+
+def _drop(store: Store, partition: int, bases: list[int], out: PartitionRecovery) -> None:
+    for base in bases:
+        h = store.open_segment(partition, base, writable=True)
+        out.repaired_bytes += h.size()
+        h.close()
+        store.delete_segment(partition, base)
+        out.dropped_segments += 1
+
+
+def _close_all(segments: list[SegmentState]) -> None:
+    for s in segments:
+        if s.handle is not None:
+            s.handle.close()

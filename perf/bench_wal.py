@@ -1,0 +1,349 @@
+"""pyperf benchmarks of the WAL (fastbus.WalMessageQueue), peers in the same run.
+
+    .venv/bin/python perf/bench_wal.py -o perf/results/bench_wal.json
+    .venv/bin/python perf/bench_wal.py --debug-single-value --quiet -o /dev/null   (smoke)
+
+Every value is the time per record (inner_loops = records per call), so records/s =
+1 / value. Payloads are 100 bytes. Data goes to --dir (default: a temporary directory
+on the same file system as this checkout), one fresh queue per timed call.
+
+fastbus:
+- append-every1000: ``append`` one record at a time, FsyncPolicy.every(1000), then
+  ``flush()`` (included). Durability: records reach the OS in 64 KiB writes (and on
+  every sync, flush and 5 ms linger); fdatasync every 1000 records by a background
+  thread; only flush() guarantees survival of kill -9 and power loss.
+- append_many-every1000: the same with batches of 1000 (``append_many``).
+- always-1thread / always-8threads: FsyncPolicy.always(): each append returns once
+  its record is fdatasync'ed; 8 threads share fdatasyncs (group commit).
+- recovery-verify-200k: the verify scan of reopening (read + CRC-check every record of
+  a 200 000-record partition, build the sparse index); recovery-reopen-200k: the whole
+  WalMessageQueue open (lock, meta, verify, offsets) and close.
+
+peers (same run, same payloads, same file system):
+- raw-write-fdatasync: ``os.write`` of one 136-byte record then ``os.fdatasync``, in a
+  loop (the hardware bound for one synchronous writer). Durability = always.
+- sqlite-commit-each: plain sqlite3 table, WAL journal, synchronous=FULL, one INSERT and
+  one COMMIT per record. Durability = always.
+- sqlite-commit-1000: the same with one COMMIT per 1000 INSERTs (synchronous=FULL).
+  Durability = every(1000): a commit is durable; up to 999 records are lost on a crash.
+- persist-queue-file: persistqueue.Queue (file queue), ``put``: every put is
+  write()+flush()ed to the OS and its info file replaced (no fsync); fdatasync once
+  per chunk (chunksize 1000 here). Durability: kill -9 safe per put; power loss
+  safe per 1000 records (data file only).
+- queuelib-fifodisk: queuelib.FifoDiskQueue ``push``: one os.write per push, never an
+  fsync. Durability: kill -9 safe per push; power loss: none.
+persist-queue and queuelib are optional (``pip install persist-queue queuelib``, the
+``bench`` extra); a missing one is skipped and said so.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+
+import pyperf
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+
+from fastbus import FsyncPolicy, Retention, WalMessageQueue  # noqa: E402
+from fastbus._walcodec import encode_record  # noqa: E402
+from fastbus.stores import FileStore  # noqa: E402
+from fastbus.wal.recovery import recover_partition  # noqa: E402
+
+PAYLOAD = bytes(range(100))
+KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
+APPENDS = 20_000
+SYNCS = 50
+THREADS = 8
+PER_THREAD = 25
+PEER_N = 2_000
+
+
+class Scratch:
+    """A fresh directory per timed call, removed afterwards."""
+
+    def __init__(self, base: str | None) -> None:
+        self.base = base
+
+    def __enter__(self) -> str:
+        self.path = tempfile.mkdtemp(prefix="bench_wal_", dir=self.base)
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _queue(path: str, fsync: FsyncPolicy) -> WalMessageQueue:
+    return WalMessageQueue(os.path.join(path, "q"), fsync=fsync, retention=KEEP,
+                           compaction_interval=None)
+
+
+def bench_append(loops: int, base: str | None) -> float:
+    total = 0.0
+    for _ in range(loops):
+        with Scratch(base) as d:
+            q = _queue(d, FsyncPolicy.every(1000))
+            append = q.append
+            payload = PAYLOAD
+            t0 = time.perf_counter()
+            for _ in range(APPENDS):
+                append(payload)
+            q.flush()
+            total += time.perf_counter() - t0
+            q.close()
+    return total
+
+
+def bench_append_many(loops: int, base: str | None) -> float:
+    total = 0.0
+    batch = [PAYLOAD] * 1000
+    for _ in range(loops):
+        with Scratch(base) as d:
+            q = _queue(d, FsyncPolicy.every(1000))
+            t0 = time.perf_counter()
+            for _ in range(APPENDS // 1000):
+                q.append_many(batch)
+            q.flush()
+            total += time.perf_counter() - t0
+            q.close()
+    return total
+
+
+def bench_always_1(loops: int, base: str | None) -> float:
+    total = 0.0
+    for _ in range(loops):
+        with Scratch(base) as d:
+            q = _queue(d, FsyncPolicy.always())
+            t0 = time.perf_counter()
+            for _ in range(SYNCS):
+                q.append(PAYLOAD)
+            total += time.perf_counter() - t0
+            q.close()
+    return total
+
+
+def bench_always_threads(loops: int, base: str | None) -> float:
+    total = 0.0
+    for _ in range(loops):
+        with Scratch(base) as d:
+            q = _queue(d, FsyncPolicy.always())
+            go = threading.Barrier(THREADS + 1)
+
+            def work(q: WalMessageQueue, go: threading.Barrier) -> None:
+                go.wait()
+                for _ in range(PER_THREAD):
+                    q.append(PAYLOAD)
+
+            threads = [threading.Thread(target=work, args=(q, go)) for _ in range(THREADS)]
+            for t in threads:
+                t.start()
+            t0 = time.perf_counter()
+            go.wait()
+            for t in threads:
+                t.join()
+            total += time.perf_counter() - t0
+            q.close()
+    return total
+
+
+def bench_raw_fdatasync(loops: int, base: str | None) -> float:
+    record = encode_record(0, 0, None, None, PAYLOAD)
+    total = 0.0
+    for _ in range(loops):
+        with Scratch(base) as d:
+            fd = os.open(os.path.join(d, "raw.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                         0o600)
+            t0 = time.perf_counter()
+            for _ in range(SYNCS):
+                os.write(fd, record)
+                os.fdatasync(fd)
+            total += time.perf_counter() - t0
+            os.close(fd)
+    return total
+
+
+_RECOVERY_DIR: list[str] = []
+
+
+def _recovery_queue(base: str | None, records: int) -> str:
+    if not _RECOVERY_DIR:
+        d = tempfile.mkdtemp(prefix="bench_wal_recovery_", dir=base)
+        q = _queue(d, FsyncPolicy.never())
+        batch = [PAYLOAD] * 1000
+        for _ in range(records // 1000):
+            q.append_many(batch)
+        q.close()
+        _RECOVERY_DIR.append(d)
+    return os.path.join(_RECOVERY_DIR[0], "q")
+
+
+def bench_recovery_verify(loops: int, base: str | None, records: int) -> float:
+    path = _recovery_queue(base, records)
+    store = FileStore(path)
+    store.open(readonly=True)
+    total = 0.0
+    for _ in range(loops):
+        t0 = time.perf_counter()
+        rec = recover_partition(store, 0, mode="check", clock_now=0.0)
+        total += time.perf_counter() - t0
+        assert rec.records == records and not rec.findings
+    return total
+
+
+def bench_recovery_reopen(loops: int, base: str | None, records: int) -> float:
+    path = _recovery_queue(base, records)
+    total = 0.0
+    for _ in range(loops):
+        t0 = time.perf_counter()
+        q = WalMessageQueue(path, fsync=FsyncPolicy.never(), retention=KEEP,
+                            compaction_interval=None)
+        q.close()
+        total += time.perf_counter() - t0
+    return total
+
+
+def bench_sqlite(loops: int, base: str | None, per_commit: int, n: int) -> float:
+    total = 0.0
+    for _ in range(loops):
+        with Scratch(base) as d:
+            con = sqlite3.connect(os.path.join(d, "q.db"), isolation_level=None)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute("CREATE TABLE q (id INTEGER PRIMARY KEY, ts INTEGER, body BLOB)")
+            t0 = time.perf_counter()
+            for i in range(n):
+                if i % per_commit == 0:
+                    con.execute("BEGIN")
+                con.execute("INSERT INTO q (ts, body) VALUES (?, ?)", (i, PAYLOAD))
+                if i % per_commit == per_commit - 1:
+                    con.execute("COMMIT")
+            if con.in_transaction:
+                con.execute("COMMIT")
+            total += time.perf_counter() - t0
+            con.close()
+    return total
+
+
+def bench_persist_queue(loops: int, base: str | None) -> float:
+    import persistqueue
+    total = 0.0
+    for _ in range(loops):
+        with Scratch(base) as d:
+            q = persistqueue.Queue(os.path.join(d, "pq"), chunksize=1000, tempdir=d)
+            t0 = time.perf_counter()
+            for _ in range(PEER_N):
+                q.put(PAYLOAD)
+            total += time.perf_counter() - t0
+            del q
+    return total
+
+
+def bench_queuelib(loops: int, base: str | None) -> float:
+    from queuelib import FifoDiskQueue
+    total = 0.0
+    for _ in range(loops):
+        with Scratch(base) as d:
+            q = FifoDiskQueue(os.path.join(d, "ql"))
+            t0 = time.perf_counter()
+            for _ in range(PEER_N):
+                q.push(PAYLOAD)
+            total += time.perf_counter() - t0
+            q.close()
+    return total
+
+
+def _available(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def drop_devnull_output(argv: list[str]) -> list[str]:
+    """Remove ``-o /dev/null``: pyperf refuses an existing output file, and the
+    smoke run (``--debug-single-value --quiet -o /dev/null``) wants no file."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg in ("-o", "--output") and i + 1 < len(argv) and argv[i + 1] == os.devnull:
+            skip = True
+        elif arg == f"--output={os.devnull}":
+            pass
+        else:
+            out.append(arg)
+    return out
+
+
+def add_cmdline_args(cmd: list[str], args) -> None:
+    if args.dir:
+        cmd.extend(["--dir", args.dir])
+    cmd.extend(["--records", str(args.records)])
+
+
+def main() -> None:
+    sys.argv = drop_devnull_output(sys.argv)
+    runner = pyperf.Runner(add_cmdline_args=add_cmdline_args)
+    runner.argparser.add_argument("--dir", default=None,
+                                  help="where the queues are created (default: a temp dir)")
+    runner.argparser.add_argument("--records", type=int, default=200_000,
+                                  help="records in the recovery benchmark's partition")
+    args = runner.parse_args()
+    base = args.dir
+    results: dict[str, float] = {}
+
+    def run(name: str, func, inner: int, *extra) -> None:
+        bench = runner.bench_time_func(name, func, base, *extra, inner_loops=inner)
+        if bench is not None and not runner.args.worker and bench.get_nvalue():
+            results[name] = bench.median()
+
+    run("append-every1000-fastbus", bench_append, APPENDS)
+    run("append_many-every1000-fastbus", bench_append_many, APPENDS)
+    run("sqlite-commit-1000", bench_sqlite, PEER_N * 5, 1000, PEER_N * 5)
+    if _available("persistqueue"):
+        run("persist-queue-file", bench_persist_queue, PEER_N)
+    elif not runner.args.worker:
+        print("skipped persist-queue-file: persist-queue is not installed "
+              "(pip install persist-queue)")
+    if _available("queuelib"):
+        run("queuelib-fifodisk", bench_queuelib, PEER_N)
+    elif not runner.args.worker:
+        print("skipped queuelib-fifodisk: queuelib is not installed (pip install queuelib)")
+    run("always-1thread-fastbus", bench_always_1, SYNCS)
+    run("raw-write-fdatasync", bench_raw_fdatasync, SYNCS)
+    run("sqlite-commit-each", bench_sqlite, SYNCS, 1, SYNCS)
+    run("always-8threads-fastbus", bench_always_threads, THREADS * PER_THREAD)
+    run("recovery-verify-200k", bench_recovery_verify, args.records, args.records)
+    run("recovery-reopen-200k", bench_recovery_reopen, args.records, args.records)
+    for d in _RECOVERY_DIR:
+        shutil.rmtree(d, ignore_errors=True)
+
+    if results and not runner.args.worker and not runner.args.quiet:
+        rate = {k: 1.0 / v for k, v in results.items()}
+        print("\nrecords/s (median):")
+        for k, v in rate.items():
+            print(f"  {k:32s} {v:14,.0f}")
+
+        def ratio(a: str, b: str, target: float) -> None:
+            if a in rate and b in rate:
+                print(f"  {a} / {b}: {rate[a] / rate[b]:.2f}x (target >= {target}x)")
+
+        print("ratios:")
+        ratio("always-1thread-fastbus", "raw-write-fdatasync", 0.8)
+        ratio("always-8threads-fastbus", "raw-write-fdatasync", 4)
+        for peer in ("sqlite-commit-1000", "persist-queue-file", "queuelib-fifodisk"):
+            ratio("append-every1000-fastbus", peer, 10)
+            ratio("append_many-every1000-fastbus", peer, 10)
+        ratio("always-1thread-fastbus", "sqlite-commit-each", 1)
+
+
+if __name__ == "__main__":
+    main()

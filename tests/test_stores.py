@@ -1,0 +1,218 @@
+"""The Store implementations: layout, permissions, atomic documents, locks, faults."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fastbus import FastbusError, FileStore, MemoryStore, SQLiteStore, Store, WalLockedError
+from fastbus._walcodec import RecordEncoder, verify
+from fastbus.stores import SegmentHandle, check_subscriber_name
+
+
+def records(first: int, n: int, size: int = 50) -> bytes:
+    enc = RecordEncoder()
+    for i in range(n):
+        enc.add(first + i, 1_000 + i, None, None, bytes([i % 256]) * size)
+    with enc.getbuffer() as mv:
+        return mv.tobytes()
+
+
+@pytest.fixture(params=["file", "sqlite", "memory"])
+def store(request, tmp_path) -> Store:
+    if request.param == "file":
+        s: Store = FileStore(tmp_path / "q")
+    elif request.param == "sqlite":
+        s = SQLiteStore(tmp_path / "q.db")
+    else:
+        s = MemoryStore()
+    s.open()
+    yield s
+    s.close()
+
+
+def test_protocol_is_implemented(store):
+    assert isinstance(store, Store)
+    seg = store.create_segment(0, 0)
+    assert isinstance(seg, SegmentHandle)
+
+
+def test_segments_roundtrip_and_truncate(store):
+    seg = store.create_segment(0, 0)
+    data = records(0, 10)
+    cut = len(records(0, 4))  # a record boundary
+    seg.append(data[:cut])
+    seg.append(memoryview(data)[cut:])
+    seg.sync()
+    assert seg.size() == len(data)
+    assert seg.read(0, len(data)) == data
+    assert seg.read(100, 50) == data[100:150]
+    vr = verify(store.open_segment(0, 0, writable=False).read(0, 10**6), 0, expected_offset=0)
+    assert (vr.count, vr.reason) == (10, "end")
+    seg.truncate(cut)
+    assert seg.size() == cut
+    assert store.open_segment(0, 0, writable=False).read(0, 10**6) == data[:cut]
+    store.create_segment(0, 4)
+    store.create_segment(1, 0)
+    assert store.list_segments(0) == [0, 4]
+    assert store.list_partitions() == [0, 1]
+    store.delete_segment(0, 0)
+    assert store.list_segments(0) == [4]
+    with pytest.raises(FileNotFoundError):
+        store.open_segment(0, 0, writable=False)
+
+
+def test_documents_are_replaced(store):
+    assert store.read_meta() is None
+    store.write_meta(b'{"a": 1}')
+    store.write_meta(b'{"a": 2}')
+    assert store.read_meta() == b'{"a": 2}'
+    assert store.read_offsets("g") is None
+    store.write_offsets("g", b"one")
+    store.write_offsets("g", b"two")
+    store.write_offsets("h", b"x")
+    assert store.read_offsets("g") == b"two"
+    assert store.list_groups() == ["g", "h"]
+    store.delete_offsets("h")
+    assert store.list_groups() == ["g"]
+
+
+def test_file_layout_and_permissions(tmp_path):
+    s = FileStore(tmp_path / "q")
+    s.open()
+    try:
+        s.write_meta(b"{}")
+        s.create_segment(3, 1234).append(records(1234, 2))
+        s.write_offsets("billing", b"{}")
+        root = tmp_path / "q"
+        seg = root / "p-0003" / "00000000000000001234.log"
+        assert seg.exists()
+        assert (root / "offsets" / "billing.json").exists()
+        for f in (seg, root / "meta.json", root / "offsets" / "billing.json", root / ".lock"):
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+        for d in (root, root / "p-0003", root / "offsets"):
+            assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+        assert not list((root / "offsets").glob(".*.tmp"))  # temp file was renamed
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("bad", ["", ".hidden", "a/b", "a\\b", "x\x00", "..", "t\n", "a" * 201])
+def test_subscriber_names_are_checked(bad):
+    with pytest.raises(ValueError, match="subscriber name"):
+        check_subscriber_name(bad)
+
+
+def test_subscriber_name_type():
+    with pytest.raises(TypeError, match="must be a str"):
+        check_subscriber_name(b"x")
+    assert check_subscriber_name("billing-workers.v2") == "billing-workers.v2"
+
+
+def test_lock_in_same_process(tmp_path):
+    for make in (lambda: FileStore(tmp_path / "q"), lambda: SQLiteStore(tmp_path / "q.db")):
+        a = make()
+        a.open()
+        b = make()
+        with pytest.raises(WalLockedError, match="locked by another writer") as info:
+            b.open()
+        assert isinstance(info.value, FastbusError)
+        a.close()
+        b.open()  # free again
+        b.close()
+
+
+def test_lock_held_by_another_process(tmp_path):
+    path = tmp_path / "q"
+    code = textwrap.dedent(f"""
+        import sys, time
+        from fastbus import FileStore
+        s = FileStore({str(path)!r}); s.open()
+        print("locked", flush=True)
+        sys.stdin.readline()
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(WalLockedError):
+            FileStore(path).open()
+    finally:
+        child.stdin.write("\n")
+        child.stdin.close()
+        child.wait(10)
+        child.stdout.close()
+    s = FileStore(path)
+    s.open()
+    s.close()
+
+
+def test_readonly_file_store_takes_no_lock_and_refuses_writes(tmp_path):
+    w = FileStore(tmp_path / "q")
+    w.open()
+    r = FileStore(tmp_path / "q")
+    r.open(readonly=True)  # no WalLockedError: readers need no lock
+    with pytest.raises(PermissionError):
+        r.write_meta(b"x")
+    r.close()
+    w.close()
+    with pytest.raises(FileNotFoundError):
+        FileStore(tmp_path / "missing").open(readonly=True)
+
+
+def test_memory_fail_after_is_a_torn_write():
+    s = MemoryStore()
+    s.open()
+    seg = s.create_segment(0, 0)
+    s.fail_after(100)
+    with pytest.raises(OSError) as info:
+        seg.append(b"x" * 150)
+    assert info.value.errno == errno.ENOSPC
+    assert "p-0000/00000000000000000000.log" in str(info.value)
+    assert seg.size() == 100  # part of the buffer landed
+    with pytest.raises(OSError):
+        seg.append(b"y")  # still failing
+    s.clear_faults()
+    seg.truncate(0)
+    seg.append(b"z" * 10)
+    assert seg.read(0, 100) == b"z" * 10
+
+
+def test_memory_enospc_writes_nothing_and_power_loss_drops_unsynced():
+    s = MemoryStore()
+    s.open()
+    seg = s.create_segment(0, 0)
+    seg.append(b"a" * 10)
+    seg.sync()
+    seg.append(b"b" * 10)
+    s.enospc()
+    with pytest.raises(OSError, match="No space left"):
+        seg.append(b"c")
+    assert seg.size() == 20
+    s.clear_faults()
+    s.lose_unsynced()
+    assert s.open_segment(0, 0, writable=False).read(0, 100) == b"a" * 10
+    with pytest.raises(WalLockedError):
+        s.open()  # still open for writing
+
+
+def test_sqlite_rejects_partial_record_writes(tmp_path):
+    s = SQLiteStore(tmp_path / "q.db")
+    s.open()
+    try:
+        seg = s.create_segment(0, 0)
+        data = records(0, 3)
+        with pytest.raises(ValueError, match="incomplete record"):
+            seg.append(data[:-5])
+        assert seg.size() == 0
+        seg.append(data)
+        assert s.open_segment(0, 0, writable=False).read(0, 10**6) == data
+    finally:
+        s.close()
+    assert stat.S_IMODE(os.stat(tmp_path / "q.db").st_mode) == 0o600
