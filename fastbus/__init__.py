@@ -58,9 +58,9 @@ __all__ = [
     "WalLockedError",
     "WalMessageQueue",
     "WalReader",
+    "__version__",
     "crc32c",
     "murmur2",
     "partition_for",
     "partition_many",
-    "__version__",
 ]

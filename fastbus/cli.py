@@ -193,11 +193,22 @@ def register_wal(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_dump)
 
 
-# --------------------------------------------------------------------- other commands
-# `fastbus demo` and `fastbus bench` register here: add a register_xxx(subparsers)
-# function and append it to COMMANDS.
+# --------------------------------------------------------------------- fastbus demo
 
-COMMANDS: list[Callable[[Any], None]] = [register_wal]
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run()
+
+
+def register_demo(subparsers: Any) -> None:
+    p = subparsers.add_parser("demo", help="show the main job of the bus (under a minute)")
+    p.set_defaults(func=_cmd_demo)
+
+
+# Another command: add a register_xxx(subparsers) function and append it to COMMANDS.
+
+COMMANDS: list[Callable[[Any], None]] = [register_demo, register_wal]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -155,7 +155,7 @@ class _Group:
     change: partition p belongs to member ``p % len(members)`` in join order.
     """
 
-    __slots__ = ("members", "name", "owners", "reader", "thread")
+    __slots__ = ("done", "members", "name", "owners", "reader", "thread")
 
     def __init__(self, name: str | None) -> None:
         self.name = name
@@ -163,6 +163,7 @@ class _Group:
         self.owners: tuple[_Member, ...] = ()
         self.reader: Any = None
         self.thread: threading.Thread | None = None
+        self.done: dict[int, int] = {}  # durable: next offset not yet handled, per partition
 
     def assign(self, partitions: int) -> None:
         m = self.members
@@ -186,6 +187,7 @@ class _Topic:
         self.errors = 0
         self.rebalances = 0
         self.meter = RateMeter()
+        self.meter.sample(0)
         self.draining: list[tuple[PartitionSlot, ...]] = []
         self.wal: Any = None
         self.wal_stop = threading.Event()
@@ -416,7 +418,7 @@ class ScalableBus(BusCore):
         if t is None:
             if self._closed:
                 raise BusClosed("publish on a closed ScalableBus")
-            return self._inner.publish(topic, message)
+            return self._inner_publish(topic, message)
         hdrs = None if headers is None else _check_headers(headers)
         bp = self._bp
         if bp._state is not _NORMAL:
@@ -453,7 +455,7 @@ class ScalableBus(BusCore):
             if keys is not None:
                 raise ValueError(f"topic {topic!r} is not configured: keys need partitions "
                                  f"(configure_topic first)")
-            return [self._inner.publish(topic, m) for m in msgs]
+            return [self._inner_publish(topic, m) for m in msgs]
         hdrs = None if headers is None else _check_headers(headers)
         klist = None if keys is None else (keys if type(keys) is list else list(keys))
         if klist is not None and len(klist) != len(msgs):
@@ -625,7 +627,7 @@ class ScalableBus(BusCore):
                 t.errors += errors
         inner_subs = self._inner_subs
         if inner_subs is None or t.name in inner_subs:
-            publish = self._inner.publish
+            publish = self._inner_publish
             name = t.name
             for msg in batch:
                 try:
@@ -708,7 +710,7 @@ class ScalableBus(BusCore):
             assert self._data_dir is not None
             os.makedirs(self._data_dir, mode=0o700, exist_ok=True)
             target = os.path.join(self._data_dir, name)
-        return WalMessageQueue(target, partitions=config.partitions or 1, fsync=config.fsync,
+        return WalMessageQueue(target, partitions=config.partitions, fsync=config.fsync,
                                retention=config.retention)
 
     def _append_durable(self, t: _Topic, message: Any, key: Any,
@@ -718,17 +720,32 @@ class ScalableBus(BusCore):
         _, offset = t.wal.append(message, key=key, headers=hdrs)
         with t.lock:
             t.published_durable += 1
+        if self._inner_subs is None or t.name in self._inner_subs:
+            # Durable topics forward to the inner bus once the record is in the WAL,
+            # in the publisher's thread: its subscribers get every message even
+            # when no fastbus group reads the topic.
+            try:
+                self._inner_publish(t.name, message)
+            except Exception as exc:
+                with t.lock:
+                    t.errors += 1
+                self._handler_error(exc, message, self._inner_publish)
         return offset
 
     def _start_durable_group(self, t: _Topic, g: _Group) -> None:
-        name = g.name if g.name is not None else f"_anon-{id(g):x}"
-        g.reader = t.wal.reader(name)
-        if g.name is None:
-            # An ungrouped subscriber gets what is published from now on.
-            for p in range(t.n):
-                g.reader.seek(t.wal.end_offset(p), partition=p)
+        from .wal import WalReader
+
+        if g.name is not None:
+            # A group resumes at its committed offsets (from a previous run too).
+            g.reader = t.wal.reader(g.name)
+        else:
+            # An ungrouped subscriber gets what is published from now on, and
+            # commits nothing: it leaves no offsets file and holds no data back.
+            g.reader = WalReader(t.wal, f"_anonymous-{id(g):x}", t.wal.end_offsets())
+        g.done = g.reader.position
         g.thread = threading.Thread(target=self._durable_loop, args=(t, g),
-                                    name=f"fastbus-wal-{t.name}-{name}", daemon=True)
+                                    name=f"fastbus-wal-{t.name}-{g.name or 'anonymous'}",
+                                    daemon=True)
         g.thread.start()
 
     def _stop_durable_group(self, t: _Topic, g: _Group) -> None:
@@ -737,23 +754,48 @@ class ScalableBus(BusCore):
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=10)
 
+    def _group_behind(self, t: _Topic, g: _Group) -> bool:
+        if g.reader is None or g.thread is None:
+            return False
+        done = g.done
+        return any(end > done.get(p, 0) for p, end in t.wal.end_offsets().items())
+
     def _durable_loop(self, t: _Topic, g: _Group) -> None:
+        """Deliver one group's records: poll, hand each to its partition's owner, commit.
+
+        The commit follows the handlers, so delivery is at-least-once: records
+        handled but not yet committed when the process dies come again.
+        """
         reader = g.reader
         anonymous = g.name is None
         while not t.wal_stop.is_set() and g.thread is not None:
-            records = reader.poll(max_records=self._max_batch, timeout=0.05)
-            if not records:
-                continue
-            by_owner: dict[int, list[Message]] = {}
-            for r in records:
-                msg = Message(t.name, r.payload, r.key, dict(r.headers), r.timestamp_ns,
-                              r.partition, r.offset)
-                by_owner.setdefault(r.partition, []).append(msg)
-            errors = 0
-            for p, msgs in by_owner.items():
-                owners = g.owners
-                if not owners:
-                    break
+            try:
+                records = reader.poll(max_records=self._max_batch, timeout=0.05)
+                if not records:
+                    continue
+                self._deliver_records(t, g, records)
+                if not anonymous:
+                    reader.commit()
+                g.done = reader.position
+            except BusClosed:
+                return
+            except Exception as exc:  # WalCorruptionError, an I/O error: stop, say so
+                log.error("fastbus: delivery of durable topic %r to group %r stopped",
+                          t.name, g.name, exc_info=exc)
+                with t.lock:
+                    self._drops["wal_read_errors"] = self._drops.get("wal_read_errors", 0) + 1
+                return
+
+    def _deliver_records(self, t: _Topic, g: _Group, records: list[Any]) -> None:
+        by_partition: dict[int, list[Message]] = {}
+        for r in records:
+            by_partition.setdefault(r.partition, []).append(
+                Message(t.name, r.payload, r.key, r.headers, r.timestamp_ns, r.partition,
+                        r.offset))
+        errors = 0
+        for p, msgs in by_partition.items():
+            owners = g.owners
+            if owners:
                 m = owners[p % len(owners)]
                 if m.batch:
                     try:
@@ -765,19 +807,9 @@ class ScalableBus(BusCore):
                     errors += deliver_each(
                         m.call, msgs,
                         lambda exc, msg, h=m.handler: self._handler_error(exc, msg, h))
-                inner_subs = self._inner_subs
-                if inner_subs is None or t.name in inner_subs:
-                    for msg in msgs:
-                        try:
-                            self._inner.publish(t.name, msg.payload)
-                        except Exception as exc:
-                            errors += 1
-                            self._handler_error(exc, msg, self._inner.publish)
-            if not anonymous:
-                reader.commit()
-            with t.lock:
-                t.delivered += len(records)
-                t.errors += errors
+        with t.lock:
+            t.delivered += len(records)
+            t.errors += errors
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -815,7 +847,7 @@ class ScalableBus(BusCore):
                     return False
             if t.wal is not None:
                 for g in t.groups:
-                    if g.reader is not None and g.reader.lag:
+                    if self._group_behind(t, g):
                         return False
         return self._runq.empty()
 
@@ -908,12 +940,9 @@ class ScalableBus(BusCore):
                 for part in old:
                     spills += getattr(part.carrier, "spills", 0)
             if t.wal is not None:
-                wal = dict(t.wal.stats())
-                lags = {}
-                for g in t.groups:
-                    if g.reader is not None and g.name is not None:
-                        lags[g.name] = g.reader.lag
-                wal["group_lag"] = lags
+                wal = dict(t.wal.metrics())
+                wal["group_lag"] = {g.name: sum(g.reader.lag.values()) for g in t.groups
+                                    if g.reader is not None and g.name is not None}
             spills_total += spills
             groups = {g.name: len(g.members) for g in t.groups if g.name is not None}
             per_topic[t.name] = TopicMetrics(

@@ -7,6 +7,7 @@ import pytest
 
 from fastbus import (
     BusClosed,
+    BusOverloaded,
     InProcessBus,
     LimitExceeded,
     Limits,
@@ -330,12 +331,19 @@ def test_no_loss_through_1000_limit_changes_under_4_publishers():
         stop = threading.Event()
         published = []
 
+        refused = []
+
         def produce(pid):
             n = 0
+            accepted = 0
             while not stop.is_set():
-                bus.publish("t", (pid, n), key=str(n % 9))
+                try:
+                    bus.publish("t", (pid, n), key=str(n % 9))
+                    accepted += 1
+                except BusOverloaded:  # refused, not lost: the publisher was told
+                    refused.append((pid, n))
                 n += 1
-            published.append(n)
+            published.append(accepted)
 
         producers = [threading.Thread(target=produce, args=(p,)) for p in range(4)]
         for p in producers:
@@ -350,6 +358,7 @@ def test_no_loss_through_1000_limit_changes_under_4_publishers():
         assert bus.flush(30)
     assert len(got) == sum(published)
     assert len({m.payload for m in got}) == sum(published)
+    assert not {m.payload for m in got} & set(refused)
 
 
 async def _async_limits(bus):
