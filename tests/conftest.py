@@ -7,7 +7,6 @@ import pathlib
 import pytest
 
 
-
 def pytest_sessionstart(session: pytest.Session) -> None:
     root = pathlib.Path(__file__).resolve().parent.parent / "fastbus"
     compiled = sorted(p.stem for p in root.glob("*.pyx"))
