@@ -33,14 +33,16 @@ lint: $(STAMP)
 unit: build
 	$(PY) -m pytest -q
 
-# The suite again on a debug build (bounds checks and invariant assertions on),
-# built out of tree in build/debug so the release build in place is untouched.
+# The suite again on a debug build (bounds checks and invariant assertions on), built
+# out of tree in build/debug (a copy of the package and its tests) so the release build
+# in place is untouched.
+DEBUG_TESTS := tests/test_ring.py tests/test_partition.py tests/test_walcodec.py tests/test_scalable.py
 test-debug: $(STAMP)
 	rm -rf build/debug && mkdir -p build/debug
-	cp -r fastbus build/debug/ && rm -f build/debug/fastbus/*.so build/debug/fastbus/*.c
-	cd build/debug && FASTBUS_DEBUG_BUILD=1 ../../$(PY) ../../setup.py -q build_ext --inplace -j 2
-	FASTBUS_TEST_DEBUG_BUILD=1 $(PY) -m pytest -q -o pythonpath=build/debug -m "not slow" \
-		tests/test_ring.py tests/test_partition.py tests/test_walcodec.py
+	cp -r fastbus tests setup.py pyproject.toml build/debug/
+	rm -f build/debug/fastbus/*.so build/debug/fastbus/*.c
+	cd build/debug && FASTBUS_DEBUG_BUILD=1 ../../$(PY) setup.py -q build_ext --inplace -j 2
+	cd build/debug && FASTBUS_TEST_DEBUG_BUILD=1 ../../$(PY) -m pytest -q -m "not slow" $(DEBUG_TESTS)
 
 bench-smoke: build
 	@set -e; for f in perf/bench_*.py; do \
