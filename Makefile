@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.fastbus-installed
 BUILD_DEPS := "setuptools>=77" wheel "Cython>=3.1,<4" "numpy>=1.26" "cysignals>=1.11"
 PERF_SMOKE := --debug-single-value --quiet
 
-.PHONY: all build demo test lint unit test-debug bench-smoke bench bench-report docs wheel clean
+.PHONY: all build demo test lint unit test-debug bench-smoke wheel-check bench bench-report docs wheel clean
 
 all: build
 
@@ -49,7 +49,22 @@ bench-smoke: build
 		echo "== smoke: $$f"; $(PY) $$f $(PERF_SMOKE) >/dev/null || { echo "FAILED: $$f"; exit 1; }; \
 	done; echo "bench smoke: every perf/ script ran"
 
-test: lint unit test-debug bench-smoke
+# The packaging promise: a platform wheel (no .c, no compiler needed to install it) and
+# an sdist with the .pyx/.pxd sources but no generated C.
+wheel-check: $(STAMP)
+	rm -rf build/wheelcheck && mkdir -p build/wheelcheck
+	$(PY) -m build -q --wheel --sdist -o build/wheelcheck/dist . >/dev/null
+	@if tar tzf build/wheelcheck/dist/*.tar.gz | grep -E '\.(c|so)$$'; then \
+		echo "sdist carries generated files"; exit 1; fi
+	@if unzip -l build/wheelcheck/dist/*.whl | grep -E '\.(c|pyx)$$'; then \
+		echo "wheel carries sources"; exit 1; fi
+	$(PYTHON) -m venv build/wheelcheck/venv
+	build/wheelcheck/venv/bin/python -m pip install -q build/wheelcheck/dist/*.whl
+	cd build/wheelcheck && CC=/bin/false venv/bin/python -c "import fastbus, fastbus._partition as p; \
+		assert 'wheelcheck/venv' in p.__file__, p.__file__; \
+		assert fastbus.partition_for(b'foobar', 50) == 16; print('wheel ok:', p.__file__)"
+
+test: lint unit test-debug bench-smoke wheel-check
 
 bench: build
 	$(PY) -m pip install -q -e ".[bench]" --no-build-isolation
