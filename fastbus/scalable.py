@@ -517,7 +517,7 @@ class ScalableBus(BusCore):
             member = _Member(sub, handler, self._make_call(handler), batch, g)
             sub._data = member
             if t.wal is not None and new_group:
-                self._start_durable_group(t, g)
+                self._open_group_reader(t, g)  # may raise: nothing changed yet
             with t.lock:
                 g.members = [*g.members, member]
                 if t.config.partitions is None and t.wal is None and len(g.members) > t.n:
@@ -527,6 +527,9 @@ class ScalableBus(BusCore):
                     t.groups = (*t.groups, g)
                 elif len(g.members) > 1:
                     t.rebalances += 1
+            if t.wal is not None and new_group:
+                # Only now that the group has an owner for every partition.
+                self._start_group_thread(t, g)
             return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
@@ -732,7 +735,7 @@ class ScalableBus(BusCore):
                 self._handler_error(exc, message, self._inner_publish)
         return offset
 
-    def _start_durable_group(self, t: _Topic, g: _Group) -> None:
+    def _open_group_reader(self, t: _Topic, g: _Group) -> None:
         from .wal import WalReader
 
         if g.name is not None:
@@ -743,6 +746,8 @@ class ScalableBus(BusCore):
             # commits nothing: it leaves no offsets file and holds no data back.
             g.reader = WalReader(t.wal, f"_anonymous-{id(g):x}", t.wal.end_offsets())
         g.done = g.reader.position
+
+    def _start_group_thread(self, t: _Topic, g: _Group) -> None:
         g.thread = threading.Thread(target=self._durable_loop, args=(t, g),
                                     name=f"fastbus-wal-{t.name}-{g.name or 'anonymous'}",
                                     daemon=True)
@@ -773,7 +778,10 @@ class ScalableBus(BusCore):
                 records = reader.poll(max_records=self._max_batch, timeout=0.05)
                 if not records:
                     continue
-                self._deliver_records(t, g, records)
+                if not self._deliver_records(t, g, records):
+                    # The group lost its last member mid-batch: commit nothing, so
+                    # the group's next reader starts again from its last commit.
+                    return
                 if not anonymous:
                     reader.commit()
                 g.done = reader.position
@@ -786,30 +794,36 @@ class ScalableBus(BusCore):
                     self._drops["wal_read_errors"] = self._drops.get("wal_read_errors", 0) + 1
                 return
 
-    def _deliver_records(self, t: _Topic, g: _Group, records: list[Any]) -> None:
+    def _deliver_records(self, t: _Topic, g: _Group, records: list[Any]) -> bool:
+        """Hand ``records`` to their partitions' owners; False if the group has none left."""
         by_partition: dict[int, list[Message]] = {}
         for r in records:
             by_partition.setdefault(r.partition, []).append(
                 Message(t.name, r.payload, r.key, r.headers, r.timestamp_ns, r.partition,
                         r.offset))
         errors = 0
+        delivered = True
         for p, msgs in by_partition.items():
             owners = g.owners
-            if owners:
-                m = owners[p % len(owners)]
-                if m.batch:
-                    try:
-                        m.call(msgs)
-                    except Exception as exc:
-                        errors += 1
-                        self._handler_error(exc, msgs, m.handler)
-                else:
-                    errors += deliver_each(
-                        m.call, msgs,
-                        lambda exc, msg, h=m.handler: self._handler_error(exc, msg, h))
+            if not owners:
+                delivered = False
+                break
+            m = owners[p % len(owners)]
+            if m.batch:
+                try:
+                    m.call(msgs)
+                except Exception as exc:
+                    errors += 1
+                    self._handler_error(exc, msgs, m.handler)
+            else:
+                errors += deliver_each(
+                    m.call, msgs,
+                    lambda exc, msg, h=m.handler: self._handler_error(exc, msg, h))
         with t.lock:
-            t.delivered += len(records)
+            if delivered:
+                t.delivered += len(records)
             t.errors += errors
+        return delivered
 
     # -- lifecycle ------------------------------------------------------------
 
