@@ -325,5 +325,10 @@ cdef class BusCore:
             if self._closed:
                 from fastbus.errors import BusClosed
                 raise BusClosed("publish on a closed ScalableBus")
+            if key is not None or headers is not None:
+                raise ValueError(
+                    f"topic {topic!r} is not configured, so it passes straight to the inner "
+                    f"bus, which takes no key or headers; configure it first with "
+                    f"bus.configure_topic({topic!r}, TopicConfig(...))")
             return self._inner_publish(topic, message)
         return self._publish_topic(t, message, key, headers)

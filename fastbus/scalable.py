@@ -357,10 +357,17 @@ class ScalableBus(BusCore):
                 self._repartition(t, config.partitions)
             return config
 
-    def topic_config(self, name: str) -> TopicConfig | None:
-        """The config of a configured topic, or None for a pass-through topic."""
+    def topic_config(self, name: str) -> TopicConfig:
+        """The config in force for ``name``; ``KeyError`` if it was never configured."""
         t = self._topics.get(check_topic(name))
-        return None if t is None else t.config
+        if t is None:
+            raise KeyError(f"topic {name!r} is not configured (it passes straight to the "
+                           f"inner bus); configure it with configure_topic")
+        return t.config
+
+    def is_configured(self, name: str) -> bool:
+        """True if ``name`` is carried by fastbus, False if it passes to the inner bus."""
+        return check_topic(name) in self._topics
 
     def topics(self) -> list[str]:
         return list(self._topics)

@@ -284,7 +284,13 @@ def test_live_topic_changes_that_are_refused(bus):
     with pytest.raises(ValueError, match="hot"):
         bus.configure_topic("t", TopicConfig(partitions=4, hot=True))
     assert bus.topic_config("t") == TopicConfig(partitions=4)
-    assert bus.topic_config("unknown") is None
+    assert bus.is_configured("t") and not bus.is_configured("unknown")
+    with pytest.raises(KeyError, match="not configured"):
+        bus.topic_config("unknown")
+    with pytest.raises(ValueError, match="not configured"):
+        bus.publish("unknown", 1, key="k")
+    with pytest.raises(ValueError, match="not configured"):
+        bus.publish("unknown", 1, headers={"a": "b"})
 
 
 # -- limits ---------------------------------------------------------------------
