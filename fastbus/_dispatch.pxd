@@ -28,7 +28,9 @@ cdef class PartitionSlot:
 cdef class TopicCore:
     cdef readonly object name
     cdef public tuple parts
-    cdef object depth_add
+    cdef public object depth_add
+    cdef public object _bp
+    cdef public object _bp_in
     cdef object schedule
     cdef public bint closed
     cdef int64_t _rr

@@ -335,7 +335,7 @@ class ScalableBus(BusCore):
                     t.wal = self._open_wal(name, config)
                 else:
                     parts = self._new_parts(t, config.partitions or 1, held=False)
-                    t.core = TopicCore(name, parts, self._bp.add, self._runq.put)
+                    t.core = TopicCore(name, parts, self._bp.add, self._runq.put, self._bp)
                 self._topics = {**self._topics, name: t}
                 return config
             old = t.config
