@@ -21,6 +21,12 @@ handlers, which run on the event loop they were subscribed from.
 
 Errors: a handler that raises does not stop delivery; the exception goes to
 ``on_error(exc, message, handler)`` (default: logged) and is counted.
+
+Durable topics are at-least-once: a group's offsets are committed after its
+handlers for a polled batch returned (or raised: the record counts as handled,
+it is not retried), so after a crash a group gets again at most the records it
+had not committed; a restarted bus on the same ``data_dir`` resumes each group
+at its commit.
 """
 
 from __future__ import annotations
@@ -311,9 +317,11 @@ class ScalableBus(BusCore):
         a live topic raises ``ValueError``. A new topic beyond
         ``Limits.max_topics`` raises ``LimitExceeded``.
 
-        With ``partitions=None`` the count follows the subscribers: it starts at
-        the size of the largest group (at least 1) and grows when a group gets
-        more members than partitions, so every member owns a partition.
+        With ``partitions=None`` the count of an in-memory topic follows the
+        subscribers: it starts at the size of the largest group (at least 1) and
+        grows when a group gets more members than partitions, so every member
+        owns a partition. A durable topic keeps the count of its WAL (1 for a
+        new one): members beyond it own no partition.
         """
         check_topic(name)
         config = TopicConfig() if config is None else config
@@ -517,7 +525,10 @@ class ScalableBus(BusCore):
             member = _Member(sub, handler, self._make_call(handler), batch, g)
             sub._data = member
             if t.wal is not None and new_group:
-                self._start_durable_group(t, g)
+                # Open the reader (it may raise) but start delivering only once the
+                # member owns the partitions: a record polled for nobody must not
+                # be committed.
+                self._open_durable_group(t, g)
             with t.lock:
                 g.members = [*g.members, member]
                 if t.config.partitions is None and t.wal is None and len(g.members) > t.n:
@@ -527,6 +538,8 @@ class ScalableBus(BusCore):
                     t.groups = (*t.groups, g)
                 elif len(g.members) > 1:
                     t.rebalances += 1
+            if new_group and g.thread is not None:
+                g.thread.start()
             return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
@@ -732,7 +745,8 @@ class ScalableBus(BusCore):
                 self._handler_error(exc, message, self._inner_publish)
         return offset
 
-    def _start_durable_group(self, t: _Topic, g: _Group) -> None:
+    def _open_durable_group(self, t: _Topic, g: _Group) -> None:
+        """Give ``g`` its WAL reader and its (not yet started) delivery thread."""
         from .wal import WalReader
 
         if g.name is not None:
@@ -746,7 +760,6 @@ class ScalableBus(BusCore):
         g.thread = threading.Thread(target=self._durable_loop, args=(t, g),
                                     name=f"fastbus-wal-{t.name}-{g.name or 'anonymous'}",
                                     daemon=True)
-        g.thread.start()
 
     def _stop_durable_group(self, t: _Topic, g: _Group) -> None:
         thread = g.thread
@@ -764,7 +777,12 @@ class ScalableBus(BusCore):
         """Deliver one group's records: poll, hand each to its partition's owner, commit.
 
         The commit follows the handlers, so delivery is at-least-once: records
-        handled but not yet committed when the process dies come again.
+        handled but not yet committed when the process dies come again. A
+        handler that raises has had its record: the error goes to ``on_error``
+        and is counted, and the record is committed like the others (no retry,
+        so one bad record cannot stall the group). Records polled for a
+        partition that has no owner at that moment (the group's last member
+        just left) are not committed: the reader goes back to them.
         """
         reader = g.reader
         anonymous = g.name is None
@@ -773,10 +791,14 @@ class ScalableBus(BusCore):
                 records = reader.poll(max_records=self._max_batch, timeout=0.05)
                 if not records:
                     continue
-                self._deliver_records(t, g, records)
+                undelivered = self._deliver_records(t, g, records)
+                for p, offset in undelivered.items():
+                    reader.seek(offset, p)
                 if not anonymous:
                     reader.commit()
                 g.done = reader.position
+                if undelivered:
+                    time.sleep(0.001)  # membership is changing: let it settle
             except BusClosed:
                 return
             except Exception as exc:  # WalCorruptionError, an I/O error: stop, say so
@@ -786,30 +808,38 @@ class ScalableBus(BusCore):
                     self._drops["wal_read_errors"] = self._drops.get("wal_read_errors", 0) + 1
                 return
 
-    def _deliver_records(self, t: _Topic, g: _Group, records: list[Any]) -> None:
+    def _deliver_records(self, t: _Topic, g: _Group, records: list[Any]) -> dict[int, int]:
+        """Hand ``records`` to their partitions' owners; returns, for each partition
+        that had no owner, the first offset not delivered."""
         by_partition: dict[int, list[Message]] = {}
         for r in records:
             by_partition.setdefault(r.partition, []).append(
                 Message(t.name, r.payload, r.key, r.headers, r.timestamp_ns, r.partition,
                         r.offset))
         errors = 0
+        delivered = 0
+        undelivered: dict[int, int] = {}
         for p, msgs in by_partition.items():
             owners = g.owners
-            if owners:
-                m = owners[p % len(owners)]
-                if m.batch:
-                    try:
-                        m.call(msgs)
-                    except Exception as exc:
-                        errors += 1
-                        self._handler_error(exc, msgs, m.handler)
-                else:
-                    errors += deliver_each(
-                        m.call, msgs,
-                        lambda exc, msg, h=m.handler: self._handler_error(exc, msg, h))
+            if not owners:
+                undelivered[p] = msgs[0].offset
+                continue
+            m = owners[p % len(owners)]
+            if m.batch:
+                try:
+                    m.call(msgs)
+                except Exception as exc:
+                    errors += 1
+                    self._handler_error(exc, msgs, m.handler)
+            else:
+                errors += deliver_each(
+                    m.call, msgs,
+                    lambda exc, msg, h=m.handler: self._handler_error(exc, msg, h))
+            delivered += len(msgs)
         with t.lock:
-            t.delivered += len(records)
+            t.delivered += delivered
             t.errors += errors
+        return undelivered
 
     # -- lifecycle ------------------------------------------------------------
 
