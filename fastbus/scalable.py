@@ -50,6 +50,7 @@ from .bus import is_async_handler as _is_async
 from .config import ConfigRef, Limits, Thresholds, TopicConfig
 from .errors import BusClosed, LimitExceeded
 from .metrics import RateMeter, RingMetrics, ScalingMetrics, TopicMetrics
+from .stores import Store
 
 __all__ = ["ScalableBus"]
 
@@ -220,9 +221,13 @@ class ScalableBus(BusCore):
 
     - ``inner``: the bus to decorate (an ``InProcessBus`` when None). Topics
       that are not configured go straight to it.
-    - ``data_dir``/``store``: where durable topics keep their WAL (one
-      directory per topic under ``data_dir``); required before configuring a
-      durable topic.
+    - ``data_dir``/``store``: where durable topics keep their WAL; one of
+      them is required before configuring a durable topic, and not both.
+      ``data_dir``: one directory per topic under it (a ``FileStore`` each).
+      ``store``: a ``fastbus.Store`` (``FileStore``, ``SQLiteStore``,
+      ``MemoryStore``), which holds one WAL and so carries one durable topic
+      (a second one raises ``ValueError``), or a callable ``store(topic) ->
+      Store`` called once for each durable topic configured.
     - ``workers``: dispatch threads for in-memory topics (default: 2 x CPUs,
       at least 2, at most 8). ``max_batch``: most messages handed to a handler
       (``batch=True``) or dispatched in one turn. ``linger``: seconds a worker
@@ -268,8 +273,18 @@ class ScalableBus(BusCore):
         self._inner_subs = inner._subs if type(inner) is InProcessBus else None
         self._limits: ConfigRef[Limits] = ConfigRef(limits)
         self._bp = MessageBusBackpressure(limits.max_queue_size, thresholds)
+        if store is not None:
+            if data_dir is not None:
+                raise ValueError("pass data_dir or store, not both: data_dir keeps each "
+                                 "durable topic in a directory under it, store says where "
+                                 "a WAL lives")
+            if not isinstance(store, Store) and not callable(store):
+                raise TypeError(f"store must be a fastbus.Store (FileStore, SQLiteStore, "
+                                f"MemoryStore) or a callable topic -> Store, got "
+                                f"{type(store).__name__}")
         self._data_dir = os.fspath(data_dir) if data_dir is not None else None
         self._store = store
+        self._store_topic: str | None = None  # the durable topic a Store instance carries
         self._topics: dict[str, _Topic] = {}
         self._lock = threading.RLock()  # topic table and subscriptions
         self._on_error = on_error or _log_error
@@ -717,14 +732,28 @@ class ScalableBus(BusCore):
         from .wal import WalMessageQueue
 
         target: Any
-        if self._store is not None:
-            target = self._store(name) if callable(self._store) else self._store
+        store = self._store
+        if isinstance(store, Store):
+            if self._store_topic is not None:
+                raise ValueError(
+                    f"cannot make {name!r} durable: the store {store!r} holds one WAL and "
+                    f"carries topic {self._store_topic!r} already; pass "
+                    f"store=lambda topic: <a Store per topic>, or data_dir=")
+            target = store
+        elif store is not None:
+            target = store(name)
+            if not isinstance(target, Store):
+                raise TypeError(f"store({name!r}) must return a fastbus.Store (FileStore, "
+                                f"SQLiteStore, MemoryStore), got {type(target).__name__}")
         else:
             assert self._data_dir is not None
             os.makedirs(self._data_dir, mode=0o700, exist_ok=True)
             target = os.path.join(self._data_dir, name)
-        return WalMessageQueue(target, partitions=config.partitions, fsync=config.fsync,
-                               retention=config.retention)
+        wal = WalMessageQueue(target, partitions=config.partitions, fsync=config.fsync,
+                              retention=config.retention)
+        if isinstance(store, Store):
+            self._store_topic = name
+        return wal
 
     def _append_durable(self, t: _Topic, message: Any, key: Any,
                         hdrs: dict[str, Any] | None) -> int:
