@@ -57,6 +57,7 @@ __all__ = ["ScalableBus"]
 log = logging.getLogger("fastbus")
 
 _NORMAL = BackpressureState.NORMAL
+_SHEDDING = BackpressureState.SHEDDING
 _STOP = object()
 
 
@@ -236,7 +237,9 @@ class ScalableBus(BusCore):
 
     Publishing never blocks on subscribers, except through backpressure: a
     publish in CRITICAL state is delayed, and in SHEDDING a publish to a topic
-    that is not ``critical`` raises ``BusOverloaded``. A publish that returned
+    that is not ``critical`` raises ``BusOverloaded`` (also when the state rose
+    to SHEDDING while the publish was being delayed, so delayed publishers
+    cannot together push the depth past the shedding level). A publish that returned
     reaches every subscriber group once while the process lives.
     """
 
@@ -426,6 +429,8 @@ class ScalableBus(BusCore):
         bp = self._bp
         if bp._state is not _NORMAL:
             extra = bp.admit(topic, critical=t.config.critical)
+            if bp._state is _SHEDDING and not t.config.critical:
+                extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
             if extra:
                 hdrs = {**hdrs, **extra} if hdrs else dict(extra)
         return self._enqueue(t, message, key, hdrs)
@@ -446,6 +451,8 @@ class ScalableBus(BusCore):
         bp = self._bp
         if bp._state is not _NORMAL:
             extra = await bp.admit_async(topic, critical=t.config.critical)
+            if bp._state is _SHEDDING and not t.config.critical:
+                extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
             if extra:
                 hdrs = {**hdrs, **extra} if hdrs else dict(extra)
         if t.wal is not None and t.config.fsync.mode == "always":
@@ -487,6 +494,8 @@ class ScalableBus(BusCore):
         bp = self._bp
         if bp._state is not _NORMAL:
             extra = bp.admit(topic, critical=t.config.critical)
+            if bp._state is _SHEDDING and not t.config.critical:
+                extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
             if extra:
                 hdrs = {**hdrs, **extra} if hdrs else dict(extra)
         if not msgs:
