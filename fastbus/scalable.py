@@ -57,6 +57,7 @@ __all__ = ["ScalableBus"]
 log = logging.getLogger("fastbus")
 
 _NORMAL = BackpressureState.NORMAL
+_CRITICAL = BackpressureState.CRITICAL
 _SHEDDING = BackpressureState.SHEDDING
 _STOP = object()
 
@@ -233,7 +234,8 @@ class ScalableBus(BusCore):
       at least 2, at most 8). ``max_batch``: most messages handed to a handler
       (``batch=True``) or dispatched in one turn. ``linger``: seconds a worker
       may wait to fill a batch while the bus is not under pressure (0 = deliver
-      at once).
+      at once); in CRITICAL and SHEDDING workers do not linger, and one that
+      is lingering when the state rises delivers at once.
 
     Publishing never blocks on subscribers, except through backpressure: a
     publish in CRITICAL state is delayed, and in SHEDDING a publish to a topic
@@ -276,6 +278,11 @@ class ScalableBus(BusCore):
         self._inner_subs = inner._subs if type(inner) is InProcessBus else None
         self._limits: ConfigRef[Limits] = ConfigRef(limits)
         self._bp = MessageBusBackpressure(limits.max_queue_size, thresholds)
+        # Set while the state is CRITICAL or above: wakes workers lingering for a
+        # batch, so they deliver at once (the closure holds no reference to self).
+        pressure = self._pressure = threading.Event()
+        self._bp.on_change(
+            lambda old, new, u: pressure.set() if new >= _CRITICAL else pressure.clear())
         if store is not None:
             if data_dir is not None:
                 raise ValueError("pass data_dir or store, not both: data_dir keeps each "
@@ -625,7 +632,9 @@ class ScalableBus(BusCore):
         carrier = part.carrier
         bp = self._bp
         if self._linger and bp.batching_allowed and carrier.depth() < self._max_batch:
-            time.sleep(self._linger)
+            # Linger for a fuller batch, unless the bus comes under pressure meanwhile
+            # (CRITICAL and above: deliver at once).
+            self._pressure.wait(self._linger)
         batch = carrier.take(self._max_batch)
         if batch:
             try:

@@ -341,3 +341,57 @@ def test_bounded_memory_and_no_loss_with_8_publishers(config):
     finally:
         held.release()
         bus.close()
+
+
+# -- consumers: no lingering in CRITICAL and above (issue 6) ------------------------------
+
+
+def test_dispatch_lingers_only_while_batching_is_allowed():
+    linger = 0.4
+    bus = ScalableBus(limits=Limits(max_queue_size=CAP),
+                      thresholds=Thresholds(min_delay=0.01, max_delay=0.02), workers=2,
+                      max_batch=64, linger=linger)
+    held = Held()
+    arrived: list[float] = []
+    try:
+        bus.configure_topic("q", TopicConfig(partitions=1))
+        bus.configure_topic("fast", TopicConfig(partitions=1))
+        bus.subscribe("q", held)
+        bus.subscribe("fast", lambda m: arrived.append(time.monotonic()))
+        bp = bus.backpressure
+
+        def latency() -> float:
+            n = len(arrived)
+            t0 = time.monotonic()
+            bus.publish("fast", "x")
+            deadline = t0 + 5
+            while len(arrived) == n and time.monotonic() < deadline:
+                time.sleep(0.002)
+            return arrived[-1] - t0
+
+        assert bp.batching_allowed
+        assert latency() >= linger * 0.9  # NORMAL: the worker waits to fill a batch
+        fill(bus, "q", held, 17)
+        assert bp.state is C and not bp.batching_allowed
+        assert latency() < linger / 2  # CRITICAL: delivered at once
+        # A worker already lingering when the state rises delivers at once too.
+        bp.reconfigure(warning=0.95, critical=0.97, shedding=1.0)
+        assert bp.state is N and bp.batching_allowed
+        n = len(arrived)
+        t0 = time.monotonic()
+        bus.publish("fast", "y")
+        time.sleep(0.05)  # the worker is lingering now
+        assert len(arrived) == n
+        bp.reconfigure(warning=0.5, critical=0.6, shedding=0.95)
+        assert bp.state is C
+        deadline = t0 + 5
+        while len(arrived) == n and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert arrived[-1] - t0 < linger * 0.75
+        held.release()
+        assert bus.flush(10)
+        assert bp.state is N and bp.batching_allowed
+        assert latency() >= linger * 0.9  # back to batching
+    finally:
+        held.release()
+        bus.close()
