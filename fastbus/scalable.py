@@ -21,6 +21,12 @@ handlers, which run on the event loop they were subscribed from.
 
 Errors: a handler that raises does not stop delivery; the exception goes to
 ``on_error(exc, message, handler)`` (default: logged) and is counted.
+
+Durable topics are at-least-once: a group's offsets are committed after its
+handlers for a polled batch returned (or raised: the record counts as handled,
+it is not retried), so after a crash a group gets again at most the records it
+had not committed; a restarted bus on the same ``data_dir`` resumes each group
+at its commit.
 """
 
 from __future__ import annotations
@@ -44,12 +50,15 @@ from .bus import is_async_handler as _is_async
 from .config import ConfigRef, Limits, Thresholds, TopicConfig
 from .errors import BusClosed, LimitExceeded
 from .metrics import RateMeter, RingMetrics, ScalingMetrics, TopicMetrics
+from .stores import Store
 
 __all__ = ["ScalableBus"]
 
 log = logging.getLogger("fastbus")
 
 _NORMAL = BackpressureState.NORMAL
+_CRITICAL = BackpressureState.CRITICAL
+_SHEDDING = BackpressureState.SHEDDING
 _STOP = object()
 
 
@@ -214,18 +223,25 @@ class ScalableBus(BusCore):
 
     - ``inner``: the bus to decorate (an ``InProcessBus`` when None). Topics
       that are not configured go straight to it.
-    - ``data_dir``/``store``: where durable topics keep their WAL (one
-      directory per topic under ``data_dir``); required before configuring a
-      durable topic.
+    - ``data_dir``/``store``: where durable topics keep their WAL; one of
+      them is required before configuring a durable topic, and not both.
+      ``data_dir``: one directory per topic under it (a ``FileStore`` each).
+      ``store``: a ``fastbus.Store`` (``FileStore``, ``SQLiteStore``,
+      ``MemoryStore``), which holds one WAL and so carries one durable topic
+      (a second one raises ``ValueError``), or a callable ``store(topic) ->
+      Store`` called once for each durable topic configured.
     - ``workers``: dispatch threads for in-memory topics (default: 2 x CPUs,
       at least 2, at most 8). ``max_batch``: most messages handed to a handler
       (``batch=True``) or dispatched in one turn. ``linger``: seconds a worker
       may wait to fill a batch while the bus is not under pressure (0 = deliver
-      at once).
+      at once); in CRITICAL and SHEDDING workers do not linger, and one that
+      is lingering when the state rises delivers at once.
 
     Publishing never blocks on subscribers, except through backpressure: a
     publish in CRITICAL state is delayed, and in SHEDDING a publish to a topic
-    that is not ``critical`` raises ``BusOverloaded``. A publish that returned
+    that is not ``critical`` raises ``BusOverloaded`` (also when the state rose
+    to SHEDDING while the publish was being delayed, so delayed publishers
+    cannot together push the depth past the shedding level). A publish that returned
     reaches every subscriber group once while the process lives.
     """
 
@@ -262,8 +278,23 @@ class ScalableBus(BusCore):
         self._inner_subs = inner._subs if type(inner) is InProcessBus else None
         self._limits: ConfigRef[Limits] = ConfigRef(limits)
         self._bp = MessageBusBackpressure(limits.max_queue_size, thresholds)
+        # Set while the state is CRITICAL or above: wakes workers lingering for a
+        # batch, so they deliver at once (the closure holds no reference to self).
+        pressure = self._pressure = threading.Event()
+        self._bp.on_change(
+            lambda old, new, u: pressure.set() if new >= _CRITICAL else pressure.clear())
+        if store is not None:
+            if data_dir is not None:
+                raise ValueError("pass data_dir or store, not both: data_dir keeps each "
+                                 "durable topic in a directory under it, store says where "
+                                 "a WAL lives")
+            if not isinstance(store, Store) and not callable(store):
+                raise TypeError(f"store must be a fastbus.Store (FileStore, SQLiteStore, "
+                                f"MemoryStore) or a callable topic -> Store, got "
+                                f"{type(store).__name__}")
         self._data_dir = os.fspath(data_dir) if data_dir is not None else None
         self._store = store
+        self._store_topic: str | None = None  # the durable topic a Store instance carries
         self._topics: dict[str, _Topic] = {}
         self._lock = threading.RLock()  # topic table and subscriptions
         self._on_error = on_error or _log_error
@@ -311,9 +342,11 @@ class ScalableBus(BusCore):
         a live topic raises ``ValueError``. A new topic beyond
         ``Limits.max_topics`` raises ``LimitExceeded``.
 
-        With ``partitions=None`` the count follows the subscribers: it starts at
-        the size of the largest group (at least 1) and grows when a group gets
-        more members than partitions, so every member owns a partition.
+        With ``partitions=None`` the count of an in-memory topic follows the
+        subscribers: it starts at the size of the largest group (at least 1) and
+        grows when a group gets more members than partitions, so every member
+        owns a partition. A durable topic keeps the count of its WAL (1 for a
+        new one): members beyond it own no partition.
         """
         check_topic(name)
         config = TopicConfig() if config is None else config
@@ -410,6 +443,8 @@ class ScalableBus(BusCore):
         bp = self._bp
         if bp._state is not _NORMAL:
             extra = bp.admit(topic, critical=t.config.critical)
+            if bp._state is _SHEDDING and not t.config.critical:
+                extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
             if extra:
                 hdrs = {**hdrs, **extra} if hdrs else dict(extra)
         return self._enqueue(t, message, key, hdrs)
@@ -430,6 +465,8 @@ class ScalableBus(BusCore):
         bp = self._bp
         if bp._state is not _NORMAL:
             extra = await bp.admit_async(topic, critical=t.config.critical)
+            if bp._state is _SHEDDING and not t.config.critical:
+                extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
             if extra:
                 hdrs = {**hdrs, **extra} if hdrs else dict(extra)
         if t.wal is not None and t.config.fsync.mode == "always":
@@ -471,6 +508,8 @@ class ScalableBus(BusCore):
         bp = self._bp
         if bp._state is not _NORMAL:
             extra = bp.admit(topic, critical=t.config.critical)
+            if bp._state is _SHEDDING and not t.config.critical:
+                extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
             if extra:
                 hdrs = {**hdrs, **extra} if hdrs else dict(extra)
         if not msgs:
@@ -524,7 +563,10 @@ class ScalableBus(BusCore):
             member = _Member(sub, handler, self._make_call(handler), batch, g)
             sub._data = member
             if t.wal is not None and new_group:
-                self._open_group_reader(t, g)  # may raise: nothing changed yet
+                # Open the reader (it may raise) but start delivering only once the
+                # member owns the partitions: a record polled for nobody must not
+                # be committed.
+                self._open_durable_group(t, g)
             with t.lock:
                 g.members = [*g.members, member]
                 if t.config.partitions is None and t.wal is None and len(g.members) > t.n:
@@ -534,9 +576,8 @@ class ScalableBus(BusCore):
                     t.groups = (*t.groups, g)
                 elif len(g.members) > 1:
                     t.rebalances += 1
-            if t.wal is not None and new_group:
-                # Only now that the group has an owner for every partition.
-                self._start_group_thread(t, g)
+            if new_group and g.thread is not None:
+                g.thread.start()
             return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
@@ -598,7 +639,9 @@ class ScalableBus(BusCore):
         carrier = part.carrier
         bp = self._bp
         if self._linger and bp.batching_allowed and carrier.depth() < self._max_batch:
-            time.sleep(self._linger)
+            # Linger for a fuller batch, unless the bus comes under pressure meanwhile
+            # (CRITICAL and above: deliver at once).
+            self._pressure.wait(self._linger)
         batch = carrier.take(self._max_batch)
         if batch:
             try:
@@ -714,14 +757,28 @@ class ScalableBus(BusCore):
         from .wal import WalMessageQueue
 
         target: Any
-        if self._store is not None:
-            target = self._store(name) if callable(self._store) else self._store
+        store = self._store
+        if isinstance(store, Store):
+            if self._store_topic is not None:
+                raise ValueError(
+                    f"cannot make {name!r} durable: the store {store!r} holds one WAL and "
+                    f"carries topic {self._store_topic!r} already; pass "
+                    f"store=lambda topic: <a Store per topic>, or data_dir=")
+            target = store
+        elif store is not None:
+            target = store(name)
+            if not isinstance(target, Store):
+                raise TypeError(f"store({name!r}) must return a fastbus.Store (FileStore, "
+                                f"SQLiteStore, MemoryStore), got {type(target).__name__}")
         else:
             assert self._data_dir is not None
             os.makedirs(self._data_dir, mode=0o700, exist_ok=True)
             target = os.path.join(self._data_dir, name)
-        return WalMessageQueue(target, partitions=config.partitions, fsync=config.fsync,
-                               retention=config.retention)
+        wal = WalMessageQueue(target, partitions=config.partitions, fsync=config.fsync,
+                              retention=config.retention)
+        if isinstance(store, Store):
+            self._store_topic = name
+        return wal
 
     def _append_durable(self, t: _Topic, message: Any, key: Any,
                         hdrs: dict[str, Any] | None) -> int:
@@ -742,7 +799,8 @@ class ScalableBus(BusCore):
                 self._handler_error(exc, message, self._inner_publish)
         return offset
 
-    def _open_group_reader(self, t: _Topic, g: _Group) -> None:
+    def _open_durable_group(self, t: _Topic, g: _Group) -> None:
+        """Give ``g`` its WAL reader and its (not yet started) delivery thread."""
         from .wal import WalReader
 
         if g.name is not None:
@@ -758,7 +816,6 @@ class ScalableBus(BusCore):
         g.thread = threading.Thread(target=self._durable_loop, args=(t, g),
                                     name=f"fastbus-wal-{t.name}-{g.name or 'anonymous'}",
                                     daemon=True)
-        g.thread.start()
 
     def _stop_durable_group(self, t: _Topic, g: _Group) -> None:
         thread = g.thread
@@ -776,7 +833,12 @@ class ScalableBus(BusCore):
         """Deliver one group's records: poll, hand each to its partition's owner, commit.
 
         The commit follows the handlers, so delivery is at-least-once: records
-        handled but not yet committed when the process dies come again.
+        handled but not yet committed when the process dies come again. A
+        handler that raises has had its record: the error goes to ``on_error``
+        and is counted, and the record is committed like the others (no retry,
+        so one bad record cannot stall the group). Records polled for a
+        partition that has no owner at that moment (the group's last member
+        just left) are not committed: the reader goes back to them.
         """
         reader = g.reader
         anonymous = g.name is None
@@ -785,13 +847,14 @@ class ScalableBus(BusCore):
                 records = reader.poll(max_records=self._max_batch, timeout=0.05)
                 if not records:
                     continue
-                if not self._deliver_records(t, g, records):
-                    # The group lost its last member mid-batch: commit nothing, so
-                    # the group's next reader starts again from its last commit.
-                    return
+                undelivered = self._deliver_records(t, g, records)
+                for p, offset in undelivered.items():
+                    reader.seek(offset, p)
                 if not anonymous:
                     reader.commit()
                 g.done = reader.position
+                if undelivered:
+                    time.sleep(0.001)  # membership is changing: let it settle
             except BusClosed:
                 return
             except Exception as exc:  # WalCorruptionError, an I/O error: stop, say so
@@ -801,20 +864,22 @@ class ScalableBus(BusCore):
                     self._drops["wal_read_errors"] = self._drops.get("wal_read_errors", 0) + 1
                 return
 
-    def _deliver_records(self, t: _Topic, g: _Group, records: list[Any]) -> bool:
-        """Hand ``records`` to their partitions' owners; False if the group has none left."""
+    def _deliver_records(self, t: _Topic, g: _Group, records: list[Any]) -> dict[int, int]:
+        """Hand ``records`` to their partitions' owners; returns, for each partition
+        that had no owner, the first offset not delivered."""
         by_partition: dict[int, list[Message]] = {}
         for r in records:
             by_partition.setdefault(r.partition, []).append(
                 Message(t.name, r.payload, r.key, r.headers, r.timestamp_ns, r.partition,
                         r.offset))
         errors = 0
-        delivered = True
+        delivered = 0
+        undelivered: dict[int, int] = {}
         for p, msgs in by_partition.items():
             owners = g.owners
             if not owners:
-                delivered = False
-                break
+                undelivered[p] = msgs[0].offset
+                continue
             m = owners[p % len(owners)]
             if m.batch:
                 try:
@@ -826,11 +891,11 @@ class ScalableBus(BusCore):
                 errors += deliver_each(
                     m.call, msgs,
                     lambda exc, msg, h=m.handler: self._handler_error(exc, msg, h))
+            delivered += len(msgs)
         with t.lock:
-            if delivered:
-                t.delivered += len(records)
+            t.delivered += delivered
             t.errors += errors
-        return delivered
+        return undelivered
 
     # -- lifecycle ------------------------------------------------------------
 

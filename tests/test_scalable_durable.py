@@ -1,0 +1,594 @@
+"""ScalableBus with durable topics (TopicConfig(durable=True)), as a user calls it.
+
+Each test checks one promise of DESIGN.md for durable topics: publish returns the
+WAL offset; every group gets every record once while the process lives
+(members share the partitions); the offset is committed after the handlers
+(at-least-once); a restarted bus resumes each group at its commit; bad input and
+damaged or locked data directories give a clear error and change nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from fastbus import (
+    BusClosed,
+    FsyncPolicy,
+    MemoryStore,
+    Message,
+    Retention,
+    ScalableBus,
+    SQLiteStore,
+    TopicConfig,
+    WalCorruptionError,
+    WalLockedError,
+    WalMessageQueue,
+    partition_for,
+)
+
+FAST = FsyncPolicy.never()  # flush()/close() still write and sync everything
+KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
+
+
+def durable(partitions: int | None = 2, fsync: FsyncPolicy = FAST, **kw) -> TopicConfig:
+    return TopicConfig(durable=True, partitions=partitions, fsync=fsync, retention=KEEP, **kw)
+
+
+def collect(lock: threading.Lock | None = None):
+    got: list[Message] = []
+    lock = lock or threading.Lock()
+
+    def handler(m: Message) -> None:
+        with lock:
+            got.append(m)
+
+    return got, handler
+
+
+def wait_until(pred, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.002)
+    return pred()
+
+
+def tree_bytes(root) -> dict[str, bytes]:
+    """Every regular file under ``root`` (except the lock file) and its content."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f == ".lock":
+                continue
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+# -- publish and deliver ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fsync", [FsyncPolicy.always(), FsyncPolicy.every(100), FAST],
+                         ids=["always", "every100", "never"])
+def test_publish_returns_the_offset_and_groups_get_envelopes(tmp_path, fsync):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("orders", durable(partitions=3, fsync=fsync))
+        lock = threading.Lock()
+        a, ha = collect(lock)
+        b, hb = collect(lock)
+        bus.subscribe("orders", ha, group="billing")
+        bus.subscribe("orders", hb, group="audit")
+        sent = {}  # (partition, offset) -> payload
+        for i in range(60):
+            key = f"k{i % 7}"
+            off = bus.publish("orders", f"m{i}".encode(), key=key, headers={"n": str(i)})
+            assert isinstance(off, int)
+            p = partition_for(key, 3)
+            assert (p, off) not in sent
+            sent[(p, off)] = f"m{i}".encode()
+        assert bus.flush(10)
+        # Offsets are dense per partition, from 0.
+        for p in range(3):
+            offs = sorted(o for (q, o) in sent if q == p)
+            assert offs == list(range(len(offs)))
+        for got in (a, b):
+            assert len(got) == 60
+            assert all(isinstance(m, Message) and m.topic == "orders" for m in got)
+            assert {(m.partition, m.offset): m.payload for m in got} == sent
+            for m in got:
+                assert m.partition == partition_for(m.key, 3)
+                assert m.headers == {"n": str(int(m.payload[1:]))}
+            for k in {m.key for m in got}:  # per-key order
+                seq = [m.offset for m in got if m.key == k]
+                assert seq == sorted(seq)
+
+
+def test_publish_many_and_publish_async_return_offsets(tmp_path):
+    import asyncio
+
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=1, fsync=FsyncPolicy.always()))
+        got, h = collect()
+        bus.subscribe("t", h, group="g")
+        assert bus.publish_many("t", [b"a", b"b", b"c"]) == [0, 1, 2]
+        assert bus.publish_many("t", []) == []
+
+        async def main():
+            ticks = 0
+            stop = False
+
+            async def ticker():
+                nonlocal ticks
+                while not stop:
+                    ticks += 1
+                    await asyncio.sleep(0)
+
+            tk = asyncio.create_task(ticker())
+            offs = [await bus.publish_async("t", f"x{i}") for i in range(5)]
+            stop = True
+            await tk
+            return offs, ticks
+
+        offs, ticks = asyncio.run(main())
+        assert offs == [3, 4, 5, 6, 7]
+        assert ticks > 0  # the fsync waits ran in a thread: the loop kept going
+        assert bus.flush(10)
+    assert [m.offset for m in got] == list(range(8))
+    # payloads come back as published: bytes as bytes, str as str
+    assert [m.payload for m in got] == [b"a", b"b", b"c", "x0", "x1", "x2", "x3", "x4"]
+
+
+def test_members_of_one_group_share_the_partitions(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=4))
+        lock = threading.Lock()
+        members = [collect(lock) for _ in range(2)]
+        for _, h in members:
+            bus.subscribe("t", h, group="g")
+        everyone, he = collect(lock)
+        bus.subscribe("t", he)
+        for i in range(400):
+            bus.publish("t", str(i), key=str(i))
+        assert bus.flush(10)
+        a, b = members[0][0], members[1][0]
+        assert a and b
+        assert sorted(int(m.payload) for m in a + b) == list(range(400))  # once each
+        assert {m.partition for m in a}.isdisjoint({m.partition for m in b})
+        assert sorted(int(m.payload) for m in everyone) == list(range(400))
+        assert bus.metrics().per_topic["t"].groups == {"g": 2}
+
+
+def test_a_new_group_reads_the_backlog_from_the_start(tmp_path):
+    # The group's delivery thread must not run before its first member is in place:
+    # records it polled for nobody would be committed and lost for the group.
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=2))
+        for i in range(300):
+            bus.publish("t", str(i))
+        assert bus.flush(10)
+        for round_ in range(10):
+            got, h = collect()
+            bus.subscribe("t", h, group=f"late-{round_}")
+            assert bus.flush(10)
+            assert sorted(int(m.payload) for m in got) == list(range(300)), round_
+
+
+def test_last_member_leaving_loses_nothing_for_the_group(tmp_path):
+    # Members come and go while records flow: the group as a whole still gets every
+    # record at least once (nothing is committed without having been handed over).
+    with ScalableBus(data_dir=tmp_path, max_batch=8) as bus:
+        bus.configure_topic("t", durable(partitions=2))
+        seen = collections.Counter()
+        lock = threading.Lock()
+
+        def handler(m):
+            with lock:
+                seen[int(m.payload)] += 1
+
+        stop = threading.Event()
+        published = []
+
+        def produce():
+            i = 0
+            while not stop.is_set():
+                bus.publish("t", str(i))
+                published.append(i)
+                i += 1
+                if i % 10 == 0:
+                    time.sleep(0.001)
+
+        th = threading.Thread(target=produce)
+        th.start()
+        try:
+            for _ in range(20):
+                sub = bus.subscribe("t", handler, group="g")
+                time.sleep(0.005)
+                sub.unsubscribe()
+        finally:
+            stop.set()
+            th.join()
+        sub = bus.subscribe("t", handler, group="g")
+        assert bus.flush(20)
+        missing = [i for i in published if seen[i] == 0]
+        assert not missing, f"{len(missing)} records never reached the group: {missing[:10]}"
+        sub.unsubscribe()
+
+
+# -- commit and handler errors ----------------------------------------------------------
+
+
+def test_a_raising_handler_is_reported_and_its_record_committed(tmp_path):
+    errors = []
+    got, h = collect()
+
+    def handler(m):
+        h(m)
+        if m.payload == b"poison":
+            raise ValueError("cannot handle")
+
+    bus = ScalableBus(data_dir=tmp_path, on_error=lambda exc, msg, hd: errors.append((exc, msg)))
+    bus.configure_topic("t", durable(partitions=1))
+    bus.subscribe("t", handler, group="g")
+    for p in (b"a", b"poison", b"b"):
+        bus.publish("t", p)
+    assert bus.flush(10)
+    assert [m.payload for m in got] == [b"a", b"poison", b"b"]  # the error stopped nothing
+    assert len(errors) == 1 and isinstance(errors[0][0], ValueError)
+    assert errors[0][1].payload == b"poison" and errors[0][1].offset == 1
+    assert bus.metrics().per_topic["t"].handler_errors == 1
+    assert bus.metrics().per_topic["t"].wal["group_lag"] == {"g": 0}
+    bus.close()
+    # Committed past it: a restarted group does not get it (nor anything) again.
+    with ScalableBus(data_dir=tmp_path) as bus2:
+        bus2.configure_topic("t", durable(partitions=None))
+        again, h2 = collect()
+        bus2.subscribe("t", h2, group="g")
+        assert bus2.flush(10)
+        assert again == []
+
+
+def test_commit_follows_the_handler(tmp_path):
+    # While the handler holds a record, the group's committed offset stays before it.
+    release = threading.Event()
+    entered = threading.Event()
+    got = []
+
+    def handler(m):
+        got.append(m.offset)
+        if m.offset == 3:
+            entered.set()
+            assert release.wait(10)
+
+    with ScalableBus(data_dir=tmp_path, max_batch=1) as bus:
+        bus.configure_topic("t", durable(partitions=1))
+        bus.subscribe("t", handler, group="g")
+        for i in range(6):
+            bus.publish("t", str(i))
+        assert entered.wait(10)
+        wal = bus._topics["t"].wal
+        committed = wal.groups()["g"][0]
+        assert committed == 3  # 0, 1, 2 handled and committed; 3 is in the handler
+        assert bus.metrics().per_topic["t"].wal["group_lag"] == {"g": 3}
+        assert bus.flush(0.1) is False  # the group has not caught up
+        release.set()
+        assert bus.flush(10) is True
+        assert wal.groups()["g"][0] == 6
+        assert got == list(range(6))
+
+
+# -- restart ---------------------------------------------------------------------------
+
+
+def test_restart_resumes_each_group_at_its_commit(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=3))
+        a, ha = collect()
+        sub_a = bus.subscribe("t", ha, group="a")
+        for i in range(100):
+            bus.publish("t", str(i), key=str(i))
+        assert bus.flush(10)
+        assert len(a) == 100
+        # group "b" is known (reader created, commit at the start) but gets nothing yet
+        sub_b = bus.subscribe("t", lambda m: None, group="b")
+        assert bus.flush(10)
+        sub_b.unsubscribe()
+        sub_a.unsubscribe()
+        for i in range(100, 150):  # nobody of "a" or "b" is there to handle these
+            bus.publish("t", str(i), key=str(i))
+    # A new bus on the same data dir: "a" resumes after 99, "b" after 99 as well
+    # (it handled the first 100 before leaving), a new group "c" starts at 0.
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=None))
+        assert bus.partitions("t") == 3  # the WAL's count
+        lock = threading.Lock()
+        got = {g: collect(lock) for g in "abc"}
+        for g, (_, h) in got.items():
+            bus.subscribe("t", h, group=g)
+        assert bus.flush(10)
+        a2 = sorted(int(m.payload) for m in got["a"][0])
+        b2 = sorted(int(m.payload) for m in got["b"][0])
+        c2 = sorted(int(m.payload) for m in got["c"][0])
+        assert a2 == list(range(100, 150))
+        assert b2 == list(range(100, 150))
+        assert c2 == list(range(150))
+        off = bus.publish("t", "150", key="150")
+        p150 = partition_for("150", 3)
+        assert off == max(m.offset for m in got["c"][0] if m.partition == p150) + 1
+
+
+def test_restart_with_another_partition_count_is_refused(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=2))
+    with ScalableBus(data_dir=tmp_path) as bus:
+        with pytest.raises(ValueError, match="2 partitions"):
+            bus.configure_topic("t", durable(partitions=4))
+        assert bus.topics() == []
+        bus.configure_topic("t", durable(partitions=2))  # the lock was released
+
+
+def test_ungrouped_subscriber_gets_only_what_follows_it(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=2))
+        for i in range(10):
+            bus.publish("t", str(i))
+        got, h = collect()
+        sub = bus.subscribe("t", h)
+        for i in range(10, 20):
+            bus.publish("t", str(i))
+        assert bus.flush(10)
+        assert sorted(int(m.payload) for m in got) == list(range(10, 20))
+        # It leaves no offsets behind and holds no data back.
+        assert bus._topics["t"].wal.groups() == {}
+        assert bus.metrics().per_topic["t"].wal["group_lag"] == {}
+        sub.unsubscribe()
+        bus.publish("t", "20")
+        assert bus.flush(10)
+        assert len(got) == 10
+
+
+def test_inner_bus_subscribers_get_durable_payloads(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        raw = []
+        bus.inner.subscribe("t", raw.append)
+        bus.configure_topic("t", durable(partitions=1))
+        bus.publish("t", b"x")
+        assert bus.flush(5)
+        assert raw == [b"x"]
+
+
+# -- stores ----------------------------------------------------------------------------
+
+
+def test_store_instance_carries_one_durable_topic_and_survives_a_restart():
+    store = MemoryStore()
+    with ScalableBus(store=store) as bus:
+        bus.configure_topic("t", durable(partitions=2))
+        got, h = collect()
+        sub = bus.subscribe("t", h, group="g")
+        for i in range(20):
+            bus.publish("t", str(i))
+        assert bus.flush(10)
+        assert len(got) == 20
+        sub.unsubscribe()
+        # One Store is one WAL: a second durable topic cannot share it.
+        with pytest.raises(ValueError, match="store"):
+            bus.configure_topic("u", durable(partitions=1))
+        assert bus.topics() == ["t"]
+        bus.publish("t", "20")
+    with ScalableBus(store=store) as bus:
+        bus.configure_topic("t", durable(partitions=None))
+        got, h = collect()
+        bus.subscribe("t", h, group="g")
+        assert bus.flush(10)
+        assert [m.payload for m in got] == ["20"]
+
+
+def test_store_factory_gives_each_topic_its_own_store(tmp_path):
+    made = []
+
+    def factory(topic: str):
+        made.append(topic)
+        return SQLiteStore(tmp_path / f"{topic}.db")
+
+    with ScalableBus(store=factory) as bus:
+        for name in ("a", "b"):
+            bus.configure_topic(name, durable(partitions=2, fsync=FsyncPolicy.always()))
+        got, h = collect()
+        bus.subscribe("a", h, group="g")
+        bus.subscribe("b", h, group="g")
+        assert bus.publish("a", b"1") == 0
+        assert bus.publish("b", b"2") == 0
+        assert bus.flush(10)
+        assert sorted((m.topic, m.payload) for m in got) == [("a", b"1"), ("b", b"2")]
+    assert made == ["a", "b"]
+    assert (tmp_path / "a.db").exists() and (tmp_path / "b.db").exists()
+
+
+def test_store_factory_that_returns_a_non_store_is_a_clear_error(tmp_path):
+    with ScalableBus(store=lambda topic: 42) as bus:
+        with pytest.raises(TypeError, match="Store"):
+            bus.configure_topic("t", durable())
+        assert bus.topics() == []
+
+
+def test_store_must_be_a_store_or_a_factory(tmp_path):
+    with pytest.raises(TypeError, match="store"):
+        ScalableBus(store=42)
+    with pytest.raises(ValueError, match="not both"):
+        ScalableBus(data_dir=tmp_path, store=MemoryStore())
+
+
+# -- bad input -------------------------------------------------------------------------
+
+
+def test_durable_topic_needs_a_data_dir():
+    with ScalableBus() as bus:
+        with pytest.raises(ValueError, match="data_dir"):
+            bus.configure_topic("t", durable())
+        assert bus.topics() == []
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", ".", "x\0y"])
+def test_durable_topic_names_that_are_not_directory_names(tmp_path, name):
+    with ScalableBus(data_dir=tmp_path / "d") as bus:
+        with pytest.raises((ValueError, TypeError)):
+            bus.configure_topic(name, durable())
+        assert bus.topics() == []
+    assert not (tmp_path / "d").exists() or os.listdir(tmp_path / "d") == []
+
+
+def test_damaged_data_dir_is_refused_and_left_as_it_was(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=1))
+        for i in range(20):
+            bus.publish("t", f"record-{i:04d}".encode())
+        assert bus.flush(10)
+    seg_dir = tmp_path / "t" / "p-0000"
+    (seg,) = [f for f in os.listdir(seg_dir) if f.endswith(".log")]
+    path = seg_dir / seg
+    data = bytearray(path.read_bytes())
+    i = data.index(b"record-0003")  # a record in the middle: good records follow it
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    before = tree_bytes(tmp_path)
+    with ScalableBus(data_dir=tmp_path) as bus:
+        with pytest.raises(WalCorruptionError) as info:
+            bus.configure_topic("t", durable(partitions=1))
+        assert seg in str(info.value)
+        assert bus.topics() == []
+        # The bus is still usable for other topics.
+        bus.configure_topic("u", durable(partitions=1))
+        assert bus.publish("u", b"ok") == 0
+    after = {k: v for k, v in tree_bytes(tmp_path).items() if not k.startswith("u" + os.sep)}
+    assert after == before
+
+
+def test_data_dir_locked_by_another_process(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from fastbus import WalMessageQueue; "
+         f"q = WalMessageQueue({str(tmp_path / 't')!r}); print('open', flush=True); "
+         "sys.stdin.read(); q.close()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with ScalableBus(data_dir=tmp_path) as bus:
+            with pytest.raises(WalLockedError, match="locked"):
+                bus.configure_topic("t", durable(partitions=1))
+            assert bus.topics() == []
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+        holder.stdout.close()
+    with ScalableBus(data_dir=tmp_path) as bus:  # free again
+        bus.configure_topic("t", durable(partitions=1))
+
+
+def test_a_second_bus_on_the_same_dir_in_this_process_is_locked_out(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=1))
+        with ScalableBus(data_dir=tmp_path) as other:
+            with pytest.raises(WalLockedError):
+                other.configure_topic("t", durable(partitions=1))
+
+
+def test_live_durable_topic_changes(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=2))
+        with pytest.raises(ValueError, match="durable"):
+            bus.configure_topic("t", TopicConfig(partitions=2))
+        with pytest.raises(ValueError, match="2 partitions"):
+            bus.configure_topic("t", durable(partitions=3))
+        bus.configure_topic("t", durable(partitions=2, critical=True))
+        assert bus.topic_config("t").critical
+
+
+def test_payloads_must_be_bytes_or_str(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=1))
+        with pytest.raises(TypeError, match="bytes-like or str"):
+            bus.publish("t", {"a": 1})
+        assert bus.publish("t", b"ok") == 0  # nothing was taken by the refused one
+
+
+# -- flush, close, metrics -------------------------------------------------------------
+
+
+def test_flush_true_only_when_every_group_caught_up(tmp_path):
+    hold = threading.Event()
+    slow_got = []
+
+    def slow(m):
+        assert hold.wait(10)
+        slow_got.append(m)
+
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=2))
+        fast, hf = collect()
+        bus.subscribe("t", hf, group="fast")
+        bus.subscribe("t", slow, group="slow")
+        for i in range(10):
+            bus.publish("t", str(i))
+        assert wait_until(lambda: len(fast) == 10)
+        assert bus.flush(0.2) is False
+        lag = bus.metrics().per_topic["t"].wal["group_lag"]
+        assert lag["fast"] == 0 and lag["slow"] == 10
+        hold.set()
+        assert bus.flush(10) is True
+        assert len(slow_got) == 10
+        assert bus.metrics().per_topic["t"].wal["group_lag"] == {"fast": 0, "slow": 0}
+
+
+def test_close_delivers_then_refuses(tmp_path):
+    bus = ScalableBus(data_dir=tmp_path)
+    bus.configure_topic("t", durable(partitions=2))
+    got, h = collect()
+    bus.subscribe("t", h, group="g")
+    for i in range(50):
+        bus.publish("t", str(i))
+    bus.close()
+    assert len(got) == 50
+    with pytest.raises(BusClosed):
+        bus.publish("t", "late")
+    with pytest.raises(BusClosed):
+        bus.publish_many("t", ["late"])
+    with pytest.raises(BusClosed):
+        bus.subscribe("t", h, group="g2")
+    bus.close()  # idempotent
+    # Everything was committed: the WAL says so.
+    q = WalMessageQueue(tmp_path / "t", partitions=None, compaction_interval=None)
+    try:
+        assert q.groups()["g"] == q.end_offsets()
+    finally:
+        q.close()
+
+
+def test_metrics_show_the_wal_and_group_lag(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=2, fsync=FsyncPolicy.always()))
+        got, h = collect()
+        bus.subscribe("t", h, group="g")
+        for i in range(10):
+            bus.publish("t", str(i))
+        assert bus.flush(10)
+        assert len(got) == 10
+        m = bus.metrics()
+        tm = m.per_topic["t"]
+        assert tm.durable and tm.partitions == 2
+        assert tm.published == 10 and tm.delivered == 10
+        assert tm.wal["appends"] == 10 and tm.wal["records"] == 10
+        assert tm.wal["fsyncs"] >= 1 and tm.wal["bytes"] > 0
+        assert tm.wal["group_lag"] == {"g": 0}
+        assert tm.depth == [0, 0]
+        d = m.as_dict()
+        assert d["per_topic"]["t"]["wal"]["group_lag"] == {"g": 0}
