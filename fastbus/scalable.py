@@ -811,8 +811,6 @@ class ScalableBus(BusCore):
             # commits nothing: it leaves no offsets file and holds no data back.
             g.reader = WalReader(t.wal, f"_anonymous-{id(g):x}", t.wal.end_offsets())
         g.done = g.reader.position
-
-    def _start_group_thread(self, t: _Topic, g: _Group) -> None:
         g.thread = threading.Thread(target=self._durable_loop, args=(t, g),
                                     name=f"fastbus-wal-{t.name}-{g.name or 'anonymous'}",
                                     daemon=True)
