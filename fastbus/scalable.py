@@ -48,7 +48,7 @@ from .backpressure import BackpressureState, MessageBusBackpressure
 from .bus import InProcessBus, MessageBus, Subscription, check_handler, check_topic
 from .bus import is_async_handler as _is_async
 from .config import ConfigRef, Limits, Thresholds, TopicConfig
-from .errors import BusClosed, LimitExceeded
+from .errors import BusClosed, BusOverloaded, LimitExceeded
 from .metrics import RateMeter, RingMetrics, ScalingMetrics, TopicMetrics
 from .stores import Store
 
@@ -518,7 +518,46 @@ class ScalableBus(BusCore):
             return [self._append_durable(t, m, None if klist is None else klist[i], hdrs)
                     for i, m in enumerate(msgs)]
         assert t.core is not None
+        self._admit_batch(t, len(msgs))
         return t.core.publish_many(msgs, klist, hdrs)
+
+    def _admit_batch(self, t: _Topic, n: int) -> None:
+        """Keep a batch within bounded memory (DESIGN invariant 5), all or nothing.
+
+        A batch that would take a non-critical topic's bus past the shedding level
+        is refused whole (``BusOverloaded``), whatever the state now; a critical
+        topic's batch waits (up to ``Thresholds.critical_timeout``) until it fits
+        under ``max_queue_size``. A batch larger than the capacity never fits.
+        """
+        bp = self._bp
+        capacity = bp.capacity
+        if n > capacity:
+            raise ValueError(
+                f"a batch of {n} messages can never fit: max_queue_size is {capacity}; "
+                f"publish it in smaller batches or raise the limit")
+        critical = t.config.critical
+        limit = capacity if critical else int(capacity * bp.thresholds.shedding)
+        if bp.depth + n <= limit:
+            return
+        if not critical:
+            bp._count_rejection(t.name)
+            raise BusOverloaded(
+                f"bus overloaded: a batch of {n} messages would take the in-memory depth "
+                f"from {bp.depth} past the shedding level ({limit} of capacity {capacity}); "
+                f"topic {t.name!r} is not critical, so the batch was refused and nothing of it "
+                f"queued. Retry later or in smaller batches",
+                topic=t.name, state=bp.state, depth=bp.depth, capacity=capacity)
+        deadline = time.monotonic() + bp.thresholds.critical_timeout
+        while bp.depth + n > capacity:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                bp._count_rejection(t.name)
+                raise BusOverloaded(
+                    f"bus full: a batch of {n} messages for critical topic {t.name!r} found "
+                    f"no room within {bp.thresholds.critical_timeout} s (depth {bp.depth} of "
+                    f"{capacity}); nothing of it was queued",
+                    topic=t.name, state=bp.state, depth=bp.depth, capacity=capacity)
+            bp.wait_for_room(min(left, 0.05))
 
     # -- subscribing --------------------------------------------------------
 

@@ -395,3 +395,23 @@ def test_dispatch_lingers_only_while_batching_is_allowed():
     finally:
         held.release()
         bus.close()
+
+
+def test_publish_many_keeps_bounded_memory_all_or_nothing():
+    from fastbus import BusOverloaded, Limits, ScalableBus, TopicConfig
+
+    release = threading.Event()
+    got = []
+    with ScalableBus(limits=Limits(max_queue_size=100)) as bus:
+        bus.configure_topic("t", TopicConfig(partitions=1))
+        bus.subscribe("t", lambda m: (release.wait(10), got.append(m.payload)))
+        assert bus.publish_many("t", list(range(90))) == 90  # 90 of 100: fits under 95
+        with pytest.raises(BusOverloaded, match="batch of 10"):
+            bus.publish_many("t", list(range(90, 100)))  # would cross the shedding level
+        with pytest.raises(ValueError, match="can never fit"):
+            bus.publish_many("t", list(range(101)))
+        assert bus.backpressure.depth <= 100
+        assert bus.metrics().per_topic["t"].rejections == 1
+        release.set()
+        assert bus.flush(10)
+    assert got == list(range(90))
