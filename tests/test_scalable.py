@@ -518,3 +518,27 @@ def test_prometheus_collector(bus):
     assert registry.get_sample_value("fastbus_queue_depth", {"topic": "t", "partition": "0"}) == 0
     text = prometheus_client.generate_latest(registry).decode()
     assert "fastbus_backpressure_state" in text
+
+
+def test_decorating_adapted_legacy_buses_keeps_their_receivers():
+    pyee = pytest.importorskip("pyee")
+    blinker = pytest.importorskip("blinker")
+    from fastbus.adapters import wrap
+
+    emitter = pyee.EventEmitter()
+    legacy_pyee = []
+    emitter.on("orders", legacy_pyee.append)  # registered on the legacy bus, before fastbus
+    ns = blinker.Namespace()
+    legacy_blinker = []
+    ns.signal("orders").connect(lambda sender, **kw: legacy_blinker.append(sender), weak=False)
+    for inner, legacy in ((wrap(emitter), legacy_pyee), (wrap(ns), legacy_blinker)):
+        with ScalableBus(inner) as bus:
+            got, handler = collect()
+            bus.configure_topic("orders", TopicConfig(partitions=4, hot=True, ring_size=8))
+            bus.subscribe("orders", handler, group="g")
+            for i in range(200):
+                bus.publish("orders", i, key=str(i % 7))
+            bus.publish("plain", "through")  # pass-through still reaches nobody but the inner
+            assert bus.flush(10)
+        assert sorted(m.payload for m in got) == list(range(200))
+        assert sorted(legacy) == list(range(200))  # each once, raw payloads
