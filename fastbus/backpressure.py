@@ -84,6 +84,9 @@ class BackpressureState(enum.IntEnum):
     CRITICAL = 2
     SHEDDING = 3
 
+    def __str__(self) -> str:
+        return self.name  # "SHEDDING" in logs and messages, not "3"
+
 
 NORMAL = BackpressureState.NORMAL
 WARNING = BackpressureState.WARNING
