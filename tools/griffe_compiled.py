@@ -41,6 +41,8 @@ import griffe
 _SIGNATURE_LINE = re.compile(r"^[A-Za-z_][\w.]*\(.*\)(\s*->\s*\S.*)?$")
 # Cython's doc for a ``cdef public`` attribute: just ``name: type``.
 _ATTRIBUTE_ONLY = re.compile(r"^[A-Za-z_]\w*: [\w'\"\[\], |.]+$")
+# What a compiled class's inherited ``__init__``/``__new__`` says: nothing of ours.
+_SLOT_WRAPPER = re.compile(r"^(Initialize self|Create and return a new object)\.")
 _ROLE = re.compile(r":(?:class|meth|func|attr|exc|mod|data|obj):`(~?)([^`]+)`")
 _LITERAL_INTRO = re.compile(r"::$", re.MULTILINE)
 COMPILED_MODULES = ("fastbus._dispatch", "fastbus._partition", "fastbus._ring",
@@ -62,7 +64,7 @@ def clean_docstring(doc: str | None) -> str | None:
     while lines and (not lines[0].strip() or _SIGNATURE_LINE.match(lines[0].strip())):
         lines.pop(0)
     text = "\n".join(lines).strip()
-    if not text or _ATTRIBUTE_ONLY.match(text):
+    if not text or _ATTRIBUTE_ONLY.match(text) or _SLOT_WRAPPER.match(text):
         return None
     return text
 
