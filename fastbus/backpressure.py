@@ -279,6 +279,7 @@ class MessageBusBackpressure:
 
     @property
     def thresholds(self) -> Thresholds:
+        """The ``Thresholds`` in force (change them with ``reconfigure``)."""
         return self._thresholds
 
     @property

@@ -29,9 +29,13 @@ ErrorHandler = Callable[[BaseException, str, Any, Handler], Any]
 class MessageBus(Protocol):
     """What fastbus needs of a bus, and what every fastbus bus provides."""
 
-    def publish(self, topic: str, message: Any) -> Any: ...
+    def publish(self, topic: str, message: Any) -> Any:
+        """Deliver ``message`` to the subscribers of ``topic``; the return value is the bus's."""
+        ...
 
-    def subscribe(self, topic: str, handler: Handler) -> Subscription: ...
+    def subscribe(self, topic: str, handler: Handler) -> Subscription:
+        """Call ``handler(message)`` for messages on ``topic`` until the subscription ends."""
+        ...
 
 
 class Subscription:
@@ -53,6 +57,7 @@ class Subscription:
         self._data: Any = None  # the owning bus's bookkeeping
 
     def unsubscribe(self) -> None:
+        """End the subscription (idempotent, from any thread, the handler included)."""
         if not self.active:
             return
         self.active = False
@@ -181,6 +186,12 @@ class InProcessBus:
     # -- the protocol -----------------------------------------------------
 
     def publish(self, topic: str, message: Any) -> int:
+        """Call each handler of ``topic`` now, in this thread; returns how many were called.
+
+        Handler errors go to ``on_error`` and never out of ``publish``; a topic
+        without subscribers returns 0. ``TypeError``/``ValueError`` for a topic
+        that is not a non-empty str.
+        """
         subs = self._subs.get(topic)
         if subs is None:
             check_topic(topic)
@@ -193,6 +204,11 @@ class InProcessBus:
         return len(subs)
 
     def subscribe(self, topic: str, handler: Handler) -> Subscription:
+        """Add ``handler`` (a function or a coroutine function) to ``topic``.
+
+        It is called for every later publish, after the handlers subscribed
+        before it. ``TypeError`` for a handler that is not callable.
+        """
         check_topic(topic)
         check_handler(handler)
         sub = Subscription(topic, handler, self._remove)
@@ -219,6 +235,7 @@ class InProcessBus:
         return list(self._subs)
 
     def subscriber_count(self, topic: str) -> int:
+        """How many subscriptions ``topic`` has now."""
         return len(self._subs.get(topic, ()))
 
     # -- internals ----------------------------------------------------------

@@ -112,19 +112,23 @@ class FsyncPolicy:
 
     @classmethod
     def always(cls) -> FsyncPolicy:
+        """An append returns once its record is on disk (group commit)."""
         return cls("always")
 
     @classmethod
     def every(cls, n: int) -> FsyncPolicy:
+        """Sync once ``n`` records were appended since the last sync (``n >= 1``)."""
         return cls("every", n=n)
 
     @classmethod
     def interval(cls, seconds: float) -> FsyncPolicy:
+        """Sync at most ``seconds`` after an append (``seconds > 0``)."""
         return cls("interval", seconds=float(seconds) if not isinstance(seconds, bool)
                    and isinstance(seconds, int) else seconds)
 
     @classmethod
     def never(cls) -> FsyncPolicy:
+        """Sync only on ``flush()``, segment rolls and ``close()``."""
         return cls("never")
 
     def __repr__(self) -> str:

@@ -78,6 +78,18 @@ class RingMetrics:
 
 @dataclass(slots=True)
 class TopicMetrics:
+    """One configured topic in a ``ScalingMetrics`` snapshot.
+
+    ``published``/``delivered``: messages since the topic was configured
+    (delivered: handed to the subscriber groups); ``rate_1s``/``rate_10s``:
+    published per second; ``depth``: messages waiting, per partition (in-memory
+    topics; zeros for durable ones); ``subscribers`` and ``groups`` (group name
+    to member count); ``handler_errors``, ``rebalances``, ``spills`` (to ring
+    overflow) and ``rejections`` (``BusOverloaded``); ``rings``: a
+    ``RingMetrics`` per partition of a hot topic; ``wal``: the durable topic's
+    ``WalMessageQueue.metrics()`` plus ``group_lag`` (records behind, per group).
+    """
+
     name: str
     partitions: int
     hot: bool
@@ -100,7 +112,16 @@ class TopicMetrics:
 
 @dataclass(slots=True)
 class ScalingMetrics:
-    """One snapshot of a ScalableBus."""
+    """One snapshot of a ScalableBus.
+
+    Bus-wide totals: ``topics`` (configured), ``published``, ``delivered``,
+    ``rate_1s``/``rate_10s`` (published per second), ``depth`` (messages held in
+    memory) out of ``capacity`` (``Limits.max_queue_size``), ``handler_errors``,
+    ``drops`` (by reason, e.g. ``wal_read_errors``), ``rejections`` (by cause),
+    ``spills``, ``rebalances``; ``limits`` in force; ``backpressure``: the
+    ``MessageBusBackpressure.snapshot()``; ``per_topic``: a ``TopicMetrics`` per
+    configured topic; ``taken_at``: ``time.time()`` of the snapshot.
+    """
 
     topics: int
     published: int
@@ -120,6 +141,7 @@ class ScalingMetrics:
     taken_at: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
+        """The snapshot as nested dicts of plain values (for JSON or logging)."""
         return dataclasses.asdict(self)
 
     def table(self) -> str:

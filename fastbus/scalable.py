@@ -322,14 +322,19 @@ class ScalableBus(BusCore):
 
     @property
     def inner(self) -> MessageBus:
+        """The decorated bus: pass-through topics go to it, and it receives every
+        payload of configured topics too (for its own subscribers)."""
         return self._inner
 
     @property
     def limits(self) -> Limits:
+        """The ``Limits`` in force (change them with ``reconfigure_limits``)."""
         return self._limits.current
 
     @property
     def backpressure(self) -> MessageBusBackpressure:
+        """This bus's backpressure state machine: ``.state``, ``.reconfigure(...)``,
+        ``.on_change(callback)``, ``.snapshot()``."""
         return self._bp
 
     def configure_topic(self, name: str, config: TopicConfig | None = None) -> TopicConfig:
@@ -403,6 +408,7 @@ class ScalableBus(BusCore):
         return check_topic(name) in self._topics
 
     def topics(self) -> list[str]:
+        """The configured topics (pass-through topics are the inner bus's business)."""
         return list(self._topics)
 
     def partitions(self, name: str) -> int:

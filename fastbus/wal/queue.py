@@ -1086,6 +1086,7 @@ class WalMessageQueue:
 
     @property
     def closed(self) -> bool:
+        """True once ``close()`` was called."""
         return self._closed
 
     def end_offsets(self) -> dict[int, int]:
