@@ -35,3 +35,45 @@ def route(
 def deliver_each(
     handler: Callable[[Any], Any], batch: list[Any], on_error: Callable[[BaseException, Any], Any]
 ) -> int: ...
+
+class PartitionSlot:
+    topic: Any
+    index: int
+    carrier: Any
+    put: Callable[[Any], Any]
+    def __init__(
+        self, topic: Any, index: int, carrier: Any, put: Callable[[Any], Any], held: bool = False
+    ) -> None: ...
+    def try_schedule(self) -> bool: ...
+    def unschedule(self) -> None: ...
+    @property
+    def scheduled(self) -> bool: ...
+
+class TopicCore:
+    name: str
+    parts: tuple[PartitionSlot, ...]
+    closed: bool
+    depth_add: Callable[[int], Any] | None
+    def __init__(
+        self,
+        name: str,
+        parts: tuple[PartitionSlot, ...],
+        depth_add: Callable[[int], Any] | None,
+        schedule: Callable[[PartitionSlot], Any],
+        backpressure: Any = None,
+    ) -> None: ...
+    def publish(self, payload: Any, key: Any, headers: dict[str, Any] | None) -> None: ...
+    def publish_many(
+        self, payloads: list[Any], keys: list[Any] | None, headers: dict[str, Any] | None
+    ) -> int: ...
+    @property
+    def published(self) -> int: ...
+    @property
+    def inflight(self) -> int: ...
+    @property
+    def round_robin_position(self) -> int: ...
+
+class BusCore:
+    def publish(
+        self, topic: str, message: Any, *, key: Any = None, headers: dict[str, Any] | None = None
+    ) -> Any: ...
