@@ -54,6 +54,8 @@ class _NoAccounting:
         self._state = real._state  # NORMAL
         self.batching_allowed = True
         self.depth = 0
+        self.capacity = real.capacity
+        self.thresholds = real.thresholds
 
     def remove(self, n: int = 1) -> None:
         pass
