@@ -18,10 +18,6 @@ from __future__ import annotations
 import collections
 import os
 import random
-import signal
-import subprocess
-import sys
-import threading
 import time
 
 from fastbus import (
@@ -31,6 +27,7 @@ from fastbus import (
     TopicConfig,
     WalReader,
 )
+from tests.crashkit import run_and_kill
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bus_crash_child.py")
 PARTITIONS = 2
@@ -40,36 +37,7 @@ CONFIG = TopicConfig(durable=True, partitions=PARTITIONS, fsync=FsyncPolicy.alwa
 
 def run_child(data_dir: str, run: int, rng: random.Random) -> list[str]:
     """Start the child, kill -9 it at a random moment; its complete stdout lines."""
-    child = subprocess.Popen([sys.executable, CHILD, data_dir, str(run), "2"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        for line in child.stdout:
-            if line.endswith("\n"):  # a half-written last line is no acknowledgement
-                lines.append(line.rstrip("\n"))
-                if line == "ready\n":
-                    ready.set()
-
-    reader = threading.Thread(target=pump)
-    reader.start()
-    early = rng.random() < 0.15  # sometimes during start-up and recovery
-    try:
-        if early:
-            ready.wait(rng.uniform(0.0, 0.6))
-        else:
-            assert ready.wait(20), "child did not start: " + child.stderr.read()
-            time.sleep(rng.uniform(0.0, 0.3))
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
-        reader.join(10)
-        child.stdout.close()
-        err = child.stderr.read()
-        child.stderr.close()
-    assert child.returncode == -signal.SIGKILL, err
-    return lines
+    return run_and_kill([CHILD, data_dir, str(run), "2"], rng, max_wait=0.3, early=0.15)
 
 
 def read_wal(bus: ScalableBus) -> dict[int, list[tuple[int, str]]]:

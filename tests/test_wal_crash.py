@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
-import threading
-import time
 
 import pytest
 
 from fastbus import FsyncPolicy, Retention, SQLiteStore, WalMessageQueue
+from tests.crashkit import run_and_kill
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wal_crash_child.py")
 KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
@@ -28,31 +24,8 @@ KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
 def run_child(path: str, run: int, mode: str, threads: int, kind: str,
               rng: random.Random) -> list[str]:
     """Start the child, let it work for a random moment, kill -9 it; its stdout lines."""
-    child = subprocess.Popen([sys.executable, CHILD, path, str(run), mode, str(threads), kind],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        for line in child.stdout:
-            if line.endswith("\n"):  # a half-written last line is not an acknowledgement
-                lines.append(line.rstrip("\n"))
-                if line == "ready\n":
-                    ready.set()
-
-    reader = threading.Thread(target=pump)
-    reader.start()
-    try:
-        assert ready.wait(20), "child did not start: " + child.stderr.read()
-        time.sleep(rng.uniform(0.0, 0.25))
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
-        reader.join(10)
-        child.stdout.close()
-        err = child.stderr.read()
-        child.stderr.close()
-    assert child.returncode == -signal.SIGKILL, err
+    lines = run_and_kill([CHILD, path, str(run), mode, str(threads), kind], rng,
+                         max_wait=0.25)
     return lines[1:]
 
 

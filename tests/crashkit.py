@@ -1,0 +1,53 @@
+"""What the kill -9 tests share: run a child, kill it at a random moment, keep its lines."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+
+def run_and_kill(argv: list[str], rng: random.Random, *, max_wait: float,
+                 early: float = 0.0) -> list[str]:
+    """Run ``python argv...``, SIGKILL it at a random moment; its complete stdout lines.
+
+    The child prints ``ready`` once it is working. It is killed a random time up to
+    ``max_wait`` seconds after that, or, with probability ``early``, at a random
+    moment up to 0.6 s after the start (during start-up and recovery). A last line
+    without its newline was cut by the kill: it is no acknowledgement and is dropped.
+    """
+    child = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            if line.endswith("\n"):
+                lines.append(line.rstrip("\n"))
+                if line == "ready\n":
+                    ready.set()
+
+    reader = threading.Thread(target=pump)
+    reader.start()
+    try:
+        if rng.random() < early:
+            ready.wait(rng.uniform(0.0, 0.6))
+        else:
+            assert child.stderr is not None
+            assert ready.wait(20), "child did not start: " + child.stderr.read()
+            time.sleep(rng.uniform(0.0, max_wait))
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        reader.join(10)
+        assert child.stdout is not None and child.stderr is not None
+        child.stdout.close()
+        err = child.stderr.read()
+        child.stderr.close()
+    assert child.returncode == -signal.SIGKILL, err
+    return lines
