@@ -577,6 +577,12 @@ class ScalableBus(BusCore):
         rebalanced on join and leave; without a group the subscriber receives
         every message. On a pass-through topic the subscription is made on the
         inner bus (``group``/``batch`` are then refused with ``ValueError``).
+
+        A coroutine function handler runs on the event loop that was running when
+        it subscribed (or, with none, in a fresh loop per call); the dispatch
+        thread waits for it to finish, so a partition's order holds and a durable
+        group commits only after it. From that loop, wait with ``await
+        bus.flush_async()`` / ``async with bus``, not the blocking ``flush()``.
         """
         check_topic(topic)
         check_handler(handler)
