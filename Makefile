@@ -8,6 +8,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastbus-installed
 BUILD_DEPS := "setuptools>=77" wheel "Cython>=3.1,<4" "numpy>=1.26" "cysignals>=1.11"
 PERF_SMOKE := --debug-single-value --quiet
+# pyperf options of `make bench`; `make bench BENCH_ARGS=--fast` for a shorter run.
+BENCH_ARGS ?= --rigorous
+PERF_SCRIPTS := $(wildcard perf/bench_*.py) perf/peers.py
 
 .PHONY: all build demo test lint unit test-debug bench-smoke bench bench-report docs wheel clean
 
@@ -43,17 +46,20 @@ test-debug: $(STAMP)
 		tests/test_ring.py tests/test_partition.py tests/test_walcodec.py
 
 bench-smoke: build
-	@set -e; for f in perf/bench_*.py; do \
+	@set -e; for f in $(PERF_SCRIPTS); do \
 		echo "== smoke: $$f"; $(PY) $$f $(PERF_SMOKE) >/dev/null || { echo "FAILED: $$f"; exit 1; }; \
 	done; echo "bench smoke: every perf/ script ran"
 
 test: lint unit test-debug bench-smoke
 
+# Every perf/ script, peers included, as pyperf JSON in perf/results/ (replaced).
 bench: build
 	$(PY) -m pip install -q -e ".[bench]" --no-build-isolation
 	mkdir -p perf/results
-	@set -e; for f in perf/bench_*.py; do \
-		n=$$(basename $$f .py); $(PY) $$f -o perf/results/$$n.json --rigorous; \
+	@set -e; for f in $(PERF_SCRIPTS); do \
+		n=$$(basename $$f .py); rm -f perf/results/$$n.json; \
+		echo "== bench: $$f $(BENCH_ARGS)"; \
+		$(PY) $$f -o perf/results/$$n.json $(BENCH_ARGS); \
 	done
 
 wheel: $(STAMP)
