@@ -62,6 +62,14 @@ bench: build
 		$(PY) $$f -o perf/results/$$n.json $(BENCH_ARGS); \
 	done
 
+# docs/benchmarks.md and docs/benchmarks.png from the JSON of `make bench`.
+bench-report: $(STAMP)
+	@ls perf/results/*.json >/dev/null 2>&1 || { \
+		echo "no perf/results/*.json: run 'make bench' (or 'make bench BENCH_ARGS=--fast') first"; \
+		exit 1; }
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]" --no-build-isolation
+	$(PY) perf/report.py perf/results --md docs/benchmarks.md --png docs/benchmarks.png
+
 wheel: $(STAMP)
 	$(PY) -m pip wheel --no-deps -w dist .
 
