@@ -8,6 +8,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastbus-installed
 BUILD_DEPS := "setuptools>=77" wheel "Cython>=3.1,<4" "numpy>=1.26" "cysignals>=1.11"
 PERF_SMOKE := --debug-single-value --quiet
+# pyperf options of `make bench`; `make bench BENCH_ARGS=--fast` for a shorter run.
+BENCH_ARGS ?= --rigorous
+PERF_SCRIPTS := $(wildcard perf/bench_*.py) perf/peers.py
 
 .PHONY: all build demo test lint unit test-debug bench-smoke wheel-check bench bench-report docs wheel clean
 
@@ -45,7 +48,7 @@ test-debug: $(STAMP)
 	cd build/debug && FASTBUS_TEST_DEBUG_BUILD=1 ../../$(PY) -m pytest -q -m "not slow" $(DEBUG_TESTS)
 
 bench-smoke: build
-	@set -e; for f in perf/bench_*.py; do \
+	@set -e; for f in $(PERF_SCRIPTS); do \
 		echo "== smoke: $$f"; $(PY) $$f $(PERF_SMOKE) >/dev/null || { echo "FAILED: $$f"; exit 1; }; \
 	done; echo "bench smoke: every perf/ script ran"
 
@@ -66,11 +69,14 @@ wheel-check: $(STAMP)
 
 test: lint unit test-debug bench-smoke docs wheel-check
 
+# Every perf/ script, peers included, as pyperf JSON in perf/results/ (replaced).
 bench: build
 	$(PY) -m pip install -q -e ".[bench]" --no-build-isolation
 	mkdir -p perf/results
-	@set -e; for f in perf/bench_*.py; do \
-		n=$$(basename $$f .py); $(PY) $$f -o perf/results/$$n.json --rigorous; \
+	@set -e; for f in $(PERF_SCRIPTS); do \
+		n=$$(basename $$f .py); rm -f perf/results/$$n.json; \
+		echo "== bench: $$f $(BENCH_ARGS)"; \
+		$(PY) $$f -o perf/results/$$n.json $(BENCH_ARGS); \
 	done
 
 # The documentation site (site/, git-ignored): MkDocs + mkdocstrings, the API reference
@@ -86,6 +92,14 @@ $(DOCS_STAMP): $(STAMP) pyproject.toml
 
 docs: build $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# docs/benchmarks.md and docs/benchmarks.png from the JSON of `make bench`.
+bench-report: $(STAMP)
+	@ls perf/results/*.json >/dev/null 2>&1 || { \
+		echo "no perf/results/*.json: run 'make bench' (or 'make bench BENCH_ARGS=--fast') first"; \
+		exit 1; }
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]" --no-build-isolation
+	$(PY) perf/report.py perf/results --md docs/benchmarks.md --png docs/benchmarks.png
 
 wheel: $(STAMP)
 	$(PY) -m pip wheel --no-deps -w dist .

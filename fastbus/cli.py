@@ -206,9 +206,17 @@ def register_demo(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+# --------------------------------------------------------------------- fastbus bench
+
+def register_bench(subparsers: Any) -> None:
+    from .benchcli import register_bench as register
+
+    register(subparsers)
+
+
 # Another command: add a register_xxx(subparsers) function and append it to COMMANDS.
 
-COMMANDS: list[Callable[[Any], None]] = [register_demo, register_wal]
+COMMANDS: list[Callable[[Any], None]] = [register_demo, register_bench, register_wal]
 
 
 def build_parser() -> argparse.ArgumentParser:

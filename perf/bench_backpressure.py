@@ -11,23 +11,18 @@
 The overhead on a publish is ``admit-normal - noop-call`` (+ ``add-remove-1`` per
 message); compare it with the ScalableBus hot-topic publish benchmark.
 
-Smoke run: ``python perf/bench_backpressure.py --debug-single-value --quiet -o /dev/null``.
+Smoke run: ``python perf/bench_backpressure.py --debug-single-value --quiet``.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from pathlib import Path
 
+import _common  # noqa: F401  (the checkout first on sys.path)
 import pyperf
 
-try:
-    from fastbus import MessageBusBackpressure
-except ImportError:  # run from a checkout without `pip install -e .`: use the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from fastbus import MessageBusBackpressure
+from fastbus import MessageBusBackpressure
 
 INNER = 1000  # calls per timed loop iteration: the work is sub-microsecond
 

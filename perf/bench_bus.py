@@ -12,14 +12,10 @@ Run: ``python perf/bench_bus.py`` (``--fast`` for a quick look; ``--messages N``
 
 from __future__ import annotations
 
-import pathlib
-import sys
 import threading
 import time
 
-import pyperf
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import _common
 
 from fastbus import InProcessBus, ScalableBus, TopicConfig
 
@@ -226,13 +222,13 @@ def bench_pyee(loops: int) -> float:
 
 
 def main() -> None:
-    runner = pyperf.Runner(add_cmdline_args=lambda cmd, args: cmd.extend(
+    runner = _common.make_runner(lambda cmd, args: cmd.extend(
         ["--messages", str(args.messages)]))
     runner.argparser.add_argument("--messages", type=int, default=200_000,
                                   help="messages per end-to-end sample (multiple of 1000)")
     args = runner.parse_args()
     n = max(1000, args.messages - args.messages % 1000)
-    if args.debug_single_value:
+    if _common.smoke(args):
         n = 10_000
     runner.bench_time_func("hot publish_many 1P->1C (batch handler)", bench_hot, n, True, True,
                            inner_loops=n)

@@ -19,20 +19,15 @@ for the others (inner_loops = records per call), so records/s = 1 / value.
 
 from __future__ import annotations
 
-import os
 import struct
-import sys
 import time
 import zlib
 
+import _common  # noqa: F401  (the checkout first on sys.path)
 import pyperf
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]  # the in-place build; the reference codec
-
-from walcodec_reference import crc32c as py_crc32c  # noqa: E402
-
-from fastbus import _walcodec as wc  # noqa: E402
+from fastbus import _walcodec as wc
+from tests.walcodec_reference import crc32c as py_crc32c
 
 PAYLOAD = bytes(range(100))
 _HEAD = struct.Struct("<IIBBqqiH")  # length, crc, version, attributes, offset, ts, key_len, hc

@@ -3,23 +3,19 @@
 One message to 1 and to 8 trivial receivers, synchronous, in the calling thread,
 measured in the same run (time per publish). Target: InProcessBus >= 2x pyee
 with one subscriber. Smoke run:
-``python perf/bench_inprocess.py --debug-single-value --quiet -o /dev/null``.
+``python perf/bench_inprocess.py --debug-single-value --quiet``.
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import _common  # noqa: F401  (the checkout first on sys.path)
 import blinker
 import pyperf
 from pyee import EventEmitter
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from fastbus import InProcessBus
 
@@ -28,21 +24,6 @@ TOPIC = "orders"
 MESSAGE = {"id": 1}
 
 
-def drop_devnull_output(argv: list[str]) -> list[str]:
-    """Remove ``-o /dev/null``: pyperf refuses an existing output file, and the
-    smoke run (``--debug-single-value --quiet -o /dev/null``) wants no file."""
-    out: list[str] = []
-    skip = False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg in ("-o", "--output") and i + 1 < len(argv) and argv[i + 1] == os.devnull:
-            skip = True
-        elif arg == f"--output={os.devnull}":
-            pass
-        else:
-            out.append(arg)
-    return out
 
 
 def make_receiver() -> Callable[..., None]:
@@ -94,7 +75,6 @@ def bench_blinker(loops: int, signal: blinker.Signal) -> float:
 
 
 def main() -> None:
-    sys.argv = drop_devnull_output(sys.argv)
     runner = pyperf.Runner()
     runner.parse_args()
     for receivers in (1, 8):

@@ -12,20 +12,16 @@ Measured in one run, each as time per key:
 Keys are 16 random bytes (no NUL, so the list and the S16 array hold the same
 keys). Options: ``--keys N`` (default 1,000,000), ``--ref-keys N``,
 ``--partitions N`` (default 12). Smoke run:
-``python perf/bench_partition.py --debug-single-value --quiet -o /dev/null``.
+``python perf/bench_partition.py --debug-single-value --quiet``.
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
-import sys
 import time
 
+import _common  # noqa: F401  (the checkout first on sys.path)
 import numpy as np
 import pyperf
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from fastbus import partition_for, partition_many
 from tests.murmur2_reference import partition_for as ref_partition_for
@@ -33,21 +29,6 @@ from tests.murmur2_reference import partition_for as ref_partition_for
 KEY_WIDTH = 16
 
 
-def drop_devnull_output(argv: list[str]) -> list[str]:
-    """Remove ``-o /dev/null``: pyperf refuses an existing output file, and the
-    smoke run (``--debug-single-value --quiet -o /dev/null``) wants no file."""
-    out: list[str] = []
-    skip = False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg in ("-o", "--output") and i + 1 < len(argv) and argv[i + 1] == os.devnull:
-            skip = True
-        elif arg == f"--output={os.devnull}":
-            pass
-        else:
-            out.append(arg)
-    return out
 
 
 def add_cmdline_args(cmd: list[str], args) -> None:
@@ -96,7 +77,6 @@ def bench_builtin_hash(loops: int, keys: list[bytes], n: int) -> float:
 
 
 def main() -> None:
-    sys.argv = drop_devnull_output(sys.argv)
     runner = pyperf.Runner(add_cmdline_args=add_cmdline_args)
     runner.argparser.add_argument("--keys", type=int, default=1_000_000,
                                   help="keys per outer iteration (default 1,000,000)")

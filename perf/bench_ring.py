@@ -23,29 +23,15 @@ the time per message (or per record). Peers:
 
 from __future__ import annotations
 
-import os
 import queue
-import sys
-import threading
-import time
 
+import _common
 import numpy as np
-import pyperf
 
 from fastbus import RecordRing, RingBuffer
 
 BATCH = 4096
-
-
-def _timed(*specs):
-    """Start one thread per (target, *args), join them all; the elapsed seconds."""
-    threads = [threading.Thread(target=t, args=a) for t, *a in specs]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - t0
+_timed = _common.run_threads  # start one thread per (target, *args), join all: seconds
 
 
 # ---------------------------------------------------------------- workers
@@ -232,27 +218,10 @@ def queue_records(loops, n, batch):
     return total
 
 
-def _drop_devnull_output(argv):
-    """pyperf refuses an existing output file, /dev/null included; the smoke run
-    (`-o /dev/null`) means "write nothing", so drop it."""
-    out = []
-    skip = False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if a in ("-o", "--output") and i + 1 < len(argv) and argv[i + 1] == os.devnull:
-            skip = True
-            continue
-        if a == f"--output={os.devnull}":
-            continue
-        out.append(a)
-    argv[:] = out
 
 
 def main():
-    _drop_devnull_output(sys.argv)
-    runner = pyperf.Runner(add_cmdline_args=lambda cmd, args: cmd.extend(
+    runner = _common.make_runner(lambda cmd, args: cmd.extend(
         ["--messages", str(args.messages), "--records", str(args.records)]))
     runner.argparser.add_argument("--messages", type=int, default=300_000,
                                   help="messages per handoff (object rings)")
@@ -260,7 +229,7 @@ def main():
                                   help="records per handoff (RecordRing)")
     args = runner.parse_args()
     n = args.messages
-    if args.debug_single_value:
+    if _common.smoke(args):
         n = min(n, 30_000)
         args.records = min(args.records, 1 << 16)
     pairs = [
@@ -269,33 +238,23 @@ def main():
         ("ring_1p3c_multicast", ring_1p3c_multicast, "queue_1p3c_three", queue_1p3c_three),
         ("ring_3p1c_multi", ring_3p1c_multi, "queue_3p1c", queue_3p1c),
     ]
-    results = {}
+    results = _common.Results(runner)
     for rname, rfunc, qname, qfunc in pairs:
         m = n - n % 3
-        results[rname] = runner.bench_time_func(rname, rfunc, m, inner_loops=m)
-        results[qname] = runner.bench_time_func(qname, qfunc, m, inner_loops=m)
+        results.bench(rname, rfunc, m, inner_loops=m)
+        results.bench(qname, qfunc, m, inner_loops=m)
     for batch in (1024, 4096):
         nrec = args.records - args.records % batch
         rname, qname = f"records_64b_b{batch}", f"queue_records_64b_b{batch}"
-        results[rname] = runner.bench_time_func(rname, records, nrec, batch, inner_loops=nrec)
-        results[qname] = runner.bench_time_func(qname, queue_records, nrec, batch,
-                                                inner_loops=nrec)
-    if runner.args.worker or args.quiet:
+        results.bench(rname, records, nrec, batch, inner_loops=nrec)
+        results.bench(qname, queue_records, nrec, batch, inner_loops=nrec)
+    if not results.show:
         return
-    print("\nratios (peer time / ring time, > 1 means the ring is faster):")
+    print("\nratios (ring rate / peer rate, > 1 means the ring is faster):")
     for rname, _, qname, _ in pairs:
-        _ratio(results, rname, qname, "msgs/s")
+        results.ratio(rname, qname, "msgs/s")
     for batch in (1024, 4096):
-        _ratio(results, f"records_64b_b{batch}", f"queue_records_64b_b{batch}", "records/s")
-
-
-def _ratio(results, rname, qname, unit):
-    r, q = results.get(rname), results.get(qname)
-    if r is None or q is None:
-        return
-    rm, qm = r.median(), q.median()
-    print(f"  {rname:22s} {1 / rm / 1e6:8.1f}M {unit}   {qname:22s} "
-          f"{1 / qm / 1e6:8.1f}M {unit}   ratio {qm / rm:5.2f}x")
+        results.ratio(f"records_64b_b{batch}", f"queue_records_64b_b{batch}", "records/s")
 
 
 if __name__ == "__main__":

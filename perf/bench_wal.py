@@ -1,7 +1,7 @@
 """pyperf benchmarks of the WAL (fastbus.WalMessageQueue), peers in the same run.
 
     .venv/bin/python perf/bench_wal.py -o perf/results/bench_wal.json
-    .venv/bin/python perf/bench_wal.py --debug-single-value --quiet -o /dev/null   (smoke)
+    .venv/bin/python perf/bench_wal.py --debug-single-value --quiet   (smoke)
 
 Every value is the time per record (inner_loops = records per call), so records/s =
 1 / value. Payloads are 100 bytes. Data goes to --dir (default: a temporary directory
@@ -41,20 +41,17 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
 
+import _common
 import pyperf
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _ROOT)
-
-from fastbus import FsyncPolicy, Retention, WalMessageQueue  # noqa: E402
-from fastbus._walcodec import encode_record  # noqa: E402
-from fastbus.stores import FileStore  # noqa: E402
-from fastbus.wal.recovery import recover_partition  # noqa: E402
+from fastbus import FsyncPolicy, Retention, WalMessageQueue
+from fastbus._walcodec import encode_record
+from fastbus.stores import FileStore
+from fastbus.wal.recovery import recover_partition
 
 PAYLOAD = bytes(range(100))
 KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
@@ -65,18 +62,7 @@ PER_THREAD = 25
 PEER_N = 2_000
 
 
-class Scratch:
-    """A fresh directory per timed call, removed afterwards."""
-
-    def __init__(self, base: str | None) -> None:
-        self.base = base
-
-    def __enter__(self) -> str:
-        self.path = tempfile.mkdtemp(prefix="bench_wal_", dir=self.base)
-        return self.path
-
-    def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+Scratch = _common.Scratch  # a fresh directory per timed call, removed afterwards
 
 
 def _queue(path: str, fsync: FsyncPolicy) -> WalMessageQueue:
@@ -258,29 +244,6 @@ def bench_queuelib(loops: int, base: str | None) -> float:
     return total
 
 
-def _available(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
-def drop_devnull_output(argv: list[str]) -> list[str]:
-    """Remove ``-o /dev/null``: pyperf refuses an existing output file, and the
-    smoke run (``--debug-single-value --quiet -o /dev/null``) wants no file."""
-    out: list[str] = []
-    skip = False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg in ("-o", "--output") and i + 1 < len(argv) and argv[i + 1] == os.devnull:
-            skip = True
-        elif arg == f"--output={os.devnull}":
-            pass
-        else:
-            out.append(arg)
-    return out
 
 
 def add_cmdline_args(cmd: list[str], args) -> None:
@@ -290,7 +253,6 @@ def add_cmdline_args(cmd: list[str], args) -> None:
 
 
 def main() -> None:
-    sys.argv = drop_devnull_output(sys.argv)
     runner = pyperf.Runner(add_cmdline_args=add_cmdline_args)
     runner.argparser.add_argument("--dir", default=None,
                                   help="where the queues are created (default: a temp dir)")
@@ -298,25 +260,24 @@ def main() -> None:
                                   help="records in the recovery benchmark's partition")
     args = runner.parse_args()
     base = args.dir
-    results: dict[str, float] = {}
+    results = _common.Results(runner)
 
     def run(name: str, func, inner: int, *extra) -> None:
-        bench = runner.bench_time_func(name, func, base, *extra, inner_loops=inner)
-        if bench is not None and not runner.args.worker and bench.get_nvalue():
-            results[name] = bench.median()
+        results.bench(name, func, base, *extra, inner_loops=inner)
 
     run("append-every1000-fastbus", bench_append, APPENDS)
     run("append_many-every1000-fastbus", bench_append_many, APPENDS)
     run("sqlite-commit-1000", bench_sqlite, PEER_N * 5, 1000, PEER_N * 5)
-    if _available("persistqueue"):
+    if _common.available("persistqueue"):
         run("persist-queue-file", bench_persist_queue, PEER_N)
-    elif not runner.args.worker:
-        print("skipped persist-queue-file: persist-queue is not installed "
-              "(pip install persist-queue)")
-    if _available("queuelib"):
+    else:
+        results.note("skipped persist-queue-file: persist-queue is not installed "
+                     "(pip install persist-queue)")
+    if _common.available("queuelib"):
         run("queuelib-fifodisk", bench_queuelib, PEER_N)
-    elif not runner.args.worker:
-        print("skipped queuelib-fifodisk: queuelib is not installed (pip install queuelib)")
+    else:
+        results.note("skipped queuelib-fifodisk: queuelib is not installed "
+                     "(pip install queuelib)")
     run("always-1thread-fastbus", bench_always_1, SYNCS)
     run("raw-write-fdatasync", bench_raw_fdatasync, SYNCS)
     run("sqlite-commit-each", bench_sqlite, SYNCS, 1, SYNCS)
@@ -326,15 +287,13 @@ def main() -> None:
     for d in _RECOVERY_DIR:
         shutil.rmtree(d, ignore_errors=True)
 
-    if results and not runner.args.worker and not runner.args.quiet:
-        rate = {k: 1.0 / v for k, v in results.items()}
+    if results.medians and results.show:
         print("\nrecords/s (median):")
-        for k, v in rate.items():
-            print(f"  {k:32s} {v:14,.0f}")
+        for k in results.medians:
+            print(f"  {k:32s} {results.rate(k):14,.0f}")
 
         def ratio(a: str, b: str, target: float) -> None:
-            if a in rate and b in rate:
-                print(f"  {a} / {b}: {rate[a] / rate[b]:.2f}x (target >= {target}x)")
+            results.ratio(a, b, "records/s", target)
 
         print("ratios:")
         ratio("always-1thread-fastbus", "raw-write-fdatasync", 0.8)
