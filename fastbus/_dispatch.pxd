@@ -36,9 +36,12 @@ cdef class TopicCore:
     cdef int64_t _rr
     cdef int64_t _published
     cdef int64_t _inflight
+    cdef int _publish(self, object payload, object key, dict headers) except -1
 
 
 cdef class BusCore:
     cdef public dict _topics
     cdef public object _inner_publish
     cdef public bint _closed
+    cdef public object _bp
+    cdef public object _normal

@@ -238,6 +238,9 @@ cdef class TopicCore:
 
     def publish(self, payload, key, headers):
         """publish(payload, key, headers) -> None. Raises for a bad key, nothing queued then."""
+        self._publish(payload, key, headers)
+
+    cdef int _publish(self, object payload, object key, dict headers) except -1:
         cdef PartitionSlot part
         cdef int32_t p
         cdef tuple parts
@@ -267,6 +270,7 @@ cdef class TopicCore:
             fb_fetch_add(&self._inflight, -1)
         if part.try_schedule():
             self.schedule(part)
+        return 0
 
     def publish_many(self, list payloads, keys, headers):
         """publish_many(payloads, keys, headers) -> int: one routing pass, one put per partition."""
@@ -344,4 +348,10 @@ cdef class BusCore:
                     f"bus, which takes no key or headers; configure it first with "
                     f"bus.configure_topic({topic!r}, TopicConfig(...))")
             return self._inner_publish(topic, message)
+        core = t.core
+        if core is not None and headers is None and self._bp._state is self._normal:
+            # The common case, compiled end to end: an in-memory topic, no headers,
+            # no backpressure (NORMAL needs no admission).
+            (<TopicCore>core)._publish(message, key, None)
+            return None
         return self._publish_topic(t, message, key, headers)

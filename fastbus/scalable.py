@@ -278,6 +278,7 @@ class ScalableBus(BusCore):
         self._inner_subs = inner._subs if type(inner) is InProcessBus else None
         self._limits: ConfigRef[Limits] = ConfigRef(limits)
         self._bp = MessageBusBackpressure(limits.max_queue_size, thresholds)
+        self._normal = _NORMAL  # for BusCore.publish's compiled fast path
         # Set while the state is CRITICAL or above: wakes workers lingering for a
         # batch, so they deliver at once (the closure holds no reference to self).
         pressure = self._pressure = threading.Event()
