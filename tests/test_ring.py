@@ -531,6 +531,15 @@ def test_wait_releases_the_gil():
 # ----------------------------------------------------------------- interrupts
 
 
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C raises KeyboardInterrupt here, even where the test runner was started with
+    SIGINT ignored (a shell starts background jobs so, and Python then leaves it so)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _interrupt_later(delay, how):
     main = threading.main_thread().ident
 
@@ -547,7 +556,7 @@ def _interrupt_later(delay, how):
 
 @pytest.mark.parametrize("how", ["interrupt_main", "pthread_kill"])
 @pytest.mark.parametrize("wait", ["blocking", "yielding", "busy_spin"])
-def test_ctrl_c_interrupts_a_blocked_poll(how, wait):
+def test_ctrl_c_interrupts_a_blocked_poll(how, wait, sigint_raises):
     if threading.current_thread() is not threading.main_thread():  # pragma: no cover
         pytest.skip("signals reach the main thread only")
     ring = RingBuffer(4, wait=wait)
@@ -563,7 +572,7 @@ def test_ctrl_c_interrupts_a_blocked_poll(how, wait):
     assert c.poll() == [1]
 
 
-def test_ctrl_c_interrupts_a_blocked_publish_and_record_waits():
+def test_ctrl_c_interrupts_a_blocked_publish_and_record_waits(sigint_raises):
     ring = RingBuffer(2)
     c = ring.add_consumer()
     ring.publish_many([1, 2])
