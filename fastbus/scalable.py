@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import queue
@@ -44,7 +45,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ._dispatch import BusCore, Message, PartitionSlot, TopicCore, deliver_each
-from .backpressure import BackpressureState, MessageBusBackpressure
+from .backpressure import BackpressureState, MessageBusBackpressure, _count_value
 from .bus import InProcessBus, MessageBus, Subscription, check_handler, check_topic
 from .bus import is_async_handler as _is_async
 from .config import ConfigRef, Limits, Thresholds, TopicConfig
@@ -57,6 +58,7 @@ __all__ = ["ScalableBus"]
 log = logging.getLogger("fastbus")
 
 _NORMAL = BackpressureState.NORMAL
+_OWED_MAX = 256  # delivered messages a worker may owe the depth before it settles them
 _CRITICAL = BackpressureState.CRITICAL
 _SHEDDING = BackpressureState.SHEDDING
 _STOP = object()
@@ -303,8 +305,10 @@ class ScalableBus(BusCore):
         self._linger = float(linger)
         self._closed = False
         self._runq: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._busy = 0  # partitions being dispatched right now
-        self._busy_lock = threading.Lock()
+        # Dispatch turns begun and finished (lock-free counters; equal when no worker
+        # is dispatching): flush() waits for them to meet.
+        self._turns_started = itertools.count()
+        self._turns_done = itertools.count()
         self._drops: dict[str, int] = {}
         self._totals = RateMeter()
         self._workers = [
@@ -670,24 +674,39 @@ class ScalableBus(BusCore):
 
     def _worker(self) -> None:
         runq = self._runq
+        started, done = self._turns_started, self._turns_done
+        # Delivered messages not yet taken off the backpressure depth: settled in one
+        # remove() every _OWED_MAX messages and whenever the worker runs out of work
+        # (so flush() and critical publishers waiting for room see them promptly).
+        owed = [0]
         while True:
+            if owed[0] and runq.empty():
+                self._bp.remove(owed[0])
+                owed[0] = 0
             part = runq.get()
             if part is _STOP:
+                if owed[0]:
+                    self._bp.remove(owed[0])
                 return
-            with self._busy_lock:
-                self._busy += 1
+            next(started)
             try:
-                self._run_partition(part)
+                self._run_partition(part, owed)
+                if owed[0] >= _OWED_MAX:
+                    self._bp.remove(owed[0])
+                    owed[0] = 0
             except BaseException:  # a bug of ours: keep the worker alive, say so loudly
                 log.exception("fastbus: dispatch worker failed on %s/%d",
                               part.topic.name, part.index)
                 part.unschedule()
             finally:
-                with self._busy_lock:
-                    self._busy -= 1
+                next(done)
 
-    def _run_partition(self, part: PartitionSlot) -> None:
-        """Dispatch one turn of ``part``; the caller won its ``try_schedule``."""
+    def _run_partition(self, part: PartitionSlot, owed: list[int]) -> None:
+        """Dispatch one turn of ``part``; the caller won its ``try_schedule``.
+
+        Adds the number of messages taken to ``owed[0]`` (also when a handler
+        call escapes with a BaseException): the worker settles the depth.
+        """
         carrier = part.carrier
         bp = self._bp
         if self._linger and bp.batching_allowed and carrier.depth() < self._max_batch:
@@ -699,7 +718,7 @@ class ScalableBus(BusCore):
             try:
                 self._deliver(part, batch)
             finally:
-                bp.remove(len(batch))
+                owed[0] += len(batch)
             if carrier.depth():
                 self._runq.put(part)  # more to do: requeue behind the others (fairness)
                 return
@@ -973,7 +992,7 @@ class ScalableBus(BusCore):
         return await asyncio.to_thread(self.flush, timeout)
 
     def _idle(self) -> bool:
-        if self._bp.depth or self._busy:
+        if self._bp.depth or _count_value(self._turns_started) != _count_value(self._turns_done):
             return False
         for t in self._topics.values():
             if t.draining:
