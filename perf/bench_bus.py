@@ -87,6 +87,32 @@ def bench_hot(loops: int, n: int, chunked: bool, batch: bool, accounting: bool =
     return total
 
 
+def bench_publish_side(loops: int, accounting: bool) -> float:
+    """One publish() on a hot topic with no dispatch (the partition is held): the
+    publish side alone, where backpressure's accounting is paid per message."""
+    bus = ScalableBus(workers=1)
+    bus.configure_topic("hot", TopicConfig(partitions=1, hot=True, ring_size=65536))
+    t = bus._topics["hot"]
+    part = t.parts[0]
+    part.try_schedule()  # no worker takes it: nothing is dispatched
+    if not accounting:
+        t.core.depth_add = t.core._bp = t.core._bp_in = None
+    publish = bus.publish
+    drain = part.carrier._consumer.poll
+    total = 0.0
+    done = 0
+    while done < loops:
+        chunk = min(loops - done, 50_000)  # stay inside the ring: no spills timed
+        t0 = time.perf_counter()
+        for _ in range(chunk):
+            publish("hot", 1)
+        total += time.perf_counter() - t0
+        drain(max_batch=1 << 20, timeout=0)
+        done += chunk
+    bus._closed = True  # nothing to deliver: skip close()'s flush
+    return total
+
+
 def bench_keyed(loops: int, n: int) -> float:
     bus = ScalableBus(workers=2)
     bus.configure_topic("orders", TopicConfig(partitions=8))
@@ -240,6 +266,9 @@ def main() -> None:
                            n // 4, False, False, False, inner_loops=n // 4)
     runner.bench_time_func("hot publish_many 1P->1C (per-message handler), no backpressure "
                            "accounting", bench_hot, n, True, False, False, inner_loops=n)
+    runner.bench_time_func("hot publish, publish side only", bench_publish_side, True)
+    runner.bench_time_func("hot publish, publish side only, no backpressure accounting",
+                           bench_publish_side, False)
     runner.bench_time_func("keyed publish_many 8 partitions, 2 groups", bench_keyed, n,
                            inner_loops=n)
     runner.bench_time_func("keyed publish 8 partitions, 2 groups", bench_keyed_single, n // 4,
