@@ -15,6 +15,16 @@ cdef Message make_message(object topic, object payload, object key, dict headers
                           object partition, object offset)
 
 
+cdef class StepCounter:
+    cdef public int64_t value
+    cdef public int64_t trigger
+
+    cdef inline int64_t step(self) noexcept:
+        cdef int64_t v = self.value
+        self.value = v + 1
+        return v
+
+
 cdef class PartitionSlot:
     cdef readonly object topic
     cdef readonly int index
@@ -30,7 +40,7 @@ cdef class TopicCore:
     cdef public tuple parts
     cdef public object depth_add
     cdef public object _bp
-    cdef public object _bp_in
+    cdef public StepCounter _bp_in
     cdef object schedule
     cdef public bint closed
     cdef int64_t _rr

@@ -183,6 +183,32 @@ def deliver_each(handler, list batch, on_error):
     return errors
 
 
+cdef class StepCounter:
+    """StepCounter() -- an ``itertools.count()`` work-alike with a trigger.
+
+    ``next(c)`` returns the current value and steps it, atomically under the GIL,
+    like ``itertools.count``; ``repr`` is ``count(N)`` as well. ``trigger`` is
+    set by its owner (``MessageBusBackpressure``): the compiled publish path
+    steps the counter and compares the value with ``trigger`` in C, instead of
+    calling ``next()`` and reading a Python attribute.
+    """
+
+    def __init__(self):
+        self.value = 0
+        self.trigger = 0x7fffffffffffffff
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef int64_t v = self.value
+        self.value = v + 1
+        return v
+
+    def __repr__(self):
+        return f"count({self.value})"
+
+
 cdef class PartitionSlot:
     """One partition of a configured in-memory topic: its carrier and dispatch flag.
 
@@ -258,9 +284,9 @@ cdef class TopicCore:
             part = <PartitionSlot>parts[p]
             m = make_message(self.name, payload, key, headers, p, None)
             if self._bp_in is not None:
-                # MessageBusBackpressure.add(1), inlined: one count and one compare
-                # on the hot path, its slow path only when a level is crossed.
-                if next(self._bp_in) >= self._bp._add_at:
+                # MessageBusBackpressure.add(1), inlined: one step and one compare in
+                # C on the hot path, its slow path only when a level is crossed.
+                if self._bp_in.step() >= self._bp_in.trigger:
                     self._bp._refresh()
             elif self.depth_add is not None:
                 self.depth_add(1)

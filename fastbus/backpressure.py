@@ -60,6 +60,7 @@ from collections.abc import Awaitable, Callable
 from itertools import islice
 from typing import Any
 
+from ._dispatch import StepCounter
 from .config import Thresholds
 from .errors import BusOverloaded
 
@@ -190,10 +191,13 @@ class MessageBusBackpressure:
         self._async_sleep = async_sleep
 
         # Depth = ins - outs + bulk. ins/outs: add(1)/remove(1), lock-free; bulk: the rest.
-        self._in = itertools.count()
+        # add() counts in a StepCounter (an itertools.count work-alike) whose trigger
+        # mirrors _add_at, so the compiled publish path can do add(1) in C.
+        self._in = StepCounter()
         self._out = itertools.count()
         self._bulk = 0
         self._add_at = _NEVER  # add(1) whose count value reaches this takes the slow path
+        self._in.trigger = _NEVER
         self._rem_at = _NEVER  # likewise for remove(1)
         self._state = NORMAL
         self._batching = True
@@ -539,6 +543,7 @@ class MessageBusBackpressure:
                 lo = self._capacity if lo is None else max(lo, self._capacity)
             # add(1) returns count value v (ins before it): depth after = v + 1 - outs + bulk.
             self._add_at = _NEVER if hi is None else hi - 1 + outs - bulk
+            self._in.trigger = self._add_at
             # remove(1) returns w (outs before it): depth after = ins + bulk - w - 1.
             self._rem_at = _NEVER if lo is None else ins + bulk - lo
             # An add/remove that ran between our read and the new triggers compared
@@ -575,6 +580,7 @@ class MessageBusBackpressure:
             # The triggers are written in counter values; moving bulk moves them by n.
             if self._add_at != _NEVER:
                 self._add_at -= sign * n
+                self._in.trigger = self._add_at
             if self._rem_at != _NEVER:
                 self._rem_at += sign * n
             # Read the counter only after the shift: an add(1)/remove(1) that ran before
