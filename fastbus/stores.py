@@ -263,6 +263,30 @@ class _FileSegment:
             self._fd = -1
 
 
+
+def _take_writer_lock(lock_path: str, what: str, path: str, hint: str) -> int:
+    """The writer's exclusive ``flock`` on ``lock_path``; its fd. WalLockedError if taken."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise WalLockedError(
+            f"{what} is locked by another writer (flock on {lock_path}); close the other "
+            f"WalMessageQueue or process first{hint}",
+            path=path,
+        ) from None
+    return fd
+
+
+def _release_writer_lock(fd: int) -> int:
+    """Unlock and close a lock fd from ``_take_writer_lock`` (-1: none); returns -1."""
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    return -1
+
 class FileStore:
     """A queue directory on the local file system (the default store).
 
@@ -288,28 +312,14 @@ class FileStore:
                 raise FileNotFoundError(errno.ENOENT, "no WAL directory here", self.path)
             return
         os.makedirs(self.path, mode=0o700, exist_ok=True)
-        lock_path = os.path.join(self.path, ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise WalLockedError(
-                f"WAL directory {self.path} is locked by another writer (flock on "
-                f"{lock_path}); close the other WalMessageQueue or process first, or use "
-                "`fastbus wal inspect` to read it without the lock",
-                path=self.path,
-            ) from None
-        self._lock_fd = fd
+        self._lock_fd = _take_writer_lock(
+            os.path.join(self.path, ".lock"), f"WAL directory {self.path}", self.path,
+            " or use `fastbus wal inspect` to read it without the lock")
         if _mkdir(os.path.join(self.path, "offsets")):
             _fsync_dir(self.path)
 
     def close(self) -> None:
-        if self._lock_fd >= 0:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._lock_fd = _release_writer_lock(self._lock_fd)
 
     def _check_writable(self) -> None:
         if self._readonly:
@@ -507,18 +517,8 @@ class SQLiteStore:
             self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                        check_same_thread=False, isolation_level=None)
             return
-        lock_path = self.path + ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise WalLockedError(
-                f"WAL database {self.path} is locked by another writer (flock on {lock_path}); "
-                "close the other WalMessageQueue or process first",
-                path=self.path,
-            ) from None
-        self._lock_fd = fd
+        self._lock_fd = _take_writer_lock(self.path + ".lock", f"WAL database {self.path}",
+                                          self.path, "")
         if not os.path.exists(self.path):
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._db = sqlite3.connect(self.path, check_same_thread=False)
@@ -541,11 +541,7 @@ class SQLiteStore:
             with self._mutex:
                 self._db.close()
             self._db = None  # type: ignore[assignment]
-        if self._lock_fd >= 0:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._lock_fd = _release_writer_lock(self._lock_fd)
 
     def _sync(self) -> None:
         if self._full:
