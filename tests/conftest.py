@@ -1,8 +1,9 @@
-"""Suite-wide checks: the compiled extensions must really be loaded."""
+"""Suite-wide checks (the compiled extensions must really be loaded) and shared fixtures."""
 
 import importlib
 import os
 import pathlib
+import signal
 
 import pytest
 
@@ -22,3 +23,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             )
         if os.environ.get("FASTBUS_TEST_DEBUG_BUILD") and "build/debug" not in origin:
             raise pytest.UsageError(f"expected the debug build of fastbus.{name}, got {origin}")
+
+
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C raises KeyboardInterrupt here, even where the test runner was started with
+    SIGINT ignored (a shell starts background jobs so, and Python then leaves it so)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -531,15 +531,6 @@ def test_wait_releases_the_gil():
 # ----------------------------------------------------------------- interrupts
 
 
-@pytest.fixture
-def sigint_raises():
-    """Ctrl-C raises KeyboardInterrupt here, even where the test runner was started with
-    SIGINT ignored (a shell starts background jobs so, and Python then leaves it so)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 def _interrupt_later(delay, how):
     main = threading.main_thread().ident
 

@@ -47,7 +47,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .._partition import partition_for
-from .._walcodec import Record, RecordEncoder, scan
+from .._walappend import Appender, PartState, check_payloads, offsets
+from .._walcodec import Record, scan
 from ..config import FsyncPolicy, Retention
 from ..errors import BusClosed, FastbusError, WalCorruptionError
 from ..stores import FileStore, Store, check_subscriber_name
@@ -119,43 +120,7 @@ def _payload_type_error(payload: object) -> TypeError:
         "object with dumps()/loads() to WalMessageQueue")
 
 
-class _Part:
-    """One partition's state; every field is guarded by the queue lock."""
-
-    __slots__ = ("broken", "buffered", "buffered_since", "durable", "enc", "fail_floors",
-                 "fail_gen", "index", "io_busy", "last_error", "last_ts", "log_start",
-                 "next_offset", "opened_at", "segments", "slow", "sync_busy", "sync_mark",
-                 "sync_requested", "sync_seg", "sync_waiters", "unsynced_since", "unwritten",
-                 "visible", "visible_size", "written")
-
-    def __init__(self, index: int, segments: list[SegmentState], always: bool) -> None:
-        self.index = index
-        self.segments = segments
-        self.enc = RecordEncoder(1 << 17)
-        self.unwritten = b""  # written-and-failed bytes kept for retry (non-always)
-        last = segments[-1]
-        self.next_offset = last.next_offset
-        self.opened_at = last.next_offset
-        self.sync_mark = last.next_offset
-        self.slow = always  # True: appends take _append_slow (always, closed, broken, retry)
-        self.buffered = 0  # bytes in enc
-        self.last_ts = 0
-        self.written = last.next_offset
-        self.durable = last.next_offset
-        self.visible = last.next_offset
-        self.visible_size = last.size
-        self.log_start = segments[0].base
-        self.io_busy = False
-        self.sync_busy = False
-        self.sync_requested = False
-        self.unsynced_since = 0.0  # monotonic time of the first record not yet synced
-        self.buffered_since = 0.0  # monotonic time the buffer became non-empty
-        self.fail_gen = 0
-        self.fail_floors: dict[int, int] = {}
-        self.broken: BaseException | None = None
-        self.last_error: BaseException | None = None
-        self.sync_seg: SegmentState | None = None
-        self.sync_waiters: list[list[Any]] = []  # [target, lock to release, durable]
+_Part = PartState  # one partition's state; every field is guarded by the queue lock
 
 
 class WalMessageQueue:
@@ -240,8 +205,6 @@ class WalMessageQueue:
         self._syncer_cond = threading.Condition(self._lock)
         self._delete_lock = threading.Lock()  # readers' reads vs retention's deletes
         self._closed = False
-        self._rr = 0
-        self._readers_waiting = 0
         self._syncer_idle = False
         self._groups: dict[str, dict[int, int]] = {}
         self._m = dict.fromkeys((
@@ -261,8 +224,15 @@ class WalMessageQueue:
             store.close()
             raise
 
-        # The per-record hot path as a closure over its constants (see _build_append).
-        self.append = self._build_append()  # type: ignore[method-assign]
+        # The per-record hot path, compiled (fastbus/_walappend.pyx). It shares the
+        # round-robin cursor, the count of waiting readers and the closed flag.
+        self._app = Appender(
+            self, self._lock, self._parts,
+            serializer_dumps=None if self._serializer is None else self._serializer.dumps,
+            ts=None if clock is time.time else self._ts, always=self._always,
+            every=self._every, buffer_bytes=self._buffer_bytes,
+            type_error=_payload_type_error)
+        self.append = self._app.append  # type: ignore[method-assign]
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         if not self._always:
@@ -357,116 +327,7 @@ class WalMessageQueue:
         ``OSError`` (with the segment's path) when the write fails, ``BusClosed``
         after ``close()``.
         """
-        ser = self._serializer
-        if ser is not None:
-            payload = ser.dumps(payload)
-        elif payload.__class__ is not bytes and payload.__class__ is not str \
-                and not isinstance(payload, _BytesLike):
-            raise _payload_type_error(payload)
-        if partition is None:
-            if key is None:
-                p = self._rr
-                self._rr = p + 1 if p + 1 < self.partitions else 0
-            else:
-                p = partition_for(key, self.partitions) if self.partitions > 1 else 0
-        else:
-            p = self._check_partition(partition)
-        part = self._parts[p]
-        if part.slow:
-            return self._append_slow(part, payload, key, headers)
-        lock = self._lock
-        lock.acquire()
-        try:
-            if part.slow:
-                lock.release()
-                lock = None
-                return self._append_slow(part, payload, key, headers)
-            off = part.next_offset
-            ts = self._ts()
-            part.buffered += part.enc.add(off, ts, key, headers, payload)
-            part.next_offset = off + 1
-            part.last_ts = ts
-            if off == part.written:  # the buffer was empty
-                self._first_buffered(part)
-            if off - part.sync_mark >= self._every:
-                self._request_sync(part)
-            if part.buffered >= self._buffer_bytes:
-                self._write_accepted(part)
-            if self._readers_waiting:
-                self._cond.notify_all()
-        finally:
-            if lock is not None:
-                lock.release()
-        return (p, off)
-
-    def _build_append(self) -> Callable[..., tuple[int, int]]:
-        """``append`` specialised for this queue: same contract as :meth:`append`.
-
-        Constants live in closure cells instead of instance attributes: this is the
-        one method called per record, and attribute look-ups are most of its cost.
-        """
-        lock = self._lock
-        parts = self._parts
-        nparts = self.partitions
-        ser = self._serializer
-        ts_fn = self._ts
-        every = self._every
-        buffer_bytes = self._buffer_bytes
-        append_slow = self._append_slow
-        first_buffered = self._first_buffered
-        request_sync = self._request_sync
-        write_accepted = self._write_accepted
-        check_partition = self._check_partition
-        notify_readers = self._cond.notify_all
-        q = self
-
-        def append(payload: Any, *, key: bytes | str | None = None,
-                   headers: Mapping[str, bytes | str] | None = None,
-                   partition: int | None = None) -> tuple[int, int]:
-            if ser is not None:
-                payload = ser.dumps(payload)
-            elif payload.__class__ is not bytes and payload.__class__ is not str \
-                    and not isinstance(payload, _BytesLike):
-                raise _payload_type_error(payload)
-            if partition is None:
-                if nparts == 1:
-                    p = 0
-                elif key is None:
-                    p = q._rr
-                    q._rr = p + 1 if p + 1 < nparts else 0
-                else:
-                    p = partition_for(key, nparts)
-            else:
-                p = check_partition(partition)
-            part = parts[p]
-            if part.slow:
-                return append_slow(part, payload, key, headers)
-            lock.acquire()
-            if part.slow:
-                lock.release()
-                return append_slow(part, payload, key, headers)
-            try:
-                off = part.next_offset
-                ts = ts_fn()
-                part.buffered += part.enc.add(off, ts, key, headers, payload)
-                part.next_offset = off + 1
-                part.last_ts = ts
-                if off == part.written:  # the buffer was empty
-                    first_buffered(part)
-                if off - part.sync_mark >= every:
-                    request_sync(part)
-                if part.buffered >= buffer_bytes:
-                    write_accepted(part)
-                if q._readers_waiting:
-                    notify_readers()
-            finally:
-                lock.release()
-            return (p, off)
-
-        append.__doc__ = WalMessageQueue.append.__doc__
-        append.__name__ = "append"
-        append.__qualname__ = "WalMessageQueue.append"
-        return append
+        return self._app.append(payload, key=key, headers=headers, partition=partition)
 
     def _append_slow(self, part: _Part, payload: Any, key: Any, headers: Any) -> tuple[int, int]:
         """``always`` appends, and any append while the partition needs care."""
@@ -490,7 +351,7 @@ class WalMessageQueue:
                     self._first_buffered(part)
                 if off - part.sync_mark >= self._every:
                     self._request_sync(part)
-            if held and self._readers_waiting:
+            if held and self._app.readers_waiting:
                 self._cond.notify_all()
         finally:
             if held:
@@ -552,10 +413,7 @@ class WalMessageQueue:
         if ser is not None:
             payloads = [ser.dumps(x) for x in payloads]
         else:
-            for x in payloads:
-                if x.__class__ is not bytes and x.__class__ is not str \
-                        and not isinstance(x, _BytesLike):
-                    raise _payload_type_error(x)
+            check_payloads(payloads, _payload_type_error)
         n = len(payloads)
         if keys is not None and len(keys) != n:
             raise ValueError(f"keys must be as long as payloads ({n}), got {len(keys)}")
@@ -563,12 +421,12 @@ class WalMessageQueue:
         if partition is not None:
             p = self._check_partition(partition)
         elif keys is None or self.partitions == 1:
-            p = self._rr if keys is None else 0
+            p = self._app.rr if keys is None else 0
             if keys is None:
-                self._rr = p + 1 if p + 1 < self.partitions else 0
+                self._app.rr = p + 1 if p + 1 < self.partitions else 0
         else:
             groups = {}
-            rr = self._rr
+            rr = self._app.rr
             for i, k in enumerate(keys):
                 if k is None:
                     q = rr
@@ -576,11 +434,11 @@ class WalMessageQueue:
                 else:
                     q = partition_for(k, self.partitions)
                 groups.setdefault(q, []).append(i)
-            self._rr = rr
+            self._app.rr = rr
         hdrs = None if headers is None else [headers] * n
         if groups is None:
             first = self._append_batch(p, payloads, keys, hdrs)
-            return [(p, first + i) for i in range(n)]
+            return offsets(p, first, n)
         out: list[tuple[int, int]] = [(0, 0)] * n
         for q, idx in groups.items():
             first = self._append_batch(q, [payloads[i] for i in idx],
@@ -615,7 +473,7 @@ class WalMessageQueue:
                     self._request_sync(part)
                 if part.buffered >= self._buffer_bytes:
                     self._write_accepted(part)
-            if held and self._readers_waiting:
+            if held and self._app.readers_waiting:
                 self._cond.notify_all()
         finally:
             if held:
@@ -1209,6 +1067,7 @@ class WalMessageQueue:
             if self._closed:
                 return
             self._closed = True  # appends and polls are refused from here on
+            self._app.closed = True
             for part in self._parts:
                 part.slow = True
             self._cond.notify_all()
@@ -1328,11 +1187,11 @@ class WalReader:
                         left = deadline - time.monotonic()
                         if left <= 0:
                             return []
-                    q._readers_waiting += 1
+                    q._app.readers_waiting += 1
                     try:
                         q._cond.wait(left)
                     finally:
-                        q._readers_waiting -= 1
+                        q._app.readers_waiting -= 1
 
     def _gather(self, max_records: int) -> list[Record]:
         out: list[Record] = []

@@ -1,0 +1,64 @@
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ._walcodec import RecordEncoder
+
+class PartState:
+    index: int
+    segments: list[Any]
+    enc: RecordEncoder
+    unwritten: bytes
+    next_offset: int
+    opened_at: int
+    sync_mark: int
+    slow: bool
+    buffered: int
+    last_ts: int
+    written: int
+    durable: int
+    visible: int
+    visible_size: int
+    log_start: int
+    io_busy: bool
+    sync_busy: bool
+    sync_requested: bool
+    unsynced_since: float
+    buffered_since: float
+    fail_gen: int
+    fail_floors: dict[int, int]
+    broken: BaseException | None
+    last_error: BaseException | None
+    sync_seg: Any
+    sync_waiters: list[list[Any]]
+    def __init__(self, index: int, segments: list[Any], always: bool) -> None: ...
+
+class Appender:
+    rr: int
+    readers_waiting: int
+    closed: bool
+    def __init__(
+        self,
+        queue: Any,
+        lock: Any,
+        parts: list[PartState],
+        *,
+        serializer_dumps: Callable[[Any], bytes] | None,
+        ts: Callable[[], int] | None,
+        always: bool,
+        every: int,
+        buffer_bytes: int,
+        type_error: Callable[[object], BaseException],
+    ) -> None: ...
+    def append(
+        self,
+        payload: Any,
+        *,
+        key: bytes | str | None = None,
+        headers: Any = None,
+        partition: int | None = None,
+    ) -> tuple[int, int]: ...
+
+def check_payloads(
+    payloads: Iterable[Any], type_error: Callable[[object], BaseException]
+) -> None: ...
+def offsets(partition: int, first: int, n: int) -> list[tuple[int, int]]: ...
