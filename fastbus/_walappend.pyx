@@ -70,6 +70,9 @@ cdef class PartState:
     cdef public object last_error
     cdef public object sync_seg
     cdef public list sync_waiters        # [target, lock to release, made durable]
+    cdef public int64_t last_batch       # records in the last group commit (always)
+    cdef public double last_sync_seconds # how long its fdatasync took
+    cdef public object gather_gate       # a leader waiting for its batch (queue._gather)
 
     def __init__(self, int index, list segments not None, bint always):
         if not segments:
@@ -101,6 +104,9 @@ cdef class PartState:
         self.last_error = None
         self.sync_seg = None
         self.sync_waiters = []
+        self.last_batch = 0
+        self.last_sync_seconds = 0.0
+        self.gather_gate = None
 
     def __repr__(self):
         return (f"<PartState {self.index} next={self.next_offset} written={self.written} "
@@ -244,6 +250,10 @@ cdef class Appender:
                 waiter.acquire()
                 entry = [target, waiter, False]
                 part.sync_waiters.append(entry)
+                gate = part.gather_gate
+                if gate is not None and part.next_offset - part.durable >= part.last_batch:
+                    part.gather_gate = None
+                    gate.release()  # the gathering leader has its batch
                 held = False
                 self._release()
                 try:

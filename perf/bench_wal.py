@@ -13,6 +13,10 @@ fastbus:
   every sync, flush and 5 ms linger); fdatasync every 1000 records by a background
   thread; only flush() guarantees survival of kill -9 and power loss.
 - append_many-every1000: the same with batches of 1000 (``append_many``).
+- append_many-always: batches of 1000 under FsyncPolicy.always(): each call returns
+  once its 1000 records are fdatasync'ed (one sync per call). Durability = a
+  returned batch survives kill -9 and power loss: the same as sqlite-commit-1000's
+  COMMIT, stronger than persist-queue's and queuelib's.
 - always-1thread / always-8threads: FsyncPolicy.always(): each append returns once
   its record is fdatasync'ed; 8 threads share fdatasyncs (group commit).
 - recovery-verify-200k: the verify scan of reopening (read + CRC-check every record of
@@ -56,6 +60,7 @@ from fastbus.wal.recovery import recover_partition
 PAYLOAD = bytes(range(100))
 KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
 APPENDS = 20_000
+MANY_ALWAYS = 10_000
 SYNCS = 50
 THREADS = 8
 PER_THREAD = 25
@@ -96,6 +101,20 @@ def bench_append_many(loops: int, base: str | None) -> float:
             for _ in range(APPENDS // 1000):
                 q.append_many(batch)
             q.flush()
+            total += time.perf_counter() - t0
+            q.close()
+    return total
+
+
+def bench_append_many_always(loops: int, base: str | None) -> float:
+    total = 0.0
+    batch = [PAYLOAD] * 1000
+    for _ in range(loops):
+        with Scratch(base) as d:
+            q = _queue(d, FsyncPolicy.always())
+            t0 = time.perf_counter()
+            for _ in range(MANY_ALWAYS // 1000):
+                q.append_many(batch)
             total += time.perf_counter() - t0
             q.close()
     return total
@@ -267,6 +286,7 @@ def main() -> None:
 
     run("append-every1000-fastbus", bench_append, APPENDS)
     run("append_many-every1000-fastbus", bench_append_many, APPENDS)
+    run("append_many-always-fastbus", bench_append_many_always, MANY_ALWAYS)
     run("sqlite-commit-1000", bench_sqlite, PEER_N * 5, 1000, PEER_N * 5)
     if _common.available("persistqueue"):
         run("persist-queue-file", bench_persist_queue, PEER_N)
@@ -301,6 +321,7 @@ def main() -> None:
         for peer in ("sqlite-commit-1000", "persist-queue-file", "queuelib-fifodisk"):
             ratio("append-every1000-fastbus", peer, 10)
             ratio("append_many-every1000-fastbus", peer, 10)
+            ratio("append_many-always-fastbus", peer, 10)
         ratio("always-1thread-fastbus", "sqlite-commit-each", 1)
 
 

@@ -12,10 +12,11 @@ import threading
 import time
 
 import pytest
-from fastbus._walappend import Appender, PartState, check_payloads, offsets
 
 from fastbus import FsyncPolicy, WalMessageQueue
 from fastbus import stores as stores_mod
+from fastbus._walappend import Appender, PartState, check_payloads, offsets
+from fastbus.wal import queue as wal_queue
 
 
 class SyncGate:
@@ -223,4 +224,77 @@ def test_the_system_clock_stamps_records(tmp_path):
     after = time.time_ns()
     (rec,) = q.reader("g").poll(max_records=5)
     assert before <= rec.timestamp_ns <= after
+    q.close()
+
+
+def test_a_leader_gathers_the_batch_the_last_sync_had(tmp_path, monkeypatch):
+    """After a sync of several appenders, the next leader waits for as many records
+    (the appender completing the batch opens the gate), then syncs them at once."""
+    monkeypatch.setattr(wal_queue, "_GATHER_MAX", 10.0)
+    gate = SyncGate(monkeypatch)
+    q = _always(tmp_path)
+    part = q._parts[0]
+    part.last_batch, part.last_sync_seconds = 3, 10.0
+    out: list[tuple[int, int]] = []
+    leader = threading.Thread(target=lambda: out.append(q.append(b"a")))
+    leader.start()
+    _wait_for(lambda: part.gather_gate is not None, "the leader to gather")
+    assert gate.syncs == 0 and part.sync_busy  # arrivals queue behind the gathering
+    followers = [threading.Thread(target=lambda p=p: out.append(q.append(p)))
+                 for p in (b"b", b"c")]
+    for t in followers:
+        t.start()
+    leader.join(10)
+    for t in followers:
+        t.join(10)
+    assert sorted(out) == [(0, 0), (0, 1), (0, 2)]
+    assert gate.syncs == 1 and q.metrics()["group_commit_max"] == 3
+    assert part.gather_gate is None and not part.sync_busy
+    q.close()
+
+
+def test_a_lone_appender_does_not_wait_for_a_batch(tmp_path, monkeypatch):
+    monkeypatch.setattr(wal_queue, "_GATHER_MAX", 10.0)
+    q = _always(tmp_path)
+    part = q._parts[0]
+    part.last_batch, part.last_sync_seconds = 3, 0.002  # waits at most 1 ms, once
+    t0 = time.monotonic()
+    for i in range(5):
+        q.append(b"%d" % i)
+    assert time.monotonic() - t0 < 5.0
+    assert part.last_batch == 1  # it adapted: nobody else appends
+    q.close()
+
+
+def test_ctrl_c_of_a_gathering_leader_hands_the_sync_on(tmp_path, monkeypatch, sigint_raises):
+    if threading.current_thread() is not threading.main_thread():  # pragma: no cover
+        pytest.skip("signals are delivered to the main thread")
+    monkeypatch.setattr(wal_queue, "_GATHER_MAX", 10.0)
+    q = _always(tmp_path)
+    part = q._parts[0]
+    part.last_batch, part.last_sync_seconds = 5, 10.0
+    follower_out: list[tuple[int, int]] = []
+
+    def follower() -> None:
+        _wait_for(lambda: part.gather_gate is not None, "the leader to gather")
+        follower_out.append(q.append(b"follower"))
+
+    t = threading.Thread(target=follower)
+    t.start()
+    main = threading.main_thread().ident
+
+    def interrupt() -> None:
+        _wait_for(lambda: len(part.sync_waiters) == 1, "the follower to queue")
+        part.last_sync_seconds = 0.002  # the next leader gathers for 1 ms at most
+        signal.pthread_kill(main, signal.SIGINT)
+
+    timer = threading.Thread(target=interrupt)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        q.append(b"leader")
+    timer.join(10)
+    t.join(10)
+    assert follower_out == [(0, 1)]  # woken to lead, it synced both records
+    assert part.gather_gate is None and not part.sync_busy and part.durable == 2
+    assert [r.payload for r in q.reader("g").poll(max_records=5)] == [b"leader", b"follower"]
     q.close()
