@@ -520,6 +520,48 @@ def _wal_always(n: int, base: str) -> float:
             q.close()
 
 
+def _wal_always_many(n: int, base: str) -> float:
+    from . import FsyncPolicy
+
+    with Scratch(base) as d:
+        q = _wal(d, FsyncPolicy.always())
+        try:
+            batch = [PAYLOAD] * 1000
+            t0 = time.perf_counter()
+            for _ in range(n // 1000):
+                q.append_many(batch)
+            return time.perf_counter() - t0
+        finally:
+            q.close()
+
+
+def _wal_always_threads(n: int, base: str) -> float:
+    """``n`` appends under always() from 8 threads (group commit)."""
+    from . import FsyncPolicy
+
+    threads, per = 8, max(1, n // 8)
+    with Scratch(base) as d:
+        q = _wal(d, FsyncPolicy.always())
+        try:
+            go = threading.Barrier(threads + 1)
+
+            def work() -> None:
+                go.wait()
+                for _ in range(per):
+                    q.append(PAYLOAD)
+
+            workers = [threading.Thread(target=work) for _ in range(threads)]
+            for t in workers:
+                t.start()
+            t0 = time.perf_counter()
+            go.wait()
+            for t in workers:
+                t.join()
+            return (time.perf_counter() - t0) * n / (threads * per)
+        finally:
+            q.close()
+
+
 def _sqlite(n: int, base: str, per_commit: int) -> float:
     with Scratch(base) as d:
         con = sqlite3.connect(os.path.join(d, "q.db"), isolation_level=None)
@@ -627,6 +669,10 @@ CASES: list[Case] = [
          50_000, durability=_EVERY1000),
     Case("durable", "fastbus WalMessageQueue.append_many(1000), every(1000)", "fastbus",
          _wal_append_many, 200_000, durability=_EVERY1000),
+    Case("durable", "fastbus WalMessageQueue.append_many(1000), always()", "fastbus",
+         _wal_always_many, 50_000,
+         durability="fdatasync before each call returns: every returned batch of 1000 "
+         "survives kill -9 and power loss"),
     Case("durable", "sqlite3 table, COMMIT per 1000", "stdlib", _sqlite_1000, 20_000,
          durability="WAL journal, synchronous=FULL: each COMMIT (per 1000 records) is fsync'ed; "
          "uncommitted rows are lost on a crash"),
@@ -644,6 +690,10 @@ CASES: list[Case] = [
     # durable, synchronous
     Case("durable-sync", "fastbus WalMessageQueue.append, always()", "fastbus", _wal_always, 100,
          durability="fdatasync before each append returns"),
+    Case("durable-sync", "fastbus WalMessageQueue.append, always(), 8 threads", "fastbus",
+         _wal_always_threads, 400,
+         durability="fdatasync before each append returns; the threads share fdatasyncs "
+         "(group commit)"),
     Case("durable-sync", "sqlite3 table, COMMIT per record", "stdlib", _sqlite_each, 100,
          durability="WAL journal, synchronous=FULL: each COMMIT fsync'ed before it returns"),
 ]

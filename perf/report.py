@@ -50,8 +50,9 @@ PAIRS: dict[str, dict[str, str]] = {
         "scan-100k-fastbus": "scan-100k-struct",
     },
     "bench_wal": {
-        "append-every1000-fastbus": "sqlite-commit-1000",
-        "append_many-every1000-fastbus": "sqlite-commit-1000",
+        "append-every1000-fastbus": "queuelib-fifodisk",
+        "append_many-every1000-fastbus": "queuelib-fifodisk",
+        "append_many-always-fastbus": "sqlite-commit-1000",
         "always-1thread-fastbus": "raw-write-fdatasync",
         "always-8threads-fastbus": "raw-write-fdatasync",
     },

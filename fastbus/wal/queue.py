@@ -9,11 +9,18 @@ Concurrency and durability in one page:
   (``io_busy``): it takes the buffer, releases the lock, ``write()``s it, and
   publishes the new end. A second flag (``sync_busy``) does the same for
   ``fdatasync``, so a write can overlap a sync.
-- ``always``: an appender waits until its record is durable. Whoever finds its
-  record unwritten writes the whole buffer (its own record and everybody
-  else's); whoever then finds no sync running syncs everything written so far
-  and wakes the others: concurrent appenders share one ``fdatasync``
-  (group commit). Readers only see durable records.
+- ``append`` itself is compiled (``fastbus/_walappend.pyx``: ``Appender``,
+  and ``PartState``, a partition's state); it takes the same lock and calls
+  back into this module for everything but the common case.
+- ``always``: an appender waits until its record is durable. One that finds a
+  sync running queues behind it and sleeps on a private lock; the sync that
+  makes its record durable says so, and it returns without taking the queue
+  lock again. Whoever finds no sync running leads: it writes the whole buffer
+  (its own record and everybody else's) and fdatasyncs it in one unlocked
+  stretch, then wakes the others: concurrent appenders share one
+  ``fdatasync`` (group commit). A leader first waits a little for as many
+  records as the previous sync had (``_gather_batch``). Readers only see
+  durable records.
 - ``every(n)`` / ``interval(s)`` / ``never``: an append returns once its record
   is in the buffer. The buffer is written out when it reaches
   ``buffer_bytes`` (by the appender), after ``linger`` seconds (by the
