@@ -177,13 +177,23 @@ cdef class Appender:
             return <int64_t>t.tv_sec * 1000000000 + t.tv_nsec
         return self._ts()
 
+    cdef int64_t _encode(self, PartState part, object key, object headers,
+                         object payload) except -1:
+        """Lock held: add the record to the partition's buffer; returns its offset."""
+        cdef int64_t off = part.next_offset
+        cdef int64_t ts = self._now()
+        part.buffered += part.enc._add(off, ts, key, headers, payload)
+        part.next_offset = off + 1
+        part.last_ts = ts
+        return off
+
     def append(self, payload, *, key=None, headers=None, partition=None):
         """append(payload, *, key=None, headers=None, partition=None) -> (partition, offset)
 
         See ``WalMessageQueue.append``."""
         cdef int p
         cdef PartState part
-        cdef int64_t off, ts
+        cdef int64_t off
         if self._dumps is not None:
             payload = self._dumps(payload)
         elif type(payload) is not bytes and type(payload) is not str \
@@ -208,11 +218,7 @@ cdef class Appender:
             self._release()
             return self._append_slow(part, payload, key, headers)
         try:
-            off = part.next_offset
-            ts = self._now()
-            part.buffered += part.enc._add(off, ts, key, headers, payload)
-            part.next_offset = off + 1
-            part.last_ts = ts
+            off = self._encode(part, key, headers, payload)
             if off == part.written:  # the buffer was empty
                 self._first_buffered(part)
             if off - part.sync_mark >= self._every:
@@ -227,7 +233,7 @@ cdef class Appender:
 
     cdef object _append_always(self, PartState part, object payload, object key,
                                object headers):
-        cdef int64_t off, ts, target, gen
+        cdef int64_t off, target, gen
         cdef bint held
         cdef list entry
         self._acquire()
@@ -237,11 +243,7 @@ cdef class Appender:
             return self._append_slow(part, payload, key, headers)
         held = True
         try:
-            off = part.next_offset
-            ts = self._now()
-            part.buffered += part.enc._add(off, ts, key, headers, payload)
-            part.next_offset = off + 1
-            part.last_ts = ts
+            off = self._encode(part, key, headers, payload)
             target = off + 1
             gen = part.fail_gen
             if part.sync_busy:

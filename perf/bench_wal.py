@@ -46,7 +46,6 @@ import os
 import shutil
 import sqlite3
 import tempfile
-import threading
 import time
 
 import _common
@@ -54,6 +53,7 @@ import pyperf
 
 from fastbus import FsyncPolicy, Retention, WalMessageQueue
 from fastbus._walcodec import encode_record
+from fastbus.benchcli import _wal_always_threads
 from fastbus.stores import FileStore
 from fastbus.wal.recovery import recover_partition
 
@@ -134,27 +134,8 @@ def bench_always_1(loops: int, base: str | None) -> float:
 
 
 def bench_always_threads(loops: int, base: str | None) -> float:
-    total = 0.0
-    for _ in range(loops):
-        with Scratch(base) as d:
-            q = _queue(d, FsyncPolicy.always())
-            go = threading.Barrier(THREADS + 1)
-
-            def work(q: WalMessageQueue, go: threading.Barrier) -> None:
-                go.wait()
-                for _ in range(PER_THREAD):
-                    q.append(PAYLOAD)
-
-            threads = [threading.Thread(target=work, args=(q, go)) for _ in range(THREADS)]
-            for t in threads:
-                t.start()
-            t0 = time.perf_counter()
-            go.wait()
-            for t in threads:
-                t.join()
-            total += time.perf_counter() - t0
-            q.close()
-    return total
+    # The same workload as `fastbus bench`'s durable-sync case (8 threads).
+    return sum(_wal_always_threads(THREADS * PER_THREAD, base) for _ in range(loops))
 
 
 def bench_raw_fdatasync(loops: int, base: str | None) -> float:
