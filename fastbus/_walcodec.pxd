@@ -66,4 +66,6 @@ cdef class RecordEncoder:
     cdef int _reserve(self, Py_ssize_t extra) except -1
     cdef Py_ssize_t _add(self, int64_t offset, int64_t timestamp_ns, object key,
                          object headers, object payload) except -1
+    cdef Py_ssize_t _add_plain(self, int64_t offset, int64_t timestamp_ns, object key,
+                               object payload) except -1
     cdef int _put_header(self, Py_ssize_t start, object name, object value) except -1

@@ -640,6 +640,9 @@ cdef class RecordEncoder:
         cdef PyObject *kvalue
         cdef uint8_t *rec
         self._check_unexported("add to")
+        if headers is None and PyBytes_CheckExact(payload) \
+                and (key is None or PyBytes_CheckExact(key)):
+            return self._add_plain(offset, timestamp_ns, key, payload)
         try:
             self._reserve(_FIXED)
             rec = self._buf + start
@@ -708,6 +711,42 @@ cdef class RecordEncoder:
         fb_st_u32(rec, <uint32_t>(size - 4))
         rec[9] = attributes
         fb_st_u32(rec + 4, fb_crc32c(0, rec + 8, <size_t>(size - 8)))
+        self._count += 1
+        self._last_offset = offset
+        return size
+
+    cdef Py_ssize_t _add_plain(self, int64_t offset, int64_t timestamp_ns, object key,
+                               object payload) except -1:
+        """``_add`` for the common record: no headers, bytes payload, no key or a bytes
+        key. One size computation and one reservation; the same bytes as ``_add``."""
+        cdef Py_ssize_t key_len = -1 if key is None else PyBytes_GET_SIZE(key)
+        cdef Py_ssize_t payload_len = PyBytes_GET_SIZE(payload)
+        cdef Py_ssize_t size = _FIXED + (key_len if key_len > 0 else 0) + 2 + 4 + payload_len
+        cdef uint8_t *rec
+        cdef uint8_t *p
+        if size > _MAX_LENGTH + 4:
+            _too_big(size)
+        self._reserve(size)
+        rec = self._buf + self._len
+        fb_st_u32(rec, <uint32_t>(size - 4))
+        rec[8] = _VERSION
+        rec[9] = 0
+        fb_st_u64(rec + 10, <uint64_t>offset)
+        fb_st_u64(rec + 18, <uint64_t>timestamp_ns)
+        p = rec + 26
+        if key_len < 0:
+            fb_st_u32(p, 0xFFFFFFFFu)
+            p += 4
+        else:
+            fb_st_u32(p, <uint32_t>key_len)
+            memcpy(p + 4, PyBytes_AS_STRING(key), <size_t>key_len)
+            p += 4 + key_len
+        fb_st_u16(p, 0)
+        fb_st_u32(p + 2, <uint32_t>payload_len)
+        memcpy(p + 6, PyBytes_AS_STRING(payload), <size_t>payload_len)
+        FB_DEBUG_CHECK(p + 6 + payload_len == rec + size)
+        fb_st_u32(rec + 4, fb_crc32c(0, rec + 8, <size_t>(size - 8)))
+        self._len += size
         self._count += 1
         self._last_offset = offset
         return size

@@ -186,6 +186,28 @@ def test_encode_matches_reference_and_round_trips(offset, ts, key, headers, payl
     assert wc.Record(offset, ts, key, headers, payload).size == len(data)
 
 
+@settings(max_examples=200)
+@given(offsets, offsets, st.none() | st.binary(max_size=40), st.binary(max_size=300))
+def test_plain_records_match_reference(offset, ts, key, payload):
+    """The encoder's fast path (no headers, bytes payload, no key or a bytes key)."""
+    enc = wc.RecordEncoder(initial_capacity=1)  # forces growth
+    enc.add(offset, ts, key, None, payload)
+    enc.add(offset, ts, key, None, payload)
+    one = ref.encode_record(offset, ts, key, None, payload)
+    assert bytes(enc.getbuffer()) == one + one
+    assert enc.count == 2 and enc.last_offset == offset
+    assert wc.encode_record(offset, ts, key, None, payload) == one
+
+
+def test_plain_record_too_big_is_refused_and_leaves_the_buffer():
+    enc = wc.RecordEncoder()
+    enc.add(0, 0, None, None, b"x")
+    before = bytes(enc.getbuffer())
+    with pytest.raises(ValueError):
+        enc.add(1, 0, None, None, bytes(wc.MAX_RECORD_SIZE))
+    assert bytes(enc.getbuffer()) == before and enc.count == 1
+
+
 @given(st.lists(st.tuples(keys, header_maps, payloads), max_size=8), offsets)
 def test_encoder_equals_concatenated_records(items, ts):
     enc = wc.RecordEncoder(initial_capacity=1)  # forces growth
