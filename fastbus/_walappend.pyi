@@ -30,6 +30,9 @@ class PartState:
     last_error: BaseException | None
     sync_seg: Any
     sync_waiters: list[list[Any]]
+    last_appenders: int
+    last_sync_seconds: float
+    gather_gate: Any
     def __init__(self, index: int, segments: list[Any], always: bool) -> None: ...
 
 class Appender:

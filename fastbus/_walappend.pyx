@@ -70,7 +70,7 @@ cdef class PartState:
     cdef public object last_error
     cdef public object sync_seg
     cdef public list sync_waiters        # [target, lock to release, made durable]
-    cdef public int64_t last_batch       # records in the last group commit (always)
+    cdef public int64_t last_appenders   # appenders the last group commit acknowledged
     cdef public double last_sync_seconds # how long its fdatasync took
     cdef public object gather_gate       # a leader waiting for its batch (queue._gather)
 
@@ -104,7 +104,7 @@ cdef class PartState:
         self.last_error = None
         self.sync_seg = None
         self.sync_waiters = []
-        self.last_batch = 0
+        self.last_appenders = 0
         self.last_sync_seconds = 0.0
         self.gather_gate = None
 
@@ -139,6 +139,7 @@ cdef class Appender:
     cdef object _write_accepted
     cdef object _check_partition
     cdef object _notify_readers
+    cdef object _hand_off
     cdef object _type_error
     cdef public int rr
     cdef public int readers_waiting
@@ -165,6 +166,7 @@ cdef class Appender:
         self._write_accepted = queue._write_accepted
         self._check_partition = queue._check_partition
         self._notify_readers = queue._cond.notify_all
+        self._hand_off = queue._hand_off
         self._type_error = type_error
         self.rr = 0
         self.readers_waiting = 0
@@ -176,6 +178,18 @@ cdef class Appender:
             clock_gettime(CLOCK_REALTIME, &t)
             return <int64_t>t.tv_sec * 1000000000 + t.tv_nsec
         return self._ts()
+
+    cdef object _relock(self):
+        """Take the queue lock back even if Ctrl-C interrupts the wait for it; returns
+        the interruption, for the caller to raise once the queue's state is right."""
+        pending = None
+        while True:
+            try:
+                self._acquire()
+                return pending
+            except BaseException as exc:
+                if pending is None:
+                    pending = exc
 
     cdef int64_t _encode(self, PartState part, object key, object headers,
                          object payload) except -1:
@@ -253,7 +267,7 @@ cdef class Appender:
                 entry = [target, waiter, False]
                 part.sync_waiters.append(entry)
                 gate = part.gather_gate
-                if gate is not None and part.next_offset - part.durable >= part.last_batch:
+                if gate is not None and len(part.sync_waiters) + 1 >= part.last_appenders:
                     part.gather_gate = None
                     gate.release()  # the gathering leader has its batch
                 held = False
@@ -261,22 +275,25 @@ cdef class Appender:
                 try:
                     waiter.acquire()
                 except BaseException:  # KeyboardInterrupt: leave the queue as it was
-                    self._acquire()
+                    self._relock()
                     held = True
-                    try:
-                        part.sync_waiters.remove(entry)
-                    except ValueError:
-                        pass
-                    raise
+                    for i in range(len(part.sync_waiters)):
+                        if part.sync_waiters[i] is entry:
+                            del part.sync_waiters[i]
+                            break
+                    raise  # (if it was woken to lead, the finally hands that on)
                 if entry[2]:
                     return (part.index, off)
-                self._acquire()  # this thread leads the next sync, or a failure happened
+                pending = self._relock()  # it leads the next sync, or a failure happened
                 held = True
+                if pending is not None:
+                    raise pending
             held = self._wait_durable(part, target, gen)
             if held and self.readers_waiting:
                 self._notify_readers()
         finally:
             if held:
+                self._hand_off(part)
                 self._release()
         return (part.index, off)
 

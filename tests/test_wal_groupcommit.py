@@ -234,7 +234,7 @@ def test_a_leader_gathers_the_batch_the_last_sync_had(tmp_path, monkeypatch):
     gate = SyncGate(monkeypatch)
     q = _always(tmp_path)
     part = q._parts[0]
-    part.last_batch, part.last_sync_seconds = 3, 10.0
+    part.last_appenders, part.last_sync_seconds = 3, 10.0
     out: list[tuple[int, int]] = []
     leader = threading.Thread(target=lambda: out.append(q.append(b"a")))
     leader.start()
@@ -257,12 +257,12 @@ def test_a_lone_appender_does_not_wait_for_a_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(wal_queue, "_GATHER_MAX", 10.0)
     q = _always(tmp_path)
     part = q._parts[0]
-    part.last_batch, part.last_sync_seconds = 3, 0.002  # waits at most 1 ms, once
+    part.last_appenders, part.last_sync_seconds = 3, 0.002  # waits at most 1 ms, once
     t0 = time.monotonic()
     for i in range(5):
         q.append(b"%d" % i)
     assert time.monotonic() - t0 < 5.0
-    assert part.last_batch == 1  # it adapted: nobody else appends
+    assert part.last_appenders == 1  # it adapted: nobody else appends
     q.close()
 
 
@@ -272,7 +272,7 @@ def test_ctrl_c_of_a_gathering_leader_hands_the_sync_on(tmp_path, monkeypatch, s
     monkeypatch.setattr(wal_queue, "_GATHER_MAX", 10.0)
     q = _always(tmp_path)
     part = q._parts[0]
-    part.last_batch, part.last_sync_seconds = 5, 10.0
+    part.last_appenders, part.last_sync_seconds = 5, 10.0
     follower_out: list[tuple[int, int]] = []
 
     def follower() -> None:

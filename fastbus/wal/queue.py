@@ -74,6 +74,20 @@ _DEFAULT_RETENTION = Retention()
 _GATHER_MAX = 0.001  # seconds a group-commit leader waits at most for its batch
 
 
+def _relock(lock: Any) -> BaseException | None:
+    """Take ``lock`` back even if a signal handler raises while this thread waits for
+    it (Ctrl-C): the state it guards must be put right first. Returns what was
+    raised, for the caller to raise once it has done so."""
+    pending: BaseException | None = None
+    while True:
+        try:
+            lock.acquire()
+            return pending
+        except BaseException as exc:
+            if pending is None:
+                pending = exc
+
+
 class _Serializer:
     __slots__ = ("dumps", "loads", "name")
 
@@ -363,6 +377,8 @@ class WalMessageQueue:
                 self._cond.notify_all()
         finally:
             if held:
+                if self._always:
+                    self._hand_off(part)
                 lock.release()
         return (part.index, off)
 
@@ -485,6 +501,8 @@ class WalMessageQueue:
                 self._cond.notify_all()
         finally:
             if held:
+                if self._always:
+                    self._hand_off(part)
                 lock.release()
         return first
 
@@ -526,6 +544,7 @@ class WalMessageQueue:
         unlocked stretch: an ``always`` leader takes the lock once, not twice, on
         its way back, which is a thread hand-off less per group commit.
         """
+        now = self._clock()  # first: a clock that raises leaves nothing half done
         part.io_busy = True
         enc = part.enc
         with enc.getbuffer() as mv:
@@ -538,7 +557,6 @@ class WalMessageQueue:
         max_ts = part.last_ts
         part.buffered_since = 0.0
         seg = part.segments[-1]
-        now = self._clock()
         roll = seg.next_offset > seg.base and (
             seg.size + len(data) > self._segment_bytes
             or (self._segment_age is not None and now - seg.created >= self._segment_age))
@@ -548,6 +566,7 @@ class WalMessageQueue:
         new_seg: SegmentState | None = None
         error: BaseException | None = None
         sync_error: BaseException | None = None
+        roll_sync_error: BaseException | None = None
         dt = 0.0
         handle = seg.handle
         assert handle is not None
@@ -555,7 +574,11 @@ class WalMessageQueue:
             if roll:
                 # The old segment is complete: make it durable before the new one exists,
                 # so recovery never sees a torn segment that is not the last.
-                handle.sync()
+                try:
+                    handle.sync()
+                except BaseException as exc:
+                    roll_sync_error = exc
+                    raise
                 h = self._store.create_segment(part.index, first)
                 new_seg = SegmentState(first, self._store.segment_location(part.index, first),
                                        h, 0, first, 0, now)
@@ -578,7 +601,19 @@ class WalMessageQueue:
                     sync_error = exc
                 dt = time.perf_counter() - t0
         finally:
-            self._lock.acquire()
+            interrupted = _relock(self._lock)
+        try:
+            self._write_done(part, data, first, last, max_ts, new_seg, sync, dt, error,
+                             sync_error, roll_sync_error)
+        finally:
+            if interrupted is not None:
+                raise interrupted
+
+    def _write_done(self, part: _Part, data: bytes, first: int, last: int, max_ts: int,
+                    new_seg: SegmentState | None, sync: bool, dt: float,
+                    error: BaseException | None, sync_error: BaseException | None,
+                    roll_sync_error: BaseException | None) -> None:
+        """Lock held: the bookkeeping after ``_do_write``'s unlocked stretch."""
         part.io_busy = False
         if sync and error is not None:
             part.sync_busy = False  # the sync never ran
@@ -633,6 +668,9 @@ class WalMessageQueue:
             part.slow = True
             part.buffered_since = time.monotonic()
         self._cond.notify_all()
+        if roll_sync_error is not None:
+            # The fdatasync of the segment being closed failed: what is on disk is unknown.
+            self._fsync_failed(part, part.segments[-1], roll_sync_error)
         if not isinstance(error, OSError):
             raise error
         raise self._write_error(part, error, len(data), first, last)
@@ -667,8 +705,12 @@ class WalMessageQueue:
             error = exc
         finally:
             dt = time.perf_counter() - t0
-            self._lock.acquire()
-        self._sync_finish(part, upto, seg, size, dt, error)
+            interrupted = _relock(self._lock)
+        try:
+            self._sync_finish(part, upto, seg, size, dt, error)
+        finally:
+            if interrupted is not None:
+                raise interrupted
 
     def _sync_start(self, part: _Part, seg: SegmentState) -> None:
         part.sync_busy = True
@@ -682,19 +724,11 @@ class WalMessageQueue:
         """Lock held: a sync of ``seg`` covering offsets < ``upto`` ended."""
         part.sync_busy = False
         part.sync_seg = None
-        batch = upto - part.durable
+        batch = max(0, upto - part.durable)  # a roll meanwhile may have moved durable on
         m = self._m
         m["fsync_seconds"] += dt
         if error is not None:
-            m["fsync_errors"] += 1
-            part.broken = error
-            part.slow = True
-            log.error("fastbus WAL %s: fdatasync of %s failed (%s); partition %d is broken "
-                      "until the queue is reopened", self._store.location, seg.location,
-                      error, part.index)
-            self._cond.notify_all()
-            self._wake_sync_waiters(part, everyone=True)
-            raise self._broken_error(part) from error
+            self._fsync_failed(part, seg, error)
         m["fsyncs"] += 1
         if upto > part.durable:
             part.durable = upto
@@ -703,7 +737,8 @@ class WalMessageQueue:
                 m["group_commit_records"] += batch
                 if batch > m["group_commit_max"]:
                     m["group_commit_max"] = batch
-                part.last_batch = batch
+                # Appenders this sync acknowledges: the waiters it covers, and its leader.
+                part.last_appenders = 1 + sum(1 for e in part.sync_waiters if e[0] <= upto)
                 part.last_sync_seconds = dt
                 if upto > part.visible:
                     part.visible = upto
@@ -711,6 +746,18 @@ class WalMessageQueue:
                     part.visible_size = size
         self._wake_sync_waiters(part)
         self._cond.notify_all()
+
+    def _fsync_failed(self, part: _Part, seg: SegmentState, error: BaseException) -> None:
+        """Lock held: an fdatasync failed; what is on disk is unknown. Raises."""
+        self._m["fsync_errors"] += 1
+        part.broken = error
+        part.slow = True
+        log.error("fastbus WAL %s: fdatasync of %s failed (%s); partition %d is broken "
+                  "until the queue is reopened", self._store.location, seg.location,
+                  error, part.index)
+        self._cond.notify_all()
+        self._wake_sync_waiters(part, everyone=True)
+        raise self._broken_error(part) from error
 
     def _wait_durable(self, part: _Part, target: int, gen: int) -> bool:
         """Lock held, ``always``: return once offsets < target are durable.
@@ -723,7 +770,7 @@ class WalMessageQueue:
         """
         swept = False
         gathered = False
-        while part.durable < target:
+        while True:
             if part.fail_gen != gen:
                 for g in range(gen + 1, part.fail_gen + 1):
                     floor = part.fail_floors.get(g)
@@ -737,13 +784,15 @@ class WalMessageQueue:
                                       "this append was not acknowledged and is not in the "
                                       "log", err.filename) from err
                 gen = part.fail_gen
+            if part.durable >= target:
+                return True
             if part.broken is not None:
                 raise self._broken_error(part)
             if part.written < target and not part.sync_busy:
                 if part.io_busy:
                     self._cond.wait()
                     continue
-                if not gathered and part.last_batch > 1:
+                if not gathered and part.last_appenders > 1:
                     gathered = True
                     self._gather_batch(part)
                     continue
@@ -758,7 +807,7 @@ class WalMessageQueue:
                 entry = [target, waiter, False]  # [2]: the waker saw it durable
                 part.sync_waiters.append(entry)
                 gate = part.gather_gate
-                if gate is not None and part.next_offset - part.durable >= part.last_batch:
+                if gate is not None and len(part.sync_waiters) + 1 >= part.last_appenders:
                     part.gather_gate = None
                     gate.release()  # the gathering leader has its batch
                 lock = self._lock
@@ -766,13 +815,18 @@ class WalMessageQueue:
                 try:
                     waiter.acquire()
                 except BaseException:  # KeyboardInterrupt: leave the queue as it was
-                    lock.acquire()
-                    with contextlib.suppress(ValueError):
+                    _relock(lock)
+                    if any(e is entry for e in part.sync_waiters):
                         part.sync_waiters.remove(entry)
+                    elif not entry[2]:
+                        self._hand_off(part)  # it was woken to lead: wake another
                     raise
                 if entry[2]:
                     return False
-                lock.acquire()
+                interrupted = _relock(lock)
+                if interrupted is not None:
+                    self._hand_off(part)
+                    raise interrupted
                 continue
             if not swept and part.written < part.next_offset and not part.io_busy:
                 # About to lead a sync: write what the others queued meanwhile and
@@ -782,7 +836,6 @@ class WalMessageQueue:
                     self._do_write(part, sync=True)
                 continue
             self._sync(part)
-        return True
 
     def _gather_batch(self, part: _Part) -> None:
         """Lock held, ``always``, about to lead a sync after one that covered several
@@ -796,9 +849,9 @@ class WalMessageQueue:
         running and queue behind it. The batch size adapts: one appender alone
         makes batches of one, and then nobody waits.
         """
-        want = part.last_batch
+        want = part.last_appenders
         limit = min(part.last_sync_seconds * 0.5, _GATHER_MAX)
-        if part.next_offset - part.durable >= want or limit <= 0:
+        if len(part.sync_waiters) + 1 >= want or limit <= 0:
             return
         part.sync_busy = True
         gate = _new_lock()
@@ -809,14 +862,27 @@ class WalMessageQueue:
         try:
             gate.acquire(timeout=limit)
         except BaseException:  # KeyboardInterrupt: another appender leads the sync
-            lock.acquire()
+            _relock(lock)
             part.gather_gate = None
             part.sync_busy = False
             self._wake_sync_waiters(part)
+            self._cond.notify_all()
             raise
-        lock.acquire()
+        interrupted = _relock(lock)
         part.gather_gate = None
         part.sync_busy = False
+        self._cond.notify_all()
+        if interrupted is not None:
+            self._wake_sync_waiters(part)
+            raise interrupted
+
+    def _hand_off(self, part: _Part) -> None:
+        """Lock held, an ``always`` appender leaving (returning or raising): if waiters
+        sleep and no sync runs (this thread was to lead and did not, a roll made its
+        record durable, ...), wake one to lead and the durable ones to return."""
+        if part.sync_waiters and not part.sync_busy:
+            self._wake_sync_waiters(part)
+            self._cond.notify_all()
 
     def _wake_sync_waiters(self, part: _Part, *, everyone: bool = False) -> None:
         """Lock held: wake the waiters whose record is durable, plus one to lead next.
@@ -1036,6 +1102,15 @@ class WalMessageQueue:
             self._groups[name] = dict(offsets)
             self._m["commits"] += 1
 
+    def _readable(self, part: _Part, offset: int) -> bool:
+        """Lock held: would a read from ``offset`` find a record now? Under ``always``
+        only synced records are visible; otherwise a reader that caught up writes the
+        buffer out (``_snapshot``) unless a write is running or the partition is broken."""
+        if part.visible > offset:
+            return True
+        return (not self._always and part.next_offset > offset and not part.io_busy
+                and part.broken is None)
+
     def _snapshot(self, p: int) -> tuple[list[SegmentState], int, int, int, int]:
         """(segments, log_start, visible offset, visible size of the active segment, next)."""
         part = self._parts[p]
@@ -1231,7 +1306,7 @@ class WalReader:
                 with q._lock:
                     if q._closed:
                         raise BusClosed(f"WalMessageQueue {q._store.location} is closed")
-                    if any(q._parts[p].next_offset > c.offset
+                    if any(q._readable(q._parts[p], c.offset)
                            for p, c in self._cursors.items()):
                         continue  # data arrived meanwhile (or is buffered): read it
                     if deadline is None:
