@@ -17,6 +17,7 @@ from fastbus import FsyncPolicy, WalMessageQueue
 from fastbus import stores as stores_mod
 from fastbus._walappend import Appender, PartState, check_payloads, offsets
 from fastbus.wal import queue as wal_queue
+from tests.waiting import wait_for
 
 
 class SyncGate:
@@ -42,14 +43,6 @@ class SyncGate:
         self.open.clear()
 
 
-def _wait_for(predicate, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.001)
-
-
 def _always(tmp_path) -> WalMessageQueue:
     return WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.always(), compaction_interval=None)
 
@@ -70,7 +63,7 @@ def test_followers_share_the_next_sync(tmp_path, monkeypatch):
     followers = [threading.Thread(target=append, args=(f"f{i}",)) for i in range(3)]
     for t in followers:
         t.start()
-    _wait_for(lambda: len(part.sync_waiters) == 3, "three followers queued behind the sync")
+    wait_for(lambda: len(part.sync_waiters) == 3, "three followers queued behind the sync")
     assert part.next_offset == 4 and part.durable == 0  # buffered, not acknowledged
     assert not results  # nobody returned before its record was durable
     gate.open.set()
@@ -131,7 +124,7 @@ def test_a_follower_woken_to_lead_syncs_the_records_queued_behind_it(tmp_path, m
     assert gate.entered.wait(10)
     for t in threads[1:]:
         t.start()
-    _wait_for(lambda: len(q._parts[0].sync_waiters) == 4, "four followers")
+    wait_for(lambda: len(q._parts[0].sync_waiters) == 4, "four followers")
     syncs_before = gate.syncs
     gate.open.set()
     for t in threads:
@@ -158,7 +151,7 @@ def test_closing_while_followers_wait_acknowledges_them(tmp_path, monkeypatch):
     assert gate.entered.wait(10)
     for t in threads[1:]:
         t.start()
-    _wait_for(lambda: len(q._parts[0].sync_waiters) == 2, "two followers")
+    wait_for(lambda: len(q._parts[0].sync_waiters) == 2, "two followers")
     closer = threading.Thread(target=q.close)
     closer.start()
     gate.open.set()
@@ -238,7 +231,7 @@ def test_a_leader_gathers_the_batch_the_last_sync_had(tmp_path, monkeypatch):
     out: list[tuple[int, int]] = []
     leader = threading.Thread(target=lambda: out.append(q.append(b"a")))
     leader.start()
-    _wait_for(lambda: part.gather_gate is not None, "the leader to gather")
+    wait_for(lambda: part.gather_gate is not None, "the leader to gather")
     assert gate.syncs == 0 and part.sync_busy  # arrivals queue behind the gathering
     followers = [threading.Thread(target=lambda p=p: out.append(q.append(p)))
                  for p in (b"b", b"c")]
@@ -276,7 +269,7 @@ def test_ctrl_c_of_a_gathering_leader_hands_the_sync_on(tmp_path, monkeypatch, s
     follower_out: list[tuple[int, int]] = []
 
     def follower() -> None:
-        _wait_for(lambda: part.gather_gate is not None, "the leader to gather")
+        wait_for(lambda: part.gather_gate is not None, "the leader to gather")
         follower_out.append(q.append(b"follower"))
 
     t = threading.Thread(target=follower)
@@ -284,7 +277,7 @@ def test_ctrl_c_of_a_gathering_leader_hands_the_sync_on(tmp_path, monkeypatch, s
     main = threading.main_thread().ident
 
     def interrupt() -> None:
-        _wait_for(lambda: len(part.sync_waiters) == 1, "the follower to queue")
+        wait_for(lambda: len(part.sync_waiters) == 1, "the follower to queue")
         part.last_sync_seconds = 0.002  # the next leader gathers for 1 ms at most
         signal.pthread_kill(main, signal.SIGINT)
 

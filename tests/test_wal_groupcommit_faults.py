@@ -22,14 +22,7 @@ from fastbus import stores as S
 from fastbus._walcodec import scan
 from fastbus.errors import BusClosed, FastbusError
 from fastbus.wal import queue as wal_queue
-
-
-def _wait_for(predicate, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.0005)
+from tests.waiting import wait_for
 
 
 def _memq(**kw) -> WalMessageQueue:
@@ -118,7 +111,7 @@ def test_a_discarded_record_is_never_acknowledged_with_a_reused_offset(monkeypat
         (lambda: q.append_many([b"FOLLOWER"]))
     follower = threading.Thread(target=run, args=("follower", one))
     follower.start()
-    _wait_for(lambda: len(part.sync_waiters) == 1, "the follower to queue")
+    wait_for(lambda: len(part.sync_waiters) == 1, "the follower to queue")
     leader.join(5)
     assert out["leader"] == errno.ENOSPC
     out["other1"] = q.append(b"other1")  # offsets 1 and 2 are reused and synced
@@ -147,10 +140,10 @@ def test_a_roll_during_a_gather_strands_nobody(monkeypatch):
 
     threads = {"L": threading.Thread(target=app, args=("L", b"L"))}
     threads["L"].start()
-    _wait_for(lambda: part.gather_gate is not None, "the leader to gather")
+    wait_for(lambda: part.gather_gate is not None, "the leader to gather")
     threads["A1"] = threading.Thread(target=app, args=("A1", b"a" * 1500))
     threads["A1"].start()
-    _wait_for(lambda: len(part.sync_waiters) >= 1, "A1 to queue")
+    wait_for(lambda: len(part.sync_waiters) >= 1, "A1 to queue")
     threads["A2"] = threading.Thread(target=app, args=("A2", b"b"))
     threads["A2"].start()
     for t in threads.values():
@@ -187,10 +180,10 @@ def test_ctrl_c_of_a_follower_woken_to_lead_hands_the_lead_on(sync_gate, path):
     follower = threading.Thread(target=lambda: out.append(q.append(b"c")))
 
     def driver():
-        _wait_for(lambda: len(part.sync_waiters) == 1, "main to queue")
+        wait_for(lambda: len(part.sync_waiters) == 1, "main to queue")
         mine.append(part.sync_waiters[0])
         follower.start()
-        _wait_for(lambda: len(part.sync_waiters) == 2, "the follower to queue")
+        wait_for(lambda: len(part.sync_waiters) == 2, "the follower to queue")
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         time.sleep(0.05)
         gate.set()  # the first sync ends and wakes main to lead the next
@@ -214,24 +207,31 @@ def test_ctrl_c_of_a_follower_woken_to_lead_hands_the_lead_on(sync_gate, path):
     q.close()
 
 
-def test_ctrl_c_of_a_gathering_leader_wakes_a_waiting_flush(monkeypatch, sigint_raises):
+def _gathering_queue(monkeypatch, last_sync_seconds: float):
+    """A queue whose next leader gathers (as after a sync of 5 appenders), for a test
+    that sends Ctrl-C to the main thread."""
     if threading.current_thread() is not threading.main_thread():  # pragma: no cover
         pytest.skip("signals are delivered to the main thread")
     monkeypatch.setattr(wal_queue, "_GATHER_MAX", 10.0)
     q = _memq()
     part = q._parts[0]
-    part.last_appenders, part.last_sync_seconds = 5, 10.0
+    part.last_appenders, part.last_sync_seconds = 5, last_sync_seconds
+    return q, part
+
+
+def test_ctrl_c_of_a_gathering_leader_wakes_a_waiting_flush(monkeypatch, sigint_raises):
+    q, part = _gathering_queue(monkeypatch, last_sync_seconds=10.0)
     res: list[bool] = []
 
     def flusher():
-        _wait_for(lambda: part.gather_gate is not None, "the leader to gather")
+        wait_for(lambda: part.gather_gate is not None, "the leader to gather")
         res.append(q.flush())
 
     f = threading.Thread(target=flusher)
     f.start()
 
     def kick():
-        _wait_for(lambda: part.written == 1 and part.gather_gate is not None,
+        wait_for(lambda: part.written == 1 and part.gather_gate is not None,
                   "flush() to write the leader's record")
         time.sleep(0.05)  # flush() now waits for the gather's barrier
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
@@ -248,16 +248,11 @@ def test_ctrl_c_of_a_gathering_leader_wakes_a_waiting_flush(monkeypatch, sigint_
 
 
 def test_ctrl_c_while_retaking_the_lock_after_a_gather(monkeypatch, sigint_raises):
-    if threading.current_thread() is not threading.main_thread():  # pragma: no cover
-        pytest.skip("signals are delivered to the main thread")
-    monkeypatch.setattr(wal_queue, "_GATHER_MAX", 10.0)
-    q = _memq()
-    part = q._parts[0]
-    part.last_appenders, part.last_sync_seconds = 5, 0.2  # gathers 0.1 s at most
+    q, part = _gathering_queue(monkeypatch, last_sync_seconds=0.2)  # gathers 0.1 s at most
     holder_error: list[BaseException] = []
 
     def holder():  # any thread holding the queue lock: metrics(), an appender...
-        _wait_for(lambda: part.gather_gate is not None, "the leader to gather")
+        wait_for(lambda: part.gather_gate is not None, "the leader to gather")
         q._lock.acquire()
         time.sleep(0.4)  # the gather times out; the leader blocks on the lock
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)

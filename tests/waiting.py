@@ -1,0 +1,16 @@
+"""Waiting helpers shared by the threaded tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Poll ``predicate`` every 0.5 ms until it is true; fail naming ``what`` after
+    ``timeout`` seconds (a bound, never a pass condition)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.0005)
