@@ -352,35 +352,11 @@ class WalMessageQueue:
         return self._app.append(payload, key=key, headers=headers, partition=partition)
 
     def _append_slow(self, part: _Part, payload: Any, key: Any, headers: Any) -> tuple[int, int]:
-        """``always`` appends, and any append while the partition needs care."""
-        lock = self._lock
-        lock.acquire()
-        held = True
-        try:
-            self._check_open(part)
-            if part.unwritten or part.buffered >= self._buffer_bytes:
-                # Before adding: a failure here refuses this record (nothing accepted).
-                self._write_out(part)
-            off = part.next_offset
-            ts = self._ts()
-            part.buffered += part.enc.add(off, ts, key, headers, payload)
-            part.next_offset = off + 1
-            part.last_ts = ts
-            if self._always:
-                held = self._wait_durable(part, off + 1, part.fail_gen)
-            else:
-                if off == part.written:
-                    self._first_buffered(part)
-                if off - part.sync_mark >= self._every:
-                    self._request_sync(part)
-            if held and self._app.readers_waiting:
-                self._cond.notify_all()
-        finally:
-            if held:
-                if self._always:
-                    self._hand_off(part)
-                lock.release()
-        return (part.index, off)
+        """``always`` appends the compiled path hands over, and any append while the
+        partition needs care (closed, broken, a write to retry): a batch of one."""
+        first = self._append_batch(part.index, (payload,), None if key is None else (key,),
+                                   None if headers is None else (headers,))
+        return (part.index, first)
 
     def _check_open(self, part: _Part) -> None:
         if self._closed:
