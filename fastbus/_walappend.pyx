@@ -7,8 +7,12 @@ writing, syncing, leading a group commit, failures, closing. What is here is the
 part every record pays for:
 
 - buffered policies (``every``/``interval``/``never``): take the queue lock,
-  encode the record into the partition's buffer, note what the background
-  syncer must do, release;
+  encode the record into the partition's buffer, and on a mapped segment
+  (FileStore, ``PartState.mapped``) copy it straight into the file's mapping,
+  so it is in the page cache (it survives ``kill -9``) when ``append``
+  returns; note what the background syncer must do, release. Whatever the
+  direct copy cannot take (a roll, more file space, a write running) goes to
+  ``WalMessageQueue._write_accepted``, which writes the buffer out;
 - ``always``, the usual case of a group commit: encode, and if a sync is
   running, queue behind it and sleep on a private lock without the queue lock
   or the GIL. The sync that makes the record durable says so and the appender
@@ -30,11 +34,74 @@ from cpython.long cimport PyLong_FromLongLong
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 
+from ._segfile cimport MappedSegment
 from ._walcodec cimport RecordEncoder
 
 from _thread import allocate_lock as _new_lock
 
 from ._partition import partition_for
+
+cdef enum:
+    _INDEX_INTERVAL = 4096
+
+INDEX_INTERVAL = _INDEX_INTERVAL  # bytes between sparse index entries
+
+
+cdef class SegmentState:
+    """SegmentState(base, location, handle, size, next_offset, max_timestamp_ns, created,
+    index_offsets=None, index_positions=None, last_index_pos=-INDEX_INTERVAL,
+    deleted=False)
+
+    What the queue knows about one segment (kept in memory, never on disk):
+    ``size`` valid bytes, ``next_offset`` = base + records, ``created`` in clock
+    seconds (for rolling by age), a sparse index (offset, position) every
+    ``INDEX_INTERVAL`` bytes. A cdef class so that the compiled append updates it
+    without creating Python ints; guarded by the queue lock like ``PartState``.
+    """
+
+    cdef public int64_t base
+    cdef public str location
+    cdef public object handle
+    cdef public int64_t size
+    cdef public int64_t next_offset
+    cdef public int64_t max_timestamp_ns
+    cdef public double created
+    cdef public list index_offsets
+    cdef public list index_positions
+    cdef public int64_t last_index_pos
+    cdef public bint deleted
+
+    def __init__(self, int64_t base, str location, handle, int64_t size, int64_t next_offset,
+                 int64_t max_timestamp_ns, double created, list index_offsets=None,
+                 list index_positions=None, int64_t last_index_pos=-_INDEX_INTERVAL,
+                 bint deleted=False):
+        self.base = base
+        self.location = location
+        self.handle = handle
+        self.size = size
+        self.next_offset = next_offset
+        self.max_timestamp_ns = max_timestamp_ns
+        self.created = created
+        self.index_offsets = [] if index_offsets is None else index_offsets
+        self.index_positions = [] if index_positions is None else index_positions
+        self.last_index_pos = last_index_pos
+        self.deleted = deleted
+
+    @property
+    def count(self):
+        """Records in the segment."""
+        return self.next_offset - self.base
+
+    cpdef add_index(self, int64_t offset, int64_t position):
+        """Note (offset, position) if ``INDEX_INTERVAL`` bytes passed since the last."""
+        if position - self.last_index_pos >= _INDEX_INTERVAL:
+            self.index_offsets.append(offset)
+            self.index_positions.append(position)
+            self.last_index_pos = position
+
+    def __repr__(self):
+        return (f"SegmentState(base={self.base}, location={self.location!r}, "
+                f"size={self.size}, next_offset={self.next_offset})")
 
 
 cdef class PartState:
@@ -73,6 +140,11 @@ cdef class PartState:
     cdef public int64_t last_appenders   # appenders the last group commit acknowledged
     cdef public double last_sync_seconds # how long its fdatasync took
     cdef public object gather_gate       # a leader waiting for its batch (queue._gather)
+    cdef public MappedSegment mapped     # the active segment, for direct copies (or None)
+    cdef public int64_t roll_at_ns       # record time from which the segment rolls by age
+    cdef public Py_ssize_t index_due     # position of the next sparse index entry
+    cdef public int64_t direct_writes    # records copied straight into the mapping
+    cdef public int64_t direct_bytes
 
     def __init__(self, int index, list segments not None, bint always):
         if not segments:
@@ -107,6 +179,11 @@ cdef class PartState:
         self.last_appenders = 0
         self.last_sync_seconds = 0.0
         self.gather_gate = None
+        self.mapped = None
+        self.roll_at_ns = (1 << 63) - 1
+        self.index_due = 0
+        self.direct_writes = 0
+        self.direct_bytes = 0
 
     def __repr__(self):
         return (f"<PartState {self.index} next={self.next_offset} written={self.written} "
@@ -115,7 +192,7 @@ cdef class PartState:
 
 cdef class Appender:
     """Appender(queue, lock, parts, *, serializer_dumps, ts, always, every, buffer_bytes,
-    type_error)
+    segment_bytes, type_error)
 
     The compiled ``append`` of one ``WalMessageQueue``. ``ts`` is None for the
     system clock in nanoseconds (what ``time.time_ns`` returns) or a callable
@@ -132,6 +209,8 @@ cdef class Appender:
     cdef bint _always
     cdef int64_t _every
     cdef Py_ssize_t _buffer_bytes
+    cdef Py_ssize_t _segment_bytes
+    cdef object _first_unsynced
     cdef object _append_slow
     cdef object _wait_durable
     cdef object _first_buffered
@@ -146,7 +225,8 @@ cdef class Appender:
     cdef public bint closed
 
     def __init__(self, queue, lock, list parts not None, *, serializer_dumps, ts, bint always,
-                 int64_t every, Py_ssize_t buffer_bytes, type_error):
+                 int64_t every, Py_ssize_t buffer_bytes, Py_ssize_t segment_bytes,
+                 type_error):
         for p in parts:
             if not isinstance(p, PartState):
                 raise TypeError(f"parts must hold PartState objects, got {type(p).__name__}")
@@ -159,6 +239,8 @@ cdef class Appender:
         self._always = always
         self._every = every
         self._buffer_bytes = buffer_bytes
+        self._segment_bytes = segment_bytes
+        self._first_unsynced = queue._first_unsynced
         self._append_slow = queue._append_slow
         self._wait_durable = queue._wait_durable
         self._first_buffered = queue._first_buffered
@@ -233,17 +315,59 @@ cdef class Appender:
             return self._append_slow(part, payload, key, headers)
         try:
             off = self._encode(part, key, headers, payload)
-            if off == part.written:  # the buffer was empty
-                self._first_buffered(part)
-            if off - part.sync_mark >= self._every:
-                self._request_sync(part)
-            if part.buffered >= self._buffer_bytes:
-                self._write_accepted(part)
+            if part.mapped is not None and self._copy_direct(part, off):
+                if off - part.sync_mark >= self._every:
+                    self._request_sync(part)
+            else:
+                if off == part.written:  # the buffer was empty
+                    self._first_buffered(part)
+                if off - part.sync_mark >= self._every:
+                    self._request_sync(part)
+                if part.buffered >= self._buffer_bytes or part.mapped is not None:
+                    self._write_accepted(part)
             if self.readers_waiting:
                 self._notify_readers()
         finally:
             self._release()
         return (p, off)
+
+    cdef bint _copy_direct(self, PartState part, int64_t off) except -1:
+        """Lock held, buffered policy, mapped segment: copy the buffer (the record at
+        ``off`` alone) into the mapping and publish it as written, as
+        ``WalMessageQueue._do_write`` + ``_write_done`` would. False: not now
+        (the caller writes the buffer out the slow way)."""
+        cdef MappedSegment m = part.mapped
+        cdef RecordEncoder enc = part.enc
+        cdef Py_ssize_t n = enc._len
+        cdef Py_ssize_t pos = m._size
+        cdef int64_t ts = part.last_ts
+        cdef list segs
+        cdef SegmentState seg
+        if (part.io_busy or part.written != off or enc._exports or not m.fits(n)
+                or (pos + n > self._segment_bytes and pos > 0) or ts >= part.roll_at_ns):
+            return False
+        segs = part.segments
+        seg = segs[len(segs) - 1]
+        m.put(enc._buf, n)
+        enc._len = 0
+        enc._count = 0
+        enc._last_offset = -1
+        part.buffered = 0
+        if pos >= part.index_due:
+            seg.add_index(off, pos)
+            part.index_due = pos + _INDEX_INTERVAL
+        seg.size = pos + n
+        seg.next_offset = off + 1
+        if ts > seg.max_timestamp_ns:
+            seg.max_timestamp_ns = ts
+        part.written = off + 1
+        part.visible = off + 1
+        part.visible_size = pos + n
+        part.direct_writes += 1
+        part.direct_bytes += n
+        if part.unsynced_since == 0.0:
+            self._first_unsynced(part)
+        return True
 
     cdef object _append_always(self, PartState part, object payload, object key,
                                object headers):

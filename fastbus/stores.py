@@ -9,13 +9,16 @@ a store only moves bytes. The same queue code runs on every store:
 - :class:`FileStore` (the default; a path given to the queue means a FileStore):
   ``DIR/meta.json``, ``DIR/p-0000/00000000000000000000.log``...,
   ``DIR/offsets/<subscriber>.json``, and ``DIR/.lock`` held with ``flock``.
-  Files are created 0600, directories 0700.
+  Files are created 0600, directories 0700. The active segment is appended to
+  through a shared mapping (``fastbus/_segfile.pyx``): every append is in the
+  page cache when it returns, and the file is allocated ahead (a tail of zeros
+  until the segment is sealed or closed).
 - :class:`SQLiteStore`: one sqlite3 database (WAL journal), one row per encoded
   record, so the same CRC checks apply when the segment is read back.
 - :class:`MemoryStore`: everything in memory, with fault injection for tests
   (fail after N bytes, ENOSPC, torn writes, loss of unsynced data).
 
-Concurrency: the queue calls a segment's ``append``/``truncate``/``sync`` from
+Concurrency: the queue calls a segment's ``append``/``truncate``/``sync``/``seal`` from
 one thread at a time per partition, and ``read`` from any thread; stores must
 allow reads concurrent with an append of later bytes. Errors from the
 operating system are raised as ``OSError`` with the path filled in.
@@ -33,6 +36,7 @@ import struct
 import threading
 from typing import Protocol, runtime_checkable
 
+from ._segfile import MappedSegment
 from .errors import FastbusError
 
 __all__ = [
@@ -117,6 +121,11 @@ class SegmentHandle(Protocol):
 
     def sync(self) -> None:
         """Force everything appended so far to stable storage (fdatasync)."""
+        ...
+
+    def seal(self) -> None:
+        """The segment is complete (a roll): give back any space allocated ahead and
+        make everything in it durable, its length included."""
         ...
 
     def close(self) -> None: ...
@@ -218,50 +227,13 @@ def _read_file(path: str) -> bytes | None:
         return None
 
 
-class _FileSegment:
-    __slots__ = ("_fd", "_size", "location")
+class _FileSegment(MappedSegment):
+    """A segment file (``fastbus/_segfile.pyx``): appends are copied into a shared
+    mapping of the file, or written with ``pwrite`` when large, so each one is in
+    the page cache (survives ``kill -9``) when it returns; space is allocated
+    ahead with ``posix_fallocate``, and ``seal``/``close`` cut the file back."""
 
-    def __init__(self, path: str, *, writable: bool, create: bool) -> None:
-        self.location = path
-        if writable:
-            flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
-            if create:
-                flags |= os.O_CREAT | os.O_EXCL
-        else:
-            flags = os.O_RDONLY | os.O_CLOEXEC
-        self._fd = os.open(path, flags, 0o600)
-        self._size = os.fstat(self._fd).st_size
-
-    def size(self) -> int:
-        return self._size
-
-    def read(self, position: int, size: int) -> bytes:
-        return os.pread(self._fd, size, position)
-
-    def append(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                n = os.write(self._fd, view)
-                self._size += n
-                view = view[n:]
-        except OSError as exc:
-            # os.write reports the path-less error; say which file it was.
-            raise OSError(exc.errno, exc.strerror, self.location) from exc
-
-    def truncate(self, size: int) -> None:
-        os.ftruncate(self._fd, size)
-        os.fsync(self._fd)
-        self._size = size
-
-    def sync(self) -> None:
-        os.fdatasync(self._fd)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
+    __slots__ = ()
 
 
 def _take_writer_lock(lock_path: str, what: str, path: str, hint: str) -> int:
@@ -480,6 +452,9 @@ class _SQLiteSegment:
     def sync(self) -> None:
         self._store._sync()
 
+    def seal(self) -> None:
+        self._store._sync()
+
     def close(self) -> None:
         pass
 
@@ -649,6 +624,9 @@ class _MemSegment:
     def sync(self) -> None:
         self._store.syncs += 1
         self.synced = len(self._data)
+
+    def seal(self) -> None:
+        self.sync()
 
     def close(self) -> None:
         pass

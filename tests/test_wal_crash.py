@@ -1,8 +1,9 @@
 """Crash tests: a child process appends and is killed with SIGKILL at random moments.
 
 After each kill the queue is reopened in this process: every append the child
-saw acknowledged (``always``) or flushed (``every(1000)`` + ``flush()``) is
-there, at its offset, in order, none twice, with no gaps; a torn tail left by
+saw acknowledged (``always``; on a FileStore also ``never`` and ``every(n)``, whose
+appends are in the page cache when they return) or flushed (``every(1000)`` +
+``flush()``) is there, at its offset, in order, none twice, with no gaps; a torn tail left by
 the kill is truncated. Rounds run against the same directory, so recovery is
 repeated on top of earlier recoveries.
 """
@@ -30,7 +31,7 @@ def run_child(path: str, run: int, mode: str, threads: int, kind: str,
 
 
 def check(path: str, kind: str, acked: dict[int, str], flushed: int,
-          payloads_by_offset: dict[int, str]) -> int:
+          payloads_by_offset: dict[int, str]) -> dict:
     target = SQLiteStore(path + ".db") if kind == "sqlite" else path
     q = WalMessageQueue(target, fsync=FsyncPolicy.always(), compaction_interval=None,
                         retention=KEEP, segment_bytes=16384)
@@ -52,7 +53,7 @@ def check(path: str, kind: str, acked: dict[int, str], flushed: int,
             assert payloads[off] == payload
         for x in records:
             payloads_by_offset.setdefault(x.offset, x.payload.decode())
-        return len(records)
+        return q.metrics()
     finally:
         q.close()
 
@@ -63,6 +64,7 @@ def crash_rounds(tmp_path, rounds: int, mode: str, threads: int, kind: str,
     path = str(tmp_path / "wal")
     known: dict[int, str] = {}
     total_acked = 0
+    zero_tails = 0
     for run in range(rounds):
         lines = run_child(path, run, mode, threads, kind, rng)
         acked: dict[int, str] = {}
@@ -74,9 +76,13 @@ def crash_rounds(tmp_path, rounds: int, mode: str, threads: int, kind: str,
             elif parts[0] == "flushed":
                 flushed = max(flushed, int(parts[1]))
         total_acked += len(acked)
-        check(path, kind, acked, flushed, known)
-    if mode == "always":
+        m = check(path, kind, acked, flushed, known)
+        zero_tails += m["zero_tail_bytes"] > 0
+    if mode != "flush":
         assert total_acked > rounds  # the children did acknowledge appends
+    if kind == "file" and mode in ("never", "every"):
+        # The killed writer's space allocated ahead was found and cut off on reopening.
+        assert zero_tails > 0
 
 
 @pytest.mark.slow
@@ -87,6 +93,13 @@ def test_kill9_always_file_store(tmp_path):
 @pytest.mark.slow
 def test_kill9_always_sqlite_store(tmp_path):
     crash_rounds(tmp_path, rounds=10, mode="always", threads=2, kind="sqlite", seed=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["never", "every"])
+def test_kill9_file_store_keeps_every_returned_append_whatever_the_policy(tmp_path, mode):
+    crash_rounds(tmp_path, rounds=25, mode=mode, threads=2, kind="file",
+                 seed=4 if mode == "never" else 5)
 
 
 @pytest.mark.slow

@@ -196,7 +196,7 @@ def test_partstate_and_appender_refuse_bad_construction(tmp_path):
     q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.never(), compaction_interval=None)
     with pytest.raises(TypeError, match="PartState"):
         Appender(q, q._lock, [object()], serializer_dumps=None, ts=None, always=False,
-                 every=1, buffer_bytes=1, type_error=TypeError)
+                 every=1, buffer_bytes=1, segment_bytes=4096, type_error=TypeError)
     assert "PartState 0" in repr(q._parts[0])
     q.close()
 

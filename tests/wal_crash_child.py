@@ -1,9 +1,13 @@
 """Child process for tests/test_wal_crash.py: appends until it is killed with SIGKILL.
 
-usage: wal_crash_child.py DIR RUN {always|flush} THREADS [file|sqlite]
+usage: wal_crash_child.py DIR RUN {always|never|every|flush} THREADS [file|sqlite]
 
 ``always``: each thread appends with FsyncPolicy.always() and prints
 ``ack <partition> <offset> <payload>`` once ``append`` returned.
+``never`` / ``every``: the same with FsyncPolicy.never() / every(100), and every
+seventh call is an ``append_many`` of three records (each acknowledged): on a
+FileStore an append is in the page cache when it returns, so it survives kill -9
+whatever the policy.
 ``flush``: appends with FsyncPolicy.every(1000) and, every few appends, calls
 ``flush()`` and prints ``flushed <next offset>`` once it returned.
 It prints ``ready`` first. Lines are written whole and flushed at once.
@@ -22,7 +26,8 @@ def main() -> None:
     path, run, mode, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     kind = sys.argv[5] if len(sys.argv) > 5 else "file"
     target = SQLiteStore(path + ".db") if kind == "sqlite" else path
-    policy = FsyncPolicy.always() if mode == "always" else FsyncPolicy.every(1000)
+    policy = {"always": FsyncPolicy.always(), "never": FsyncPolicy.never(),
+              "every": FsyncPolicy.every(100)}.get(mode, FsyncPolicy.every(1000))
     q = WalMessageQueue(target, fsync=policy, compaction_interval=None,
                         retention=Retention(max_age=None, max_bytes=None, until_acked=False),
                         segment_bytes=16384, buffer_bytes=4096)
@@ -40,8 +45,15 @@ def main() -> None:
         i = 0
         while True:
             payload = f"{run}-{t}-{i}"
+            if mode in ("never", "every") and i % 7 == 6:
+                batch = [f"{payload}-{j}" for j in range(3)]
+                done = q.append_many([b.encode() for b in batch])
+                for (p, off), b in zip(done, batch, strict=True):
+                    say(f"ack {p} {off} {b}")
+                i += 1
+                continue
             p, off = q.append(payload.encode())
-            if mode == "always":
+            if mode != "flush":
                 say(f"ack {p} {off} {payload}")
             elif i % 50 == 49:
                 q.flush()

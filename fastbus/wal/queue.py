@@ -21,13 +21,19 @@ Concurrency and durability in one page:
   ``fdatasync`` (group commit). A leader first waits a little for as many
   records as the previous sync had (``_gather_batch``). Readers only see
   durable records.
-- ``every(n)`` / ``interval(s)`` / ``never``: an append returns once its record
-  is in the buffer. The buffer is written out when it reaches
-  ``buffer_bytes`` (by the appender), after ``linger`` seconds (by the
-  background syncer thread), when a reader has caught up, and by ``flush()``.
-  The syncer thread also does the policy's syncs, so appenders never wait for
-  the disk. Only ``flush()`` (or ``close()``) guarantees that what was
-  appended survives ``kill -9``; a record buffered at the crash is lost.
+- ``every(n)`` / ``interval(s)`` / ``never`` on a FileStore: an append returns
+  once its record is in the page cache, so it survives ``kill -9``. The active
+  segment is mapped (``fastbus/_segfile.pyx``) and the compiled path copies
+  the encoded record into the mapping under the lock: no syscall
+  (``part.mapped``). When it cannot (a roll is due, the file needs more
+  space, a write is running), the appender writes the buffer out itself
+  (``_write_accepted``). The background syncer thread does the policy's
+  syncs, so appenders never wait for the disk.
+- The same policies on other stores (SQLite, memory): an append returns once
+  its record is in the buffer, which is written out when it reaches
+  ``buffer_bytes``, after ``linger`` seconds (by the syncer thread), when a
+  reader has caught up, and by ``flush()``. Only ``flush()`` (or ``close()``)
+  guarantees that what was appended is in the store.
 - A failed write (ENOSPC, EIO) is rolled back: the segment is truncated to its
   last good end. Under ``always`` the records of the failed write and of the
   buffer behind it were not acknowledged: their appenders get the error and the
@@ -54,13 +60,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .._partition import partition_for
+from .._segfile import MappedSegment
 from .._walappend import Appender, PartState, check_payloads, offsets
 from .._walcodec import Record, scan
 from ..config import FsyncPolicy, Retention
 from ..errors import BusClosed, FastbusError, WalCorruptionError
 from ..stores import FileStore, Store, check_subscriber_name
 from .offsets import OffsetsDamaged, decode_meta, decode_offsets, encode_meta, encode_offsets
-from .recovery import PartitionRecovery, SegmentState, recover_partition
+from .recovery import INDEX_INTERVAL, PartitionRecovery, SegmentState, recover_partition
 from .retention import SegmentSummary, plan_retention
 
 __all__ = ["WalMessageQueue", "WalReader"]
@@ -253,6 +260,7 @@ class WalMessageQueue:
             serializer_dumps=None if self._serializer is None else self._serializer.dumps,
             ts=None if clock is time.time else self._ts, always=self._always,
             every=self._every, buffer_bytes=self._buffer_bytes,
+            segment_bytes=self._segment_bytes,
             type_error=_payload_type_error)
         self.append = self._app.append  # type: ignore[method-assign]
         self._threads: list[threading.Thread] = []
@@ -309,7 +317,9 @@ class WalMessageQueue:
                 h = store.create_segment(p, base)
                 rec.segments.append(SegmentState(base, store.segment_location(p, base), h, 0,
                                                  base, 0, now))
-            parts.append(_Part(p, rec.segments, self._always))
+            part = _Part(p, rec.segments, self._always)
+            self._map_active(part)
+            parts.append(part)
             if rec.findings:
                 for f in rec.findings:
                     log.warning("fastbus WAL %s partition %d: %s", store.location, p,
@@ -364,6 +374,22 @@ class WalMessageQueue:
         if part.broken is not None:
             raise self._broken_error(part)
 
+    def _map_active(self, part: _Part) -> None:
+        """Lock held (or opening): aim the compiled append's direct copy at the
+        partition's active segment (buffered policies on a mapped store only)."""
+        seg = part.segments[-1]
+        h = seg.handle
+        part.mapped = h if not self._always and isinstance(h, MappedSegment) else None
+        part.roll_at_ns = (int((seg.created + self._segment_age) * 1e9)
+                           if self._segment_age is not None else (1 << 63) - 1)
+        part.index_due = seg.last_index_pos + INDEX_INTERVAL
+
+    def _first_unsynced(self, part: _Part) -> None:
+        """Lock held: the first record since the last sync went straight to the file."""
+        part.unsynced_since = time.monotonic()
+        if self._syncer_idle:
+            self._syncer_cond.notify()
+
     def _first_buffered(self, part: _Part) -> None:
         """Lock held: the partition's buffer just went from empty to non-empty."""
         now = time.monotonic()
@@ -381,15 +407,19 @@ class WalMessageQueue:
             self._syncer_cond.notify()
 
     def _write_accepted(self, part: _Part) -> None:
-        """Lock held, non-always: the buffer is full after an accepted append: write it.
+        """Lock held, non-always: write the buffer out after an accepted append.
 
-        The record is already accepted, so a failure is not raised here: the data
-        stays buffered (``unwritten``) and the next append or ``flush()`` reports it.
+        On a mapped store (FileStore) always, and after a running write if there
+        is one, so the append returns with its record in the page cache; on
+        other stores when the buffer is full. The record is already accepted,
+        so a failure is not raised here: the data stays buffered (``unwritten``)
+        and the next append or ``flush()`` reports it.
         """
-        if part.io_busy:
-            return  # the running writer (or the next append) takes care of it
         with contextlib.suppress(OSError):
-            self._do_write(part)
+            if part.mapped is not None:
+                self._write_out(part)
+            elif not part.io_busy:  # else the running writer or the next append does it
+                self._do_write(part)
 
     def append_many(self, payloads: Sequence[Any], *,
                     keys: Sequence[bytes | str | None] | None = None,
@@ -471,7 +501,7 @@ class WalMessageQueue:
                     self._first_buffered(part)
                 if first + n - 1 - part.sync_mark >= self._every:
                     self._request_sync(part)
-                if part.buffered >= self._buffer_bytes:
+                if part.buffered >= self._buffer_bytes or part.mapped is not None:
                     self._write_accepted(part)
             if held and self._app.readers_waiting:
                 self._cond.notify_all()
@@ -551,7 +581,7 @@ class WalMessageQueue:
                 # The old segment is complete: make it durable before the new one exists,
                 # so recovery never sees a torn segment that is not the last.
                 try:
-                    handle.sync()
+                    handle.seal()  # fdatasync, and give back the space allocated ahead
                 except BaseException as exc:
                     roll_sync_error = exc
                     raise
@@ -597,6 +627,7 @@ class WalMessageQueue:
         if new_seg is not None:
             # A new list, so readers' snapshots of the old one stay consistent.
             part.segments = [*part.segments, new_seg]
+            self._map_active(part)
             self._m["segments_rolled"] += 1
             if first > part.durable:
                 part.durable = first  # the roll synced the old segment
@@ -899,6 +930,10 @@ class WalMessageQueue:
     def _flush_locked(self, deadline: float | None) -> bool:
         for part in self._parts:
             target = part.next_offset
+            if part.broken is not None:
+                # Even with nothing left to sync: a failed fdatasync (say, of a segment
+                # being rolled) left the partition's state on disk unknown.
+                raise self._broken_error(part)
             while part.durable < target:
                 if part.broken is not None:
                     raise self._broken_error(part)
@@ -1132,6 +1167,10 @@ class WalMessageQueue:
             m: dict[str, Any] = dict(self._m)
             m["partitions"] = self.partitions
             m["fsync_policy"] = repr(self._fsync)
+            # Appends the compiled path copied straight into a mapped segment count as
+            # writes of their own (one record each).
+            m["writes"] += sum(p.direct_writes for p in self._parts)
+            m["bytes_written"] += sum(p.direct_bytes for p in self._parts)
             m["segments"] = sum(len(p.segments) for p in self._parts)
             m["bytes"] = sum(s.size for p in self._parts for s in p.segments)
             m["records"] = sum(p.next_offset - p.log_start for p in self._parts)
@@ -1150,6 +1189,7 @@ class WalMessageQueue:
                                       if f.kind != "torn_tail")
         m["repaired_bytes"] = sum(r.repaired_bytes for r in rec)
         m["repaired_segments_dropped"] = sum(r.dropped_segments for r in rec)
+        m["zero_tail_bytes"] = sum(r.zero_tail_bytes for r in rec)
         return m
 
     stats = metrics
@@ -1174,6 +1214,7 @@ class WalMessageQueue:
             self._app.closed = True
             for part in self._parts:
                 part.slow = True
+                part.mapped = None
             self._cond.notify_all()
             self._syncer_cond.notify_all()
             try:

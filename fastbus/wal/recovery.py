@@ -5,6 +5,11 @@ lengths, consecutive offsets starting at the segment's base) without building
 Python objects, and returns the valid prefix plus a sparse index. Then:
 
 - the valid prefix ends at the end of the data: clean;
+- the valid prefix is followed only by zero bytes: clean too. A FileStore
+  allocates the active segment's file ahead (``fastbus/_segfile.pyx``) and cuts
+  it back when the segment is sealed or closed, so after a crash the last
+  segment ends in zeros; no record starts with a zero length. The zeros are cut
+  off (modes ``"open"``/``"repair"``) and counted in ``zero_tail_bytes``;
 - the *last* segment ends in bytes that hold no complete valid record at or
   after the first bad byte (``next_record_at`` finds none): a torn tail, the
   normal result of a crash mid-write. It is truncated (mode ``"open"``) and
@@ -24,43 +29,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from .._walappend import INDEX_INTERVAL, SegmentState
 from .._walcodec import next_record_at, verify
 from ..errors import WalCorruptionError
-from ..stores import SegmentHandle, Store
+from ..stores import Store
 
 __all__ = ["INDEX_INTERVAL", "Finding", "PartitionRecovery", "SegmentState",
            "recover_partition"]
 
 log = logging.getLogger("fastbus.wal")
 
-INDEX_INTERVAL = 4096  # bytes between sparse index entries
-
-
-@dataclass(slots=True, eq=False)
-class SegmentState:
-    """What the queue knows about one segment (kept in memory, never on disk)."""
-
-    base: int
-    location: str
-    handle: SegmentHandle | None
-    size: int  # valid bytes
-    next_offset: int  # base + records
-    max_timestamp_ns: int
-    created: float  # clock seconds; for age-based rolling
-    index_offsets: list[int] = field(default_factory=list)
-    index_positions: list[int] = field(default_factory=list)
-    last_index_pos: int = -INDEX_INTERVAL
-    deleted: bool = False
-
-    @property
-    def count(self) -> int:
-        return self.next_offset - self.base
-
-    def add_index(self, offset: int, position: int) -> None:
-        if position - self.last_index_pos >= INDEX_INTERVAL:
-            self.index_offsets.append(offset)
-            self.index_positions.append(position)
-            self.last_index_pos = position
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +67,7 @@ class PartitionRecovery:
     truncated_bytes: int = 0  # torn tails cut
     repaired_bytes: int = 0  # corrupt data cut or dropped with repair=True
     dropped_segments: int = 0
+    zero_tail_bytes: int = 0  # space allocated ahead of a crashed writer, cut off
 
 
 def _corrupt(f: Finding) -> WalCorruptionError:
@@ -137,8 +116,13 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
             seg.last_index_pos = seg.index_positions[-1]
         out.records += count
         out.bytes += end
-        if vr.reason != "end":
-            tail = size - end
+        if vr.reason != "end" and data.count(0, end) == size - end:
+            # Space the writer allocated ahead (see the module docstring): not data.
+            out.zero_tail_bytes += size - end
+            if writable:
+                handle.truncate(end)
+        elif vr.reason != "end":
+            tail = len(data.rstrip(b"\0")) - end  # not counting zeros allocated ahead
             torn = (is_last and vr.reason != "bad_offset"
                     and next_record_at(data, end + 1) == -1)
             f = Finding("torn_tail" if torn else "corruption", location, end, vr.reason, tail)

@@ -1,0 +1,28 @@
+cdef enum:
+    PWRITE_MIN = 4096   # from this size on, append() uses pwrite(2) instead of a copy
+
+
+cdef class MappedSegment:
+    cdef int _fd
+    cdef char *_map
+    cdef Py_ssize_t _map_off             # the file offset _map starts at (page-aligned)
+    cdef Py_ssize_t _map_len
+    cdef Py_ssize_t _size                # the segment's bytes (the valid end)
+    cdef readonly Py_ssize_t capacity    # the file's allocated length (>= _size)
+    cdef Py_ssize_t _reserve             # address space to map at the first append
+    cdef bint _writable
+    cdef public str location
+
+    # Whether put(n bytes) may be called now: mapped, room allocated, a small write.
+    cdef inline bint fits(self, Py_ssize_t n) noexcept:
+        return (self._map != NULL and n < PWRITE_MIN and self._size + n <= self.capacity
+                and self._size + n <= self._map_off + self._map_len)
+
+    cdef void put(self, const void *data, Py_ssize_t n) noexcept
+    cdef int _raise(self, int err) except -1
+    cdef int _check_open(self) except -1
+    cdef int _check_writable(self) except -1
+    cdef int _ensure(self, Py_ssize_t need) except -1
+    cdef int _fsync(self) except -1
+    cdef void _unmap(self) noexcept
+    cdef void _trim(self, Py_ssize_t upto) noexcept

@@ -1,0 +1,315 @@
+# cython: freethreading_compatible = False
+"""A FileStore segment file whose appends land in the page cache without a syscall.
+
+Why: a record must be in the kernel (the page cache) before ``append`` returns for
+it to survive ``kill -9``; a ``write(2)`` per record costs about 0.5 us on the
+development VM, more than the rest of an append. A ``MappedSegment`` keeps the
+active segment mapped (``mmap``, ``MAP_SHARED``) and copies a small append into
+the mapping: the bytes are then in the page cache, as if written, for about
+0.1 us a record (mostly the first-touch page faults). Large appends (at least
+``PWRITE_MIN`` bytes, e.g. a batch) use ``pwrite(2)``, which is cheaper per byte
+than faulting pages in. Both go to the same page cache, so ``pread`` and
+``fdatasync`` see them: fdatasync makes mapped writes durable on Linux.
+
+Space is allocated ahead with ``posix_fallocate`` (geometric steps, at least
+256 KiB, at most 8 MiB at a time), so a full disk is an ``OSError`` from
+``append`` before anything is copied, never a ``SIGBUS`` on a page of the
+mapping. The file is therefore longer than its records while it is active; the
+tail is zeros. ``seal()`` (at a segment roll) and ``close()`` cut the file back
+to its records; after a crash, recovery reads a tail of zeros as the clean end of
+the last segment (``fastbus.wal.recovery``).
+
+Threading: the queue calls ``append``/``put``/``truncate``/``seal``/``sync``
+from one thread at a time (under the queue lock or with the partition's
+``io_busy`` set) and ``read`` from any thread; reads use ``pread``, never the
+mapping, so a remap cannot pull memory from under a reader.
+"""
+
+from libc.errno cimport errno, EINTR
+from libc.string cimport memcpy, strerror
+from posix.fcntl cimport open as c_open, O_RDONLY, O_RDWR, O_CREAT, O_EXCL
+from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from posix.stat cimport struct_stat, fstat
+from posix.types cimport off_t
+from posix.unistd cimport close as c_close, ftruncate, fsync, pread, pwrite, sysconf
+from posix.unistd cimport _SC_PAGESIZE
+
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.exc cimport PyErr_CheckSignals
+
+cdef extern from "<fcntl.h>" nogil:
+    int posix_fallocate(int fd, off_t offset, off_t length)
+    enum: O_CLOEXEC
+
+cdef extern from "<unistd.h>" nogil:
+    int fdatasync(int fd)
+
+cdef Py_ssize_t _PAGE = sysconf(_SC_PAGESIZE)
+
+cdef enum:
+    GROW_MIN = 256 << 10
+    GROW_MAX = 8 << 20
+    MAP_ALIGN = 1 << 20
+
+
+cdef class MappedSegment:
+    """MappedSegment(path, *, writable, create=False, reserve=64 MiB)
+
+    One segment file (see the module docstring). ``reserve``: the address space
+    mapped at the first append (the segment's size limit); the mapping grows past
+    it if a segment does. Read-only handles never map. Methods follow
+    ``fastbus.stores.SegmentHandle``.
+    """
+
+    def __cinit__(self):
+        self._fd = -1
+        self._map = NULL
+        self._map_off = 0
+        self._map_len = 0
+
+    def __init__(self, path, *, bint writable, bint create=False,
+                 Py_ssize_t reserve=64 << 20):
+        cdef bytes bpath = path.encode() if isinstance(path, str) else bytes(path)
+        cdef int flags = (O_RDWR if writable else O_RDONLY) | O_CLOEXEC
+        cdef struct_stat st
+        if create:
+            flags |= O_CREAT | O_EXCL
+        self.location = path if isinstance(path, str) else bpath.decode(errors="replace")
+        self._writable = writable
+        self._reserve = reserve if reserve > MAP_ALIGN else MAP_ALIGN
+        self._fd = c_open(bpath, flags, 0o600)
+        if self._fd < 0:
+            self._raise(errno)
+        if fstat(self._fd, &st) != 0:
+            self._raise(errno)
+        self._size = st.st_size
+        self.capacity = st.st_size
+
+    def __dealloc__(self):
+        if self._map != NULL:
+            munmap(self._map, self._map_len)
+        if self._fd >= 0:
+            c_close(self._fd)
+
+    def __repr__(self):
+        return (f"<MappedSegment {self.location} size={self._size} "
+                f"capacity={self.capacity}{' mapped' if self._map != NULL else ''}>")
+
+    cdef int _raise(self, int err) except -1:
+        raise OSError(err, strerror(err).decode(errors="replace"), self.location)
+
+    cdef int _check_open(self) except -1:
+        if self._fd < 0:
+            raise ValueError(f"segment {self.location} is closed")
+        return 0
+
+    cdef int _check_writable(self) except -1:
+        self._check_open()
+        if not self._writable:
+            raise PermissionError(f"segment {self.location} is open read-only")
+        return 0
+
+    cdef void put(self, const void *data, Py_ssize_t n) noexcept:
+        """Copy ``n`` bytes to the end; the caller checked ``fits(n)``."""
+        memcpy(self._map + (self._size - self._map_off), data, <size_t>n)
+        self._size += n
+
+    # ------------------------------------------------------------------ SegmentHandle
+
+    def size(self):
+        """The segment's bytes (not counting the preallocated tail)."""
+        return self._size
+
+    def read(self, Py_ssize_t position, Py_ssize_t size):
+        """Up to ``size`` bytes from ``position`` (fewer at the end of the records)."""
+        cdef Py_ssize_t n, got = 0
+        cdef ssize_t r
+        cdef char *buf
+        cdef int fd = self._fd
+        self._check_open()
+        if position < 0 or size < 0:
+            raise ValueError(f"read({position}, {size}): negative position or size")
+        n = self._size - position
+        if n > size:
+            n = size
+        if n <= 0:
+            return b""
+        out = PyBytes_FromStringAndSize(NULL, n)
+        buf = PyBytes_AS_STRING(out)
+        while got < n:
+            with nogil:
+                r = pread(fd, buf + got, <size_t>(n - got), <off_t>(position + got))
+            if r < 0:
+                if errno == EINTR:
+                    PyErr_CheckSignals()
+                    continue
+                self._raise(errno)
+            if r == 0:
+                break
+            got += r
+        return out if got == n else out[:got]
+
+    def append(self, data):
+        """Append all of ``data`` or raise ``OSError`` (nothing counted: a partial
+        ``pwrite`` leaves bytes past ``size()``, which ``truncate`` removes)."""
+        cdef Py_buffer view
+        cdef Py_ssize_t n, done = 0
+        cdef ssize_t r
+        cdef const char *p
+        cdef int fd = self._fd
+        self._check_writable()
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            n = view.len
+            p = <const char *>view.buf
+            if n == 0:
+                return
+            self._ensure(self._size + n)
+            if n < PWRITE_MIN:
+                self.put(p, n)
+                return
+            while done < n:
+                with nogil:
+                    r = pwrite(fd, p + done, <size_t>(n - done), <off_t>(self._size + done))
+                if r < 0:
+                    if errno == EINTR:
+                        PyErr_CheckSignals()
+                        continue
+                    self._raise(errno)
+                done += r
+            self._size += n
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _ensure(self, Py_ssize_t need) except -1:
+        """Allocate file space and map address space for ``need`` bytes."""
+        cdef Py_ssize_t cap = self.capacity, step, length, start
+        cdef int err
+        cdef void *m
+        if need > cap:
+            step = cap if cap > GROW_MIN else GROW_MIN
+            if step > GROW_MAX:
+                step = GROW_MAX
+            if cap + step < need:
+                step = need - cap
+            with nogil:
+                err = posix_fallocate(self._fd, <off_t>cap, <off_t>step)
+            if err != 0:
+                # A partial allocation may have moved the end of the file: put it back,
+                # so no page of the mapping is ever past the space the disk gave us.
+                ftruncate(self._fd, <off_t>cap)
+                raise OSError(err, f"{strerror(err).decode(errors='replace')} (allocating "
+                              f"{step} bytes at {cap} for the WAL segment)", self.location)
+            self.capacity = cap + step
+        if self._map == NULL or self.capacity > self._map_off + self._map_len:
+            # Map from the page holding the end of the records (what is before it is
+            # never written again) over the space allocated, at least ``reserve``.
+            start = self._size // _PAGE * _PAGE
+            length = self.capacity - start
+            if length < self._reserve:
+                length = self._reserve
+            length = (length + MAP_ALIGN - 1) // MAP_ALIGN * MAP_ALIGN
+            m = mmap(NULL, <size_t>length, PROT_READ | PROT_WRITE, MAP_SHARED, self._fd,
+                     <off_t>start)
+            if m == MAP_FAILED:
+                self._raise(errno)
+            self._unmap()
+            self._map = <char *>m
+            self._map_off = start
+            self._map_len = length
+        return 0
+
+    cdef void _trim(self, Py_ssize_t upto) noexcept:
+        """Unmap the whole pages before ``upto`` (written; never written again).
+
+        Called before an fdatasync: writing back a dirty page that is mapped means
+        write-protecting it, and on a multi-core machine each such page costs a TLB
+        shoot-down (an inter-processor interrupt, expensive in a VM) in the middle
+        of the appending thread. One munmap of the range costs one. Runs with the
+        GIL held, as ``put`` does, so the two never interleave."""
+        cdef Py_ssize_t cut
+        if self._map == NULL:
+            return
+        cut = upto // _PAGE * _PAGE - self._map_off
+        if cut <= 0:
+            return
+        if cut >= self._map_len:
+            self._unmap()
+            return
+        munmap(self._map, <size_t>cut)
+        self._map += cut
+        self._map_off += cut
+        self._map_len -= cut
+
+    def truncate(self, Py_ssize_t size):
+        """Cut the segment (and the file, preallocation included) to ``size`` bytes
+        and make that durable."""
+        self._check_writable()
+        if size < 0:
+            raise ValueError(f"truncate({size}): negative size")
+        self._unmap()  # the next append maps again from the new end
+        if ftruncate(self._fd, <off_t>size) != 0:
+            self._raise(errno)
+        self._fsync()
+        self._size = size
+        self.capacity = size
+
+    def sync(self):
+        """fdatasync: everything appended so far (copied or written) is durable."""
+        cdef int r, fd = self._fd
+        self._check_open()
+        self._trim(self._size)
+        while True:
+            with nogil:
+                r = fdatasync(fd)
+            if r == 0:
+                return
+            if errno != EINTR:
+                self._raise(errno)
+            PyErr_CheckSignals()
+
+    cdef int _fsync(self) except -1:
+        cdef int r, fd = self._fd
+        while True:
+            with nogil:
+                r = fsync(fd)
+            if r == 0:
+                return 0
+            if errno != EINTR:
+                self._raise(errno)
+            PyErr_CheckSignals()
+
+    def seal(self):
+        """The segment is complete: unmap it, cut the file to its records and make
+        all of it durable (fsync, so the new length is too)."""
+        self._check_writable()
+        self._unmap()
+        if self.capacity > self._size:
+            if ftruncate(self._fd, <off_t>self._size) != 0:
+                self._raise(errno)
+            self.capacity = self._size
+        self._fsync()
+
+    cdef void _unmap(self) noexcept:
+        if self._map != NULL:
+            munmap(self._map, self._map_len)
+            self._map = NULL
+            self._map_off = 0
+            self._map_len = 0
+
+    def close(self):
+        """Unmap, cut the file to its records (not synced: recovery reads a tail of
+        zeros as the clean end anyway) and close. Idempotent."""
+        self._unmap()
+        if self._fd >= 0:
+            if self._writable and self.capacity > self._size:
+                ftruncate(self._fd, <off_t>self._size)
+                self.capacity = self._size
+            c_close(self._fd)
+            self._fd = -1
+
+    @property
+    def mapped(self):
+        """Whether appends are copied into a mapping now (they are after the first)."""
+        return self._map != NULL

@@ -1,0 +1,224 @@
+"""FileStore segments (fastbus/_segfile.pyx): mapped appends, space allocated ahead,
+the zero tail a crash leaves, and what a full disk does."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from fastbus._segfile import MappedSegment
+
+from fastbus import FsyncPolicy, Retention, WalMessageQueue
+from fastbus._walcodec import encode_record, verify
+from fastbus.stores import FileStore
+from fastbus.wal.recovery import recover_partition
+
+KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def slurp(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def records(first: int, n: int, size: int = 100) -> bytes:
+    return b"".join(encode_record(first + i, 1, None, None, bytes([i % 251 + 1]) * size)
+                    for i in range(n))
+
+
+def test_small_appends_are_copied_large_ones_written_and_reads_stop_at_the_end(tmp_path):
+    path = str(tmp_path / "s.log")
+    seg = MappedSegment(path, writable=True, create=True, reserve=1 << 20)
+    seg.append(b"ab")
+    assert seg.mapped and seg.size() == 2
+    assert seg.capacity > seg.size() == 2
+    assert os.path.getsize(path) == seg.capacity  # allocated ahead: a tail of zeros
+    big = os.urandom(100_000)  # >= PWRITE_MIN: pwrite, into the same page cache
+    seg.append(memoryview(big))
+    seg.append(b"cd")
+    assert seg.read(0, 10**9) == b"ab" + big + b"cd"
+    assert seg.read(2, 5) == big[:5]
+    assert seg.read(seg.size(), 10) == b""
+    with open(path, "rb") as f:  # another opener sees every append, unsynced
+        assert f.read(seg.size()) == b"ab" + big + b"cd"
+    seg.close()
+    assert os.path.getsize(path) == 2 + len(big) + 2  # close cut the zeros off
+    seg.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        seg.read(0, 1)
+
+
+def test_sync_unmaps_written_pages_and_appends_go_on(tmp_path):
+    path = str(tmp_path / "s.log")
+    seg = MappedSegment(path, writable=True, create=True, reserve=1 << 20)
+    want = bytearray()
+    for i in range(3000):  # ~400 KB in 136-byte pieces, past the first allocation step
+        piece = bytes([i % 256]) * 136
+        seg.append(piece)
+        want += piece
+        if i % 500 == 499:
+            seg.sync()  # unmaps the whole pages before the end
+    assert seg.read(0, 10**9) == want
+    # Truncating to before the still-mapped region, then appending, lands right.
+    seg.truncate(1000)
+    seg.append(b"xyz")
+    assert seg.read(0, 10**9) == bytes(want[:1000]) + b"xyz"
+    assert os.path.getsize(path) >= 1003
+    seg.close()
+    assert slurp(path) == bytes(want[:1000]) + b"xyz"
+
+
+def test_a_segment_outgrows_its_reserved_mapping(tmp_path):
+    seg = MappedSegment(str(tmp_path / "s.log"), writable=True, create=True, reserve=1 << 20)
+    want = bytearray()
+    for i in range(3 * 1024):
+        piece = bytes([i % 256]) * 1024
+        seg.append(piece)
+        want += piece
+    assert seg.size() == 3 << 20 and seg.read(0, 10**9) == want
+    seg.close()
+
+
+def test_seal_cuts_the_file_and_read_only_handles_never_map(tmp_path):
+    path = str(tmp_path / "s.log")
+    seg = MappedSegment(path, writable=True, create=True)
+    seg.append(b"x" * 10)
+    seg.seal()
+    assert os.path.getsize(path) == 10 and not seg.mapped
+    assert seg.read(0, 100) == b"x" * 10
+    seg.close()
+    ro = MappedSegment(path, writable=False)
+    assert ro.size() == 10 and ro.read(3, 2) == b"xx"
+    with pytest.raises(PermissionError, match="read-only"):
+        ro.append(b"y")
+    ro.close()
+    with pytest.raises(FileExistsError):
+        MappedSegment(path, writable=True, create=True)
+    with pytest.raises(FileNotFoundError):
+        MappedSegment(str(tmp_path / "missing.log"), writable=False)
+
+
+def test_buffered_appends_are_in_the_file_when_append_returns(tmp_path):
+    """What makes them survive kill -9 (tests/test_wal_crash.py kills for real)."""
+    q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.never(), retention=KEEP,
+                        compaction_interval=None)
+    seg_path = glob.glob(str(tmp_path / "w" / "p-0000" / "*.log"))[0]
+    q.append(b"first-record")
+    q.append_many([b"batch-%d" % i for i in range(500)])
+    q.append(b"last-record")
+    with open(seg_path, "rb") as f:  # no flush(): read what the kernel has
+        data = f.read()
+    vr = verify(data, 0, expected_offset=0)
+    assert vr.count == 502
+    assert b"first-record" in data and b"batch-499" in data and b"last-record" in data
+    m = q.metrics()
+    assert m["buffered_bytes"] == 0 and m["writes"] >= 2
+    q.close()
+    assert verify(slurp(seg_path), 0, expected_offset=0).reason == "end"
+
+
+def test_rolled_segments_are_cut_to_their_records(tmp_path):
+    q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.every(100), retention=KEEP,
+                        compaction_interval=None, segment_bytes=8192)
+    for i in range(400):
+        q.append(b"r%03d" % i * 30)
+    files = sorted(glob.glob(str(tmp_path / "w" / "p-0000" / "*.log")))
+    assert len(files) > 3
+    for f in files[:-1]:  # sealed: exactly their records, while the queue is open
+        data = slurp(f)
+        assert verify(data, 0, expected_offset=int(os.path.basename(f)[:20])).end == len(data)
+    q.close()
+
+
+def _queue_with(path, n: int) -> str:
+    """A closed queue of n records; the path of its one segment."""
+    q = WalMessageQueue(path, fsync=FsyncPolicy.never(), retention=KEEP,
+                        compaction_interval=None)
+    for i in range(n):
+        q.append(bytes([i]) * 100)
+    q.close()
+    return os.path.join(str(path), "p-0000", "00000000000000000000.log")
+
+
+def test_recovery_reads_a_tail_of_zeros_as_the_clean_end(tmp_path, caplog):
+    seg = _queue_with(tmp_path / "w", 5)
+    body = slurp(seg)
+    with open(seg, "ab") as f:  # what a killed writer leaves: records, then zeros
+        f.write(bytes(300_000))
+    store = FileStore(tmp_path / "w")
+    store.open(readonly=True)
+    rec = recover_partition(store, 0, mode="check", clock_now=0.0)
+    assert rec.findings == [] and rec.records == 5 and rec.zero_tail_bytes == 300_000
+    assert os.path.getsize(seg) == len(body) + 300_000  # check mode changes nothing
+    # Opening for writing cuts the zeros off, reports them, and does not call them torn.
+    with caplog.at_level("WARNING", logger="fastbus.wal"):
+        q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.never(),
+                            compaction_interval=None)
+    assert os.path.getsize(seg) == len(body)
+    m = q.metrics()
+    assert (m["zero_tail_bytes"], m["torn_tails"], m["recovered_records"]) == (300_000, 0, 5)
+    assert "torn" not in caplog.text
+    assert q.append(b"next") == (0, 5)
+    q.close()
+
+
+def test_a_torn_record_before_the_zeros_is_a_torn_tail_of_its_own_size(tmp_path):
+    seg = _queue_with(tmp_path / "w", 3)
+    body = slurp(seg)
+    torn = records(3, 1)[:50]
+    with open(seg, "ab") as f:
+        f.write(torn + bytes(10_000))
+    q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.never(), compaction_interval=None)
+    m = q.metrics()
+    assert (m["torn_tails"], m["truncated_bytes"], m["zero_tail_bytes"]) == (1, 50, 0)
+    assert os.path.getsize(seg) == len(body)
+    q.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="needs posix_fallocate")
+def test_no_space_to_grow_is_a_clear_error_and_loses_nothing(tmp_path):
+    """A file size limit (RLIMIT_FSIZE, in a child) stands in for a full disk: growing
+    the segment fails before anything is copied into the mapping, never a SIGBUS."""
+    script = textwrap.dedent(f"""
+        import errno, os, resource, signal, sys
+        sys.path.insert(0, {ROOT!r})
+        from fastbus import FsyncPolicy, Retention, WalMessageQueue
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, hard))
+        q = WalMessageQueue(sys.argv[1], fsync=FsyncPolicy.every(50), compaction_interval=None,
+                            retention=Retention(max_age=None, max_bytes=None, until_acked=False))
+        acked, err = [], None
+        for i in range(20_000):
+            try:
+                acked.append((q.append(b"%06d" % i * 20)[1], i))
+            except OSError as exc:
+                err = exc
+                break
+        assert err is not None and err.errno == errno.EFBIG, err
+        assert "WAL segment" in str(err) and "p-0000" in str(err), str(err)
+        print("error:", err)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # space returns
+        acked.append((q.append(b"after")[1], -1))
+        q.close()
+        q = WalMessageQueue(sys.argv[1], fsync=FsyncPolicy.never(), compaction_interval=None)
+        r = q.reader("check")
+        got = []
+        while batch := r.poll(max_records=10_000):
+            got.extend(batch)
+        assert [x.offset for x in got] == list(range(len(got)))
+        for off, i in acked:
+            want = b"after" if i < 0 else b"%06d" % i * 20
+            assert got[off].payload == want, (off, i)
+        print("ok", len(acked), len(got))
+        q.close()
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "w")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "File too large" in out.stdout and "ok" in out.stdout, out.stdout
