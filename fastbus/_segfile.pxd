@@ -13,12 +13,18 @@ cdef class MappedSegment:
     cdef bint _writable
     cdef public str location
 
-    # Whether put(n bytes) may be called now: mapped, room allocated, a small write.
-    cdef inline bint fits(self, Py_ssize_t n) noexcept:
-        return (self._map != NULL and n < PWRITE_MIN and self._size + n <= self.capacity
-                and self._size + n <= self._map_off + self._map_len)
+    cdef bint _can_map                   # the file system reserves space for overwrites
+    cdef long _pid                       # the process that opened it (fork: no truncation)
 
-    cdef void put(self, const void *data, Py_ssize_t n) noexcept
+    # Whether put(n bytes) may be called now: a small write with room allocated, and
+    # mapped (unless this file system is not mapped at all: then put writes).
+    cdef inline bint fits(self, Py_ssize_t n) noexcept:
+        if n >= PWRITE_MIN or self._size + n > self.capacity:
+            return False
+        return not self._can_map or (
+            self._map != NULL and self._size + n <= self._map_off + self._map_len)
+
+    cdef int put(self, const void *data, Py_ssize_t n) noexcept
     cdef int _raise(self, int err) except -1
     cdef int _check_open(self) except -1
     cdef int _check_writable(self) except -1

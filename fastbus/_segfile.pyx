@@ -14,7 +14,11 @@ than faulting pages in. Both go to the same page cache, so ``pread`` and
 Space is allocated ahead with ``posix_fallocate`` (geometric steps, at least
 256 KiB, at most 8 MiB at a time), so a full disk is an ``OSError`` from
 ``append`` before anything is copied, never a ``SIGBUS`` on a page of the
-mapping. The file is therefore longer than its records while it is active; the
+mapping. That holds where allocated blocks are overwritten in place: ext2/3/4,
+XFS and tmpfs, the only file systems mapped. On the others (btrfs, ZFS and NFS
+among them: copy-on-write or remote, where a write to an allocated block can
+still fail) a small append is a ``pwrite`` instead, slower, with the same
+guarantee and an ``OSError`` for a full disk. The file is therefore longer than its records while it is active; the
 tail is zeros. ``seal()`` (at a segment roll) and ``close()`` cut the file back
 to its records; after a crash, recovery reads a tail of zeros as the clean end of
 the last segment (``fastbus.wal.recovery``).
@@ -25,13 +29,13 @@ from one thread at a time (under the queue lock or with the partition's
 mapping, so a remap cannot pull memory from under a reader.
 """
 
-from libc.errno cimport errno, EINTR
+from libc.errno cimport errno, EINTR, EIO
 from libc.string cimport memcpy, strerror
 from posix.fcntl cimport open as c_open, O_RDONLY, O_RDWR, O_CREAT, O_EXCL
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from posix.stat cimport struct_stat, fstat
 from posix.types cimport off_t
-from posix.unistd cimport close as c_close, ftruncate, fsync, pread, pwrite, sysconf
+from posix.unistd cimport close as c_close, ftruncate, fsync, getpid, pread, pwrite, sysconf
 from posix.unistd cimport _SC_PAGESIZE
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
@@ -44,6 +48,15 @@ cdef extern from "<fcntl.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int fdatasync(int fd)
+
+cdef extern from "<sys/vfs.h>" nogil:
+    struct statfs:
+        long f_type
+    int fstatfs(int fd, statfs *buf)
+
+# File systems whose posix_fallocate'd blocks are overwritten in place (so a page of
+# the mapping never needs new space when it is written back): ext2/3/4, XFS, tmpfs.
+_MAPPABLE = frozenset((0xEF53, 0x58465342, 0x01021994))
 
 cdef Py_ssize_t _PAGE = sysconf(_SC_PAGESIZE)
 
@@ -69,10 +82,11 @@ cdef class MappedSegment:
         self._map_len = 0
 
     def __init__(self, path, *, bint writable, bint create=False,
-                 Py_ssize_t reserve=64 << 20):
+                 Py_ssize_t reserve=64 << 20, mapping=None):
         cdef bytes bpath = path.encode() if isinstance(path, str) else bytes(path)
         cdef int flags = (O_RDWR if writable else O_RDONLY) | O_CLOEXEC
         cdef struct_stat st
+        cdef statfs fs
         if create:
             flags |= O_CREAT | O_EXCL
         self.location = path if isinstance(path, str) else bpath.decode(errors="replace")
@@ -85,6 +99,10 @@ cdef class MappedSegment:
             self._raise(errno)
         self._size = st.st_size
         self.capacity = st.st_size
+        self._pid = getpid()
+        if mapping is None:
+            mapping = writable and fstatfs(self._fd, &fs) == 0 and fs.f_type in _MAPPABLE
+        self._can_map = writable and mapping
 
     def __dealloc__(self):
         if self._map != NULL:
@@ -94,7 +112,8 @@ cdef class MappedSegment:
 
     def __repr__(self):
         return (f"<MappedSegment {self.location} size={self._size} "
-                f"capacity={self.capacity}{' mapped' if self._map != NULL else ''}>")
+                f"capacity={self.capacity}{' mapped' if self._map != NULL else ''}"
+                f"{'' if self._can_map or not self._writable else ' pwrite'}>")
 
     cdef int _raise(self, int err) except -1:
         raise OSError(err, strerror(err).decode(errors="replace"), self.location)
@@ -110,10 +129,25 @@ cdef class MappedSegment:
             raise PermissionError(f"segment {self.location} is open read-only")
         return 0
 
-    cdef void put(self, const void *data, Py_ssize_t n) noexcept:
-        """Copy ``n`` bytes to the end; the caller checked ``fits(n)``."""
-        memcpy(self._map + (self._size - self._map_off), data, <size_t>n)
+    cdef int put(self, const void *data, Py_ssize_t n) noexcept:
+        """Add ``n`` bytes at the end (the caller checked ``fits(n)``): a copy into the
+        mapping, or a ``pwrite`` (GIL held: a small write) where nothing is mapped.
+        0, or the errno of a failed write (then nothing is counted)."""
+        cdef ssize_t r
+        cdef Py_ssize_t done = 0
+        if self._can_map:
+            memcpy(self._map + (self._size - self._map_off), data, <size_t>n)
+        else:
+            while done < n:
+                r = pwrite(self._fd, <const char *>data + done, <size_t>(n - done),
+                           <off_t>(self._size + done))
+                if r < 0:
+                    if errno == EINTR:
+                        continue
+                    return errno
+                done += r
         self._size += n
+        return 0
 
     # ------------------------------------------------------------------ SegmentHandle
 
@@ -157,7 +191,7 @@ cdef class MappedSegment:
         cdef Py_ssize_t n, done = 0
         cdef ssize_t r
         cdef const char *p
-        cdef int fd = self._fd
+        cdef int fd = self._fd, err
         self._check_writable()
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
@@ -167,7 +201,9 @@ cdef class MappedSegment:
                 return
             self._ensure(self._size + n)
             if n < PWRITE_MIN:
-                self.put(p, n)
+                err = self.put(p, n)
+                if err:
+                    self._raise(err)
                 return
             while done < n:
                 with nogil:
@@ -187,14 +223,19 @@ cdef class MappedSegment:
         cdef Py_ssize_t cap = self.capacity, step, length, start
         cdef int err
         cdef void *m
+        cdef struct_stat st
         if need > cap:
             step = cap if cap > GROW_MIN else GROW_MIN
             if step > GROW_MAX:
                 step = GROW_MAX
             if cap + step < need:
                 step = need - cap
-            with nogil:
-                err = posix_fallocate(self._fd, <off_t>cap, <off_t>step)
+            while True:
+                with nogil:
+                    err = posix_fallocate(self._fd, <off_t>cap, <off_t>step)
+                if err != EINTR:
+                    break
+                PyErr_CheckSignals()
             if err != 0:
                 # A partial allocation may have moved the end of the file: put it back,
                 # so no page of the mapping is ever past the space the disk gave us.
@@ -202,7 +243,15 @@ cdef class MappedSegment:
                 raise OSError(err, f"{strerror(err).decode(errors='replace')} (allocating "
                               f"{step} bytes at {cap} for the WAL segment)", self.location)
             self.capacity = cap + step
-        if self._map == NULL or self.capacity > self._map_off + self._map_len:
+        if self._can_map and (self._map == NULL
+                              or self.capacity > self._map_off + self._map_len):
+            # Never map more than the file has: a page past its end is a SIGBUS.
+            if fstat(self._fd, &st) != 0:
+                self._raise(errno)
+            if st.st_size < self.capacity:
+                raise OSError(EIO, f"the WAL segment file is {st.st_size} bytes, shorter "
+                              f"than the {self.capacity} allocated for it: something else "
+                              "truncated it", self.location)
             # Map from the page holding the end of the records (what is before it is
             # never written again) over the space allocated, at least ``reserve``.
             start = self._size // _PAGE * _PAGE
@@ -251,9 +300,9 @@ cdef class MappedSegment:
         self._unmap()  # the next append maps again from the new end
         if ftruncate(self._fd, <off_t>size) != 0:
             self._raise(errno)
-        self._fsync()
-        self._size = size
+        self._size = size  # before the fsync, which may fail: the file is this long now
         self.capacity = size
+        self._fsync()
 
     def sync(self):
         """fdatasync: everything appended so far (copied or written) is durable."""
@@ -303,7 +352,8 @@ cdef class MappedSegment:
         zeros as the clean end anyway) and close. Idempotent."""
         self._unmap()
         if self._fd >= 0:
-            if self._writable and self.capacity > self._size:
+            # (Not in a forked child: the parent may still be appending to the file.)
+            if self._writable and self.capacity > self._size and getpid() == self._pid:
                 ftruncate(self._fd, <off_t>self._size)
                 self.capacity = self._size
             c_close(self._fd)

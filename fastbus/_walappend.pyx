@@ -348,14 +348,15 @@ cdef class Appender:
             return False
         segs = part.segments
         seg = segs[len(segs) - 1]
-        m.put(enc._buf, n)
+        if m.put(enc._buf, n) != 0:
+            return False  # a failed pwrite (unmapped file system): the slow path reports it
         enc._len = 0
         enc._count = 0
         enc._last_offset = -1
         part.buffered = 0
         if pos >= part.index_due:
-            seg.add_index(off, pos)
-            part.index_due = pos + _INDEX_INTERVAL
+            seg.add_index(off, pos)  # (a no-op if a write the slow way added one since)
+            part.index_due = seg.last_index_pos + _INDEX_INTERVAL
         seg.size = pos + n
         seg.next_offset = off + 1
         if ts > seg.max_timestamp_ns:

@@ -636,8 +636,8 @@ def _litequeue(n: int, base: str) -> float:
             q.conn.close()
 
 
-_EVERY1000 = ("records reach the OS in 64 KiB writes (and at every sync and flush); "
-              "fdatasync every 1000 records; flush() at the end (timed)")
+_EVERY1000 = ("each record in the page cache when its call returns (mapped segment; kill -9 "
+              "safe); fdatasync every 1000 records; flush() at the end (timed)")
 
 CASES: list[Case] = [
     # handoff

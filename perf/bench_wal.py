@@ -9,9 +9,11 @@ on the same file system as this checkout), one fresh queue per timed call.
 
 fastbus:
 - append-every1000: ``append`` one record at a time, FsyncPolicy.every(1000), then
-  ``flush()`` (included). Durability: records reach the OS in 64 KiB writes (and on
-  every sync, flush and 5 ms linger); fdatasync every 1000 records by a background
-  thread; only flush() guarantees survival of kill -9 and power loss.
+  ``flush()`` (included). Durability: each record is in the page cache when its
+  ``append`` returns (copied into the mapped segment), so it survives kill -9, as
+  queuelib's and persist-queue's puts do; fdatasync every 1000 records by a
+  background thread, so power loss loses at most the records since the last sync.
+  Equal to queuelib on kill -9, stronger on power loss.
 - append_many-every1000: the same with batches of 1000 (``append_many``).
 - append_many-always: batches of 1000 under FsyncPolicy.always(): each call returns
   once its 1000 records are fdatasync'ed (one sync per call). Durability = a

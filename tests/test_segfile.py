@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import textwrap
 import pytest
 from fastbus._segfile import MappedSegment
 
-from fastbus import FsyncPolicy, Retention, WalMessageQueue
+from fastbus import FsyncPolicy, Retention, WalCorruptionError, WalMessageQueue
 from fastbus._walcodec import encode_record, verify
 from fastbus.stores import FileStore
 from fastbus.wal.recovery import recover_partition
@@ -187,7 +188,7 @@ def test_no_space_to_grow_is_a_clear_error_and_loses_nothing(tmp_path):
     script = textwrap.dedent(f"""
         import errno, os, resource, signal, sys
         sys.path.insert(0, {ROOT!r})
-        from fastbus import FsyncPolicy, Retention, WalMessageQueue
+        from fastbus import FsyncPolicy, Retention, WalCorruptionError, WalMessageQueue
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
         resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, hard))
@@ -222,3 +223,112 @@ def test_no_space_to_grow_is_a_clear_error_and_loses_nothing(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "File too large" in out.stdout and "ok" in out.stdout, out.stdout
+
+
+def test_pwrite_mode_writes_the_same_file(tmp_path):
+    """File systems that are not mapped (btrfs, ZFS, NFS...) take small appends with
+    pwrite: the same bytes, the same sizes, the same cut at close."""
+    outs = []
+    for mapping in (True, False):
+        path = str(tmp_path / f"{mapping}.log")
+        seg = MappedSegment(path, writable=True, create=True, mapping=mapping,
+                            reserve=1 << 20)
+        for i in range(5000):
+            seg.append(bytes([i % 256]) * (1 + i % 300))
+            if i % 997 == 0:
+                seg.sync()
+            if i == 2500:
+                seg.truncate(seg.size() - 7)
+        assert seg.mapped == mapping
+        assert repr(seg).endswith(" pwrite>") != mapping
+        seg.close()
+        outs.append(slurp(path))
+    assert outs[0] == outs[1]
+
+
+def test_zeros_at_the_end_of_a_sealed_segment_are_damage_and_nothing_is_changed(tmp_path):
+    q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.always(), retention=KEEP,
+                        compaction_interval=None, segment_bytes=4096)
+    for _ in range(100):
+        q.append(b"x" * 100)
+    q.close()
+    first = sorted(glob.glob(str(tmp_path / "w" / "p-0000" / "*.log")))[0]
+    size = os.path.getsize(first)
+    with open(first, "r+b") as f:  # the last two records of a sealed segment: zeros
+        f.seek(size - 272)
+        f.write(bytes(272))
+    with pytest.raises(WalCorruptionError) as err:
+        WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.always(), compaction_interval=None)
+    assert err.value.path == first and err.value.position == size - 272
+    assert os.path.getsize(first) == size  # refused, and nothing changed
+
+
+def _shim(tmp_path) -> str:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs a C compiler and Linux for the LD_PRELOAD fault shim")
+    so = str(tmp_path / "faultshim.so")
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", so,
+                    os.path.join(ROOT, "tests", "faultshim.c"), "-ldl"], check=True)
+    return so
+
+
+def _run_with_faults(tmp_path, body: str) -> str:
+    so = _shim(tmp_path)
+    flag = str(tmp_path / "fail-now")
+    script = f"import os, sys\nsys.path.insert(0, {ROOT!r})\nFLAG = {flag!r}\n" + \
+        textwrap.dedent(body)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "w")],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "LD_PRELOAD": so, "FASTBUS_FAULT_FLAG": flag})
+    assert out.returncode == 0, f"rc {out.returncode}: {out.stdout}{out.stderr}"
+    return out.stdout
+
+
+def test_a_truncate_whose_fsync_fails_leaves_no_room_past_the_end(tmp_path):
+    """The file is cut before the fsync fails: appends after it must allocate again,
+    not copy into pages past the end of the file (a SIGBUS)."""
+    out = _run_with_faults(tmp_path, """
+        from fastbus._segfile import MappedSegment
+        s = MappedSegment(sys.argv[1], writable=True, create=True, reserve=1 << 20)
+        s.append(b"x" * 100)
+        open(FLAG, "w").close()
+        try:
+            s.truncate(100)
+        except OSError as exc:
+            print("truncate:", exc)
+        os.unlink(FLAG)
+        assert s.capacity == s.size() == os.path.getsize(sys.argv[1]) == 100
+        for i in range(5000):
+            s.append(b"y" * 100)
+        assert s.read(0, 10**7) == b"x" * 100 + b"y" * 500000
+        s.close()
+        print("ok", os.path.getsize(sys.argv[1]))
+    """)
+    assert "truncate: [Errno 5]" in out and "ok 500100" in out
+
+
+def test_a_failed_batch_write_with_a_failed_rollback_loses_nothing(tmp_path):
+    out = _run_with_faults(tmp_path, """
+        from fastbus import FsyncPolicy, Retention, WalCorruptionError, WalMessageQueue
+        keep = Retention(max_age=None, max_bytes=None, until_acked=False)
+        q = WalMessageQueue(sys.argv[1], fsync=FsyncPolicy.every(1000), retention=keep,
+                            compaction_interval=None)
+        q.append(b"a" * 100)
+        open(FLAG, "w").close()
+        q.append_many([b"B" * 5000])  # pwrite fails, then the rollback's fsync
+        os.unlink(FLAG)
+        q.flush()  # written now
+        for i in range(3000):
+            q.append(b"z%04d" % i * 20)
+        q.close()
+        q = WalMessageQueue(sys.argv[1], fsync=FsyncPolicy.never(), compaction_interval=None)
+        r = q.reader("check")
+        got = []
+        while batch := r.poll(max_records=10_000):
+            got.extend(x.payload for x in batch)
+        assert got == [b"a" * 100, b"B" * 5000] + [b"z%04d" % i * 20 for i in range(3000)]
+        q.close()
+        print("ok", len(got))
+    """)
+    assert "ok 3002" in out

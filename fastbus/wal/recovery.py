@@ -5,11 +5,13 @@ lengths, consecutive offsets starting at the segment's base) without building
 Python objects, and returns the valid prefix plus a sparse index. Then:
 
 - the valid prefix ends at the end of the data: clean;
-- the valid prefix is followed only by zero bytes: clean too. A FileStore
-  allocates the active segment's file ahead (``fastbus/_segfile.pyx``) and cuts
-  it back when the segment is sealed or closed, so after a crash the last
-  segment ends in zeros; no record starts with a zero length. The zeros are cut
-  off (modes ``"open"``/``"repair"``) and counted in ``zero_tail_bytes``;
+- the *last* segment of a FileStore has only zero bytes after its valid
+  prefix: clean too. A FileStore allocates the active segment's file ahead
+  (``fastbus/_segfile.pyx``) and cuts it back when the segment is sealed or
+  closed, so after a crash the last segment ends in zeros; no record starts with
+  a zero length. The zeros are cut off (modes ``"open"``/``"repair"``), logged at
+  INFO and counted in ``zero_tail_bytes``. Zeros anywhere else (a sealed segment,
+  another store) are damage, reported as below;
 - the *last* segment ends in bytes that hold no complete valid record at or
   after the first bad byte (``next_record_at`` finds none): a torn tail, the
   normal result of a crash mid-write. It is truncated (mode ``"open"``) and
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from .._segfile import MappedSegment
 from .._walappend import INDEX_INTERVAL, SegmentState
 from .._walcodec import next_record_at, verify
 from ..errors import WalCorruptionError
@@ -116,10 +119,14 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
             seg.last_index_pos = seg.index_positions[-1]
         out.records += count
         out.bytes += end
-        if vr.reason != "end" and data.count(0, end) == size - end:
+        if (vr.reason != "end" and is_last and isinstance(handle, MappedSegment)
+                and data.count(0, end) == size - end):
             # Space the writer allocated ahead (see the module docstring): not data.
             out.zero_tail_bytes += size - end
             if writable:
+                log.info("fastbus WAL recovery: %s ends in %d bytes of zeros after its last "
+                         "record at byte %d (space allocated ahead by a writer that did not "
+                         "close); cutting them off", location, size - end, end)
                 handle.truncate(end)
         elif vr.reason != "end":
             tail = len(data.rstrip(b"\0")) - end  # not counting zeros allocated ahead
