@@ -476,11 +476,11 @@ def _wal(scratch: str, fsync: Any) -> Any:
                            compaction_interval=None)
 
 
-def _wal_every(n: int, base: str, many: bool) -> float:
+def _wal_every(n: int, base: str, many: bool, never: bool = False) -> float:
     from . import FsyncPolicy
 
     with Scratch(base) as d:
-        q = _wal(d, FsyncPolicy.every(1000))
+        q = _wal(d, FsyncPolicy.never() if never else FsyncPolicy.every(1000))
         try:
             t0 = time.perf_counter()
             if many:
@@ -491,7 +491,8 @@ def _wal_every(n: int, base: str, many: bool) -> float:
                 append, payload = q.append, PAYLOAD
                 for _ in range(n):
                     append(payload)
-            q.flush()
+            if not never:
+                q.flush()
             return time.perf_counter() - t0
         finally:
             q.close()
@@ -503,6 +504,14 @@ def _wal_append(n: int, base: str) -> float:
 
 def _wal_append_many(n: int, base: str) -> float:
     return _wal_every(n, base, True)
+
+
+def _wal_never_append(n: int, base: str) -> float:
+    return _wal_every(n, base, False, never=True)
+
+
+def _wal_never_many(n: int, base: str) -> float:
+    return _wal_every(n, base, True, never=True)
 
 
 def _wal_always(n: int, base: str) -> float:
@@ -637,7 +646,10 @@ def _litequeue(n: int, base: str) -> float:
 
 
 _EVERY1000 = ("each record in the page cache when its call returns (mapped segment; kill -9 "
-              "safe); fdatasync every 1000 records; flush() at the end (timed)")
+              "safe); fdatasync every 1000 records (at most 2000 behind); flush() at the end "
+              "(timed)")
+_NEVER = ("each record in the page cache when its call returns (kill -9 safe); no fsync but "
+          "at segment rolls: queuelib's durability")
 
 CASES: list[Case] = [
     # handoff
@@ -669,6 +681,10 @@ CASES: list[Case] = [
          50_000, durability=_EVERY1000),
     Case("durable", "fastbus WalMessageQueue.append_many(1000), every(1000)", "fastbus",
          _wal_append_many, 200_000, durability=_EVERY1000),
+    Case("durable", "fastbus WalMessageQueue.append, never()", "fastbus", _wal_never_append,
+         50_000, durability=_NEVER),
+    Case("durable", "fastbus WalMessageQueue.append_many(1000), never()", "fastbus",
+         _wal_never_many, 200_000, durability=_NEVER),
     Case("durable", "fastbus WalMessageQueue.append_many(1000), always()", "fastbus",
          _wal_always_many, 50_000,
          durability="fdatasync before each call returns: every returned batch of 1000 "

@@ -15,6 +15,10 @@ fastbus:
   background thread, so power loss loses at most the records since the last sync.
   Equal to queuelib on kill -9, stronger on power loss.
 - append_many-every1000: the same with batches of 1000 (``append_many``).
+- append-never / append_many-never: the same under FsyncPolicy.never(), without the
+  final flush(): the durability of queuelib's push exactly (each record in the page
+  cache when its call returns, so kill -9 safe; no fsync, so nothing is promised on
+  power loss; fastbus does fsync at segment rolls).
 - append_many-always: batches of 1000 under FsyncPolicy.always(): each call returns
   once its 1000 records are fdatasync'ed (one sync per call). Durability = a
   returned batch survives kill -9 and power loss: the same as sqlite-commit-1000's
@@ -103,6 +107,25 @@ def bench_append_many(loops: int, base: str | None) -> float:
             for _ in range(APPENDS // 1000):
                 q.append_many(batch)
             q.flush()
+            total += time.perf_counter() - t0
+            q.close()
+    return total
+
+
+def bench_never(loops: int, base: str | None, many: bool) -> float:
+    total = 0.0
+    batch = [PAYLOAD] * 1000
+    for _ in range(loops):
+        with Scratch(base) as d:
+            q = _queue(d, FsyncPolicy.never())
+            append, payload = q.append, PAYLOAD
+            t0 = time.perf_counter()
+            if many:
+                for _ in range(APPENDS // 1000):
+                    q.append_many(batch)
+            else:
+                for _ in range(APPENDS):
+                    append(payload)
             total += time.perf_counter() - t0
             q.close()
     return total
@@ -270,6 +293,8 @@ def main() -> None:
     run("append-every1000-fastbus", bench_append, APPENDS)
     run("append_many-every1000-fastbus", bench_append_many, APPENDS)
     run("append_many-always-fastbus", bench_append_many_always, MANY_ALWAYS)
+    run("append-never-fastbus", bench_never, APPENDS, False)
+    run("append_many-never-fastbus", bench_never, APPENDS, True)
     run("sqlite-commit-1000", bench_sqlite, PEER_N * 5, 1000, PEER_N * 5)
     if _common.available("persistqueue"):
         run("persist-queue-file", bench_persist_queue, PEER_N)
@@ -305,6 +330,8 @@ def main() -> None:
             ratio("append-every1000-fastbus", peer, 10)
             ratio("append_many-every1000-fastbus", peer, 10)
             ratio("append_many-always-fastbus", peer, 10)
+        for name in ("append-never-fastbus", "append_many-never-fastbus"):
+            ratio(name, "queuelib-fifodisk", 10)  # the same durability exactly
         ratio("always-1thread-fastbus", "sqlite-commit-each", 1)
 
 

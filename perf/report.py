@@ -52,6 +52,8 @@ PAIRS: dict[str, dict[str, str]] = {
     "bench_wal": {
         "append-every1000-fastbus": "queuelib-fifodisk",
         "append_many-every1000-fastbus": "queuelib-fifodisk",
+        "append-never-fastbus": "queuelib-fifodisk",
+        "append_many-never-fastbus": "queuelib-fifodisk",
         "append_many-always-fastbus": "sqlite-commit-1000",
         "always-1thread-fastbus": "raw-write-fdatasync",
         "always-8threads-fastbus": "raw-write-fdatasync",
