@@ -35,12 +35,24 @@ from posix.fcntl cimport open as c_open, O_RDONLY, O_RDWR, O_CREAT, O_EXCL
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from posix.stat cimport struct_stat, fstat
 from posix.types cimport off_t
-from posix.unistd cimport close as c_close, ftruncate, fsync, getpid, pread, pwrite, sysconf
+from posix.unistd cimport close as c_close, dup, ftruncate, fsync, getpid, pread, pwrite, sysconf
 from posix.unistd cimport _SC_PAGESIZE
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.pythread cimport (
+    PyThread_acquire_lock,
+    PyThread_allocate_lock,
+    PyThread_free_lock,
+    PyThread_release_lock,
+    PyThread_start_new_thread,
+    PyThread_type_lock,
+    WAIT_LOCK,
+)
+from libc.stdint cimport int64_t
+from libc.stdlib cimport calloc, free
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cdef extern from "<fcntl.h>" nogil:
     int posix_fallocate(int fd, off_t offset, off_t length)
@@ -363,3 +375,232 @@ cdef class MappedSegment:
     def mapped(self):
         """Whether appends are copied into a mapping now (they are after the first)."""
         return self._map != NULL
+
+
+# --------------------------------------------------------------------------- syncs
+
+cdef struct SyncSlot:
+    int pending_fd          # a dup of the segment's fd to fdatasync next, or -1
+    int64_t pending_upto    # the offsets below it are written to that segment
+    int64_t synced_upto     # the highest upto a finished fdatasync covered
+    int64_t syncs           # since the last take()
+    int64_t nanos
+    int err                 # errno of the first failed fdatasync since the last take()
+
+
+cdef struct SyncState:
+    PyThread_type_lock mu   # guards every field below
+    PyThread_type_lock wake # held while there is nothing to do; released to wake the worker
+    PyThread_type_lock done # released by the worker as it exits
+    PyThread_type_lock progress  # released after a sync when someone waits (wait_synced)
+    int waiting
+    int busy                # a sync is running
+    int signaled
+    int stopping
+    int nslots
+    SyncSlot *slots
+
+
+cdef int64_t _now_ns() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return <int64_t>t.tv_sec * 1000000000 + t.tv_nsec
+
+
+cdef void _sync_main(void *arg) noexcept nogil:
+    """The worker thread: fdatasync whatever a slot asks for; never touches Python."""
+    cdef SyncState *st = <SyncState *>arg
+    cdef int i, fd, r, e
+    cdef int64_t upto, t0
+    while True:
+        PyThread_acquire_lock(st.wake, WAIT_LOCK)
+        while True:
+            PyThread_acquire_lock(st.mu, WAIT_LOCK)
+            st.signaled = 0
+            fd = -1
+            for i in range(st.nslots):
+                if st.slots[i].pending_fd >= 0:
+                    fd = st.slots[i].pending_fd
+                    upto = st.slots[i].pending_upto
+                    st.slots[i].pending_fd = -1
+                    break
+            if fd < 0:
+                if st.stopping:
+                    if st.waiting:
+                        st.waiting = 0
+                        PyThread_release_lock(st.progress)
+                    PyThread_release_lock(st.mu)
+                    PyThread_release_lock(st.done)
+                    return
+                PyThread_release_lock(st.mu)
+                break
+            st.busy = 1
+            PyThread_release_lock(st.mu)
+            t0 = _now_ns()
+            r = fdatasync(fd)
+            while r != 0 and errno == EINTR:
+                r = fdatasync(fd)
+            e = errno if r != 0 else 0
+            c_close(fd)
+            PyThread_acquire_lock(st.mu, WAIT_LOCK)
+            if e != 0:
+                if st.slots[i].err == 0:
+                    st.slots[i].err = e
+            elif upto > st.slots[i].synced_upto:
+                st.slots[i].synced_upto = upto
+            st.slots[i].syncs += 1
+            st.slots[i].nanos += _now_ns() - t0
+            st.busy = 0
+            if st.waiting:
+                st.waiting = 0
+                PyThread_release_lock(st.progress)
+            PyThread_release_lock(st.mu)
+
+
+cdef class SyncWorker:
+    """SyncWorker(partitions)
+
+    A thread of its own (no Python in it, so it never waits for the GIL) that
+    fdatasyncs segments on request: ``every(n)``'s background syncs. The Python
+    syncer thread needs the GIL to start and to finish a sync, and an appender in
+    a tight loop holds the GIL for up to the 5 ms switch interval; this one starts
+    the fdatasync as soon as it is asked. ``request(p, segment, upto)`` hands over a
+    ``dup`` of the segment's descriptor (so closing the segment never races the
+    sync); a newer request for a partition replaces one not yet started (the roll
+    that retired an older segment synced it). ``take(p)`` returns
+    ``(synced_upto, syncs, seconds, errno)`` and resets the counts.
+    """
+
+    cdef SyncState *_st
+    cdef bint _running
+
+    def __cinit__(self, int partitions):
+        cdef int i
+        if partitions < 1:
+            raise ValueError(f"partitions must be >= 1, got {partitions}")
+        self._st = <SyncState *>calloc(1, sizeof(SyncState))
+        if self._st == NULL:
+            raise MemoryError()
+        self._st.slots = <SyncSlot *>calloc(partitions, sizeof(SyncSlot))
+        if self._st.slots == NULL:
+            raise MemoryError()
+        self._st.nslots = partitions
+        for i in range(partitions):
+            self._st.slots[i].pending_fd = -1
+        self._st.mu = PyThread_allocate_lock()
+        self._st.wake = PyThread_allocate_lock()
+        self._st.done = PyThread_allocate_lock()
+        self._st.progress = PyThread_allocate_lock()
+        if (self._st.mu == NULL or self._st.wake == NULL or self._st.done == NULL
+                or self._st.progress == NULL):
+            raise MemoryError()
+        PyThread_acquire_lock(self._st.wake, WAIT_LOCK)
+        PyThread_acquire_lock(self._st.done, WAIT_LOCK)
+        PyThread_acquire_lock(self._st.progress, WAIT_LOCK)
+        if PyThread_start_new_thread(_sync_main, <void *>self._st) == -1:
+            raise RuntimeError("cannot start the WAL sync thread")
+        self._running = True
+
+    def request(self, int partition, MappedSegment segment not None, int64_t upto):
+        """Ask for an fdatasync of ``segment`` covering the offsets below ``upto``."""
+        cdef int fd, old
+        cdef SyncSlot *slot
+        if not 0 <= partition < self._st.nslots:
+            raise ValueError(f"partition {partition} out of range")
+        if not self._running:
+            raise ValueError("the sync worker is stopped")
+        segment._check_open()
+        segment._trim(segment._size)  # as sync() does: no TLB shoot-down per page written back
+        fd = dup(segment._fd)
+        if fd < 0:
+            segment._raise(errno)
+        slot = &self._st.slots[partition]
+        PyThread_acquire_lock(self._st.mu, WAIT_LOCK)
+        old = slot.pending_fd
+        slot.pending_fd = fd
+        slot.pending_upto = upto
+        if not self._st.signaled:
+            self._st.signaled = 1
+            PyThread_release_lock(self._st.wake)
+        PyThread_release_lock(self._st.mu)
+        if old >= 0:
+            c_close(old)
+
+    def wait_synced(self, int partition, int64_t upto):
+        """Block (without the GIL) until a sync covered the offsets below ``upto``, one
+        failed, or nothing asked of the worker is left that could. One caller at a
+        time (the queue calls it with its lock held)."""
+        cdef SyncSlot *slot
+        cdef bint more
+        if not 0 <= partition < self._st.nslots:
+            raise ValueError(f"partition {partition} out of range")
+        slot = &self._st.slots[partition]
+        with nogil:
+            while True:
+                PyThread_acquire_lock(self._st.mu, WAIT_LOCK)
+                more = (slot.synced_upto < upto and slot.err == 0 and not self._st.stopping
+                        and (self._st.busy or slot.pending_fd >= 0))
+                if more:
+                    self._st.waiting = 1
+                PyThread_release_lock(self._st.mu)
+                if not more:
+                    break
+                PyThread_acquire_lock(self._st.progress, WAIT_LOCK)
+
+    def take(self, int partition):
+        """``(synced_upto, syncs, seconds, errno)`` of the partition; resets the counts."""
+        cdef SyncSlot *slot
+        if not 0 <= partition < self._st.nslots:
+            raise ValueError(f"partition {partition} out of range")
+        slot = &self._st.slots[partition]
+        PyThread_acquire_lock(self._st.mu, WAIT_LOCK)
+        out = (slot.synced_upto, slot.syncs, slot.nanos / 1e9, slot.err)
+        slot.syncs = 0
+        slot.nanos = 0
+        slot.err = 0
+        PyThread_release_lock(self._st.mu)
+        return out
+
+    def stop(self):
+        """Finish the requests already made, then end the thread. Idempotent."""
+        if not self._running:
+            return
+        self._running = False
+        PyThread_acquire_lock(self._st.mu, WAIT_LOCK)
+        self._st.stopping = 1
+        if not self._st.signaled:
+            self._st.signaled = 1
+            PyThread_release_lock(self._st.wake)
+        PyThread_release_lock(self._st.mu)
+        with nogil:
+            PyThread_acquire_lock(self._st.done, WAIT_LOCK)
+
+    def __dealloc__(self):
+        cdef int i
+        if self._st == NULL:
+            return
+        if self._running:
+            self._running = False
+            PyThread_acquire_lock(self._st.mu, WAIT_LOCK)
+            self._st.stopping = 1
+            if not self._st.signaled:
+                self._st.signaled = 1
+                PyThread_release_lock(self._st.wake)
+            PyThread_release_lock(self._st.mu)
+            with nogil:
+                PyThread_acquire_lock(self._st.done, WAIT_LOCK)
+        if self._st.slots != NULL:
+            for i in range(self._st.nslots):
+                if self._st.slots[i].pending_fd >= 0:
+                    c_close(self._st.slots[i].pending_fd)
+            free(self._st.slots)
+        if self._st.mu != NULL:
+            PyThread_free_lock(self._st.mu)
+        if self._st.wake != NULL:
+            PyThread_free_lock(self._st.wake)
+        if self._st.done != NULL:
+            PyThread_free_lock(self._st.done)
+        if self._st.progress != NULL:
+            PyThread_free_lock(self._st.progress)
+        free(self._st)
+        self._st = NULL

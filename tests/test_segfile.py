@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from fastbus._segfile import MappedSegment
+from fastbus._segfile import MappedSegment, SyncWorker
 
 from fastbus import FsyncPolicy, Retention, WalCorruptionError, WalMessageQueue
 from fastbus._walcodec import encode_record, verify
@@ -332,3 +332,59 @@ def test_a_failed_batch_write_with_a_failed_rollback_loses_nothing(tmp_path):
         print("ok", len(got))
     """)
     assert "ok 3002" in out
+
+
+def test_sync_worker_syncs_on_request_and_reports(tmp_path):
+    w = SyncWorker(2)
+    segs = [MappedSegment(str(tmp_path / f"{p}.log"), writable=True, create=True)
+            for p in range(2)]
+    for p, seg in enumerate(segs):
+        seg.append(b"x" * (100 + p))
+        w.request(p, seg, 10 + p)
+    for p in range(2):
+        w.wait_synced(p, 10 + p)
+        upto, syncs, seconds, err = w.take(p)
+        assert (upto, syncs, err) == (10 + p, 1, 0) and seconds > 0
+        assert w.take(p)[1:] == (0, 0.0, 0)  # counts reset; upto stays
+    w.wait_synced(0, 99)  # nothing asked could cover it: returns at once
+    segs[0].close()  # the worker holds a dup of the descriptor, not the segment's own
+    w.stop()
+    w.stop()
+    with pytest.raises(ValueError, match="stopped"):
+        w.request(1, segs[1], 20)
+    with pytest.raises(ValueError, match="out of range"):
+        w.take(2)
+    segs[1].close()
+
+
+def test_a_failed_background_sync_breaks_the_partition(tmp_path):
+    out = _run_with_faults(tmp_path, """
+        from fastbus import FastbusError, FsyncPolicy, WalMessageQueue
+        q = WalMessageQueue(sys.argv[1], fsync=FsyncPolicy.every(10), compaction_interval=None)
+        for i in range(5):
+            q.append(b"ok")
+        open(FLAG, "w").close()
+        try:
+            for i in range(50):  # sync requests: the worker's fdatasyncs fail, and the
+                q.append(b"x")   # next request (or flush) finds out
+        except FastbusError as exc:
+            print("append:", exc)
+        os.unlink(FLAG)
+        try:
+            q.append(b"after")
+        except FastbusError as exc:
+            print("again:", exc)
+        try:
+            q.flush()
+        except FastbusError as exc:
+            print("flush:", exc)
+        assert q.metrics()["fsync_errors"] == 1
+        try:
+            q.close()
+        except FastbusError:
+            pass
+        print("ok")
+    """)
+    assert "append: WAL partition 0" in out and "unusable" in out
+    assert "again:" in out and "flush:" in out
+    assert out.strip().endswith("ok")

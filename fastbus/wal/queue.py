@@ -60,7 +60,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .._partition import partition_for
-from .._segfile import MappedSegment
+from .._segfile import MappedSegment, SyncWorker
 from .._walappend import Appender, PartState, check_payloads, offsets
 from .._walcodec import Record, scan
 from ..config import FsyncPolicy, Retention
@@ -263,6 +263,9 @@ class WalMessageQueue:
             segment_bytes=self._segment_bytes,
             type_error=_payload_type_error)
         self.append = self._app.append  # type: ignore[method-assign]
+        # every(n) on a FileStore: the syncs run on a thread without Python (no GIL).
+        self._syncw = (SyncWorker(self.partitions) if fsync.mode == "every"
+                       and any(p.mapped is not None for p in self._parts) else None)
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         if not self._always:
@@ -400,16 +403,30 @@ class WalMessageQueue:
             self._syncer_cond.notify()
 
     def _request_sync(self, part: _Part) -> None:
-        """Lock held: ``every(n)``: n records since the last sync; the syncer does it.
+        """Lock held: ``every(n)``: n records since the last sync request.
 
-        Unless it is 2n behind: the syncer thread needs the GIL, which an appender
-        that never blocks holds for up to ``sys.getswitchinterval()`` (5 ms) at a
-        time, long enough for 10 000 appends. Then the appender syncs itself, as
-        Kafka's ``log.flush.interval.messages`` does, so what a power loss can take
-        stays under 2n records. A failure is not raised here (the record is
-        accepted); the partition is broken and the next append raises.
+        A Python syncer thread needs the GIL to start and to finish a sync, and an
+        appender that never blocks holds it for up to ``sys.getswitchinterval()``
+        (5 ms), long enough for 10 000 appends. So on a FileStore the request goes
+        to the ``SyncWorker`` (a thread without Python); elsewhere to the syncer
+        thread. Either way, an appender that finds the log 2n records past the
+        last sync waits for the worker (or syncs itself, as Kafka's
+        ``log.flush.interval.messages`` does), so a power loss takes at most 2n
+        records. A failure is not raised here (the record is accepted); the
+        partition is broken and the next append raises.
         """
         part.sync_mark = part.next_offset
+        w = self._syncw
+        if w is not None and part.mapped is not None:
+            self._fold_syncs(part, raising=False)
+            if part.written > part.durable and part.broken is None:
+                w.request(part.index, part.mapped, part.written)
+                if part.next_offset - part.durable >= 2 * self._every:
+                    # The disk is slower than the appends: wait (the queue lock held,
+                    # so other appenders wait too) until the log is under 2n again.
+                    w.wait_synced(part.index, part.next_offset - self._every)
+                    self._fold_syncs(part, raising=False)
+            return
         if part.next_offset - part.durable >= 2 * self._every:
             while part.sync_busy and part.broken is None:
                 self._cond.wait()  # the syncer's fdatasync is done; it waits for the GIL
@@ -421,6 +438,23 @@ class WalMessageQueue:
         if not part.sync_requested:
             part.sync_requested = True
             self._syncer_cond.notify()
+
+    def _fold_syncs(self, part: _Part, *, raising: bool) -> None:
+        """Lock held: take in what the SyncWorker did for the partition. A failed
+        fdatasync breaks the partition (raised only with ``raising``)."""
+        upto, n, seconds, err = self._syncw.take(part.index)  # type: ignore[union-attr]
+        self._m["fsyncs"] += n
+        self._m["fsync_seconds"] += seconds
+        if err:
+            if part.broken is None:
+                seg = part.segments[-1]
+                try:
+                    self._fsync_failed(part, seg, OSError(err, os.strerror(err), seg.location))
+                except FastbusError:
+                    if raising:
+                        raise
+        elif upto > part.durable:
+            part.durable = upto
 
     def _write_accepted(self, part: _Part) -> None:
         """Lock held, non-always: write the buffer out after an accepted append.
@@ -515,10 +549,10 @@ class WalMessageQueue:
             elif n:
                 if first == part.written:
                     self._first_buffered(part)
-                if first + n - 1 - part.sync_mark >= self._every:
-                    self._request_sync(part)
                 if part.buffered >= self._buffer_bytes or part.mapped is not None:
                     self._write_accepted(part)
+                if first + n - 1 - part.sync_mark >= self._every:
+                    self._request_sync(part)
             if held and self._app.readers_waiting:
                 self._cond.notify_all()
         finally:
@@ -945,6 +979,8 @@ class WalMessageQueue:
 
     def _flush_locked(self, deadline: float | None) -> bool:
         for part in self._parts:
+            if self._syncw is not None and part.broken is None:
+                self._fold_syncs(part, raising=True)
             target = part.next_offset
             if part.broken is not None:
                 # Even with nothing left to sync: a failed fdatasync (say, of a segment
@@ -1180,6 +1216,9 @@ class WalMessageQueue:
     def metrics(self) -> dict[str, Any]:
         """Counters and gauges (a snapshot dict; see docs/operations-wal.md)."""
         with self._lock:
+            if self._syncw is not None:
+                for part in self._parts:
+                    self._fold_syncs(part, raising=False)
             m: dict[str, Any] = dict(self._m)
             m["partitions"] = self.partitions
             m["fsync_policy"] = repr(self._fsync)
@@ -1243,6 +1282,8 @@ class WalMessageQueue:
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join()
+        if self._syncw is not None:
+            self._syncw.stop()
         with self._delete_lock:
             self._close_handles()
         self._store.close()
