@@ -42,6 +42,8 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport (
+    PY_LOCK_ACQUIRED,
+    PyLockStatus,
     PyThread_acquire_lock,
     PyThread_allocate_lock,
     PyThread_free_lock,
@@ -60,6 +62,10 @@ cdef extern from "<fcntl.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int fdatasync(int fd)
+
+cdef extern from "pythread.h" nogil:
+    PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock lock, long long microseconds,
+                                             int intr_flag)
 
 cdef extern from "<sys/vfs.h>" nogil:
     struct statfs:
@@ -380,23 +386,26 @@ cdef class MappedSegment:
 # --------------------------------------------------------------------------- syncs
 
 cdef struct SyncSlot:
-    int pending_fd          # a dup of the segment's fd to fdatasync next, or -1
+    int pending_fd          # a descriptor of the segment to fdatasync next, or -1
     int64_t pending_upto    # the offsets below it are written to that segment
     int64_t synced_upto     # the highest upto a finished fdatasync covered
     int64_t syncs           # since the last take()
     int64_t nanos
-    int err                 # errno of the first failed fdatasync since the last take()
+    int err                 # errno of the first failed fdatasync; sticky
 
 
 cdef struct SyncState:
     PyThread_type_lock mu   # guards every field below
-    PyThread_type_lock wake # held while there is nothing to do; released to wake the worker
+    PyThread_type_lock wake # released once per 0 -> 1 change of ``signaled``
     PyThread_type_lock done # released by the worker as it exits
-    PyThread_type_lock progress  # released after a sync when someone waits (wait_synced)
-    int waiting
+    PyThread_type_lock progress  # released after a sync when someone waits
+    int signaled            # a request is there the worker has not been woken for
+    int waiting             # callers in wait_synced
+    int progress_out        # progress released and not yet taken
     int busy                # a sync is running
-    int signaled
+    int failed              # some slot has ``err`` (read without mu by the append path)
     int stopping
+    int next_slot           # where the next scan starts (round robin over partitions)
     int nslots
     SyncSlot *slots
 
@@ -410,69 +419,80 @@ cdef int64_t _now_ns() noexcept nogil:
 cdef void _sync_main(void *arg) noexcept nogil:
     """The worker thread: fdatasync whatever a slot asks for; never touches Python."""
     cdef SyncState *st = <SyncState *>arg
-    cdef int i, fd, r, e
-    cdef int64_t upto, t0
+    cdef int i, k, fd, r, e
+    cdef int64_t upto = 0, t0
+    PyThread_acquire_lock(st.wake, WAIT_LOCK)
     while True:
-        PyThread_acquire_lock(st.wake, WAIT_LOCK)
-        while True:
-            PyThread_acquire_lock(st.mu, WAIT_LOCK)
-            st.signaled = 0
-            fd = -1
-            for i in range(st.nslots):
-                if st.slots[i].pending_fd >= 0:
-                    fd = st.slots[i].pending_fd
-                    upto = st.slots[i].pending_upto
-                    st.slots[i].pending_fd = -1
-                    break
-            if fd < 0:
-                if st.stopping:
-                    if st.waiting:
-                        st.waiting = 0
-                        PyThread_release_lock(st.progress)
-                    PyThread_release_lock(st.mu)
-                    PyThread_release_lock(st.done)
-                    return
-                PyThread_release_lock(st.mu)
+        PyThread_acquire_lock(st.mu, WAIT_LOCK)
+        fd = -1
+        i = 0
+        for k in range(st.nslots):
+            i = (st.next_slot + k) % st.nslots
+            if st.slots[i].pending_fd >= 0:
+                fd = st.slots[i].pending_fd
+                upto = st.slots[i].pending_upto
+                st.slots[i].pending_fd = -1
+                st.next_slot = (i + 1) % st.nslots
                 break
-            st.busy = 1
+        if fd < 0:
+            if st.stopping:
+                if st.waiting and not st.progress_out:
+                    st.progress_out = 1
+                    PyThread_release_lock(st.progress)
+                PyThread_release_lock(st.mu)
+                PyThread_release_lock(st.done)
+                return
+            st.signaled = 0  # only now: one release of ``wake`` per acquire below
             PyThread_release_lock(st.mu)
-            t0 = _now_ns()
+            PyThread_acquire_lock(st.wake, WAIT_LOCK)
+            continue
+        st.busy = 1
+        PyThread_release_lock(st.mu)
+        t0 = _now_ns()
+        r = fdatasync(fd)
+        while r != 0 and errno == EINTR:
             r = fdatasync(fd)
-            while r != 0 and errno == EINTR:
-                r = fdatasync(fd)
-            e = errno if r != 0 else 0
-            c_close(fd)
-            PyThread_acquire_lock(st.mu, WAIT_LOCK)
-            if e != 0:
-                if st.slots[i].err == 0:
-                    st.slots[i].err = e
-            elif upto > st.slots[i].synced_upto:
-                st.slots[i].synced_upto = upto
-            st.slots[i].syncs += 1
-            st.slots[i].nanos += _now_ns() - t0
-            st.busy = 0
-            if st.waiting:
-                st.waiting = 0
-                PyThread_release_lock(st.progress)
-            PyThread_release_lock(st.mu)
+        e = errno if r != 0 else 0
+        c_close(fd)
+        PyThread_acquire_lock(st.mu, WAIT_LOCK)
+        if e != 0:
+            if st.slots[i].err == 0:
+                st.slots[i].err = e
+            st.failed = 1
+        elif upto > st.slots[i].synced_upto:
+            st.slots[i].synced_upto = upto
+        st.slots[i].syncs += 1
+        st.slots[i].nanos += _now_ns() - t0
+        st.busy = 0
+        if st.waiting and not st.progress_out:
+            st.progress_out = 1
+            PyThread_release_lock(st.progress)
+        PyThread_release_lock(st.mu)
 
 
 cdef class SyncWorker:
     """SyncWorker(partitions)
 
     A thread of its own (no Python in it, so it never waits for the GIL) that
-    fdatasyncs segments on request: ``every(n)``'s background syncs. The Python
+    fdatasyncs segments on request: ``every(n)``'s syncs on a FileStore. A Python
     syncer thread needs the GIL to start and to finish a sync, and an appender in
-    a tight loop holds the GIL for up to the 5 ms switch interval; this one starts
-    the fdatasync as soon as it is asked. ``request(p, segment, upto)`` hands over a
-    ``dup`` of the segment's descriptor (so closing the segment never races the
-    sync); a newer request for a partition replaces one not yet started (the roll
-    that retired an older segment synced it). ``take(p)`` returns
-    ``(synced_upto, syncs, seconds, errno)`` and resets the counts.
+    a tight loop holds it for up to the 5 ms switch interval; this one starts the
+    fdatasync as soon as it is asked.
+
+    ``request(p, segment, upto)`` opens the segment file again (a descriptor of
+    its own, close-on-exec: closing the segment never races the sync, and being
+    a separate open file description it leaves a write-back error to be reported
+    to the segment's own descriptor too, so ``flush()`` sees it). A newer request
+    for a partition replaces one not yet started (the roll that retired an older
+    segment synced it). ``take(p)`` returns ``(synced_upto, syncs, seconds,
+    errno)``; the counts restart, the errno stays (the partition is broken).
+    ``failed`` says whether any sync failed. In a forked child there is no worker
+    thread: requests are synced in the calling thread and nothing waits for it.
     """
 
     cdef SyncState *_st
     cdef bint _running
+    cdef long _pid
 
     def __cinit__(self, int partitions):
         cdef int i
@@ -497,24 +517,46 @@ cdef class SyncWorker:
         PyThread_acquire_lock(self._st.wake, WAIT_LOCK)
         PyThread_acquire_lock(self._st.done, WAIT_LOCK)
         PyThread_acquire_lock(self._st.progress, WAIT_LOCK)
+        self._pid = getpid()
         if PyThread_start_new_thread(_sync_main, <void *>self._st) == -1:
             raise RuntimeError("cannot start the WAL sync thread")
         self._running = True
 
-    def request(self, int partition, MappedSegment segment not None, int64_t upto):
-        """Ask for an fdatasync of ``segment`` covering the offsets below ``upto``."""
-        cdef int fd, old
-        cdef SyncSlot *slot
+    cdef inline bint _forked(self) noexcept:
+        return getpid() != self._pid
+
+    @property
+    def failed(self):
+        """Whether some fdatasync of the worker failed (see ``take``)."""
+        return self._st.failed != 0
+
+    cdef int _check(self, int partition) except -1:
         if not 0 <= partition < self._st.nslots:
             raise ValueError(f"partition {partition} out of range")
+        return 0
+
+    def request(self, int partition, MappedSegment segment not None, int64_t upto):
+        """Ask for an fdatasync of ``segment`` covering the offsets below ``upto``.
+        Raises ``OSError`` if the file cannot be opened again (EMFILE...)."""
+        cdef int fd, old, r, e = 0
+        cdef SyncSlot *slot
+        cdef bytes bpath
+        self._check(partition)
         if not self._running:
             raise ValueError("the sync worker is stopped")
         segment._check_open()
         segment._trim(segment._size)  # as sync() does: no TLB shoot-down per page written back
-        fd = dup(segment._fd)
+        slot = &self._st.slots[partition]
+        if self._forked():  # no worker thread here: sync now (and touch no lock)
+            segment.sync()
+            if upto > slot.synced_upto:
+                slot.synced_upto = upto
+            slot.syncs += 1
+            return
+        bpath = segment.location.encode()
+        fd = c_open(bpath, O_RDONLY | O_CLOEXEC)
         if fd < 0:
             segment._raise(errno)
-        slot = &self._st.slots[partition]
         PyThread_acquire_lock(self._st.mu, WAIT_LOCK)
         old = slot.pending_fd
         slot.pending_fd = fd
@@ -527,45 +569,68 @@ cdef class SyncWorker:
             c_close(old)
 
     def wait_synced(self, int partition, int64_t upto):
-        """Block (without the GIL) until a sync covered the offsets below ``upto``, one
-        failed, or nothing asked of the worker is left that could. One caller at a
-        time (the queue calls it with its lock held)."""
+        """Wait (without the GIL, in slices of 10 ms that let a Ctrl-C through) until
+        a sync covered the offsets below ``upto``, one failed, or nothing asked of the
+        worker is left that could."""
         cdef SyncSlot *slot
         cdef bint more
-        if not 0 <= partition < self._st.nslots:
-            raise ValueError(f"partition {partition} out of range")
+        cdef PyLockStatus got
+        self._check(partition)
+        if self._forked():
+            return
         slot = &self._st.slots[partition]
-        with nogil:
-            while True:
+        while True:
+            with nogil:
                 PyThread_acquire_lock(self._st.mu, WAIT_LOCK)
                 more = (slot.synced_upto < upto and slot.err == 0 and not self._st.stopping
                         and (self._st.busy or slot.pending_fd >= 0))
                 if more:
-                    self._st.waiting = 1
+                    self._st.waiting += 1
                 PyThread_release_lock(self._st.mu)
-                if not more:
-                    break
-                PyThread_acquire_lock(self._st.progress, WAIT_LOCK)
+                if more:
+                    got = PyThread_acquire_lock_timed(self._st.progress, 10000, 0)
+                    PyThread_acquire_lock(self._st.mu, WAIT_LOCK)
+                    self._st.waiting -= 1
+                    if got == PY_LOCK_ACQUIRED:
+                        self._st.progress_out = 0
+                    PyThread_release_lock(self._st.mu)
+            if not more:
+                return
+            PyErr_CheckSignals()
 
     def take(self, int partition):
-        """``(synced_upto, syncs, seconds, errno)`` of the partition; resets the counts."""
+        """``(synced_upto, syncs, seconds, errno)`` of the partition; the counts
+        restart, a failure's errno stays."""
         cdef SyncSlot *slot
-        if not 0 <= partition < self._st.nslots:
-            raise ValueError(f"partition {partition} out of range")
+        self._check(partition)
         slot = &self._st.slots[partition]
+        if self._forked():
+            out = (slot.synced_upto, slot.syncs, slot.nanos / 1e9, slot.err)
+            slot.syncs = 0
+            slot.nanos = 0
+            return out
         PyThread_acquire_lock(self._st.mu, WAIT_LOCK)
         out = (slot.synced_upto, slot.syncs, slot.nanos / 1e9, slot.err)
         slot.syncs = 0
         slot.nanos = 0
-        slot.err = 0
         PyThread_release_lock(self._st.mu)
         return out
 
     def stop(self):
         """Finish the requests already made, then end the thread. Idempotent."""
+        self._stop()
+
+    cdef void _stop(self) noexcept:
+        cdef int i
         if not self._running:
             return
         self._running = False
+        if self._forked():  # the thread is not in this process: wait for nothing
+            for i in range(self._st.nslots):
+                if self._st.slots[i].pending_fd >= 0:
+                    c_close(self._st.slots[i].pending_fd)
+                    self._st.slots[i].pending_fd = -1
+            return
         PyThread_acquire_lock(self._st.mu, WAIT_LOCK)
         self._st.stopping = 1
         if not self._st.signaled:
@@ -579,21 +644,14 @@ cdef class SyncWorker:
         cdef int i
         if self._st == NULL:
             return
-        if self._running:
-            self._running = False
-            PyThread_acquire_lock(self._st.mu, WAIT_LOCK)
-            self._st.stopping = 1
-            if not self._st.signaled:
-                self._st.signaled = 1
-                PyThread_release_lock(self._st.wake)
-            PyThread_release_lock(self._st.mu)
-            with nogil:
-                PyThread_acquire_lock(self._st.done, WAIT_LOCK)
+        self._stop()
         if self._st.slots != NULL:
             for i in range(self._st.nslots):
                 if self._st.slots[i].pending_fd >= 0:
                     c_close(self._st.slots[i].pending_fd)
             free(self._st.slots)
+        if self._forked():
+            return  # another process's locks (maybe held at the fork): leak them
         if self._st.mu != NULL:
             PyThread_free_lock(self._st.mu)
         if self._st.wake != NULL:

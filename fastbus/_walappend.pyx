@@ -145,6 +145,7 @@ cdef class PartState:
     cdef public Py_ssize_t index_due     # position of the next sparse index entry
     cdef public int64_t direct_writes    # records copied straight into the mapping
     cdef public int64_t direct_bytes
+    cdef public bint throttled           # every(n): an appender waits for the disk; others too
 
     def __init__(self, int index, list segments not None, bint always):
         if not segments:
@@ -156,7 +157,7 @@ cdef class PartState:
         self.unwritten = b""
         self.next_offset = last.next_offset
         self.opened_at = last.next_offset
-        self.sync_mark = last.next_offset
+        self.sync_mark = last.next_offset - 1  # the last record a sync (request) covered
         self.slow = always
         self.buffered = 0
         self.last_ts = 0
@@ -184,6 +185,7 @@ cdef class PartState:
         self.index_due = 0
         self.direct_writes = 0
         self.direct_bytes = 0
+        self.throttled = False
 
     def __repr__(self):
         return (f"<PartState {self.index} next={self.next_offset} written={self.written} "
@@ -321,10 +323,10 @@ cdef class Appender:
             else:
                 if off == part.written:  # the buffer was empty
                     self._first_buffered(part)
-                if off - part.sync_mark >= self._every:
-                    self._request_sync(part)
                 if part.buffered >= self._buffer_bytes or part.mapped is not None:
                     self._write_accepted(part)
+                if off - part.sync_mark >= self._every:
+                    self._request_sync(part)
             if self.readers_waiting:
                 self._notify_readers()
         finally:

@@ -248,14 +248,22 @@ def _take_writer_lock(lock_path: str, what: str, path: str, hint: str) -> int:
             f"WalMessageQueue or process first{hint}",
             path=path,
         ) from None
+    _LOCK_OWNER[fd] = os.getpid()
     return fd
 
 
+_LOCK_OWNER: dict[int, int] = {}  # lock fd -> the pid that took it
+
+
 def _release_writer_lock(fd: int) -> int:
-    """Unlock and close a lock fd from ``_take_writer_lock`` (-1: none); returns -1."""
+    """Unlock and close a lock fd from ``_take_writer_lock`` (-1: none); returns -1.
+
+    In a forked child only closes it: the flock belongs to the open file
+    description the parent shares, and unlocking it would unlock the parent."""
     if fd >= 0:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        if _LOCK_OWNER.pop(fd, None) == os.getpid():
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
     return -1
 

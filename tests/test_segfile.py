@@ -9,13 +9,14 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from fastbus._segfile import MappedSegment, SyncWorker
 
 from fastbus import FsyncPolicy, Retention, WalCorruptionError, WalMessageQueue
 from fastbus._walcodec import encode_record, verify
-from fastbus.stores import FileStore
+from fastbus.stores import FileStore, WalLockedError
 from fastbus.wal.recovery import recover_partition
 
 KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
@@ -388,3 +389,33 @@ def test_a_failed_background_sync_breaks_the_partition(tmp_path):
     assert "append: WAL partition 0" in out and "unusable" in out
     assert "again:" in out and "flush:" in out
     assert out.strip().endswith("ok")
+
+
+def test_a_forked_child_can_close_the_queue_it_inherited(tmp_path):
+    """The SyncWorker's thread does not exist in a child: nothing may wait for it."""
+    q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.every(10), compaction_interval=None)
+    for _ in range(25):
+        q.append(b"x")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            q.close()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.01)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the child hung in close()")
+    assert os.waitstatus_to_exitcode(status) == 0
+    with pytest.raises(WalLockedError):  # the child's close left the parent's lock alone
+        WalMessageQueue(tmp_path / "w", compaction_interval=None)
+    q.append(b"parent goes on")
+    q.close()

@@ -363,6 +363,27 @@ def test_every_n_bounds_the_unsynced_records_even_when_the_syncer_starves(tmp_pa
     q.close()
 
 
+def test_every_n_bound_holds_with_several_appenders(tmp_path):
+    q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.every(50), compaction_interval=None)
+    part = q._parts[0]
+    worst = [0]
+
+    def work() -> None:
+        for _ in range(3000):
+            q.append(b"x" * 100)
+            lag = part.next_offset - part.durable  # (a racy read: at worst stale)
+            if lag > worst[0]:
+                worst[0] = lag
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert worst[0] <= 2 * 50, worst
+    q.close()
+
+
 def test_interval_syncs_in_background(tmp_path):
     q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.interval(0.02),
                         compaction_interval=None)

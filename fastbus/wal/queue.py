@@ -264,8 +264,13 @@ class WalMessageQueue:
             type_error=_payload_type_error)
         self.append = self._app.append  # type: ignore[method-assign]
         # every(n) on a FileStore: the syncs run on a thread without Python (no GIL).
-        self._syncw = (SyncWorker(self.partitions) if fsync.mode == "every"
-                       and any(p.mapped is not None for p in self._parts) else None)
+        try:
+            self._syncw = (SyncWorker(self.partitions) if fsync.mode == "every"
+                           and any(p.mapped is not None for p in self._parts) else None)
+        except BaseException:
+            self._close_handles()
+            store.close()
+            raise
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         if not self._always:
@@ -415,17 +420,39 @@ class WalMessageQueue:
         records. A failure is not raised here (the record is accepted); the
         partition is broken and the next append raises.
         """
-        part.sync_mark = part.next_offset
+        part.sync_mark = part.next_offset - 1  # the last record this request covers
         w = self._syncw
         if w is not None and part.mapped is not None:
             self._fold_syncs(part, raising=False)
-            if part.written > part.durable and part.broken is None:
+            if part.written <= part.durable or part.broken is not None:
+                return
+            try:
                 w.request(part.index, part.mapped, part.written)
-                if part.next_offset - part.durable >= 2 * self._every:
-                    # The disk is slower than the appends: wait (the queue lock held,
-                    # so other appenders wait too) until the log is under 2n again.
-                    w.wait_synced(part.index, part.next_offset - self._every)
-                    self._fold_syncs(part, raising=False)
+            except OSError:  # the file cannot be opened again (EMFILE...): sync here
+                if not part.sync_busy:
+                    with contextlib.suppress(OSError, FastbusError):
+                        self._sync(part)
+                return
+            if part.next_offset - part.durable >= 2 * self._every and not part.throttled:
+                # The disk is slower than the appends: wait for the sync in flight
+                # (the one asked for n records ago) without the queue lock, so readers
+                # and other partitions go on; this partition's other appenders wait in
+                # _append_batch (``slow``) until it is done.
+                target = part.next_offset - self._every
+                part.throttled = True
+                part.slow = True
+                self._lock.release()
+                try:
+                    w.wait_synced(part.index, target)
+                finally:
+                    interrupted = _relock(self._lock)
+                    part.throttled = False
+                    part.slow = (self._closed or part.broken is not None
+                                 or bool(part.unwritten))
+                    self._cond.notify_all()
+                self._fold_syncs(part, raising=False)
+                if interrupted is not None:
+                    raise interrupted
             return
         if part.next_offset - part.durable >= 2 * self._every:
             while part.sync_busy and part.broken is None:
@@ -439,13 +466,27 @@ class WalMessageQueue:
             part.sync_requested = True
             self._syncer_cond.notify()
 
+    def _drain_worker(self, part: _Part) -> None:
+        """Lock held: let the SyncWorker finish what it was asked (waiting without the
+        lock), then take it in, raising a failure. A write-back error is reported
+        once per open file description; the worker's are its own, so the queue's
+        own fdatasync would see it too, but this does not rely on that."""
+        self._lock.release()
+        try:
+            self._syncw.wait_synced(part.index, 1 << 62)  # type: ignore[union-attr]
+        finally:
+            interrupted = _relock(self._lock)
+        self._fold_syncs(part, raising=True)
+        if interrupted is not None:
+            raise interrupted
+
     def _fold_syncs(self, part: _Part, *, raising: bool) -> None:
         """Lock held: take in what the SyncWorker did for the partition. A failed
         fdatasync breaks the partition (raised only with ``raising``)."""
         upto, n, seconds, err = self._syncw.take(part.index)  # type: ignore[union-attr]
         self._m["fsyncs"] += n
         self._m["fsync_seconds"] += seconds
-        if err:
+        if err:  # (sticky: a fold a Ctrl-C cut short is done again by the next)
             if part.broken is None:
                 seg = part.segments[-1]
                 try:
@@ -534,6 +575,8 @@ class WalMessageQueue:
         lock.acquire()
         held = True
         try:
+            while part.throttled and not self._closed and part.broken is None:
+                self._cond.wait()  # every(n): another appender waits for the disk
             self._check_open(part)
             if part.unwritten or part.buffered >= self._buffer_bytes:
                 self._write_out(part)
@@ -772,7 +815,7 @@ class WalMessageQueue:
     def _sync_start(self, part: _Part, seg: SegmentState) -> None:
         part.sync_busy = True
         part.sync_seg = seg
-        part.sync_mark = part.next_offset
+        part.sync_mark = part.next_offset - 1
         part.sync_requested = False
         part.unsynced_since = 0.0
 
@@ -980,7 +1023,7 @@ class WalMessageQueue:
     def _flush_locked(self, deadline: float | None) -> bool:
         for part in self._parts:
             if self._syncw is not None and part.broken is None:
-                self._fold_syncs(part, raising=True)
+                self._drain_worker(part)
             target = part.next_offset
             if part.broken is not None:
                 # Even with nothing left to sync: a failed fdatasync (say, of a segment
@@ -1284,6 +1327,12 @@ class WalMessageQueue:
                 t.join()
         if self._syncw is not None:
             self._syncw.stop()
+            with self._lock:
+                for part in self._parts:
+                    try:
+                        self._fold_syncs(part, raising=True)
+                    except FastbusError as exc:
+                        error = error or exc
         with self._delete_lock:
             self._close_handles()
         self._store.close()
