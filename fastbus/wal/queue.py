@@ -27,8 +27,10 @@ Concurrency and durability in one page:
   the encoded record into the mapping under the lock: no syscall
   (``part.mapped``). When it cannot (a roll is due, the file needs more
   space, a write is running), the appender writes the buffer out itself
-  (``_write_accepted``). The background syncer thread does the policy's
-  syncs, so appenders never wait for the disk.
+  (``_write_accepted``). The policy's syncs run in the background
+  (``every(n)``: the ``SyncWorker``, a thread that runs no Python, so it never
+  waits for the GIL; ``interval``: the syncer thread); an appender waits only
+  when the log is 2n records past the last completed sync.
 - The same policies on other stores (SQLite, memory): an append returns once
   its record is in the buffer, which is written out when it reaches
   ``buffer_bytes``, after ``linger`` seconds (by the syncer thread), when a
