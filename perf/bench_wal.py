@@ -81,43 +81,15 @@ def _queue(path: str, fsync: FsyncPolicy) -> WalMessageQueue:
                            compaction_interval=None)
 
 
-def bench_append(loops: int, base: str | None) -> float:
-    total = 0.0
-    for _ in range(loops):
-        with Scratch(base) as d:
-            q = _queue(d, FsyncPolicy.every(1000))
-            append = q.append
-            payload = PAYLOAD
-            t0 = time.perf_counter()
-            for _ in range(APPENDS):
-                append(payload)
-            q.flush()
-            total += time.perf_counter() - t0
-            q.close()
-    return total
-
-
-def bench_append_many(loops: int, base: str | None) -> float:
+def bench_appends(loops: int, base: str | None, policy: str, many: bool) -> float:
+    """APPENDS records one at a time or in batches of 1000 under ``policy``
+    ("every1000": then flush(), timed; "never": no flush, as queuelib's push)."""
     total = 0.0
     batch = [PAYLOAD] * 1000
+    every = policy == "every1000"
     for _ in range(loops):
         with Scratch(base) as d:
-            q = _queue(d, FsyncPolicy.every(1000))
-            t0 = time.perf_counter()
-            for _ in range(APPENDS // 1000):
-                q.append_many(batch)
-            q.flush()
-            total += time.perf_counter() - t0
-            q.close()
-    return total
-
-
-def bench_never(loops: int, base: str | None, many: bool) -> float:
-    total = 0.0
-    batch = [PAYLOAD] * 1000
-    for _ in range(loops):
-        with Scratch(base) as d:
-            q = _queue(d, FsyncPolicy.never())
+            q = _queue(d, FsyncPolicy.every(1000) if every else FsyncPolicy.never())
             append, payload = q.append, PAYLOAD
             t0 = time.perf_counter()
             if many:
@@ -126,6 +98,8 @@ def bench_never(loops: int, base: str | None, many: bool) -> float:
             else:
                 for _ in range(APPENDS):
                     append(payload)
+            if every:
+                q.flush()
             total += time.perf_counter() - t0
             q.close()
     return total
@@ -290,11 +264,11 @@ def main() -> None:
     def run(name: str, func, inner: int, *extra) -> None:
         results.bench(name, func, base, *extra, inner_loops=inner)
 
-    run("append-every1000-fastbus", bench_append, APPENDS)
-    run("append_many-every1000-fastbus", bench_append_many, APPENDS)
+    run("append-every1000-fastbus", bench_appends, APPENDS, "every1000", False)
+    run("append_many-every1000-fastbus", bench_appends, APPENDS, "every1000", True)
     run("append_many-always-fastbus", bench_append_many_always, MANY_ALWAYS)
-    run("append-never-fastbus", bench_never, APPENDS, False)
-    run("append_many-never-fastbus", bench_never, APPENDS, True)
+    run("append-never-fastbus", bench_appends, APPENDS, "never", False)
+    run("append_many-never-fastbus", bench_appends, APPENDS, "never", True)
     run("sqlite-commit-1000", bench_sqlite, PEER_N * 5, 1000, PEER_N * 5)
     if _common.available("persistqueue"):
         run("persist-queue-file", bench_persist_queue, PEER_N)
