@@ -24,10 +24,11 @@ from .errors import BusClosed, BusOverloaded, FastbusError, LimitExceeded, WalCo
 from .metrics import ScalingMetrics
 from .scalable import ScalableBus
 from .stores import FileStore, MemoryStore, SQLiteStore, Store, WalLockedError
-from .wal import WalMessageQueue, WalReader
+from .wal import BatchOffsets, WalMessageQueue, WalReader
 
 __all__ = [
     "BackpressureState",
+    "BatchOffsets",
     "BusClosed",
     "BusOverloaded",
     "FastbusError",

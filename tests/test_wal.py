@@ -127,6 +127,64 @@ def test_append_many(opener):
     assert [r.headers for r in recs if r.payload in (b"d", b"e")] == [{"h": b"1"}] * 2
 
 
+
+def test_append_many_result_is_a_sequence(tmp_path):
+    """BatchOffsets behaves as the list of pairs it stands for (both of its forms)."""
+    import pickle
+    from collections.abc import Sequence
+
+    from fastbus.wal import BatchOffsets
+    q = WalMessageQueue(str(tmp_path / "q"), partitions=3, fsync=FsyncPolicy.never())
+    q.append_many([b"-"] * 5, partition=2)
+    keys = [f"k{i}" for i in range(40)]
+    for out, want in [
+        (q.append_many([b"x"] * 7, partition=2), [(2, 5 + i) for i in range(7)]),
+        (q.append_many([b"y"] * 40, keys=keys), None),
+        (q.append_many([], partition=1), []),
+    ]:
+        if want is None:  # spread over the partitions by key
+            assert out.partition is None and out.first is None
+            want = list(out)
+            assert [p for p, _ in want] == [partition_for(k, 3) for k in keys]
+            assert len({p for p, _ in want}) == 3
+        assert isinstance(out, BatchOffsets) and isinstance(out, Sequence)
+        assert out == want and want == out and not out != want
+        assert out != [*want, (0, 99)] and out != tuple(want)
+        assert len(out) == len(want) and list(out) == want
+        assert list(reversed(out)) == want[::-1]
+        assert out[1:4] == want[1:4] and out[::-2] == want[::-2]
+        for i in range(-len(want), len(want)):
+            assert out[i] == want[i]
+            assert want[i] in out and out.index(want[i]) == want.index(want[i])
+            assert out.count(want[i]) == 1
+        for bad in (len(want), -len(want) - 1):
+            with pytest.raises(IndexError):
+                out[bad]
+        assert (9, 9) not in out and (2, 4) not in out and out.count((2, 4)) == 0
+        with pytest.raises(ValueError, match="not in the batch"):
+            out.index((2, 1000))
+        if len(want) > 2:
+            assert out.index(want[2], 1, -1) == 2 and out.index(want[-1], -1) == len(want) - 1
+            with pytest.raises(ValueError, match="not in the batch"):
+                out.index(want[0], 1)
+        assert pickle.loads(pickle.dumps(out)) == want
+        assert repr(out) == (f"BatchOffsets({want!r})" if len(want) <= 4 or out.partition
+                             is None else f"BatchOffsets([{want[0]}, ..., {want[-1]}], "
+                             f"{len(want)} records)")
+    in_p0 = sum(partition_for(k, 3) == 0 for k in keys)
+    out = q.append_many([b"z"] * 3, partition=0)
+    assert (out.partition, out.first) == (0, in_p0)
+    assert out == [(0, in_p0), (0, in_p0 + 1), (0, in_p0 + 2)]
+    assert (0, in_p0 + 1.0) in out and out.index((0, in_p0 + 2.0)) == 2  # as a list: 1.0 == 1
+    with pytest.raises(TypeError):
+        out["0"]
+    with pytest.raises(TypeError):
+        hash(out)
+    with pytest.raises(TypeError, match="made by"):
+        BatchOffsets()
+    q.close()
+
+
 def test_mapped_appends_leave_the_syncer_asleep(tmp_path, monkeypatch):
     """On a mapped FileStore the appender writes its batch out itself; waking the
     syncer for it cost a context switch and a GIL hand-off per append_many."""

@@ -6,6 +6,7 @@ offsets. See docs/operations-wal.md for the on-disk layout, fsync policies,
 recovery and retention, and docs/wal-format.md for the record format.
 """
 
+from .._walappend import BatchOffsets
 from .queue import WalMessageQueue, WalReader
 
-__all__ = ["WalMessageQueue", "WalReader"]
+__all__ = ["BatchOffsets", "WalMessageQueue", "WalReader"]

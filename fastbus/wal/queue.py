@@ -63,7 +63,14 @@ from typing import Any
 
 from .._partition import partition_for
 from .._segfile import MappedSegment, SyncWorker
-from .._walappend import Appender, PartState, check_payloads, offsets
+from .._walappend import (
+    Appender,
+    BatchOffsets,
+    PartState,
+    check_payloads,
+    offsets,
+    scattered_offsets,
+)
 from .._walcodec import Record, scan
 from ..config import FsyncPolicy, Retention
 from ..errors import BusClosed, FastbusError, WalCorruptionError
@@ -576,6 +583,9 @@ class WalMessageQueue:
         if groups is None:
             first = self._append_batch(p, payloads, keys, hdrs)
             return offsets(p, first, n)
+        if len(groups) == 1:  # every key hashed to one partition: contiguous
+            (q, idx), = groups.items()
+            return offsets(q, self._append_batch(q, payloads, keys, hdrs), n)
         out: list[tuple[int, int]] = [(0, 0)] * n
         for q, idx in groups.items():
             first = self._append_batch(q, [payloads[i] for i in idx],
@@ -583,7 +593,7 @@ class WalMessageQueue:
                                        None if hdrs is None else hdrs[:len(idx)])
             for j, i in enumerate(idx):
                 out[i] = (q, first + j)
-        return out
+        return scattered_offsets(out)
 
     def _append_batch(self, p: int, payloads: Sequence[Any], keys: Any, hdrs: Any) -> int:
         part = self._parts[p]
