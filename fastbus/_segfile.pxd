@@ -10,6 +10,7 @@ cdef class MappedSegment:
     cdef Py_ssize_t _size                # the segment's bytes (the valid end)
     cdef readonly Py_ssize_t capacity    # the file's allocated length (>= _size)
     cdef Py_ssize_t _reserve             # address space to map at the first append
+    cdef Py_ssize_t _wb_pos              # write-back started for the bytes before it
     cdef bint _writable
     cdef public str location
 
@@ -32,3 +33,4 @@ cdef class MappedSegment:
     cdef int _fsync(self) except -1
     cdef void _unmap(self) noexcept
     cdef void _trim(self, Py_ssize_t upto) noexcept
+    cdef void _write_behind(self) noexcept

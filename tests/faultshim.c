@@ -1,8 +1,12 @@
 /* An LD_PRELOAD shim for tests/test_segfile.py: while the file named by
- * $FASTBUS_FAULT_FLAG exists, fsync, fdatasync and pwrite fail with EIO. */
+ * $FASTBUS_FAULT_FLAG exists, fsync, fdatasync and pwrite fail with EIO.
+ * With $FASTBUS_SFR_LOG set, each sync_file_range call is appended to that file
+ * as "offset nbytes flags" (and then made). */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -33,3 +37,17 @@ ssize_t pwrite(int fd, const void *buf, size_t n, off_t at) {
 }
 
 ssize_t pwrite64(int fd, const void *buf, size_t n, off_t at) { return pwrite(fd, buf, n, at); }
+
+int sync_file_range(int fd, off_t at, off_t n, unsigned int flags) {
+    static int (*real)(int, off_t, off_t, unsigned int);
+    if (!real) real = (int (*)(int, off_t, off_t, unsigned int))dlsym(RTLD_NEXT, "sync_file_range");
+    const char *log = getenv("FASTBUS_SFR_LOG");
+    if (log != NULL) {
+        FILE *f = fopen(log, "a");
+        if (f != NULL) {
+            fprintf(f, "%lld %lld %u\n", (long long)at, (long long)n, flags);
+            fclose(f);
+        }
+    }
+    return real(fd, at, n, flags);
+}

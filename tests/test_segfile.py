@@ -274,14 +274,15 @@ def _shim(tmp_path) -> str:
     return so
 
 
-def _run_with_faults(tmp_path, body: str) -> str:
+def _run_with_faults(tmp_path, body: str, **env: str) -> str:
     so = _shim(tmp_path)
     flag = str(tmp_path / "fail-now")
     script = f"import os, sys\nsys.path.insert(0, {ROOT!r})\nFLAG = {flag!r}\n" + \
         textwrap.dedent(body)
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "w")],
                          capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "LD_PRELOAD": so, "FASTBUS_FAULT_FLAG": flag})
+                         env={**os.environ, "LD_PRELOAD": so, "FASTBUS_FAULT_FLAG": flag,
+                              **env})
     assert out.returncode == 0, f"rc {out.returncode}: {out.stdout}{out.stderr}"
     return out.stdout
 
@@ -419,3 +420,37 @@ def test_a_forked_child_can_close_the_queue_it_inherited(tmp_path):
         WalMessageQueue(tmp_path / "w", compaction_interval=None)
     q.append(b"parent goes on")
     q.close()
+
+
+@pytest.mark.parametrize("mapping", [True, False])
+def test_write_behind_starts_the_write_back_of_what_is_written(tmp_path, mapping):
+    """Each allocation step starts the write-back of the whole pages written since
+    the last one (so a roll's fsync has little left to write); the bytes are intact,
+    also those copied into the mapping after the written pages left it."""
+    log = tmp_path / "sfr.log"
+    out = _run_with_faults(tmp_path, f"""
+        from fastbus._segfile import MappedSegment
+        s = MappedSegment(sys.argv[1], writable=True, create=True, mapping={mapping})
+        want = bytearray()
+        for i in range(120_000):  # small appends: copies into the mapping (or pwrites)
+            rec = b"%07d" % i * 20
+            s.append(rec)
+            want += rec
+        big = bytes(range(256)) * 64
+        for i in range(300):  # 16 KiB appends: pwrite
+            s.append(big)
+            want += big
+        assert s.read(0, len(want) + 10) == want
+        s.close()
+        print("ok", os.path.getsize(sys.argv[1]), len(want))
+    """, FASTBUS_SFR_LOG=str(log))
+    total = 120_000 * 140 + 300 * 16384
+    assert f"ok {total} {total}" in out
+    calls = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
+    assert len(calls) >= 4, calls
+    pos = 0
+    for at, n, flags in calls:
+        assert flags == 2  # SYNC_FILE_RANGE_WRITE: start it, do not wait
+        assert at == pos and n >= 1 << 20 and (at + n) % 4096 == 0, calls
+        pos = at + n
+    assert total - pos <= 8 << 20  # at most one allocation step behind
