@@ -471,7 +471,7 @@ cdef class BatchOffsets:
     @staticmethod
     cdef BatchOffsets _of(list items):
         cdef BatchOffsets self = BatchOffsets.__new__(BatchOffsets)
-        self._items = items
+        self._items = list(items)  # its own: nobody else can shorten it
         self._n = len(items)
         return self
 
@@ -488,16 +488,20 @@ cdef class BatchOffsets:
     def __len__(self):
         return self._n
 
-    cdef tuple _at(self, Py_ssize_t i):
+    @cython.boundscheck(True)
+    cdef object _at(self, Py_ssize_t i):
         if self._items is not None:
-            return <tuple>self._items[i]
+            return self._items[i]
         return (self._partition, self._first + i)
 
     def __getitem__(self, index):
         cdef Py_ssize_t i
         if isinstance(index, slice):
             return [self._at(i) for i in range(*index.indices(self._n))]
-        i = index  # TypeError for a non-integer, as a list says
+        try:
+            i = index  # TypeError for a non-integer, as a list says
+        except OverflowError:
+            raise IndexError("cannot fit 'int' into an index-sized integer") from None
         if i < 0:
             i += self._n
         if not 0 <= i < self._n:
@@ -523,9 +527,8 @@ cdef class BatchOffsets:
         cdef Py_ssize_t i
         if self._items is not None:
             return self._items.index(value) if value in self._items else -1
-        if type(value) is not tuple or len(value) != 2:
-            return -1
-        if type(value[1]) is not int:  # 5.0, a numpy int...: compare as a list would
+        if type(value) is not tuple or len(value) != 2 or type(value[1]) is not int:
+            # 5.0, a numpy int, a namedtuple, mock.ANY...: compare as a list would
             for i in range(self._n):
                 if self._at(i) == value:
                     return i
@@ -541,15 +544,27 @@ cdef class BatchOffsets:
     def index(self, value, start=0, stop=None):
         """Position of ``value`` (a ``(partition, offset)`` pair) in ``[start:stop]``;
         ``ValueError`` if it is not there."""
-        cdef Py_ssize_t i = self._find(value)
+        cdef Py_ssize_t i, lo, hi
         lo, hi, _ = slice(start, stop).indices(self._n)
-        if i < lo or i >= hi:
-            raise ValueError(f"{value!r} is not in the batch")
-        return i
+        if self._items is None and type(value) is tuple and len(value) == 2 \
+                and type(value[1]) is int:
+            i = self._find(value)  # offsets are unique: no scan
+            if lo <= i < hi:
+                return i
+        else:
+            for i in range(lo, hi):
+                if self._at(i) == value:
+                    return i
+        raise ValueError(f"{value!r} is not in the batch")
 
     def count(self, value):
-        """1 if ``value`` is in the batch, else 0 (offsets are unique)."""
-        return 1 if self._find(value) >= 0 else 0
+        """How many pairs equal ``value`` (0 or 1 for a ``(partition, offset)`` pair:
+        offsets are unique)."""
+        cdef Py_ssize_t i
+        if self._items is None and type(value) is tuple and len(value) == 2 \
+                and type(value[1]) is int:
+            return 1 if self._find(value) >= 0 else 0
+        return sum(1 for i in range(self._n) if self._at(i) == value)
 
     def __eq__(self, other):
         cdef BatchOffsets o

@@ -559,6 +559,10 @@ class WalMessageQueue:
         else:
             check_payloads(payloads, _payload_type_error)
         n = len(payloads)
+        if isinstance(keys, str | bytes | bytearray | memoryview):
+            raise TypeError("keys must be a sequence of keys (one per payload), got "
+                            f"{type(keys).__name__}; for one key for the whole batch, "
+                            "pass keys=[key] * len(payloads)")
         if keys is not None and len(keys) != n:
             raise ValueError(f"keys must be as long as payloads ({n}), got {len(keys)}")
         groups: dict[int, list[int]] | None = None
@@ -843,7 +847,8 @@ class WalMessageQueue:
         part.sync_seg = seg
         part.sync_mark = part.next_offset - 1
         part.sync_requested = False
-        part.unsynced_since = 0.0
+        # records past what this sync covers (buffered, or being written) stay unsynced
+        part.unsynced_since = 0.0 if part.written >= part.next_offset else time.monotonic()
 
     def _sync_finish(self, part: _Part, upto: int, seg: SegmentState, size: int, dt: float,
                      error: BaseException | None) -> None:
@@ -1123,6 +1128,8 @@ class WalMessageQueue:
                             elif part.written >= part.next_offset:
                                 part.sync_requested = False
                                 part.unsynced_since = 0.0
+                            else:  # due, but its records are still being written
+                                timeout = linger if timeout is None else min(timeout, linger)
                     except OSError as exc:
                         # Reported to appenders and flush(); back off and retry.
                         log.debug("fastbus WAL background write failed: %s", exc)
