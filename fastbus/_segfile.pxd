@@ -33,4 +33,5 @@ cdef class MappedSegment:
     cdef int _fsync(self) except -1
     cdef void _unmap(self) noexcept
     cdef void _trim(self, Py_ssize_t upto) noexcept
+    cdef int _read_tail_page(self, Py_ssize_t start) except -1
     cdef void _write_behind(self) noexcept

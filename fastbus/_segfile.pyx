@@ -53,7 +53,7 @@ from cpython.pythread cimport (
     WAIT_LOCK,
 )
 from libc.stdint cimport int64_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cdef extern from "<fcntl.h>" nogil:
@@ -278,6 +278,8 @@ cdef class MappedSegment:
             # Map from the page holding the end of the records (what is before it is
             # never written again) over the space allocated, at least ``reserve``.
             start = self._size // _PAGE * _PAGE
+            if start < self._size:
+                self._read_tail_page(start)
             length = self.capacity - start
             if length < self._reserve:
                 length = self._reserve
@@ -290,6 +292,37 @@ cdef class MappedSegment:
             self._map = <char *>m
             self._map_off = start
             self._map_len = length
+        return 0
+
+    cdef int _read_tail_page(self, Py_ssize_t start) except -1:
+        """Read the records in the page the mapping starts with, through ``pread``.
+
+        After a reopen that page is on disk only, and the first copy into the
+        mapping faults it in: a media error there would be a ``SIGBUS``, which kills
+        the process. Read first, it is an ``OSError`` from ``append`` before anything
+        is copied, and the page is in the page cache when the mapping touches it."""
+        cdef Py_ssize_t n = self._size - start, got = 0
+        cdef ssize_t r
+        cdef char *buf = <char *>malloc(<size_t>n)
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            while got < n:
+                with nogil:
+                    r = pread(self._fd, buf + got, <size_t>(n - got), <off_t>(start + got))
+                if r < 0:
+                    if errno == EINTR:
+                        PyErr_CheckSignals()
+                        continue
+                    raise OSError(errno, f"{strerror(errno).decode(errors='replace')} "
+                                  f"(reading the last page of the WAL segment at {start} "
+                                  "before appending to it)", self.location)
+                if r == 0:
+                    raise OSError(EIO, f"the WAL segment file ends before its {self._size} "
+                                  "bytes: something else truncated it", self.location)
+                got += r
+        finally:
+            free(buf)
         return 0
 
     cdef void _trim(self, Py_ssize_t upto) noexcept:

@@ -1,5 +1,6 @@
 /* An LD_PRELOAD shim for tests/test_segfile.py: while the file named by
- * $FASTBUS_FAULT_FLAG exists, fsync, fdatasync and pwrite fail with EIO.
+ * $FASTBUS_FAULT_FLAG exists, fsync, fdatasync and pwrite fail with EIO, and so
+ * does pread (a media error).
  * With $FASTBUS_SFR_LOG set, each sync_file_range call is appended to that file
  * as "offset nbytes flags" (and then made). */
 #define _GNU_SOURCE
@@ -37,6 +38,15 @@ ssize_t pwrite(int fd, const void *buf, size_t n, off_t at) {
 }
 
 ssize_t pwrite64(int fd, const void *buf, size_t n, off_t at) { return pwrite(fd, buf, n, at); }
+
+ssize_t pread(int fd, void *buf, size_t n, off_t at) {
+    static ssize_t (*real)(int, void *, size_t, off_t);
+    if (!real) real = (ssize_t (*)(int, void *, size_t, off_t))dlsym(RTLD_NEXT, "pread");
+    if (failing()) { errno = EIO; return -1; }
+    return real(fd, buf, n, at);
+}
+
+ssize_t pread64(int fd, void *buf, size_t n, off_t at) { return pread(fd, buf, n, at); }
 
 int sync_file_range(int fd, off_t at, off_t n, unsigned int flags) {
     static int (*real)(int, off_t, off_t, unsigned int);

@@ -454,3 +454,29 @@ def test_write_behind_starts_the_write_back_of_what_is_written(tmp_path, mapping
         assert at == pos and n >= 1 << 20 and (at + n) % 4096 == 0, calls
         pos = at + n
     assert total - pos <= 8 << 20  # at most one allocation step behind
+
+
+def test_a_read_error_on_the_tail_page_is_an_oserror_not_a_sigbus(tmp_path):
+    """After a reopen the page holding the end of the records is read with pread
+    before it is mapped: a media error there is an OSError from append (nothing
+    copied), not a SIGBUS on the mapping's first touch; appends work once it reads."""
+    out = _run_with_faults(tmp_path, """
+        from fastbus._segfile import MappedSegment
+        s = MappedSegment(sys.argv[1], writable=True, create=True)
+        s.append(b"a" * 5000)  # ends 904 bytes into the second page
+        s.close()
+        s = MappedSegment(sys.argv[1], writable=True)
+        open(FLAG, "w").close()
+        try:
+            s.append(b"b" * 100)
+        except OSError as exc:
+            print("append:", exc)
+        os.unlink(FLAG)
+        assert s.size() == 5000
+        s.append(b"c" * 100)
+        assert s.read(0, 10**6) == b"a" * 5000 + b"c" * 100
+        s.close()
+        print("ok", os.path.getsize(sys.argv[1]))
+    """)
+    assert "append: [Errno 5]" in out and "last page of the WAL segment" in out, out
+    assert "ok 5100" in out
