@@ -24,14 +24,21 @@ fastbus:
   returned batch survives kill -9 and power loss: the same as sqlite-commit-1000's
   COMMIT, stronger than persist-queue's and queuelib's.
 - always-1thread / always-8threads: FsyncPolicy.always(): each append returns once
-  its record is fdatasync'ed; 8 threads share fdatasyncs (group commit).
+  its record is fdatasync'ed; 8 threads share fdatasyncs (group commit). Short runs
+  (50 appends; 8 x 25) on a fresh queue: the ramp-up of the group commit is in them.
+- always-8threads-sustained: the same with 8 x 125 appends, beside
+  raw-write-fdatasync-sustained (1000 syncs): the rates a long run keeps up. On the
+  development VM the raw loop's first 50 fdatasyncs (the file in its first blocks)
+  run 15-30% faster than later ones, and the 8-thread run needs a few syncs to
+  gather all eight appenders, so the short pair understates the ratio.
 - recovery-verify-200k: the verify scan of reopening (read + CRC-check every record of
   a 200 000-record partition, build the sparse index); recovery-reopen-200k: the whole
   WalMessageQueue open (lock, meta, verify, offsets) and close.
 
 peers (same run, same payloads, same file system):
 - raw-write-fdatasync: ``os.write`` of one 136-byte record then ``os.fdatasync``, in a
-  loop (the hardware bound for one synchronous writer). Durability = always.
+  loop (the hardware bound for one synchronous writer), 50 times on a fresh file;
+  raw-write-fdatasync-sustained: 1000 times. Durability = always.
 - sqlite-commit-each: plain sqlite3 table, WAL journal, synchronous=FULL, one INSERT and
   one COMMIT per record. Durability = always.
 - sqlite-commit-1000: the same with one COMMIT per 1000 INSERTs (synchronous=FULL).
@@ -70,6 +77,7 @@ MANY_ALWAYS = 10_000
 SYNCS = 50
 THREADS = 8
 PER_THREAD = 25
+SUSTAINED = 1000  # records of the sustained pair (8 x 125 appends; 1000 raw syncs)
 PEER_N = 2_000
 
 
@@ -132,12 +140,12 @@ def bench_always_1(loops: int, base: str | None) -> float:
     return total
 
 
-def bench_always_threads(loops: int, base: str | None) -> float:
-    # The same workload as `fastbus bench`'s durable-sync case (8 threads).
-    return sum(_wal_always_threads(THREADS * PER_THREAD, base) for _ in range(loops))
+def bench_always_threads(loops: int, base: str | None, n: int = THREADS * PER_THREAD) -> float:
+    # With n = 200: the same workload as `fastbus bench`'s durable-sync case (8 threads).
+    return sum(_wal_always_threads(n, base) for _ in range(loops))
 
 
-def bench_raw_fdatasync(loops: int, base: str | None) -> float:
+def bench_raw_fdatasync(loops: int, base: str | None, n: int = SYNCS) -> float:
     record = encode_record(0, 0, None, None, PAYLOAD)
     total = 0.0
     for _ in range(loops):
@@ -145,7 +153,7 @@ def bench_raw_fdatasync(loops: int, base: str | None) -> float:
             fd = os.open(os.path.join(d, "raw.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                          0o600)
             t0 = time.perf_counter()
-            for _ in range(SYNCS):
+            for _ in range(n):
                 os.write(fd, record)
                 os.fdatasync(fd)
             total += time.perf_counter() - t0
@@ -284,6 +292,8 @@ def main() -> None:
     run("raw-write-fdatasync", bench_raw_fdatasync, SYNCS)
     run("sqlite-commit-each", bench_sqlite, SYNCS, 1, SYNCS)
     run("always-8threads-fastbus", bench_always_threads, THREADS * PER_THREAD)
+    run("raw-write-fdatasync-sustained", bench_raw_fdatasync, SUSTAINED, SUSTAINED)
+    run("always-8threads-sustained", bench_always_threads, SUSTAINED, SUSTAINED)
     run("recovery-verify-200k", bench_recovery_verify, args.records, args.records)
     run("recovery-reopen-200k", bench_recovery_reopen, args.records, args.records)
     for d in _RECOVERY_DIR:
@@ -300,6 +310,7 @@ def main() -> None:
         print("ratios:")
         ratio("always-1thread-fastbus", "raw-write-fdatasync", 0.8)
         ratio("always-8threads-fastbus", "raw-write-fdatasync", 4)
+        ratio("always-8threads-sustained", "raw-write-fdatasync-sustained", 4)
         for peer in ("sqlite-commit-1000", "persist-queue-file", "queuelib-fifodisk"):
             ratio("append-every1000-fastbus", peer, 10)
             ratio("append_many-every1000-fastbus", peer, 10)

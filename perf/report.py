@@ -57,6 +57,7 @@ PAIRS: dict[str, dict[str, str]] = {
         "append_many-always-fastbus": "sqlite-commit-1000",
         "always-1thread-fastbus": "raw-write-fdatasync",
         "always-8threads-fastbus": "raw-write-fdatasync",
+        "always-8threads-sustained": "raw-write-fdatasync-sustained",
     },
     "bench_backpressure": {
         "admit-normal": "noop-call",
