@@ -68,4 +68,6 @@ cdef class RecordEncoder:
                          object headers, object payload) except -1
     cdef Py_ssize_t _add_plain(self, int64_t offset, int64_t timestamp_ns, object key,
                                object payload) except -1
+    cdef bint _plain_batch(self, int64_t first_offset, int64_t timestamp_ns, object seq,
+                           Py_ssize_t n) except -1
     cdef int _put_header(self, Py_ssize_t start, object name, object value) except -1

@@ -47,7 +47,10 @@ from cpython.buffer cimport (
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_CheckExact, PyDict_Next
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.list cimport PyList_CheckExact
 from cpython.object cimport PyObject
+from cpython.sequence cimport PySequence_Fast_ITEMS
+from cpython.tuple cimport PyTuple_CheckExact
 from cpython.unicode cimport PyUnicode_Check, PyUnicode_DecodeUTF8
 from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
@@ -814,6 +817,10 @@ cdef class RecordEncoder:
             )
         if n > 0 and first_offset > INT64_MAX - (n - 1):
             raise OverflowError(f"offsets from {first_offset} for {n} records pass 2**63-1")
+        if key_seq is None and header_seq is None and n > 0 \
+                and (PyList_CheckExact(payload_seq) or PyTuple_CheckExact(payload_seq)) \
+                and self._plain_batch(first_offset, timestamp_ns, payload_seq, n):
+            return n
         try:
             for i in range(n):
                 if key_seq is not None:
@@ -827,6 +834,48 @@ cdef class RecordEncoder:
             self._last_offset = start_last
             raise
         return n
+
+    cdef bint _plain_batch(self, int64_t first_offset, int64_t timestamp_ns, object seq,
+                           Py_ssize_t n) except -1:
+        """``encode_many`` of a list or tuple of ``bytes`` with no keys and no headers
+        (what ``append_many`` mostly gets): one pass to size the batch, one
+        reservation, one pass to write it, without a call per record. About half the
+        per-record cost of the general loop. False (nothing done) when an item is not
+        exactly ``bytes`` or too big: the general loop then handles (or rejects) it.
+        No Python code runs between the passes, so the sequence cannot change."""
+        cdef PyObject **items = PySequence_Fast_ITEMS(seq)
+        cdef Py_ssize_t i, total = 0, plen
+        cdef PyObject *o
+        cdef uint8_t *rec
+        for i in range(n):
+            o = items[i]
+            if not PyBytes_CheckExact(<object>o):
+                return False
+            plen = PyBytes_GET_SIZE(<object>o)
+            if _FIXED + 6 + plen > <Py_ssize_t>_MAX_LENGTH + 4:
+                return False
+            total += _FIXED + 6 + plen
+        self._reserve(total)
+        rec = self._buf + self._len
+        for i in range(n):
+            o = items[i]
+            plen = PyBytes_GET_SIZE(<object>o)
+            fb_st_u32(rec, <uint32_t>(_FIXED + 2 + plen))
+            rec[8] = _VERSION
+            rec[9] = 0
+            fb_st_u64(rec + 10, <uint64_t>(first_offset + i))
+            fb_st_u64(rec + 18, <uint64_t>timestamp_ns)
+            fb_st_u32(rec + 26, 0xFFFFFFFFu)  # no key
+            fb_st_u16(rec + 30, 0)  # no headers
+            fb_st_u32(rec + 32, <uint32_t>plen)
+            memcpy(rec + 36, PyBytes_AS_STRING(<object>o), <size_t>plen)
+            fb_st_u32(rec + 4, fb_crc32c(0, rec + 8, <size_t>(_FIXED - 8 + 6 + plen)))
+            rec += _FIXED + 6 + plen
+        FB_DEBUG_CHECK(rec == self._buf + self._len + total)
+        self._len += total
+        self._count += n
+        self._last_offset = first_offset + n - 1
+        return True
 
     def getbuffer(self):
         """getbuffer() -> memoryview: the bytes encoded so far (read-only). Release it

@@ -664,3 +664,42 @@ def test_next_record_at_finds_only_valid_records(noise, which):
     assert wc.next_record_at(buf, len(noise) + starts[which]) == len(noise) + starts[which]
     alone = wc.next_record_at(noise, 0)
     assert alone == -1 or wc.scan(noise, alone, max_records=1).count == 1
+
+
+class _Bytes(bytes):
+    pass
+
+
+@given(
+    st.lists(st.binary(max_size=300), max_size=20),
+    st.integers(-(2**40), 2**40),
+    st.booleans(),
+    st.sampled_from([None, "str", "subclass", "bytearray"]),
+)
+def test_encode_many_of_plain_bytes_matches_the_reference(ps, first, as_tuple, odd_one):
+    # The batch fast path (a list or tuple of exact bytes, no keys, no headers) and
+    # the fallback when one item is something else: the same bytes as the reference.
+    ps = list(ps)
+    if odd_one is not None and ps:
+        ps[-1] = {"str": ps[-1].decode("latin-1"), "subclass": _Bytes(ps[-1]),
+                  "bytearray": bytearray(ps[-1])}[odd_one]
+    enc = wc.RecordEncoder(initial_capacity=64)
+    enc.add(first - 1, 7, b"k", None, b"already there")
+    assert enc.encode_many(first, 42, tuple(ps) if as_tuple else ps) == len(ps)
+    expected = ref.encode_record(first - 1, 7, b"k", None, b"already there") + b"".join(
+        ref.encode_record(first + i, 42, None, None, p) for i, p in enumerate(ps))
+    assert bytes(enc.getbuffer()) == expected
+    assert enc.count == len(ps) + 1
+    assert enc.last_offset == first + len(ps) - 1
+
+
+def test_encode_many_refuses_an_oversized_bytes_payload_and_keeps_the_buffer():
+    enc = wc.RecordEncoder()
+    enc.add(1, 1, None, None, b"first")
+    before = bytes(enc.getbuffer())
+    largest = bytes(wc.MAX_RECORD_SIZE - 32)
+    with pytest.raises(ValueError, match="at most 67108864 bytes"):
+        enc.encode_many(2, 1, [b"x", largest + b"y"])
+    assert bytes(enc.getbuffer()) == before and enc.count == 1
+    assert enc.encode_many(2, 1, [b"x", largest]) == 2
+    assert wc.verify(enc.getbuffer()).reason == "end" and enc.last_offset == 3
