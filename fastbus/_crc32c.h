@@ -101,6 +101,40 @@ static uint32_t fb_crc32c_hw(uint32_t crc, const uint8_t *p, size_t n)
     return ~c;
 }
 
+/* The CRCs of three buffers of n bytes each (each from 0), with the three chains of
+   CRC instructions interleaved: one instruction has a latency of 3 cycles and a
+   throughput of 1 a cycle, so three independent chains run in the time of one. */
+__attribute__((target("sse4.2")))
+static void fb_crc32c_hw_3(const uint8_t *a, const uint8_t *b, const uint8_t *c, size_t n,
+                           uint32_t *out)
+{
+#if defined(__x86_64__)
+    uint64_t x = 0xFFFFFFFFu, y = 0xFFFFFFFFu, z = 0xFFFFFFFFu;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t u, v, w;
+        memcpy(&u, a + i, 8);
+        memcpy(&v, b + i, 8);
+        memcpy(&w, c + i, 8);
+        x = _mm_crc32_u64(x, u);
+        y = _mm_crc32_u64(y, v);
+        z = _mm_crc32_u64(z, w);
+    }
+    uint32_t X = (uint32_t)x, Y = (uint32_t)y, Z = (uint32_t)z;
+#else
+    uint32_t X = 0xFFFFFFFFu, Y = 0xFFFFFFFFu, Z = 0xFFFFFFFFu;
+    size_t i = 0;
+#endif
+    for (; i < n; i++) {
+        X = _mm_crc32_u8(X, a[i]);
+        Y = _mm_crc32_u8(Y, b[i]);
+        Z = _mm_crc32_u8(Z, c[i]);
+    }
+    out[0] = ~X;
+    out[1] = ~Y;
+    out[2] = ~Z;
+}
+
 static int fb_crc32c_detect_hw(void)
 {
     __builtin_cpu_init();
@@ -173,6 +207,21 @@ static void fb_crc32c_init(void)
 static inline uint32_t fb_crc32c(uint32_t crc, const uint8_t *p, size_t n)
 {
     return fb_crc32c_use_hw ? fb_crc32c_hw(crc, p, n) : fb_crc32c_sw(crc, p, n);
+}
+
+/* fb_crc32c(0, a, n), fb_crc32c(0, b, n) and fb_crc32c(0, c, n) into out[0..2]. */
+static inline void fb_crc32c_3(const uint8_t *a, const uint8_t *b, const uint8_t *c,
+                               size_t n, uint32_t *out)
+{
+#if defined(FB_CRC32C_HAVE_X86)
+    if (fb_crc32c_use_hw) {
+        fb_crc32c_hw_3(a, b, c, n, out);
+        return;
+    }
+#endif
+    out[0] = fb_crc32c(0, a, n);
+    out[1] = fb_crc32c(0, b, n);
+    out[2] = fb_crc32c(0, c, n);
 }
 
 #endif /* FASTBUS_CRC32C_H */

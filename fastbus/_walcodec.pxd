@@ -6,6 +6,8 @@ cdef extern from "_crc32c.h":
     uint32_t fb_crc32c(uint32_t crc, const uint8_t *p, size_t n) noexcept nogil
     uint32_t fb_crc32c_sw(uint32_t crc, const uint8_t *p, size_t n) noexcept nogil
     uint32_t fb_crc32c_hw(uint32_t crc, const uint8_t *p, size_t n) noexcept nogil
+    void fb_crc32c_3(const uint8_t *a, const uint8_t *b, const uint8_t *c, size_t n,
+                     uint32_t *out) noexcept nogil
     int fb_crc32c_use_hw
     int fb_crc32c_hw_present
 
