@@ -31,6 +31,11 @@ fastbus:
   development VM the raw loop's first 50 fdatasyncs (the file in its first blocks)
   run 15-30% faster than later ones, and the 8-thread run needs a few syncs to
   gather all eight appenders, so the short pair understates the ratio.
+- thread-handoff-python: context, not fastbus: one hand-off between two Python
+  threads (a threading.Lock ping-pong). Each record of a group commit needs its
+  appender woken and back on the GIL; on the development VM a hand-off across its
+  two vCPUs costs about 40 us (a wake-up of an idle vCPU), as much as a fifth of an
+  fdatasync, and that, not the disk, is what bounds the 8-thread ratio there.
 - recovery-verify-200k: the verify scan of reopening (read + CRC-check every record of
   a 200 000-record partition, build the sparse index); recovery-reopen-200k: the whole
   WalMessageQueue open (lock, meta, verify, offsets) and close.
@@ -159,6 +164,33 @@ def bench_raw_fdatasync(loops: int, base: str | None, n: int = SYNCS) -> float:
             total += time.perf_counter() - t0
             os.close(fd)
     return total
+
+
+def bench_thread_handoff(loops: int) -> float:
+    """Context for the group-commit pair: one hand-off between two Python threads
+    (a ``threading.Lock`` ping-pong; the value is per hand-off). Every appender a
+    group commit acknowledges has to be woken and get the GIL back before it can
+    append again, so this bounds how fast the gather between two syncs can be."""
+    import threading
+
+    ping, pong = threading.Lock(), threading.Lock()
+    ping.acquire()
+    pong.acquire()
+
+    def other() -> None:
+        for _ in range(loops):
+            ping.acquire()
+            pong.release()
+
+    t = threading.Thread(target=other)
+    t.start()
+    t0 = time.perf_counter()
+    for _ in range(loops):
+        ping.release()
+        pong.acquire()
+    dt = time.perf_counter() - t0
+    t.join()
+    return dt / 2  # two hand-offs a round
 
 
 _RECOVERY_DIR: list[str] = []
@@ -294,6 +326,7 @@ def main() -> None:
     run("always-8threads-fastbus", bench_always_threads, THREADS * PER_THREAD)
     run("raw-write-fdatasync-sustained", bench_raw_fdatasync, SUSTAINED, SUSTAINED)
     run("always-8threads-sustained", bench_always_threads, SUSTAINED, SUSTAINED)
+    results.bench("thread-handoff-python", bench_thread_handoff)
     run("recovery-verify-200k", bench_recovery_verify, args.records, args.records)
     run("recovery-reopen-200k", bench_recovery_reopen, args.records, args.records)
     for d in _RECOVERY_DIR:
