@@ -25,7 +25,12 @@ cdef class MappedSegment:
         return not self._can_map or (
             self._map != NULL and self._size + n <= self._map_off + self._map_len)
 
+    # Whether put_large(n bytes) may be called now: the file has room for them.
+    cdef inline bint room(self, Py_ssize_t n) noexcept:
+        return self._fd >= 0 and self._size + n <= self.capacity
+
     cdef int put(self, const void *data, Py_ssize_t n) noexcept
+    cdef int put_large(self, const void *data, Py_ssize_t n) noexcept
     cdef int _raise(self, int err) except -1
     cdef int _check_open(self) except -1
     cdef int _check_writable(self) except -1

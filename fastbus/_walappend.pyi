@@ -50,8 +50,11 @@ class Appender:
         always: bool,
         every: int,
         buffer_bytes: int,
+        segment_bytes: int,
         type_error: Callable[[object], BaseException],
     ) -> None: ...
+    def append_batch(self, p: int, payloads: Sequence[Any], keys: Sequence[Any] | None,
+                     headers: Sequence[Any] | None) -> int: ...
     def append(
         self,
         payload: Any,

@@ -31,7 +31,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 
 cimport cython
 
-from ._segfile cimport MappedSegment
+from ._segfile cimport MappedSegment, PWRITE_MIN
 from ._walcodec cimport RecordEncoder
 
 from _thread import allocate_lock as _new_lock
@@ -212,6 +212,7 @@ cdef class Appender:
     cdef Py_ssize_t _segment_bytes
     cdef object _first_unsynced
     cdef object _append_slow
+    cdef object _append_batch
     cdef object _wait_durable
     cdef object _first_buffered
     cdef object _request_sync
@@ -242,6 +243,7 @@ cdef class Appender:
         self._segment_bytes = segment_bytes
         self._first_unsynced = queue._first_unsynced
         self._append_slow = queue._append_slow
+        self._append_batch = queue._append_batch
         self._wait_durable = queue._wait_durable
         self._first_buffered = queue._first_buffered
         self._request_sync = queue._request_sync
@@ -315,7 +317,7 @@ cdef class Appender:
             return self._append_slow(part, payload, key, headers)
         try:
             off = self._encode(part, key, headers, payload)
-            if part.mapped is not None and self._copy_direct(part, off):
+            if part.mapped is not None and self._copy_direct(part, off, 1):
                 if off - part.sync_mark >= self._every:
                     self._request_sync(part)
             else:
@@ -331,11 +333,64 @@ cdef class Appender:
             self._release()
         return (p, off)
 
-    cdef bint _copy_direct(self, PartState part, int64_t off) except -1:
-        """Lock held, buffered policy, mapped segment: copy the buffer (the record at
-        ``off`` alone) into the mapping and publish it as written, as
-        ``WalMessageQueue._do_write`` + ``_write_done`` would. False: not now
-        (the caller writes the buffer out the slow way)."""
+    def append_batch(self, int p, payloads, keys, headers):
+        """append_batch(p, payloads, keys, headers) -> first offset
+
+        ``WalMessageQueue.append_many``'s append of checked payloads to partition
+        ``p`` (``keys``/``headers``: None or one per payload): as the queue's
+        ``_append_batch``, which it hands over to under ``always`` or while the
+        partition needs care, but a batch that finds the buffer empty goes from the
+        encoder straight to the segment under the lock (``_copy_direct``), without
+        the Python write-out path and its copy of the batch (a fifth of an
+        ``append_many``)."""
+        cdef PartState part
+        cdef RecordEncoder enc
+        cdef int64_t first, ts
+        cdef Py_ssize_t before, n
+        if not 0 <= p < self._nparts:
+            raise ValueError(f"partition must be in 0..{self._nparts - 1}, got {p}")
+        part = self._parts[p]
+        enc = part.enc
+        # (A buffer already full, behind a running write on an unmapped store: the
+        # queue's path waits for that write before it adds more.)
+        if self._always or part.slow or part.buffered >= self._buffer_bytes:
+            return self._append_batch(p, payloads, keys, headers)
+        self._acquire()
+        if part.slow or part.buffered >= self._buffer_bytes:
+            self._release()
+            return self._append_batch(p, payloads, keys, headers)
+        try:
+            first = part.next_offset
+            ts = self._now()
+            before = enc._len
+            n = enc.encode_many(first, ts, payloads, keys, headers)
+            if n:
+                part.buffered += enc._len - before
+                part.next_offset = first + n
+                part.last_ts = ts
+                if part.mapped is not None and self._copy_direct(part, first, n):
+                    if first + n - 1 - part.sync_mark >= self._every:
+                        self._request_sync(part)
+                else:
+                    if first == part.written:  # the buffer was empty
+                        self._first_buffered(part)
+                    if part.buffered >= self._buffer_bytes or part.mapped is not None:
+                        self._write_accepted(part)
+                    if first + n - 1 - part.sync_mark >= self._every:
+                        self._request_sync(part)
+            if self.readers_waiting:
+                self._notify_readers()
+        finally:
+            self._release()
+        return first
+
+    cdef bint _copy_direct(self, PartState part, int64_t first, int64_t count) except -1:
+        """Lock held, buffered policy, mapped segment: put the buffer (the ``count``
+        records from ``first`` alone) into the segment and publish them as
+        written, as ``WalMessageQueue._do_write`` + ``_write_done`` would: a copy
+        into the mapping, or one ``pwrite`` for a batch of ``PWRITE_MIN`` bytes or
+        more. False: not now (the caller writes the buffer out the slow way, which
+        also allocates more of the file, rolls, and reports a failed write)."""
         cdef MappedSegment m = part.mapped
         cdef RecordEncoder enc = part.enc
         cdef Py_ssize_t n = enc._len
@@ -343,26 +398,28 @@ cdef class Appender:
         cdef int64_t ts = part.last_ts
         cdef list segs
         cdef SegmentState seg
-        if (part.io_busy or part.written != off or enc._exports or not m.fits(n)
+        cdef bint large = n >= PWRITE_MIN
+        if (part.io_busy or part.written != first or enc._exports
+                or not (m.room(n) if large else m.fits(n))
                 or (pos + n > self._segment_bytes and pos > 0) or ts >= part.roll_at_ns):
             return False
         segs = part.segments
         seg = segs[len(segs) - 1]
-        if m.put(enc._buf, n) != 0:
-            return False  # a failed pwrite (unmapped file system): the slow path reports it
+        if (m.put_large(enc._buf, n) if large else m.put(enc._buf, n)) != 0:
+            return False  # a failed pwrite: the slow path writes again and reports it
         enc._len = 0
         enc._count = 0
         enc._last_offset = -1
         part.buffered = 0
         if pos >= part.index_due:
-            seg.add_index(off, pos)  # (a no-op if a write the slow way added one since)
+            seg.add_index(first, pos)  # (a no-op if a write the slow way added one since)
             part.index_due = seg.last_index_pos + _INDEX_INTERVAL
         seg.size = pos + n
-        seg.next_offset = off + 1
+        seg.next_offset = first + count
         if ts > seg.max_timestamp_ns:
             seg.max_timestamp_ns = ts
-        part.written = off + 1
-        part.visible = off + 1
+        part.written = first + count
+        part.visible = first + count
         part.visible_size = pos + n
         part.direct_writes += 1
         part.direct_bytes += n

@@ -336,6 +336,39 @@ def test_a_failed_batch_write_with_a_failed_rollback_loses_nothing(tmp_path):
     assert "ok 3002" in out
 
 
+def test_a_failed_straight_batch_write_keeps_the_batch(tmp_path):
+    """append_many's batch goes from the encoder to the segment with one pwrite; when
+    that fails the batch stays buffered (it was accepted), the next append reports
+    the failure, and once writes work again nothing is lost or out of order."""
+    out = _run_with_faults(tmp_path, """
+        from fastbus import FsyncPolicy, Retention, WalMessageQueue
+        keep = Retention(max_age=None, max_bytes=None, until_acked=False)
+        q = WalMessageQueue(sys.argv[1], fsync=FsyncPolicy.never(), retention=keep,
+                            compaction_interval=None)
+        q.append_many([b"a%04d" % i for i in range(1000)])  # allocates: the slow path
+        q.append_many([b"b%04d" % i for i in range(1000)])  # straight to the segment
+        print("direct", q._parts[0].direct_writes)
+        open(FLAG, "w").close()
+        q.append_many([b"c%04d" % i for i in range(1000)])  # its pwrite fails: kept
+        print("buffered", q.metrics()["buffered_bytes"])
+        try:
+            q.append(b"refused")
+        except OSError as exc:
+            print("append:", exc.errno)
+        os.unlink(FLAG)
+        q.append_many([b"d%04d" % i for i in range(1000)])
+        q.close()
+        q = WalMessageQueue(sys.argv[1], fsync=FsyncPolicy.never(), compaction_interval=None)
+        got = [r.payload for r in q.reader("x").poll(max_records=10**6)]
+        want = [b"%s%04d" % (c, i) for c in (b"a", b"b", b"c", b"d") for i in range(1000)]
+        assert got == want, (len(got), got[:3])
+        q.close()
+        print("ok", len(got))
+    """)
+    assert "direct 1" in out and "append: 5" in out and "ok 4000" in out
+    assert "buffered 41000" in out  # 1000 records of 41 bytes
+
+
 def test_sync_worker_syncs_on_request_and_reports(tmp_path):
     w = SyncWorker(2)
     segs = [MappedSegment(str(tmp_path / f"{p}.log"), writable=True, create=True)

@@ -584,15 +584,15 @@ class WalMessageQueue:
                 groups.setdefault(q, []).append(i)
             self._app.rr = rr
         hdrs = None if headers is None else [headers] * n
+        append_batch = self._app.append_batch  # compiled; hands over to _append_batch
         if groups is None:
-            first = self._append_batch(p, payloads, keys, hdrs)
-            return offsets(p, first, n)
+            return offsets(p, append_batch(p, payloads, keys, hdrs), n)
         if len(groups) == 1:  # every key hashed to one partition: contiguous
             (q, idx), = groups.items()
-            return offsets(q, self._append_batch(q, payloads, keys, hdrs), n)
+            return offsets(q, append_batch(q, payloads, keys, hdrs), n)
         out: list[tuple[int, int]] = [(0, 0)] * n
         for q, idx in groups.items():
-            first = self._append_batch(q, [payloads[i] for i in idx],
+            first = append_batch(q, [payloads[i] for i in idx],
                                        [keys[i] for i in idx],  # type: ignore[index]
                                        None if hdrs is None else hdrs[:len(idx)])
             for j, i in enumerate(idx):
