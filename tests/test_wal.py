@@ -1023,3 +1023,66 @@ def test_interval_sync_due_during_a_slow_write_still_happens(tmp_path, monkeypat
     q.append_many([b"c"] * 10)  # not the first unsynced record: wakes nobody
     assert _wait_for(lambda: part.durable == 30), (part.written, part.durable)
     q.close()
+
+
+class _StalledSyncWorker:
+    """A SyncWorker whose fdatasyncs finish only once ``done`` is set."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.asked = 0
+
+    def request(self, p, seg, upto) -> None:
+        self.asked = max(self.asked, upto)
+
+    def wait_synced(self, p, upto) -> None:
+        self.done.wait()
+
+    def take(self, p):
+        return (self.asked if self.done.is_set() else 0, 0, 0.0, 0)
+
+    def stop(self) -> None:
+        self.done.set()
+
+
+def test_append_many_waits_while_every_n_is_throttled(tmp_path, monkeypatch):
+    """every(n): an appender that finds the log 2n records past the last completed
+    sync waits for the disk, and so do the partition's other appenders. A write
+    the slow way by one of them while the first waits must not let append_many's
+    compiled path run past the throttle (it did: 5000 unsynced records, bound 20)."""
+    from fastbus.stores import _FileSegment
+
+    n = 10
+    q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.every(n), compaction_interval=None)
+    q.append_many([b"a" * 20] * 100)
+    q.flush()
+    part = q._parts[0]
+    q._syncw.stop()
+    q._syncw = w = _StalledSyncWorker()
+    real = _FileSegment.append
+
+    def slow_append(self, data):
+        if len(data) > 100_000:
+            time.sleep(0.3)
+        return real(self, data)
+
+    monkeypatch.setattr(_FileSegment, "append", slow_append)
+    a = threading.Thread(target=q.append_many, args=([b"A" * 100] * 3000,))
+    a.start()  # a slow write, then it finds the log 2n past the last sync: throttled
+    time.sleep(0.1)
+    b = threading.Thread(target=q.append_many, args=([b"B" * 20] * 5,))
+    b.start()  # waits for a's write, then writes its own
+    time.sleep(0.5)
+    c = threading.Thread(target=lambda: [q.append_many([b"C" * 20] * 100) for _ in range(20)])
+    try:
+        assert part.throttled
+        c.start()
+        c.join(0.5)
+        assert c.is_alive(), (f"append_many ran past the throttle: "
+                              f"{part.next_offset - part.durable} unsynced, bound {2 * n}")
+    finally:
+        w.done.set()
+        for t in (a, b, c):
+            if t.is_alive() or t is not c:
+                t.join()
+        q.close()

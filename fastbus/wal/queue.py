@@ -3,7 +3,8 @@
 Concurrency and durability in one page:
 
 - One lock (``self._lock``) guards the in-memory state of every partition;
-  no file I/O is done while it is held, except a segment roll's metadata work.
+  no file I/O is done while it is held, except a segment roll's metadata work
+  and the compiled path's writes into the page cache (below; at most 1 MiB).
 - Appends encode into a per-partition user-space buffer (the codec's
   ``RecordEncoder``). One thread at a time per partition owns the file
   (``io_busy``): it takes the buffer, releases the lock, ``write()``s it, and
@@ -25,7 +26,8 @@ Concurrency and durability in one page:
   once its record is in the page cache, so it survives ``kill -9``. The active
   segment is mapped (``fastbus/_segfile.pyx``) and the compiled path copies
   the encoded record into the mapping under the lock: no syscall
-  (``part.mapped``). When it cannot (a roll is due, the file needs more
+  (``part.mapped``); an ``append_many`` batch goes in with one ``pwrite`` from
+  the encoder's buffer, also under the lock. When it cannot (a roll is due, the file needs more
   space, a write is running), the appender writes the buffer out itself
   (``_write_accepted``). The policy's syncs run in the background
   (``every(n)``: the ``SyncWorker``, a thread that runs no Python, so it never
@@ -608,7 +610,10 @@ class WalMessageQueue:
             while part.throttled and not self._closed and part.broken is None:
                 self._cond.wait()  # every(n): another appender waits for the disk
             self._check_open(part)
-            if part.unwritten or part.buffered >= self._buffer_bytes:
+            if part.unwritten or part.buffered >= self._buffer_bytes or (
+                    part.io_busy and part.slow and not self._always):
+                # (the last: a failed write being tried again; this append waits for
+                # the outcome and is refused if it fails again)
                 self._write_out(part)
             first = part.next_offset
             ts = self._ts()
@@ -676,12 +681,18 @@ class WalMessageQueue:
         now = self._clock()  # first: a clock that raises leaves nothing half done
         part.io_busy = True
         enc = part.enc
+        retry = bool(part.unwritten)
         with enc.getbuffer() as mv:
             data = part.unwritten + mv.tobytes() if part.unwritten else mv.tobytes()
         enc.clear()
         part.unwritten = b""
         part.buffered = 0
-        part.slow = self._always or self._closed or part.broken is not None
+        # The compiled paths hand over to _append_batch while ``slow`` says so: while
+        # every(n) appenders wait for the disk (``throttled``), and while a failed
+        # write is tried again (an append then waits for the outcome, and is refused
+        # if it fails again). The next write after a good one clears it.
+        part.slow = (self._always or self._closed or part.broken is not None
+                     or part.throttled or retry)
         first, last = part.written, part.next_offset
         max_ts = part.last_ts
         part.buffered_since = 0.0
@@ -1298,10 +1309,11 @@ class WalMessageQueue:
             m: dict[str, Any] = dict(self._m)
             m["partitions"] = self.partitions
             m["fsync_policy"] = repr(self._fsync)
-            # Appends the compiled path copied straight into a mapped segment count as
-            # writes of their own (one record each).
+            # Writes the compiled paths made straight into a mapped segment (a single
+            # record, or an append_many batch) count as writes of their own.
             m["writes"] += sum(p.direct_writes for p in self._parts)
             m["bytes_written"] += sum(p.direct_bytes for p in self._parts)
+            m["write_errors"] += sum(p.direct_write_errors for p in self._parts)
             m["segments"] = sum(len(p.segments) for p in self._parts)
             m["bytes"] = sum(s.size for p in self._parts for s in p.segments)
             m["records"] = sum(p.next_offset - p.log_start for p in self._parts)
