@@ -1,6 +1,7 @@
 /* An LD_PRELOAD shim for tests/test_segfile.py: while the file named by
  * $FASTBUS_FAULT_FLAG exists, fsync, fdatasync and pwrite fail with EIO, and so
- * does pread (a media error).
+ * does pread (a media error). With $FASTBUS_FAULT_ONCE set, the first pwrite that
+ * fails removes the flag file: one failure, then everything works again.
  * With $FASTBUS_SFR_LOG set, each sync_file_range call is appended to that file
  * as "offset nbytes flags" (and then made). */
 #define _GNU_SOURCE
@@ -33,7 +34,11 @@ int fdatasync(int fd) {
 ssize_t pwrite(int fd, const void *buf, size_t n, off_t at) {
     static ssize_t (*real)(int, const void *, size_t, off_t);
     if (!real) real = (ssize_t (*)(int, const void *, size_t, off_t))dlsym(RTLD_NEXT, "pwrite");
-    if (failing()) { errno = EIO; return -1; }
+    if (failing()) {
+        if (getenv("FASTBUS_FAULT_ONCE") != NULL) unlink(getenv("FASTBUS_FAULT_FLAG"));
+        errno = EIO;
+        return -1;
+    }
     return real(fd, buf, n, at);
 }
 

@@ -369,6 +369,27 @@ def test_a_failed_straight_batch_write_keeps_the_batch(tmp_path):
     assert "buffered 41000" in out  # 1000 records of 41 bytes
 
 
+def test_a_straight_batch_write_that_fails_once_is_counted_and_written_again(tmp_path):
+    out = _run_with_faults(tmp_path, """
+        import logging
+        logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+        from fastbus import FsyncPolicy, WalMessageQueue
+        q = WalMessageQueue(sys.argv[1], fsync=FsyncPolicy.never(), compaction_interval=None)
+        q.append_many([b"a%04d" % i for i in range(1000)])
+        open(FLAG, "w").close()
+        q.append_many([b"b%04d" % i for i in range(1000)])  # fails once: written again
+        print("errors", q.metrics()["write_errors"], "flag", os.path.exists(FLAG))
+        q.close()
+        q = WalMessageQueue(sys.argv[1], fsync=FsyncPolicy.never(), compaction_interval=None)
+        got = [r.payload for r in q.reader("x").poll(max_records=10**6)]
+        assert got == [b"%s%04d" % (c, i) for c in (b"a", b"b") for i in range(1000)]
+        q.close()
+        print("ok", len(got))
+    """, FASTBUS_FAULT_ONCE="1")
+    assert "errors 1 flag False" in out and "ok 2000" in out
+    assert "writing them again" in out
+
+
 def test_sync_worker_syncs_on_request_and_reports(tmp_path):
     w = SyncWorker(2)
     segs = [MappedSegment(str(tmp_path / f"{p}.log"), writable=True, create=True)
