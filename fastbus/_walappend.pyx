@@ -328,16 +328,7 @@ cdef class Appender:
             return self._append_slow(part, payload, key, headers)
         try:
             off = self._encode(part, key, headers, payload)
-            if part.mapped is not None and self._copy_direct(part, off, 1):
-                if off - part.sync_mark >= self._every:
-                    self._request_sync(part)
-            else:
-                if off == part.written:  # the buffer was empty
-                    self._first_buffered(part)
-                if part.buffered >= self._buffer_bytes or part.mapped is not None:
-                    self._write_accepted(part)
-                if off - part.sync_mark >= self._every:
-                    self._request_sync(part)
+            self._accepted(part, off, 1)
             if self.readers_waiting:
                 self._notify_readers()
         finally:
@@ -379,21 +370,26 @@ cdef class Appender:
                 part.buffered += enc._len - before
                 part.next_offset = first + n
                 part.last_ts = ts
-                if part.mapped is not None and self._copy_direct(part, first, n):
-                    if first + n - 1 - part.sync_mark >= self._every:
-                        self._request_sync(part)
-                else:
-                    if first == part.written:  # the buffer was empty
-                        self._first_buffered(part)
-                    if part.buffered >= self._buffer_bytes or part.mapped is not None:
-                        self._write_accepted(part)
-                    if first + n - 1 - part.sync_mark >= self._every:
-                        self._request_sync(part)
+                self._accepted(part, first, n)
             if self.readers_waiting:
                 self._notify_readers()
         finally:
             self._release()
         return first
+
+    cdef int _accepted(self, PartState part, int64_t first, int64_t count) except -1:
+        """Lock held, buffered policy: ``count`` records from ``first`` were just
+        added to the buffer. Put them into the segment straight away when it can be
+        done (``_copy_direct``), else write the buffer out the queue's way; then ask
+        for the policy's sync when it is due."""
+        if part.mapped is None or not self._copy_direct(part, first, count):
+            if first == part.written:  # the buffer was empty
+                self._first_buffered(part)
+            if part.buffered >= self._buffer_bytes or part.mapped is not None:
+                self._write_accepted(part)
+        if first + count - 1 - part.sync_mark >= self._every:
+            self._request_sync(part)
+        return 0
 
     cdef bint _copy_direct(self, PartState part, int64_t first, int64_t count) except -1:
         """Lock held, buffered policy, mapped segment: put the buffer (the ``count``
