@@ -1086,3 +1086,134 @@ def test_append_many_waits_while_every_n_is_throttled(tmp_path, monkeypatch):
             if t.is_alive() or t is not c:
                 t.join()
         q.close()
+
+
+def _wait_for(cond, t=5.0):
+    end = time.monotonic() + t
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+def test_append_during_retry_after_throttle_is_refused(tmp_path, monkeypatch):
+    """every(n): the throttle ends while the syncer retries a failed write; an append
+    then must still wait for that retry and be refused when it fails (the end of the
+    throttle used to clear ``slow`` and let the compiled append be accepted)."""
+    from fastbus.stores import _FileSegment
+
+    n = 10
+    q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.every(n), compaction_interval=None)
+    q.append_many([b"a" * 20] * 100)
+    q.flush()
+    part = q._parts[0]
+    q._syncw.stop()
+    q._syncw = w = _StalledSyncWorker()
+    q.append_many([b"x" * 20] * 5)          # written, not synced: written > durable
+    assert part.written > part.durable
+
+    failing = threading.Event()
+    failing.set()
+    in_retry = threading.Event()
+    release_retry = threading.Event()
+    calls = []
+    real = _FileSegment.append
+
+    def append(self, data):
+        calls.append(threading.current_thread().name)
+        if failing.is_set():
+            if len(calls) == 2:             # the syncer's retry: hold it in flight
+                in_retry.set()
+                release_retry.wait(10)
+            raise OSError(errno.EIO, "injected EIO")
+        return real(self, data)
+
+    monkeypatch.setattr(_FileSegment, "append", append)
+    # A: a batch too big for the direct copy -> slow write, fails (kept as unwritten,
+    # accepted), then _request_sync finds 2n unsynced -> throttled (waits for the disk).
+    a = threading.Thread(target=q.append_many, args=([b"A" * 100] * 3000,), name="A")
+    a.start()
+    assert _wait_for(lambda: part.throttled)
+    assert in_retry.wait(5), "syncer did not retry"   # retry in flight, slow set
+    assert part.io_busy and part.slow
+    w.done.set()                           # the disk catches up: throttle ends
+    a.join(5)
+    assert not a.is_alive()
+    slow_during_retry = part.slow
+    result = {}
+
+    def c():
+        try:
+            result["ok"] = q.append(b"C")
+        except OSError as exc:
+            result["err"] = exc
+
+    t = threading.Thread(target=c, name="C")
+    t.start()
+    time.sleep(0.2)
+    release_retry.set()                    # the retry fails again
+    t.join(5)
+    failing.clear()
+    try:
+        assert "err" in result, (f"append accepted while the write kept failing: {result}, "
+                                 f"slow during retry={slow_during_retry}, calls={calls}")
+    finally:
+        q.close()
+
+
+def test_append_waiting_for_a_retry_then_closed_is_not_lost(tmp_path, monkeypatch):
+    """An append waiting for the retry of a failed write while close() runs: it is
+    refused (BusClosed), or accepted and in the log; never accepted and lost."""
+    from fastbus.stores import _FileSegment
+
+    path = tmp_path / "w"
+    q = WalMessageQueue(path, fsync=FsyncPolicy.never(), compaction_interval=None)
+    q.append_many([b"a" * 20] * 100)
+    q.flush()
+    part = q._parts[0]
+    failing = threading.Event()
+    failing.set()
+    in_retry = threading.Event()
+    release_retry = threading.Event()
+    calls = []
+    real = _FileSegment.append
+
+    def append(self, data):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 2:                  # the syncer's retry: hold it in flight
+            in_retry.set()
+            release_retry.wait(10)
+        if failing.is_set() and len(calls) == 1:
+            raise OSError(errno.EIO, "injected EIO")
+        return real(self, data)
+
+    monkeypatch.setattr(_FileSegment, "append", append)
+    q.append_many([b"A" * 100] * 3000)       # slow write fails: kept, accepted
+    assert part.unwritten
+    assert in_retry.wait(5)                  # syncer retry in flight
+    assert part.io_busy and part.slow
+    res = {}
+
+    def b():
+        try:
+            res["ok"] = q.append(b"B")
+        except Exception as exc:             # BusClosed would be fine
+            res["err"] = exc
+
+    tb = threading.Thread(target=b, name="B")
+    tb.start()
+    time.sleep(0.1)                          # B waits in _write_out for the retry
+    tc = threading.Thread(target=q.close, name="close")
+    tc.start()
+    time.sleep(0.1)                          # close waits for the retry too
+    release_retry.set()                      # the retry succeeds
+    tb.join(5)
+    tc.join(5)
+    assert not tb.is_alive() and not tc.is_alive()
+    q = WalMessageQueue(path, fsync=FsyncPolicy.never(), compaction_interval=None)
+    got = [r.payload for r in q.reader("x").poll(max_records=10**6)]
+    q.close()
+    if "ok" in res:
+        assert got[-1] == b"B", (f"append returned {res['ok']} but its record is not "
+                                 f"in the log ({len(got)} records)")

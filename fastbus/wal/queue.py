@@ -467,8 +467,9 @@ class WalMessageQueue:
                 finally:
                     interrupted = _relock(self._lock)
                     part.throttled = False
+                    # (a write in flight may be a retry: its _write_done decides)
                     part.slow = (self._closed or part.broken is not None
-                                 or bool(part.unwritten))
+                                 or bool(part.unwritten) or part.io_busy)
                     self._cond.notify_all()
                 self._fold_syncs(part, raising=False)
                 if interrupted is not None:
@@ -615,6 +616,10 @@ class WalMessageQueue:
                 # (the last: a failed write being tried again; this append waits for
                 # the outcome and is refused if it fails again)
                 self._write_out(part)
+                # (the lock was let go: close() or a throttle may have begun meanwhile)
+                while part.throttled and not self._closed and part.broken is None:
+                    self._cond.wait()
+                self._check_open(part)
             first = part.next_offset
             ts = self._ts()
             before = len(part.enc)
