@@ -1088,6 +1088,32 @@ def test_append_many_waits_while_every_n_is_throttled(tmp_path, monkeypatch):
         q.close()
 
 
+def _hold_the_retry(monkeypatch, *, retry_fails: bool):
+    """Patch segment writes: the first fails (EIO); the second (the syncer's retry)
+    is held in flight until ``release`` is set, and fails too when ``retry_fails``
+    (and ``failing`` is still set). Returns (in_retry, release, failing)."""
+    from fastbus.stores import _FileSegment
+
+    failing = threading.Event()
+    failing.set()
+    in_retry = threading.Event()
+    release = threading.Event()
+    calls = []
+    real = _FileSegment.append
+
+    def append(self, data):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 2:  # the syncer's retry: hold it in flight
+            in_retry.set()
+            release.wait(10)
+        if failing.is_set() and (len(calls) == 1 or retry_fails):
+            raise OSError(errno.EIO, "injected EIO")
+        return real(self, data)
+
+    monkeypatch.setattr(_FileSegment, "append", append)
+    return in_retry, release, failing
+
+
 def _wait_for(cond, t=5.0):
     end = time.monotonic() + t
     while time.monotonic() < end:
@@ -1101,8 +1127,6 @@ def test_append_during_retry_after_throttle_is_refused(tmp_path, monkeypatch):
     """every(n): the throttle ends while the syncer retries a failed write; an append
     then must still wait for that retry and be refused when it fails (the end of the
     throttle used to clear ``slow`` and let the compiled append be accepted)."""
-    from fastbus.stores import _FileSegment
-
     n = 10
     q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.every(n), compaction_interval=None)
     q.append_many([b"a" * 20] * 100)
@@ -1113,23 +1137,7 @@ def test_append_during_retry_after_throttle_is_refused(tmp_path, monkeypatch):
     q.append_many([b"x" * 20] * 5)          # written, not synced: written > durable
     assert part.written > part.durable
 
-    failing = threading.Event()
-    failing.set()
-    in_retry = threading.Event()
-    release_retry = threading.Event()
-    calls = []
-    real = _FileSegment.append
-
-    def append(self, data):
-        calls.append(threading.current_thread().name)
-        if failing.is_set():
-            if len(calls) == 2:             # the syncer's retry: hold it in flight
-                in_retry.set()
-                release_retry.wait(10)
-            raise OSError(errno.EIO, "injected EIO")
-        return real(self, data)
-
-    monkeypatch.setattr(_FileSegment, "append", append)
+    in_retry, release_retry, failing = _hold_the_retry(monkeypatch, retry_fails=True)
     # A: a batch too big for the direct copy -> slow write, fails (kept as unwritten,
     # accepted), then _request_sync finds 2n unsynced -> throttled (waits for the disk).
     a = threading.Thread(target=q.append_many, args=([b"A" * 100] * 3000,), name="A")
@@ -1157,7 +1165,7 @@ def test_append_during_retry_after_throttle_is_refused(tmp_path, monkeypatch):
     failing.clear()
     try:
         assert "err" in result, (f"append accepted while the write kept failing: {result}, "
-                                 f"slow during retry={slow_during_retry}, calls={calls}")
+                                 f"slow during retry={slow_during_retry}")
     finally:
         q.close()
 
@@ -1165,30 +1173,12 @@ def test_append_during_retry_after_throttle_is_refused(tmp_path, monkeypatch):
 def test_append_waiting_for_a_retry_then_closed_is_not_lost(tmp_path, monkeypatch):
     """An append waiting for the retry of a failed write while close() runs: it is
     refused (BusClosed), or accepted and in the log; never accepted and lost."""
-    from fastbus.stores import _FileSegment
-
     path = tmp_path / "w"
     q = WalMessageQueue(path, fsync=FsyncPolicy.never(), compaction_interval=None)
     q.append_many([b"a" * 20] * 100)
     q.flush()
     part = q._parts[0]
-    failing = threading.Event()
-    failing.set()
-    in_retry = threading.Event()
-    release_retry = threading.Event()
-    calls = []
-    real = _FileSegment.append
-
-    def append(self, data):
-        calls.append(threading.current_thread().name)
-        if len(calls) == 2:                  # the syncer's retry: hold it in flight
-            in_retry.set()
-            release_retry.wait(10)
-        if failing.is_set() and len(calls) == 1:
-            raise OSError(errno.EIO, "injected EIO")
-        return real(self, data)
-
-    monkeypatch.setattr(_FileSegment, "append", append)
+    in_retry, release_retry, _ = _hold_the_retry(monkeypatch, retry_fails=False)
     q.append_many([b"A" * 100] * 3000)       # slow write fails: kept, accepted
     assert part.unwritten
     assert in_retry.wait(5)                  # syncer retry in flight
