@@ -1045,6 +1045,17 @@ class _StalledSyncWorker:
         self.done.set()
 
 
+def _stalled_every_n(tmp_path, n: int):
+    """A queue under every(n) with 100 records synced, whose SyncWorker is replaced
+    by a stalled one: (queue, partition 0's state, the worker)."""
+    q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.every(n), compaction_interval=None)
+    q.append_many([b"a" * 20] * 100)
+    q.flush()
+    q._syncw.stop()
+    q._syncw = w = _StalledSyncWorker()
+    return q, q._parts[0], w
+
+
 def test_append_many_waits_while_every_n_is_throttled(tmp_path, monkeypatch):
     """every(n): an appender that finds the log 2n records past the last completed
     sync waits for the disk, and so do the partition's other appenders. A write
@@ -1053,12 +1064,7 @@ def test_append_many_waits_while_every_n_is_throttled(tmp_path, monkeypatch):
     from fastbus.stores import _FileSegment
 
     n = 10
-    q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.every(n), compaction_interval=None)
-    q.append_many([b"a" * 20] * 100)
-    q.flush()
-    part = q._parts[0]
-    q._syncw.stop()
-    q._syncw = w = _StalledSyncWorker()
+    q, part, w = _stalled_every_n(tmp_path, n)
     real = _FileSegment.append
 
     def slow_append(self, data):
@@ -1128,12 +1134,7 @@ def test_append_during_retry_after_throttle_is_refused(tmp_path, monkeypatch):
     then must still wait for that retry and be refused when it fails (the end of the
     throttle used to clear ``slow`` and let the compiled append be accepted)."""
     n = 10
-    q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.every(n), compaction_interval=None)
-    q.append_many([b"a" * 20] * 100)
-    q.flush()
-    part = q._parts[0]
-    q._syncw.stop()
-    q._syncw = w = _StalledSyncWorker()
+    q, part, w = _stalled_every_n(tmp_path, n)
     q.append_many([b"x" * 20] * 5)          # written, not synced: written > durable
     assert part.written > part.durable
 
