@@ -27,9 +27,9 @@ Concurrency and durability in one page:
   segment is mapped (``fastbus/_segfile.pyx``) and the compiled path copies
   the encoded record into the mapping under the lock: no syscall
   (``part.mapped``); an ``append_many`` batch goes in with one ``pwrite`` from
-  the encoder's buffer, also under the lock. When it cannot (a roll is due, the file needs more
-  space, a write is running), the appender writes the buffer out itself
-  (``_write_accepted``). The policy's syncs run in the background
+  the encoder's buffer, also under the lock. When it cannot (a roll is due,
+  the file needs more space, a write is running), the appender writes the
+  buffer out itself (``_write_accepted``). The policy's syncs run in the background
   (``every(n)``: the ``SyncWorker``, a thread that runs no Python, so it never
   waits for the GIL; ``interval``: the syncer thread); an appender waits only
   when the log is 2n records past the last completed sync.
@@ -596,8 +596,8 @@ class WalMessageQueue:
         out: list[tuple[int, int]] = [(0, 0)] * n
         for q, idx in groups.items():
             first = append_batch(q, [payloads[i] for i in idx],
-                                       [keys[i] for i in idx],  # type: ignore[index]
-                                       None if hdrs is None else hdrs[:len(idx)])
+                                 [keys[i] for i in idx],  # type: ignore[index]
+                                 None if hdrs is None else hdrs[:len(idx)])
             for j, i in enumerate(idx):
                 out[i] = (q, first + j)
         return scattered_offsets(out)
