@@ -262,8 +262,10 @@ cdef class TopicCore:
         self._inflight = 0
         self.closed = False
 
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
     def publish(self, payload, key, headers):
-        """publish(payload, key, headers) -> None. Raises for a bad key, nothing queued then."""
+        """Queue one message (returns None). Raises for a bad key, nothing queued then."""
         self._publish(payload, key, headers)
 
     cdef int _publish(self, object payload, object key, dict headers) except -1:
@@ -353,10 +355,10 @@ cdef class BusCore:
     subclass, where the policy lives.
     """
 
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
     def publish(self, topic, message, *, key=None, headers=None):
-        """publish(topic, message, *, key=None, headers=None)
-
-        Publish ``message`` on ``topic``. Returns the WAL offset for durable
+        """Publish ``message`` on ``topic``. Returns the WAL offset for durable
         topics, None for other configured topics, and whatever
         ``inner.publish`` returns for a pass-through topic. Raises
         ``BusOverloaded`` when shedding (topics not marked critical),

@@ -1,5 +1,6 @@
 # Disruptor ring buffers: the C layout shared by RingBuffer (objects) and
 # RecordRing (fixed-size records). See _ring.pyx for the algorithms.
+cimport cython
 from cpython.pythread cimport PyThread_type_lock
 from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t
@@ -103,6 +104,7 @@ cdef class RingBuffer(_RingBase):
     cdef PyThread_type_lock _olock  # guards _ovf/_ohead and every drain
     cdef int64_t _spills
 
+    @cython.final
     cdef Py_ssize_t _put(self, PyObject **items, Py_ssize_t n, PyObject **olds) noexcept
     cdef int _lock(self) except -1
     cdef Py_ssize_t _drain_chunk_locked(self, PyObject **olds) noexcept

@@ -751,6 +751,7 @@ cdef class RingBuffer(_RingBase):
 
     # -- the claim/store/publish step; nothing in it can raise or run Python code
 
+    @cython.final
     cdef Py_ssize_t _put(self, PyObject **items, Py_ssize_t n, PyObject **olds) noexcept:
         """Claim up to min(n, _CHUNK) slots, store items, publish. Returns how many.
 
@@ -835,6 +836,8 @@ cdef class RingBuffer(_RingBase):
 
     # -- producers
 
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
     def publish(self, obj, timeout=None):
         """Publish ``obj`` to every consumer.
 
@@ -898,6 +901,8 @@ cdef class RingBuffer(_RingBase):
             "read faster, use a bigger ring, or create it with overflow=True"
         )
 
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
     def try_publish(self, obj):
         """Publish ``obj`` if a slot is free now; returns False otherwise.
 
@@ -1052,6 +1057,8 @@ cdef class RingConsumer(_ConsumerBase):
             return hi
         return _wait_available(c, self.cc, lo, cap, timeout)
 
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
     def poll(self, max_batch=1024, timeout=None):
         """Up to ``max_batch`` messages, oldest first, as a list.
 

@@ -296,10 +296,11 @@ cdef class Appender:
         part.last_ts = ts
         return off
 
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
     def append(self, payload, *, key=None, headers=None, partition=None):
-        """append(payload, *, key=None, headers=None, partition=None) -> (partition, offset)
-
-        See ``WalMessageQueue.append``."""
+        """Append one record; returns ``(partition, offset)``. See
+        ``WalMessageQueue.append``."""
         cdef int p
         cdef PartState part
         cdef int64_t off

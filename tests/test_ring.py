@@ -30,6 +30,27 @@ def test_debug_build_is_the_one_loaded():
 # ----------------------------------------------------------------- arguments
 
 
+def test_hot_methods_keep_their_signatures():
+    """The per-message methods are compiled as plain builtin methods (no bound
+    function object: a call costs less); help() and inspect still see their
+    parameters, and keywords still work."""
+    import inspect
+
+    ring = RingBuffer(8)
+    c = ring.add_consumer()
+    assert str(inspect.signature(ring.publish)) == "(obj, timeout=None)"
+    assert str(inspect.signature(ring.try_publish)) == "(obj)"
+    assert str(inspect.signature(c.poll)) == "(max_batch=1024, timeout=None)"
+    assert ring.publish.__doc__.startswith("Publish ``obj`` to every consumer.")
+    ring.publish(obj=1, timeout=0.5)
+    assert ring.try_publish(obj=2) is True
+    assert c.poll(max_batch=8, timeout=0) == [1, 2]
+    with pytest.raises(TypeError, match="publish"):
+        ring.publish()
+    with pytest.raises(TypeError):
+        ring.publish(1, nope=2)
+
+
 @pytest.mark.parametrize("cls", [RingBuffer, lambda size, **kw: RecordRing(8, size, **kw)])
 def test_size_must_be_power_of_two(cls):
     with pytest.raises(ValueError, match=r"power of two >= 2, got 1000 \(try 1024\)"):

@@ -45,6 +45,23 @@ def collect(lock=None):
 # -- pass-through ---------------------------------------------------------------
 
 
+def test_publish_keeps_its_signature(bus):
+    """ScalableBus.publish is compiled as a plain builtin method (cheaper to call on
+    the pass-through path); help() and inspect still see its parameters."""
+    import inspect
+
+    assert str(inspect.signature(bus.publish)) == "(topic, message, *, key=None, headers=None)"
+    assert ScalableBus.publish.__doc__.startswith("Publish ``message`` on ``topic``.")
+    bus.configure_topic("t", TopicConfig(partitions=2))
+    got, handler = collect()
+    bus.subscribe("t", handler)
+    assert bus.publish(topic="t", message=1, key=b"k", headers={"h": "v"}) is None
+    with pytest.raises(TypeError):
+        bus.publish("t", 1, b"k")  # key is keyword-only
+    bus.flush()
+    assert [(m.payload, m.key, m.headers) for m in got] == [(1, b"k", {"h": "v"})]
+
+
 def test_pass_through_is_the_inner_bus():
     inner = InProcessBus()
     bus = ScalableBus(inner)
