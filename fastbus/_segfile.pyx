@@ -705,6 +705,20 @@ cdef class SyncWorker:
         PyThread_release_lock(self._st.mu)
         return out
 
+    def synced_upto(self, int partition):
+        """What ``take`` would report as ``synced_upto`` (the offsets below it are
+        durable), without taking the counts: for a caller that only looks."""
+        cdef SyncSlot *slot
+        cdef int64_t upto
+        self._check(partition)
+        slot = &self._st.slots[partition]
+        if self._forked():
+            return slot.synced_upto
+        PyThread_acquire_lock(self._st.mu, WAIT_LOCK)
+        upto = slot.synced_upto
+        PyThread_release_lock(self._st.mu)
+        return upto
+
     def stop(self):
         """Finish the requests already made, then end the thread. Idempotent."""
         self._stop()

@@ -39,6 +39,7 @@ class Appender:
     rr: int
     readers_waiting: int
     closed: bool
+    syncw: Any
     def __init__(
         self,
         queue: Any,
@@ -53,6 +54,7 @@ class Appender:
         segment_bytes: int,
         type_error: Callable[[object], BaseException],
     ) -> None: ...
+    def may_wait(self, nbytes: int = 0) -> bool: ...
     def append_batch(self, p: int, payloads: Sequence[Any], keys: Sequence[Any] | None,
                      headers: Sequence[Any] | None) -> int: ...
     def append(

@@ -50,8 +50,12 @@ cdef enum:
     # of pwrite into the page cache here, the longest readers and the queue's other
     # partitions wait for it. Larger batches are written with the lock released.
     _LOCKED_WRITE_MAX = 1 << 20
+    # may_wait: bytes before a roll or a write-out that count as near, and the same
+    # for a payload's size
+    _NEAR = 64 << 10
 
 INDEX_INTERVAL = _INDEX_INTERVAL  # bytes between sparse index entries
+cdef int64_t _NEAR_NS = 1_000_000_000  # may_wait: a roll by age within a second is near
 
 
 cdef class SegmentState:
@@ -235,6 +239,7 @@ cdef class Appender:
     cdef public int rr
     cdef public int readers_waiting
     cdef public bint closed
+    cdef public object syncw             # every(n)'s SyncWorker (may_wait reads its progress)
 
     def __init__(self, queue, lock, list parts not None, *, serializer_dumps, ts, bint always,
                  int64_t every, Py_ssize_t buffer_bytes, Py_ssize_t segment_bytes,
@@ -295,6 +300,41 @@ cdef class Appender:
         part.next_offset = off + 1
         part.last_ts = ts
         return off
+
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
+    def may_wait(self, Py_ssize_t nbytes=0):
+        """Could the next append of about ``nbytes`` wait for the disk, on any
+        partition? See ``WalMessageQueue._may_wait``. Reads without the lock."""
+        cdef PartState part
+        cdef SegmentState seg
+        cdef int64_t now, durable
+        cdef Py_ssize_t size
+        if self._always or nbytes >= _NEAR:
+            return True
+        now = self._now()
+        for part in self._parts:
+            if part.slow:
+                return True  # it needs care: a throttle, a write to retry, ...
+            if part.next_offset - part.sync_mark >= self._every:
+                # The next append asks for a sync, and waits if the disk is then 2n
+                # records behind (WalMessageQueue._request_sync).
+                durable = part.durable
+                if self.syncw is not None and part.mapped is not None:
+                    durable = max(durable, <int64_t>self.syncw.synced_upto(part.index))
+                if part.next_offset + 1 - durable >= 2 * self._every:
+                    return True
+            if part.mapped is not None:
+                size = part.mapped._size
+            else:
+                seg = part.segments[len(part.segments) - 1]
+                size = seg.size
+                if part.buffered + _NEAR > self._buffer_bytes:
+                    return True  # a write-out is near
+            if size + part.buffered + _NEAR > self._segment_bytes \
+                    or now + _NEAR_NS >= part.roll_at_ns:
+                return True  # a roll is near
+        return False
 
     @cython.binding(False)
     @cython.embedsignature.format("clinic")

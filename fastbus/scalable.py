@@ -464,8 +464,13 @@ class ScalableBus(BusCore):
                             headers: Mapping[str, Any] | None = None) -> int | None:
         """``publish`` for asyncio: backpressure delays are awaited, never slept.
 
-        Durable topics with ``FsyncPolicy.always()`` wait for their fsync in a
-        thread, so the event loop keeps running.
+        A durable topic's append that may wait for the disk runs in a thread, so
+        the event loop keeps running: every append under ``FsyncPolicy.always()``,
+        and under the other policies the few that can (the one in n that asks
+        ``every(n)``'s background sync for the next fdatasync when the disk is 2n
+        records behind, so that it waits; those near a segment roll, which
+        fdatasyncs the old segment; large payloads). The others append in the
+        loop's thread: they copy the record into the page cache and return.
         """
         t = self._topics.get(topic)
         if t is None:
@@ -480,7 +485,8 @@ class ScalableBus(BusCore):
                 extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
             if extra:
                 hdrs = {**hdrs, **extra} if hdrs else dict(extra)
-        if t.wal is not None and t.config.fsync.mode == "always":
+        if t.wal is not None and t.wal._may_wait(len(message) if isinstance(
+                message, (bytes, bytearray, memoryview, str)) else 0):
             return await asyncio.to_thread(self._enqueue, t, message, key, hdrs)
         return self._enqueue(t, message, key, hdrs)
 

@@ -147,6 +147,57 @@ def test_publish_many_and_publish_async_return_offsets(tmp_path):
     assert [m.payload for m in got] == [b"a", b"b", b"c", "x0", "x1", "x2", "x3", "x4"]
 
 
+class _DiskFarBehind:
+    """Wraps a queue's every(n) SyncWorker: its syncs happen, but the queue never
+    learns of them, as if the disk were far behind, so an appender that asks for a
+    sync finds the log 2n records past the last one and waits (``wait_synced``)."""
+
+    def __init__(self, real):
+        self.real = real
+        self.waited_in: list[int] = []  # the threads that waited for the disk
+
+    def take(self, partition):
+        _, n, seconds, err = self.real.take(partition)
+        return 0, n, seconds, err
+
+    def wait_synced(self, partition, target):
+        self.waited_in.append(threading.get_ident())
+        return self.real.wait_synced(partition, target)
+
+    def synced_upto(self, partition):
+        return 0
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_publish_async_waits_for_the_disk_in_a_thread_never_in_the_loop(tmp_path):
+    import asyncio
+
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=2, fsync=FsyncPolicy.every(8)))
+        wal = bus._topics["t"].wal
+        lagging = wal._syncw = wal._app.syncw = _DiskFarBehind(wal._syncw)
+        got, h = collect()
+        bus.subscribe("t", h, group="g")
+
+        async def main():
+            offs = [await bus.publish_async("t", f"m{i}", key=str(i % 3)) for i in range(200)]
+            return threading.get_ident(), offs
+
+        loop_thread, offs = asyncio.run(main())
+        assert lagging.waited_in  # appends did wait for the disk...
+        assert loop_thread not in lagging.waited_in  # ...but never in the event loop
+        assert bus.flush(10)
+        assert wait_until(lambda: len(got) == 200)
+    by_key = collections.defaultdict(list)
+    for m in got:
+        by_key[m.key].append(m.payload)
+    for k in ("0", "1", "2"):  # all there, in order per key
+        assert by_key[k] == [f"m{i}" for i in range(200) if str(i % 3) == k]
+    assert sorted(offs) == sorted(m.offset for m in got)
+
+
 def test_members_of_one_group_share_the_partitions(tmp_path):
     with ScalableBus(data_dir=tmp_path) as bus:
         bus.configure_topic("t", durable(partitions=4))

@@ -128,6 +128,46 @@ def test_append_many(opener):
 
 
 
+def test_may_wait_says_which_appends_can_wait_for_the_disk(tmp_path):
+    """``_may_wait`` (what ScalableBus.publish_async asks before appending in the
+    event loop's thread): always under always(); under every(n) for the append that
+    asks for the n-th record's sync; near a segment roll; for large payloads."""
+    keep = Retention(max_age=None, max_bytes=None, until_acked=False)
+    with WalMessageQueue(tmp_path / "a", fsync=FsyncPolicy.always(), retention=keep) as q:
+        assert q._may_wait()
+    with WalMessageQueue(tmp_path / "e", fsync=FsyncPolicy.every(10), retention=keep,
+                         segment_bytes=1 << 20, compaction_interval=None) as q:
+        answers = []
+        for i in range(30):
+            if i and i % 10 == 0:
+                q._syncw.wait_synced(0, i)  # the disk keeps up
+            answers.append(q._may_wait())
+            q.append(b"x" * 100)
+        # the appends of offsets 9, 19 and 29 ask for a sync, and none waits: each
+        # finds the sync asked 10 records before done
+        assert not any(answers)
+
+        class Behind:  # the worker's syncs stop finishing
+            def synced_upto(self, partition):
+                return 0
+
+        q._app.syncw = Behind()
+        for _ in range(9):
+            assert not q._may_wait()
+            q.append(b"x" * 100)
+        assert q._may_wait()  # offset 39 asks for a sync, 2n past the last finished
+        q._app.syncw = q._syncw
+        assert q._may_wait(1 << 20)  # a large payload
+        while q._parts[0].segments[-1].size < (1 << 20) - (64 << 10):
+            q.append_many([b"y" * 1000] * 50)
+        assert q._may_wait()  # a roll is near
+    with WalMessageQueue(tmp_path / "n", fsync=FsyncPolicy.never(), retention=keep,
+                         compaction_interval=None) as q:
+        for _ in range(1000):
+            q.append(b"x" * 100)
+        assert not q._may_wait()
+
+
 @pytest.mark.parametrize("fsync", [FsyncPolicy.never(), FsyncPolicy.every(700)],
                          ids=["never", "every700"])
 def test_append_many_writes_batches_straight_to_the_segment(tmp_path, fsync):

@@ -278,6 +278,7 @@ class WalMessageQueue:
         try:
             self._syncw = (SyncWorker(self.partitions) if fsync.mode == "every"
                            and any(p.mapped is not None for p in self._parts) else None)
+            self._app.syncw = self._syncw
         except BaseException:
             self._close_handles()
             store.close()
@@ -379,6 +380,21 @@ class WalMessageQueue:
         after ``close()``.
         """
         return self._app.append(payload, key=key, headers=headers, partition=partition)
+
+    def _may_wait(self, nbytes: int = 0) -> bool:
+        """Could the next append of about ``nbytes`` wait for the disk, on any partition?
+
+        For callers that must not block: ``ScalableBus.publish_async`` runs such an
+        append in a thread. True under ``always``; when the partition needs care
+        (``slow``: throttled, a write to retry, ...); when the next append asks
+        ``every(n)``'s worker for a sync and the disk is so far behind that it will
+        wait (2n records past the last finished sync); when a roll is near (it
+        fdatasyncs the old segment); and off the mapped path, when the buffer is
+        near its write-out. Read without the
+        lock: a stale answer moves an append to a thread needlessly, or lets one
+        find the state changed, as any append may.
+        """
+        return self._app.may_wait(nbytes)
 
     def _append_slow(self, part: _Part, payload: Any, key: Any, headers: Any) -> tuple[int, int]:
         """``always`` appends the compiled path hands over, and any append while the
