@@ -51,3 +51,15 @@ def run_and_kill(argv: list[str], rng: random.Random, *, max_wait: float,
         child.stderr.close()
     assert child.returncode == -signal.SIGKILL, err
     return lines
+
+
+def crash_in_process(q) -> None:
+    """A WalMessageQueue's process "dies" without leaving it: its threads stop,
+    nothing is flushed, the store (and its lock) is released."""
+    with q._lock:
+        q._closed = True
+        q._syncer_cond.notify_all()
+        q._cond.notify_all()
+    for t in q._threads:
+        t.join()
+    q._store.close()

@@ -23,6 +23,7 @@ from fastbus import (
     WalReader,
     partition_for,
 )
+from tests.crashkit import crash_in_process
 
 NO_RETENTION = Retention(max_age=None, max_bytes=None, until_acked=False)
 
@@ -600,17 +601,6 @@ def test_never_writes_out_after_linger_but_syncs_only_on_flush(tmp_path):
 # ------------------------------------------------------------------ full disk / faults
 
 
-def _crash(q: WalMessageQueue) -> None:
-    """The process "dies": threads stop, nothing is flushed, the lock is released."""
-    with q._lock:
-        q._closed = True
-        q._syncer_cond.notify_all()
-        q._cond.notify_all()
-    for t in q._threads:
-        t.join()
-    q._store.close()
-
-
 def test_enospc_under_always_loses_nothing_acknowledged():
     store = MemoryStore()
     q = WalMessageQueue(store, fsync=FsyncPolicy.always(), compaction_interval=None)
@@ -667,7 +657,7 @@ def test_power_loss_keeps_every_always_append():
     q = WalMessageQueue(store, fsync=FsyncPolicy.always(), compaction_interval=None)
     for i in range(20):
         q.append(b"%d" % i)
-    _crash(q)
+    crash_in_process(q)
     store.lose_unsynced()  # what a power cut would do to unsynced data
     q = WalMessageQueue(store, fsync=FsyncPolicy.always(), compaction_interval=None)
     assert len(drain(q.reader("g"))) == 20
@@ -684,7 +674,7 @@ def test_power_loss_after_flush_with_never():
         q.append(b"lost%d" % i)
     with q._lock:  # written to the "OS", not synced
         q._write_out(q._parts[0])
-    _crash(q)
+    crash_in_process(q)
     store.lose_unsynced()
     q2 = WalMessageQueue(store, fsync=FsyncPolicy.never(), compaction_interval=None)
     assert [r.payload for r in drain(q2.reader("g"))] == [b"%d" % i for i in range(20)]

@@ -245,6 +245,7 @@ class WalMessageQueue:
         self._syncer_cond = threading.Condition(self._lock)
         self._delete_lock = threading.Lock()  # readers' reads vs retention's deletes
         self._closed = False
+        self._commits_inflight = 0  # offsets documents being written (close waits)
         self._syncer_idle = False
         self._groups: dict[str, dict[int, int]] = {}
         self._m = dict.fromkeys((
@@ -348,7 +349,21 @@ class WalMessageQueue:
 
     def _load_groups(self) -> None:
         for name in self._store.list_groups():
-            self._groups[name] = self._read_group(name)
+            offsets = self._read_group(name)
+            # After a power loss (or repair=True) the log can end before a group's
+            # committed offset. The offsets past the end will be given to new records
+            # this group has not seen: it must not count as having committed them
+            # (neither for reading nor for Retention.until_acked), now or after the
+            # next restart, so the clamped offsets are written back.
+            clamped = {p: min(o, self._parts[p].next_offset) for p, o in offsets.items()}
+            if clamped != offsets:
+                self._m["offsets_clamped"] += 1
+                log.warning("fastbus WAL %s: subscriber %r committed offsets %s are past the "
+                            "end of the log %s (data lost in a crash?); it resumes at the end",
+                            self._store.location, name, offsets,
+                            {p.index: p.next_offset for p in self._parts})
+                self._store.write_offsets(name, encode_offsets(name, clamped))
+            self._groups[name] = clamped
 
     def _read_group(self, name: str) -> dict[int, int]:
         """Committed offsets of ``name``; a damaged document falls back to log start."""
@@ -1268,7 +1283,16 @@ class WalMessageQueue:
         return r
 
     def _commit(self, name: str, offsets: dict[int, int]) -> None:
-        self._store.write_offsets(name, encode_offsets(name, offsets))
+        with self._lock:
+            if self._closed:  # the store may belong to another queue by now
+                raise BusClosed(f"WalMessageQueue {self._store.location} is closed")
+            self._commits_inflight += 1
+        try:
+            self._store.write_offsets(name, encode_offsets(name, offsets))
+        finally:
+            with self._lock:
+                self._commits_inflight -= 1
+                self._cond.notify_all()
         with self._lock:
             self._groups[name] = dict(offsets)
             self._m["commits"] += 1
@@ -1399,6 +1423,9 @@ class WalMessageQueue:
                         self._fold_syncs(part, raising=True)
                     except FastbusError as exc:
                         error = error or exc
+        with self._lock:
+            while self._commits_inflight:
+                self._cond.wait()
         with self._delete_lock:
             self._close_handles()
         self._store.close()
@@ -1541,9 +1568,13 @@ class WalReader:
             return []
         out: list[Record] = []
         with q._delete_lock:
+            if q._closed:  # close() may have closed the handles while this thread waited
+                raise BusClosed(f"WalMessageQueue {q._store.location} is closed")
             while len(out) < want and cur.offset < visible:
                 seg = cur.seg
-                if seg is None or seg.deleted:
+                # (base < log_start: retention detached it after this reader last read
+                # it and has not marked it deleted yet; it is not in ``segs``)
+                if seg is None or seg.deleted or seg.base < log_start:
                     i = bisect.bisect_right([s.base for s in segs], cur.offset) - 1
                     seg = segs[max(i, 0)]
                     cur.seg = seg
@@ -1556,9 +1587,7 @@ class WalReader:
                 if cur.pos >= limit:
                     if seg is segs[-1] or cur.offset < seg.next_offset:
                         break
-                    j = segs.index(seg) + 1
-                    cur.seg = segs[j]
-                    cur.pos = 0
+                    cur.seg = None  # the next segment: found by offset above
                     continue
                 out.extend(self._read_records(p, seg, cur, limit, want - len(out)))
         return out
@@ -1574,6 +1603,12 @@ class WalReader:
         while off < cur.offset:
             chunk = seg.handle.read(pos, _READ_CHUNK)
             res = scan(chunk, 0, max_records=cur.offset - off, expected_offset=off)
+            if res.count == 0 and res.reason == "truncated" and len(chunk) >= 4:
+                # one record larger than a chunk: read all of it (as _read_records does)
+                need = 4 + int.from_bytes(chunk[:4], "little")
+                if pos + need <= seg.size:
+                    chunk = seg.handle.read(pos, need)
+                    res = scan(chunk, 0, max_records=1, expected_offset=off)
             if res.count == 0:
                 self._bad(seg, pos, res.reason)
             off += res.count
