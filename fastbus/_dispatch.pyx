@@ -166,10 +166,11 @@ def route(topic, list payloads, keys, int32_t n, int64_t rr_start, headers):
 def deliver_each(handler, list batch, on_error):
     """deliver_each(handler, batch, on_error) -> int
 
-    Calls ``handler(message)`` for every message of ``batch`` in order. An
-    ``Exception`` from the handler goes to ``on_error(exc, message)`` and the
-    loop goes on; returns how many calls raised. BaseExceptions (KeyboardInterrupt,
-    SystemExit) propagate.
+    Calls ``handler(message)`` for every message of ``batch`` in order. Any
+    exception from the handler (a BaseException such as SystemExit too: this runs
+    on a dispatch thread, where nobody else would see it, and the rest of the
+    batch must still be delivered) goes to ``on_error(exc, message)`` and the loop
+    goes on; returns how many calls raised.
     """
     cdef Py_ssize_t i, n = PyList_GET_SIZE(batch), errors = 0
     cdef object m
@@ -177,7 +178,7 @@ def deliver_each(handler, list batch, on_error):
         m = <object>PyList_GET_ITEM(batch, i)
         try:
             handler(m)
-        except Exception as exc:
+        except BaseException as exc:
             errors += 1
             on_error(exc, m)
     return errors
@@ -367,6 +368,9 @@ cdef class BusCore:
         """
         t = self._topics.get(topic) if type(topic) is str else None
         if t is None:
+            if type(topic) is not str:
+                from fastbus.bus import check_topic
+                check_topic(topic)  # a clear TypeError/ValueError, not "unhashable type"
             if self._closed:
                 from fastbus.errors import BusClosed
                 raise BusClosed("publish on a closed ScalableBus")
