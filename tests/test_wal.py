@@ -316,6 +316,33 @@ def test_mapped_appends_leave_the_syncer_asleep(tmp_path, monkeypatch):
     with WalMessageQueue(str(tmp_path / "q")) as again:
         assert len(drain(again.reader("g"))) == 2010
 
+def test_poll_without_waiting_returns_records_another_thread_is_writing_out(monkeypatch):
+    """poll(timeout=0) after an append returns the record even while another thread
+    (flush, the syncer's linger) is writing the buffer out: it waits for that write,
+    not for more data. It returned [] before (an intermittent test failure)."""
+    import fastbus.stores as stores
+
+    in_write, release = threading.Event(), threading.Event()
+    real_append = stores._MemSegment.append
+
+    def slow_append(h, data):
+        in_write.set()
+        assert release.wait(10)
+        return real_append(h, data)
+
+    q = WalMessageQueue(MemoryStore(), fsync=FsyncPolicy.never(), compaction_interval=None)
+    r = q.reader("g")
+    q.append(b"a")
+    monkeypatch.setattr(stores._MemSegment, "append", slow_append)
+    flusher = threading.Thread(target=q.flush)
+    flusher.start()
+    assert in_write.wait(10)  # the write of b"a" is under way
+    threading.Timer(0.2, release.set).start()
+    assert [x.payload for x in r.poll(timeout=0)] == [b"a"]
+    flusher.join(10)
+    q.close()
+
+
 def test_payload_types_and_serializers(opener):
     q = opener(fsync=FsyncPolicy.never())
     with pytest.raises(TypeError, match=r"serializer='json'.*pickle.*trusted"):

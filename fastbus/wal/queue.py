@@ -1306,6 +1306,12 @@ class WalMessageQueue:
         return (not self._always and part.next_offset > offset and not part.io_busy
                 and part.broken is None)
 
+    def _being_written(self, part: _Part, offset: int) -> bool:
+        """Lock held: are records from ``offset`` on being written out right now (so
+        a reader that caught up finds them when that write ends)?"""
+        return (not self._always and part.next_offset > offset and part.io_busy
+                and part.broken is None)
+
     def _snapshot(self, p: int) -> tuple[list[SegmentState], int, int, int, int]:
         """(segments, log_start, visible offset, visible size of the active segment, next)."""
         part = self._parts[p]
@@ -1530,7 +1536,12 @@ class WalReader:
                     else:
                         left = deadline - time.monotonic()
                         if left <= 0:
-                            return []
+                            if not any(q._being_written(q._parts[p], c.offset)
+                                       for p, c in self._cursors.items()):
+                                return []
+                            # Records appended before this poll are being written out
+                            # by another thread: wait for that write (not for a sync).
+                            left = None
                     q._app.readers_waiting += 1
                     try:
                         q._cond.wait(left)
