@@ -489,7 +489,9 @@ class ScalableBus(BusCore):
         if bp._state is not _NORMAL:
             extra = await bp.admit_async(topic, critical=t.config.critical)
             if bp._state is _SHEDDING and not t.config.critical:
-                extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
+                # Rose during the delay: refused. (Not bp.admit, which would sleep on
+                # the loop if the state fell back to CRITICAL meanwhile.)
+                bp._reject(topic)
             if extra:
                 hdrs = {**hdrs, **extra} if hdrs else dict(extra)
         if t.wal is not None and t.wal._may_wait(len(message) if isinstance(

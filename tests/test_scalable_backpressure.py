@@ -186,6 +186,41 @@ def test_publish_async_awaits_the_critical_delay_and_the_loop_keeps_ticking():
     assert held.got[-1].payload == "async" and held.got[-1].headers[HEADER] == "critical"
 
 
+def test_publish_async_refuses_a_rise_to_shedding_during_its_delay_without_blocking(
+        monkeypatch):
+    """The state rises to SHEDDING while publish_async awaits its CRITICAL delay: it
+    is refused with BusOverloaded, and never through the blocking ``admit``, which
+    would sleep on the event loop if the state fell back to CRITICAL meanwhile."""
+    bus = make_bus(min_delay=0.01, max_delay=0.01)
+    held = Held()
+    try:
+        bus.configure_topic("q", TopicConfig(partitions=1))
+        bus.subscribe("q", held)
+        fill(bus, "q", held, 17)
+        bp = bus.backpressure
+        assert bp.state is C
+        cls = type(bp)
+        real_admit_async = cls.admit_async
+
+        async def admit_async(self, topic, *, critical=False):
+            extra = await real_admit_async(self, topic, critical=critical)
+            self._state = BackpressureState.SHEDDING  # rose during the delay
+            return extra
+
+        def admit(self, *a, **k):
+            raise AssertionError("the blocking admit ran on the event loop")
+
+        monkeypatch.setattr(cls, "admit_async", admit_async)
+        monkeypatch.setattr(cls, "admit", admit)
+        with pytest.raises(BusOverloaded, match="SHEDDING"):
+            asyncio.run(bus.publish_async("q", "late"))
+        monkeypatch.undo()
+    finally:
+        held.release()
+        assert bus.flush(10)
+        bus.close()
+
+
 def test_critical_topic_is_admitted_and_waits_for_room_when_full():
     bus = make_bus(critical_timeout=5.0)
     held, held_c = Held(), Held()
