@@ -372,6 +372,7 @@ class ScalableBus(BusCore):
             raise TypeError(f"config must be a fastbus.TopicConfig, got {type(config).__name__}")
         self._check_open()
         with self._lock:
+            self._check_open()  # (again: close() may have begun meanwhile)
             t = self._topics.get(name)
             if t is None:
                 limit = self._limits.current.max_topics
@@ -1068,9 +1069,10 @@ class ScalableBus(BusCore):
         not delivered: they are counted in ``metrics().drops["undelivered_at_close"]``
         and logged. Idempotent. Publishing after close raises ``BusClosed``.
         """
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:  # configure_topic looks again under it: no topic comes after
+            if self._closed:
+                return
+            self._closed = True
         for t in self._topics.values():
             if t.core is not None:
                 t.core.closed = True

@@ -282,3 +282,26 @@ def test_unhashable_topic_gives_a_clear_error(call):
                 bus.publish_many(["t"], [1])
             else:
                 asyncio.run(bus.publish_async(["t"], 1))
+
+
+def test_configure_topic_racing_close_refuses_the_topic():
+    # A topic configured while close() runs must be refused (BusClosed), not added
+    # after close() went through the topics: its publishes would be accepted with
+    # no worker left to deliver them.
+    bus = ScalableBus()
+    closer = threading.Thread(target=bus.close)
+    real_check = bus._check_open
+    calls = []
+
+    def check_open():
+        real_check()
+        if not calls:  # the first check passed: close() begins now
+            calls.append(1)
+            closer.start()
+            assert wait_until(lambda: bus._closed, 5)
+
+    bus._check_open = check_open
+    with pytest.raises(BusClosed):
+        bus.configure_topic("late", TopicConfig(partitions=1))
+    closer.join(10)
+    assert "late" not in bus._topics
