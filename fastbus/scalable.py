@@ -287,6 +287,7 @@ class ScalableBus(BusCore):
         self._inner_publish = inner.publish
         self._inner_subs = inner._subs if type(inner) is InProcessBus else None
         self._limits: ConfigRef[Limits] = ConfigRef(limits)
+        self._limits_lock = threading.Lock()  # reconfigure_limits, one at a time
         self._bp = MessageBusBackpressure(limits.max_queue_size, thresholds)
         self._normal = _NORMAL  # for BusCore.publish's compiled fast path
         # Set while the state is CRITICAL or above: wakes workers lingering for a
@@ -442,9 +443,10 @@ class ScalableBus(BusCore):
         """
         if not changes:
             return self._limits.current
-        new = self._limits.swap(lambda old: old.replace(**changes))
-        if "max_queue_size" in changes:
-            self._bp.set_capacity(new.max_queue_size)
+        with self._limits_lock:  # the limits and the backpressure capacity change as one
+            new = self._limits.swap(lambda old: old.replace(**changes))
+            if "max_queue_size" in changes:
+                self._bp.set_capacity(new.max_queue_size)
         return new
 
     async def reconfigure_limits_async(self, **changes: Any) -> Limits:

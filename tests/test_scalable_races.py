@@ -305,3 +305,24 @@ def test_configure_topic_racing_close_refuses_the_topic():
         bus.configure_topic("late", TopicConfig(partitions=1))
     closer.join(10)
     assert "late" not in bus._topics
+
+
+def test_concurrent_queue_size_changes_leave_limits_and_capacity_agreeing(monkeypatch):
+    # Two reconfigure_limits(max_queue_size=...) at once: the backpressure capacity
+    # must end equal to the limit in force, whichever came last.
+    with ScalableBus() as bus:
+        cls = type(bus.backpressure)
+        real = cls.set_capacity
+
+        def slow_set_capacity(self, capacity):
+            if capacity == 100:
+                time.sleep(0.2)  # the other change goes through meanwhile
+            return real(self, capacity)
+
+        monkeypatch.setattr(cls, "set_capacity", slow_set_capacity)
+        first = threading.Thread(target=bus.reconfigure_limits, kwargs={"max_queue_size": 100})
+        first.start()
+        time.sleep(0.05)  # first has swapped the limits and sleeps in set_capacity
+        bus.reconfigure_limits(max_queue_size=200)
+        first.join(10)
+        assert bus.backpressure.capacity == bus.limits.max_queue_size
