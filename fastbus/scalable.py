@@ -518,7 +518,10 @@ class ScalableBus(BusCore):
         Returns the number published for in-memory topics, the list of offsets for
         durable topics, or what ``inner.publish`` returned for each message of a
         pass-through topic (as a list). All or nothing: a refused batch
-        (``BusOverloaded``) enqueued none of its messages.
+        (``BusOverloaded``) enqueued none of its messages, and neither did one with
+        a bad key or (durable topics without a serializer) a payload the WAL cannot
+        store (``TypeError``). A durable batch cut by ``close()`` keeps what it had
+        appended (``BusClosed``).
         """
         msgs = messages if type(messages) is list else list(messages)
         t = self._topics.get(check_topic(topic))
