@@ -25,6 +25,8 @@ Every field of a ``PartState`` is guarded by the queue lock (a
 same lock as the Python code does.
 """
 
+from cpython.bytes cimport PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_GET_LENGTH
 from libc.stdint cimport int64_t
 from libc.string cimport strerror
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
@@ -33,6 +35,9 @@ from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 cimport cython
 
 from ._segfile cimport MappedSegment, PWRITE_MIN
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
 from ._walcodec cimport RecordEncoder
 
 from _thread import allocate_lock as _new_lock
@@ -56,6 +61,23 @@ cdef enum:
 
 INDEX_INTERVAL = _INDEX_INTERVAL  # bytes between sparse index entries
 cdef int64_t _NEAR_NS = 1_000_000_000  # may_wait: a roll by age within a second is near
+
+
+cdef Py_ssize_t _bytes_at_most(object x) except -1:
+    """At least the bytes ``x`` (a payload, key, header name or value) takes in a
+    record: a str's UTF-8 form has up to 4 bytes a character. 0 for an object a
+    serializer turns into bytes (its size is not known before)."""
+    if x is None:
+        return 0
+    if type(x) is bytes:
+        return PyBytes_GET_SIZE(x)
+    if type(x) is str:
+        return PyUnicode_GET_LENGTH(x) if PyUnicode_IS_ASCII(x) else 4 * PyUnicode_GET_LENGTH(x)
+    if isinstance(x, memoryview):
+        return (<memoryview>x).nbytes
+    if isinstance(x, bytearray):
+        return len(<bytearray>x)
+    return 0
 
 
 cdef class SegmentState:
@@ -303,14 +325,20 @@ cdef class Appender:
 
     @cython.binding(False)
     @cython.embedsignature.format("clinic")
-    def may_wait(self, Py_ssize_t nbytes=0):
-        """Could the next append of about ``nbytes`` wait for the disk, on any
-        partition? See ``WalMessageQueue._may_wait``. Reads without the lock."""
+    def may_wait(self, payload=None, key=None, headers=None):
+        """Could appending this record wait for the disk, on any partition? See
+        ``WalMessageQueue._may_wait``. Reads without the lock."""
         cdef PartState part
         cdef SegmentState seg
         cdef int64_t now, durable
-        cdef Py_ssize_t size
-        if self._always or nbytes >= _NEAR:
+        cdef Py_ssize_t size, nbytes
+        if self._always:
+            return True
+        nbytes = 64 + _bytes_at_most(payload) + _bytes_at_most(key)
+        if headers:
+            for k, v in headers.items():
+                nbytes += 8 + _bytes_at_most(k) + _bytes_at_most(v)
+        if nbytes >= _NEAR:
             return True
         now = self._now()
         for part in self._parts:

@@ -497,8 +497,7 @@ class ScalableBus(BusCore):
                 bp._reject(topic)
             if extra:
                 hdrs = {**hdrs, **extra} if hdrs else dict(extra)
-        if t.wal is not None and t.wal._may_wait(len(message) if isinstance(
-                message, (bytes, bytearray, memoryview, str)) else 0):
+        if t.wal is not None and t.wal._may_wait(message, key, hdrs):
             return await asyncio.to_thread(self._enqueue, t, message, key, hdrs)
         return self._enqueue(t, message, key, hdrs)
 
@@ -666,6 +665,7 @@ class ScalableBus(BusCore):
         t = self._topics.get(sub.topic)
         if t is None:
             return
+        thread = None
         with self._lock, t.lock:
             g.members = [m for m in g.members if m is not member]
             if g.members:
@@ -674,8 +674,12 @@ class ScalableBus(BusCore):
             else:
                 t.groups = tuple(x for x in t.groups if x is not g)
                 g.owners = ()
-        if not g.members and t.wal is not None:
-            self._stop_durable_group(t, g)
+                if t.wal is not None:
+                    # In the same locked stretch as the group's removal: a member of
+                    # this group that joins from now on finds the thread in t.leaving.
+                    thread = self._stop_durable_group(t, g)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
 
     def _make_call(self, handler: Any) -> Any:
         if not _is_async(handler):
@@ -910,24 +914,23 @@ class ScalableBus(BusCore):
             # commits nothing: it leaves no offsets file and holds no data back.
             g.reader = WalReader(t.wal, f"_anonymous-{id(g):x}", t.wal.end_offsets())
         g.done = g.reader.position
-        prev = t.leaving.pop(g.name, None) if g.name is not None else None
+        with t.lock:  # (self._lock held too: _unsubscribe fills t.leaving under both)
+            prev = t.leaving.pop(g.name, None) if g.name is not None else None
         g.thread = threading.Thread(target=self._durable_loop, args=(t, g, prev),
                                     name=f"fastbus-wal-{t.name}-{g.name or 'anonymous'}",
                                     daemon=True)
 
-    def _stop_durable_group(self, t: _Topic, g: _Group) -> None:
+    def _stop_durable_group(self, t: _Topic, g: _Group) -> threading.Thread | None:
+        """``self._lock`` and ``t.lock`` held: tell ``g``'s delivery thread to end;
+        returns it (the caller joins it once the locks are let go)."""
         thread = g.thread
         g.thread = None
-        if thread is None:
-            return
-        if g.name is not None:
+        if thread is not None and g.name is not None:
             # A member of this group that joins before the thread ended (from another
-            # thread, from a handler, or after the join below timed out) starts
-            # delivering only after it, at the offsets it committed.
-            with t.lock:
-                t.leaving[g.name] = thread
-        if thread is not threading.current_thread():
-            thread.join(timeout=10)
+            # thread, from a handler, or after the join timed out) starts delivering
+            # only after it, at the offsets it committed.
+            t.leaving[g.name] = thread
+        return thread
 
     def _group_behind(self, t: _Topic, g: _Group) -> bool:
         if g.reader is None or g.thread is None:
@@ -947,9 +950,10 @@ class ScalableBus(BusCore):
         partition that has no owner at that moment (the group's last member
         just left) are not committed: the reader goes back to them.
         """
-        if prev is not None and prev.is_alive():
+        if prev is not None:
             # The group's previous delivery thread (its last member left) may still be
-            # handing records over and committing: start after it, at its commit.
+            # handing records over and committing: start after it, at its commit. (Even
+            # if it has ended by now: it may have committed after g.reader was opened.)
             while prev.is_alive() and not t.wal_stop.is_set():
                 prev.join(0.05)
             if t.wal_stop.is_set():

@@ -19,6 +19,7 @@ from fastbus import (
     Retention,
     ScalableBus,
     TopicConfig,
+    WalMessageQueue,
 )
 
 FAST = FsyncPolicy.never()
@@ -326,3 +327,172 @@ def test_concurrent_queue_size_changes_leave_limits_and_capacity_agreeing(monkey
         bus.reconfigure_limits(max_queue_size=200)
         first.join(10)
         assert bus.backpressure.capacity == bus.limits.max_queue_size
+
+
+def committed(path) -> dict[int, int]:
+    q = WalMessageQueue(path, partitions=1, fsync=FAST, retention=KEEP)
+    try:
+        return q.reader("g").committed
+    finally:
+        q.close()
+
+
+def test_a_member_joining_as_the_last_one_leaves_gets_each_record_once(tmp_path):
+    # _unsubscribe removes the empty group under the locks, but _stop_durable_group
+    # registers the old delivery thread in t.leaving only afterwards, without
+    # self._lock. A member of the same group that subscribes in between (any other
+    # thread may) finds no leaving thread and starts at once, at the old commit,
+    # next to the old thread that still holds a record. The wrapped lock runs that
+    # subscribe right after the leaver let go of self._lock (holding no lock, like
+    # another thread would).
+    with ScalableBus(data_dir=tmp_path, max_batch=64) as bus:
+        bus.configure_topic("t", durable())
+        for i in range(20):
+            bus.publish("t", str(i))
+        counts: collections.Counter[int] = collections.Counter()
+        lock = threading.Lock()
+        entered, release, joined = threading.Event(), threading.Event(), threading.Event()
+
+        def old(m):
+            with lock:
+                counts[int(m.payload)] += 1
+            if int(m.payload) == 0:
+                entered.set()
+                release.wait(10)
+
+        def new(m):
+            with lock:
+                counts[int(m.payload)] += 1
+
+        subs = []
+        t = bus._topics["t"]
+        leaver = threading.Thread(target=lambda: s1.unsubscribe())
+
+        class Lock:
+            """bus._lock that, once the leaver's locked stretch in which group "g"
+            went away ends, lets a new member join (as another thread could)."""
+
+            def __init__(self, real):
+                self.real = real
+
+            def __enter__(self):
+                return self.real.__enter__()
+
+            def __exit__(self, *exc):
+                self.real.__exit__(*exc)
+                if (not subs and threading.current_thread() is leaver and not t.groups
+                        and not self.real._is_owned()):
+                    subs.append(bus.subscribe("t", new, group="g"))
+                    joined.set()
+
+        bus._lock = Lock(bus._lock)
+        s1 = bus.subscribe("t", old, group="g")
+        assert entered.wait(5)
+        leaver.start()
+        assert joined.wait(5)
+        time.sleep(0.3)  # the new member's thread delivers (and commits) meanwhile
+        release.set()
+        leaver.join(10)
+        assert bus.flush(10)
+    twice = sorted(k for k, v in counts.items() if v > 1)
+    final = committed(tmp_path / "t")
+    assert sorted(counts) == list(range(20))
+    # (before the fix: [0] twice, and the old thread's late commit {0: 1} overwrote
+    # the new thread's {0: 20}: after a restart, records 1..19 came a third time)
+    assert (twice, final) == ([], {0: 20})
+
+
+def test_a_member_joining_after_the_old_thread_ended_gets_each_record_once(tmp_path):
+    # _open_durable_group opens the reader at the commit of the moment; _durable_loop
+    # reopens it only if the previous thread is *still* alive when the new thread
+    # runs. If the previous thread commits and ends in between, the new thread keeps
+    # the stale reader and delivers again what the previous one committed.
+    with ScalableBus(data_dir=tmp_path, max_batch=64) as bus:
+        bus.configure_topic("t", durable())
+        for i in range(5):
+            bus.publish("t", str(i))
+        counts: collections.Counter[int] = collections.Counter()
+        lock = threading.Lock()
+        entered, release = threading.Event(), threading.Event()
+        subs, prev = {}, []
+        ready = threading.Event()
+
+        def old(m):
+            ready.wait(5)
+            with lock:
+                counts[int(m.payload)] += 1
+            if "a" in subs:
+                prev.append(threading.current_thread())
+                subs.pop("a").unsubscribe()  # from inside its handler: no join
+                entered.set()
+                release.wait(10)
+
+        def new(m):
+            with lock:
+                counts[int(m.payload)] += 1
+
+        subs["a"] = bus.subscribe("t", old, group="g")
+        ready.set()
+        assert entered.wait(5)
+        wal = bus._topics["t"].wal
+        real_reader = wal.reader
+
+        def reader(name):
+            r = real_reader(name)  # the commit as of now: {0: 0}
+            release.set()  # the old thread finishes record 0, commits, and ends ...
+            prev[0].join(5)  # ... before the new thread starts
+            return r
+
+        wal.reader = reader
+        bus.subscribe("t", new, group="g")
+        wal.reader = real_reader
+        assert bus.flush(10)
+    twice = sorted(k for k, v in counts.items() if v > 1)
+    assert sorted(counts) == list(range(5))
+    assert not twice, f"group 'g' got {twice} twice"
+
+
+def test_publish_async_counts_a_str_payload_in_bytes_for_a_near_roll(tmp_path,
+                                                                           monkeypatch):
+    # publish_async passes len(message) to WalMessageQueue._may_wait as the record's
+    # size. For a str that is the number of characters, not of UTF-8 bytes (and the
+    # key and headers are not counted at all): a 30 000-character str of 3-byte
+    # characters is a 90 KB record. With 64 KiB + a little left in the segment,
+    # _may_wait says "no roll near", the append runs in the event loop's thread, and
+    # rolls the segment there: handle.seal() fdatasyncs the old segment on the loop.
+    import asyncio
+    import functools
+
+    import fastbus.wal as walpkg
+
+    # (a 1 MiB segment instead of 64 MiB so the test writes little; the same happens
+    # at the end of every 64 MiB segment)
+    monkeypatch.setattr(walpkg, "WalMessageQueue",
+                        functools.partial(walpkg.WalMessageQueue, segment_bytes=1 << 20))
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable())
+        wal = bus._topics["t"].wal
+        part = wal._parts[0]
+        while (1 << 20) - part.segments[-1].size > (64 << 10) + 8192:
+            bus.publish("t", b"x" * 4000)
+        assert (1 << 20) - part.segments[-1].size > (64 << 10) + 100
+        rolled_on: list[tuple[int, int]] = []
+        real_enqueue = bus._enqueue
+
+        def enqueue(t, message, key, hdrs):
+            before = wal.metrics()["segments_rolled"]
+            try:
+                return real_enqueue(t, message, key, hdrs)
+            finally:
+                rolled_on.append((threading.get_ident(),
+                                  wal.metrics()["segments_rolled"] - before))
+
+        bus._enqueue = enqueue
+
+        async def main():
+            await bus.publish_async("t", "\u20ac" * 30_000)
+            return threading.get_ident()
+
+        loop_thread = asyncio.run(main())
+    assert rolled_on and rolled_on[0][1] == 1  # the append rolled the segment ...
+    assert rolled_on[0][0] != loop_thread, "... and fdatasynced it in the event loop"

@@ -158,7 +158,11 @@ def test_may_wait_says_which_appends_can_wait_for_the_disk(tmp_path):
             q.append(b"x" * 100)
         assert q._may_wait()  # offset 39 asks for a sync, 2n past the last finished
         q._app.syncw = q._syncw
-        assert q._may_wait(1 << 20)  # a large payload
+        assert q._may_wait(b"x" * (1 << 20))  # a large payload
+        assert q._may_wait("\u20ac" * (20 << 10))  # 60 KiB in UTF-8, 20 Ki characters
+        assert q._may_wait(b"x", headers={"h": b"y" * (64 << 10)})
+        q._syncw.wait_synced(0, 30)  # (offset 39 asks for a sync: let the disk keep up)
+        assert not q._may_wait("x" * (20 << 10), key=b"k")
         while q._parts[0].segments[-1].size < (1 << 20) - (64 << 10):
             q.append_many([b"y" * 1000] * 50)
         assert q._may_wait()  # a roll is near

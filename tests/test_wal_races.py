@@ -9,6 +9,7 @@ acquisition, as the scheduler (or another reader holding the lock) would.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -247,3 +248,38 @@ def test_a_commit_after_close_raises_and_leaves_the_next_owners_offsets(target):
         assert q3.groups() == {"g": {0: 0}}
     finally:
         q3.close()
+
+
+def test_poll_with_a_timeout_returns_while_the_disk_is_full():
+    # WalReader.poll: "waits up to timeout seconds". With buffered records that cannot
+    # be written (ENOSPC), _readable() stays True, _gather()'s write-out fails (the
+    # error is suppressed) and the loop `continue`s without looking at the deadline:
+    # poll spins at 100% CPU until the disk has room again (ScalableBus's durable
+    # delivery thread too).
+    store = MemoryStore()
+    q = WalMessageQueue(store, fsync=FsyncPolicy.never(), compaction_interval=None, linger=60,
+                        buffer_bytes=1 << 20)
+    r = q.reader("g")
+    q.append(b"a")
+    assert [x.payload for x in r.poll(timeout=0)] == [b"a"]
+    q.append(b"b")  # acknowledged into the buffer
+    store.enospc()
+    out: dict[str, object] = {}
+
+    def go():
+        t0 = time.monotonic()
+        try:
+            out["v"] = r.poll(timeout=0.1)
+        except Exception as exc:  # an error is fine too; spinning is not
+            out["v"] = exc
+        out["t"] = time.monotonic() - t0
+
+    th = threading.Thread(target=go, daemon=True)
+    th.start()
+    th.join(2)
+    spun = th.is_alive()
+    writes_failed = q.metrics()["write_errors"]
+    store.clear_faults()
+    th.join(5)
+    q.close()
+    assert not spun, f"poll(timeout=0.1) still running after 2 s ({writes_failed} failed writes)"

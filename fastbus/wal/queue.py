@@ -396,20 +396,21 @@ class WalMessageQueue:
         """
         return self._app.append(payload, key=key, headers=headers, partition=partition)
 
-    def _may_wait(self, nbytes: int = 0) -> bool:
-        """Could the next append of about ``nbytes`` wait for the disk, on any partition?
+    def _may_wait(self, payload: Any = None, key: Any = None, headers: Any = None) -> bool:
+        """Could appending this record wait for the disk, on any partition?
 
         For callers that must not block: ``ScalableBus.publish_async`` runs such an
         append in a thread. True under ``always``; when the partition needs care
         (``slow``: throttled, a write to retry, ...); when the next append asks
         ``every(n)``'s worker for a sync and the disk is so far behind that it will
         wait (2n records past the last finished sync); when a roll is near (it
-        fdatasyncs the old segment); and off the mapped path, when the buffer is
-        near its write-out. Read without the
-        lock: a stale answer moves an append to a thread needlessly, or lets one
-        find the state changed, as any append may.
+        fdatasyncs the old segment; the record's size is counted from above: a str
+        as 4 bytes a character unless ASCII); and off the mapped path, when the
+        buffer is near its write-out. Read without the lock: a stale answer moves
+        an append to a thread needlessly, or lets one find the state changed, as
+        any append may.
         """
-        return self._app.may_wait(nbytes)
+        return self._app.may_wait(payload, key, headers)
 
     def _append_slow(self, part: _Part, payload: Any, key: Any, headers: Any) -> tuple[int, int]:
         """``always`` appends the compiled path hands over, and any append while the
@@ -1303,8 +1304,10 @@ class WalMessageQueue:
         buffer out (``_snapshot``) unless a write is running or the partition is broken."""
         if part.visible > offset:
             return True
+        # (not while a failed write-out waits for its retry, ``unwritten``: the reader's
+        # own write-out just failed too, and poll would go round without waiting)
         return (not self._always and part.next_offset > offset and not part.io_busy
-                and part.broken is None)
+                and part.broken is None and not part.unwritten)
 
     def _being_written(self, part: _Part, offset: int) -> bool:
         """Lock held: are records from ``offset`` on being written out right now (so
