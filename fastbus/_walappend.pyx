@@ -330,6 +330,7 @@ cdef class Appender:
         ``WalMessageQueue._may_wait``. Reads without the lock."""
         cdef PartState part
         cdef SegmentState seg
+        cdef MappedSegment m
         cdef int64_t now, durable
         cdef Py_ssize_t size, nbytes
         if self._always:
@@ -352,8 +353,9 @@ cdef class Appender:
                     durable = max(durable, <int64_t>self.syncw.synced_upto(part.index))
                 if part.next_offset + 1 - durable >= 2 * self._every:
                     return True
-            if part.mapped is not None:
-                size = part.mapped._size
+            m = part.mapped  # (read once: close() may clear it; GIL held, no lock)
+            if m is not None:
+                size = m._size
             else:
                 seg = part.segments[len(part.segments) - 1]
                 size = seg.size

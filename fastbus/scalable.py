@@ -1076,12 +1076,27 @@ class ScalableBus(BusCore):
         Publishes under way finish first (a durable one is then delivered too).
         If in-memory messages are still queued after ``timeout`` seconds, they are
         not delivered: they are counted in ``metrics().drops["undelivered_at_close"]``
-        and logged. Idempotent. Publishing after close raises ``BusClosed``.
+        and logged. Idempotent. Publishing after close raises ``BusClosed``. Called
+        from a handler, it returns at once and the rest runs in a thread of its own
+        once handlers return.
         """
         with self._lock:  # configure_topic looks again under it: no topic comes after
             if self._closed:
                 return
             self._closed = True
+        me = threading.current_thread()
+        if me in self._workers or any(
+                me is g.thread or me in t.leaving.values()
+                for t in self._topics.values() for g in t.groups):
+            # Called from a handler: the rest waits for that handler to return (and
+            # joins the threads, its own among them), so it goes on in a thread of its
+            # own. Publishes are refused from now on.
+            threading.Thread(target=self._finish_close, args=(timeout,),
+                             name="fastbus-close").start()
+            return
+        self._finish_close(timeout)
+
+    def _finish_close(self, timeout: float | None) -> None:
         for t in self._topics.values():
             if t.core is not None:
                 t.core.closed = True

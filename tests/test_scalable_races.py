@@ -496,3 +496,37 @@ def test_publish_async_counts_a_str_payload_in_bytes_for_a_near_roll(tmp_path,
         loop_thread = asyncio.run(main())
     assert rolled_on and rolled_on[0][1] == 1  # the append rolled the segment ...
     assert rolled_on[0][0] != loop_thread, "... and fdatasynced it in the event loop"
+
+
+@pytest.mark.parametrize("kind", ["memory", "durable"])
+def test_close_from_a_handler_returns_and_the_bus_closes(tmp_path, kind):
+    # A plugin's handler that shuts the bus down (a "stop" message): close() from a
+    # dispatch or delivery thread used to wait for that very handler (flush) and then
+    # join its own thread: RuntimeError. It returns, publishes are refused from then
+    # on, and the close completes once the handler has returned.
+    bus = ScalableBus(data_dir=tmp_path)
+    bus.configure_topic("t", durable() if kind == "durable" else TopicConfig(partitions=1))
+    out: dict[str, object] = {}
+    done = threading.Event()
+
+    def handler(m):
+        if m.payload == "stop":
+            t0 = time.monotonic()
+            try:
+                bus.close(timeout=5)
+                out["took"] = time.monotonic() - t0
+            except BaseException as exc:  # the test reports it
+                out["error"] = exc
+            try:
+                bus.publish("t", "after")
+            except BusClosed:
+                out["refused"] = True
+            done.set()
+
+    bus.subscribe("t", handler, group="g" if kind == "durable" else None)
+    bus.publish("t", "stop")
+    assert done.wait(10)
+    assert "error" not in out, out
+    assert out["took"] < 1 and out["refused"]
+    assert wait_until(lambda: bus._topics["t"].wal is None or bus._topics["t"].wal.closed, 10)
+    assert wait_until(lambda: not any(th.is_alive() for th in bus._workers), 10)
