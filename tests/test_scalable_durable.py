@@ -32,6 +32,7 @@ from fastbus import (
     WalMessageQueue,
     partition_for,
 )
+from tests.waiting import wait_until
 
 FAST = FsyncPolicy.never()  # flush()/close() still write and sync everything
 KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
@@ -50,15 +51,6 @@ def collect(lock: threading.Lock | None = None):
             got.append(m)
 
     return got, handler
-
-
-def wait_until(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.002)
-    return pred()
 
 
 def tree_bytes(root) -> dict[str, bytes]:

@@ -21,6 +21,7 @@ from fastbus import (
     TopicConfig,
     WalMessageQueue,
 )
+from tests.waiting import wait_until
 
 FAST = FsyncPolicy.never()
 KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
@@ -28,15 +29,6 @@ KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
 
 def durable(partitions: int | None = 1, **kw) -> TopicConfig:
     return TopicConfig(durable=True, partitions=partitions, fsync=FAST, retention=KEEP, **kw)
-
-
-def wait_until(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.002)
-    return pred()
 
 
 # -- 1. durable group: a member leaving while another joins gets the records twice -------

@@ -24,6 +24,7 @@ from fastbus import (
     partition_for,
 )
 from tests.crashkit import crash_in_process
+from tests.waiting import wait_until
 
 NO_RETENTION = Retention(max_age=None, max_bytes=None, until_acked=False)
 
@@ -1042,13 +1043,6 @@ def test_cli_module_entry_point(tmp_path):
     assert "offset=0" in res.stdout and "b'hello'" in res.stdout
 
 
-def _wait_for(cond, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return cond()
-
-
 def test_interval_syncs_records_the_last_sync_did_not_cover():
     """A sync covers what is written when it starts; a record still buffered then
     (here: waiting for linger) must stay marked unsynced and get the next sync."""
@@ -1057,7 +1051,7 @@ def test_interval_syncs_records_the_last_sync_did_not_cover():
     part = q._parts[0]
     q.append(b"A" * 5000)  # fills the buffer: written through at once
     q.append(b"B")  # buffered until linger; the interval's sync comes first
-    assert _wait_for(lambda: part.durable == 2), (part.written, part.durable)
+    assert wait_until(lambda: part.durable == 2), (part.written, part.durable)
     q.close()
 
 
@@ -1077,12 +1071,12 @@ def test_interval_sync_due_during_a_slow_write_still_happens(tmp_path, monkeypat
     q = WalMessageQueue(str(tmp_path / "q"), fsync=FsyncPolicy.interval(0.05))
     part = q._parts[0]
     q.append_many([b"a"] * 10)
-    assert _wait_for(lambda: part.durable == 10)
+    assert wait_until(lambda: part.durable == 10)
     slow.set()
     q.append_many([b"b"] * 10)  # in flight when the interval's sync comes due
     slow.clear()
     q.append_many([b"c"] * 10)  # not the first unsynced record: wakes nobody
-    assert _wait_for(lambda: part.durable == 30), (part.written, part.durable)
+    assert wait_until(lambda: part.durable == 30), (part.written, part.durable)
     q.close()
 
 
@@ -1181,15 +1175,6 @@ def _hold_the_retry(monkeypatch, *, retry_fails: bool):
     return in_retry, release, failing
 
 
-def _wait_for(cond, t=5.0):
-    end = time.monotonic() + t
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
-
-
 def test_append_during_retry_after_throttle_is_refused(tmp_path, monkeypatch):
     """every(n): the throttle ends while the syncer retries a failed write; an append
     then must still wait for that retry and be refused when it fails (the end of the
@@ -1204,7 +1189,7 @@ def test_append_during_retry_after_throttle_is_refused(tmp_path, monkeypatch):
     # accepted), then _request_sync finds 2n unsynced -> throttled (waits for the disk).
     a = threading.Thread(target=q.append_many, args=([b"A" * 100] * 3000,), name="A")
     a.start()
-    assert _wait_for(lambda: part.throttled)
+    assert wait_until(lambda: part.throttled)
     assert in_retry.wait(5), "syncer did not retry"   # retry in flight, slow set
     assert part.io_busy and part.slow
     w.done.set()                           # the disk catches up: throttle ends

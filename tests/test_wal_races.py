@@ -26,14 +26,6 @@ from tests.crashkit import crash_in_process
 ACKED_ONLY = Retention(max_age=None, max_bytes=None, until_acked=True)
 
 
-class FakeClock:
-    def __init__(self, t: float = 1_700_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
 @pytest.fixture(params=["file", "sqlite", "memory"])
 def target(request, tmp_path):
     if request.param == "file":
