@@ -1,5 +1,5 @@
 import mmap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -62,6 +62,7 @@ class Record:
     def __eq__(self, other: object) -> bool: ...
     __hash__: None  # type: ignore[assignment]
 
+def check_keys(keys: Iterable[object]) -> None: ...
 def encode_record(
     offset: int, timestamp_ns: int, key: _Key, headers: _Headers, payload: _Value
 ) -> bytes: ...

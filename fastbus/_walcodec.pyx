@@ -947,6 +947,17 @@ cdef object _as_sequence(object obj, str what):
     return obj
 
 
+def check_keys(keys):
+    """check_keys(keys) -> None
+
+    Raises the ``TypeError`` an append would for the first key of ``keys`` the
+    codec cannot store (the same rule: None, str, or a bytes-like object)."""
+    for k in keys:
+        if k is not None and not PyBytes_CheckExact(k) and not PyUnicode_Check(k) \
+                and not PyObject_CheckBuffer(k):
+            raise TypeError(_type_message(k, "key"))
+
+
 def encode_record(int64_t offset, int64_t timestamp_ns, key, headers, payload):
     """encode_record(offset, timestamp_ns, key, headers, payload) -> bytes
 

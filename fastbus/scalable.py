@@ -1224,18 +1224,16 @@ class ScalableBus(BusCore):
 
 
 def _check_durable_batch(wal: Any, msgs: list[Any], keys: list[Any] | None) -> None:
-    """Raise ``TypeError`` for any payload or key a WAL append would refuse."""
+    """Raise ``TypeError`` for any payload or key a WAL append would refuse (its own
+    checks, so the rules and the messages are the same)."""
     from ._walappend import check_payloads
+    from ._walcodec import check_keys
     from .wal.queue import _payload_type_error
 
     if getattr(wal, "_serializer", None) is None:
         check_payloads(msgs, _payload_type_error)
     if keys is not None:
-        for k in keys:
-            if k is not None and not isinstance(k, bytes | bytearray | memoryview | str):
-                raise TypeError(f"a WAL record key must be None, bytes, bytearray, memoryview "
-                                f"or str, got {type(k).__name__}; nothing of the batch was "
-                                f"published")
+        check_keys(keys)
 
 
 def _check_headers(headers: Any) -> dict[str, Any]:

@@ -124,6 +124,22 @@ def test_durable_publish_many_with_bad_input_appends_nothing(tmp_path, messages,
         assert bus.publish("t", b"ok") == 0  # nothing was taken by the refused batch
 
 
+def test_durable_publish_many_takes_every_key_publish_takes(tmp_path):
+    # The all-or-nothing check is the WAL's own: a bytes-like key publish() takes
+    # (array.array here) is not refused by publish_many, and the message is the same.
+    import array
+
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=1))
+        assert bus.publish("t", b"a", key=array.array("B", b"k")) == 0
+        assert bus.publish_many("t", [b"b", b"c"], keys=[array.array("B", b"k"), "z"]) == [1, 2]
+        with pytest.raises(TypeError) as one:
+            bus.publish("t", b"x", key=5)
+        with pytest.raises(TypeError) as many:
+            bus.publish_many("t", [b"x"], keys=[5])
+        assert str(many.value) == str(one.value)
+
+
 # -- 3. publish_async on a pass-through topic drops key and headers silently -------------
 
 
