@@ -226,6 +226,10 @@ class TopicConfig:
     partition (``ring_size`` slots, a power of two) with an overflow queue.
     ``durable``: append every message to a WAL partition before delivery
     (``fsync``, ``retention``). ``critical``: never shed under backpressure.
+    ``serializer`` (durable topics): how payloads that are not bytes-like or str
+    are stored: None (refused with ``TypeError``), ``"json"``, ``"pickle"``
+    (trusted data only: loading a pickle runs code) or an object with
+    ``dumps()``/``loads()``; subscribers get the loaded object.
     """
 
     partitions: int | None = None
@@ -235,10 +239,23 @@ class TopicConfig:
     critical: bool = False
     fsync: FsyncPolicy = _DEFAULT_FSYNC
     retention: Retention = _DEFAULT_RETENTION
+    serializer: Any = None
 
     def __post_init__(self) -> None:
         if self.partitions is not None:
             _check_int("TopicConfig", "partitions", self.partitions, minimum=1)
+        ser = self.serializer
+        if ser is not None:
+            named = isinstance(ser, str) and ser in ("json", "pickle")
+            if not (named or (callable(getattr(ser, "dumps", None))
+                              and callable(getattr(ser, "loads", None)))):
+                raise TypeError(
+                    f"TopicConfig.serializer must be None, 'json', 'pickle' or an object with "
+                    f"dumps() and loads(), got {ser!r}")
+            if not self.durable:
+                raise ValueError(
+                    "TopicConfig.serializer applies to durable topics only (in-memory topics "
+                    "carry any object as it is); add durable=True or drop serializer")
         for name in ("hot", "durable", "critical"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(

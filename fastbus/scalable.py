@@ -41,10 +41,11 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ._dispatch import BusCore, Message, PartitionSlot, TopicCore, deliver_each
+from ._walcodec import check_keys
 from .backpressure import BackpressureState, MessageBusBackpressure, _count_value
 from .bus import InProcessBus, MessageBus, Subscription, check_handler, check_topic
 from .bus import is_async_handler as _is_async
@@ -356,10 +357,12 @@ class ScalableBus(BusCore):
 
         On a topic already configured, the partition count may be raised (the
         old partitions drain before messages under the new mapping are
-        delivered, so per-key order holds) and ``critical``, ``fsync`` and
-        ``retention`` may change; changing ``hot``/``durable``/``ring_size`` of
-        a live topic raises ``ValueError``. A new topic beyond
-        ``Limits.max_topics`` raises ``LimitExceeded``.
+        delivered, so per-key order holds), and ``critical`` and ``retention``
+        (applied from the WAL's next compaction) may change; changing
+        ``hot``/``durable``/``ring_size``, or a durable topic's ``fsync`` or
+        ``serializer``, raises ``ValueError`` (the WAL keeps the policy it was
+        opened with: close the bus and configure the topic anew on the next
+        one). A new topic beyond ``Limits.max_topics`` raises ``LimitExceeded``.
 
         With ``partitions=None`` the count of an in-memory topic follows the
         subscribers: it starts at the size of the largest group (at least 1) and
@@ -397,6 +400,15 @@ class ScalableBus(BusCore):
                     raise ValueError(
                         f"topic {name!r} is live with {attr}={getattr(old, attr)!r}; it cannot "
                         f"change to {getattr(config, attr)!r} without a new topic name")
+            if t.wal is not None:
+                for attr in ("fsync", "serializer"):
+                    if getattr(old, attr) != getattr(config, attr):
+                        raise ValueError(
+                            f"durable topic {name!r} is live with {attr}="
+                            f"{getattr(old, attr)!r}; its WAL cannot change to "
+                            f"{getattr(config, attr)!r} while open: close this bus and "
+                            f"configure the topic with the new {attr} on the next one "
+                            f"(the WAL keeps its data)")
             if config.partitions is not None and config.partitions < t.n:
                 raise ValueError(
                     f"topic {name!r} has {t.n} partitions; the count can be raised, not "
@@ -405,6 +417,8 @@ class ScalableBus(BusCore):
                 raise ValueError(
                     f"durable topic {name!r} keeps the {t.n} partitions its WAL was created "
                     f"with; got {config.partitions}")
+            if t.wal is not None and config.retention != old.retention:
+                t.wal.retention = config.retention
             t.config = config
             if config.partitions is not None and config.partitions > t.n:
                 self._repartition(t, config.partitions)
@@ -518,9 +532,11 @@ class ScalableBus(BusCore):
         durable topics, or what ``inner.publish`` returned for each message of a
         pass-through topic (as a list). All or nothing: a refused batch
         (``BusOverloaded``) enqueued none of its messages, and neither did one with
-        a bad key or (durable topics without a serializer) a payload the WAL cannot
-        store (``TypeError``). A durable batch cut by ``close()`` keeps what it had
-        appended (``BusClosed``).
+        a bad key or a payload the WAL cannot store or its serializer cannot dump
+        (durable topics). A durable batch is one WAL ``append_many``: under
+        ``always`` it returns after one group commit per partition it touches, and
+        ``close()`` waits for it; a write failing for one partition (``OSError``,
+        a full disk) keeps what the partitions before it took.
         """
         msgs = messages if type(messages) is list else list(messages)
         t = self._topics.get(check_topic(topic))
@@ -546,11 +562,7 @@ class ScalableBus(BusCore):
         if not msgs:
             return [] if t.wal is not None else 0
         if t.wal is not None:
-            # All or nothing for bad input (DESIGN invariant 6): check every payload and
-            # key before the first append.
-            _check_durable_batch(t.wal, msgs, klist)
-            return [self._append_durable(t, m, None if klist is None else klist[i], hdrs)
-                    for i, m in enumerate(msgs)]
+            return self._append_durable_many(t, msgs, klist, hdrs)
         assert t.core is not None
         self._admit_batch(t, len(msgs))
         return t.core.publish_many(msgs, klist, hdrs)
@@ -874,7 +886,7 @@ class ScalableBus(BusCore):
             os.makedirs(self._data_dir, mode=0o700, exist_ok=True)
             target = os.path.join(self._data_dir, name)
         wal = WalMessageQueue(target, partitions=config.partitions, fsync=config.fsync,
-                              retention=config.retention)
+                              retention=config.retention, serializer=config.serializer)
         if isinstance(store, Store):
             self._store_topic = name
         return wal
@@ -888,19 +900,44 @@ class ScalableBus(BusCore):
             _, offset = t.wal.append(message, key=key, headers=hdrs)
         finally:
             next(t.appends_done)
+        self._appended_durable(t, (message,))
+        return offset
+
+    def _append_durable_many(self, t: _Topic, msgs: list[Any], keys: list[Any] | None,
+                             hdrs: dict[str, Any] | None) -> list[int]:
+        """A durable batch in one ``append_many``: one write and (``always``) one
+        group commit per partition, not one per message."""
+        if keys is not None:
+            # All or nothing for bad input (DESIGN invariant 6): append_many checks
+            # (or serializes) every payload before it appends, and the keys here,
+            # since a batch split over partitions appends them one partition at a time.
+            check_keys(keys)
+        next(t.appends_started)
+        try:
+            if self._closed:
+                raise BusClosed("publish on a closed ScalableBus")
+            # Unkeyed messages go round robin one by one, as publish() sends them.
+            pairs = t.wal.append_many(msgs, keys=[None] * len(msgs) if keys is None else keys,
+                                      headers=hdrs)
+        finally:
+            next(t.appends_done)
+        self._appended_durable(t, msgs)
+        return [offset for _, offset in pairs]
+
+    def _appended_durable(self, t: _Topic, msgs: Sequence[Any]) -> None:
         with t.lock:
-            t.published_durable += 1
+            t.published_durable += len(msgs)
         if self._inner_subs is None or t.name in self._inner_subs:
             # Durable topics forward to the inner bus once the record is in the WAL,
             # in the publisher's thread: its subscribers get every message even
             # when no fastbus group reads the topic.
-            try:
-                self._inner_publish(t.name, message)
-            except Exception as exc:
-                with t.lock:
-                    t.errors += 1
-                self._handler_error(exc, message, self._inner_publish)
-        return offset
+            for message in msgs:
+                try:
+                    self._inner_publish(t.name, message)
+                except Exception as exc:
+                    with t.lock:
+                        t.errors += 1
+                    self._handler_error(exc, message, self._inner_publish)
 
     def _open_durable_group(self, t: _Topic, g: _Group) -> None:
         """Give ``g`` its WAL reader and its (not yet started) delivery thread."""
@@ -1221,19 +1258,6 @@ class ScalableBus(BusCore):
     def __repr__(self) -> str:
         state = "closed" if self._closed else self._bp.state.name
         return f"<ScalableBus topics={len(self._topics)} {state} inner={self._inner!r}>"
-
-
-def _check_durable_batch(wal: Any, msgs: list[Any], keys: list[Any] | None) -> None:
-    """Raise ``TypeError`` for any payload or key a WAL append would refuse (its own
-    checks, so the rules and the messages are the same)."""
-    from ._walappend import check_payloads
-    from ._walcodec import check_keys
-    from .wal.queue import _payload_type_error
-
-    if getattr(wal, "_serializer", None) is None:
-        check_payloads(msgs, _payload_type_error)
-    if keys is not None:
-        check_keys(keys)
 
 
 def _check_headers(headers: Any) -> dict[str, Any]:

@@ -635,3 +635,76 @@ def test_metrics_show_the_wal_and_group_lag(tmp_path):
         assert tm.depth == [0, 0]
         d = m.as_dict()
         assert d["per_topic"]["t"]["wal"]["group_lag"] == {"g": 0}
+
+
+# -- serializer, batches, live configuration -----------------------------------------------
+
+
+def test_serializer_carries_objects_and_a_restart_loads_them(tmp_path):
+    cfg = durable(partitions=1, serializer="json")
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", cfg)
+        got, h = collect()
+        bus.subscribe("t", h, group="g")
+        assert bus.publish("t", {"n": 1}) == 0
+        assert bus.publish_many("t", [[2], "three", None]) == [1, 2, 3]
+        assert bus.flush(10)
+        assert [m.payload for m in got] == [{"n": 1}, [2], "three", None]
+    with ScalableBus(data_dir=tmp_path) as bus:  # published while nobody reads
+        bus.configure_topic("t", cfg)
+        bus.publish("t", {"n": 5})
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", cfg)
+        got, h = collect()
+        bus.subscribe("t", h, group="g")
+        assert bus.flush(10)
+        assert [m.payload for m in got] == [{"n": 5}]
+
+
+def test_without_a_serializer_the_error_names_the_topic_option(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=1))
+        with pytest.raises(TypeError, match=r"TopicConfig\(serializer="):
+            bus.publish("t", {"n": 1})
+
+
+def test_topic_config_checks_the_serializer():
+    with pytest.raises(TypeError, match="serializer must be None, 'json', 'pickle'"):
+        TopicConfig(durable=True, serializer="yaml")
+    with pytest.raises(TypeError, match="serializer"):
+        TopicConfig(durable=True, serializer=object())
+    with pytest.raises(ValueError, match="durable topics only"):
+        TopicConfig(serializer="json")
+
+
+def test_a_serializer_failing_inside_a_batch_appends_none_of_it(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=2, serializer="json"))
+        with pytest.raises(TypeError, match="not JSON serializable"):
+            bus.publish_many("t", [{"a": 1}, {"b": object()}, {"c": 3}])
+        assert bus.metrics().per_topic["t"].wal["records"] == 0
+        assert bus.publish_many("t", [1, 2]) == [0, 0]  # round robin, one each
+
+
+def test_durable_publish_many_shares_one_group_commit(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=1, fsync=FsyncPolicy.always()))
+        before = bus.metrics().per_topic["t"].wal["fsyncs"]
+        offs = bus.publish_many("t", [b"x%d" % i for i in range(200)], keys=["k"] * 200)
+        assert offs == list(range(200))
+        # One fdatasync for the batch (and none per message): 200 would be per message.
+        assert bus.metrics().per_topic["t"].wal["fsyncs"] - before <= 2
+
+
+def test_a_live_durable_topic_refuses_a_new_fsync_and_takes_a_new_retention(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        cfg = bus.configure_topic("t", durable(partitions=1, fsync=FsyncPolicy.never()))
+        with pytest.raises(ValueError, match=r"fsync=.*close this bus"):
+            bus.configure_topic("t", cfg.replace(fsync=FsyncPolicy.always()))
+        with pytest.raises(ValueError, match="serializer"):
+            bus.configure_topic("t", cfg.replace(serializer="json"))
+        assert bus.topic_config("t") == cfg
+        assert bus.metrics().per_topic["t"].wal["fsync_policy"] == repr(FsyncPolicy.never())
+        keep_less = Retention(max_age=60.0, max_bytes=None, until_acked=False)
+        bus.configure_topic("t", cfg.replace(retention=keep_less))
+        assert bus.metrics().per_topic["t"].wal["retention_policy"] == repr(keep_less)

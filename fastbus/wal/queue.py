@@ -157,7 +157,8 @@ def _payload_type_error(payload: object) -> TypeError:
     return TypeError(
         f"WAL payloads must be bytes-like or str, got {type(payload).__name__}; to store "
         "other objects pass serializer='json', serializer='pickle' (trusted data only) or an "
-        "object with dumps()/loads() to WalMessageQueue")
+        "object with dumps()/loads() to WalMessageQueue (TopicConfig(serializer=...) for a "
+        "ScalableBus durable topic)")
 
 
 _Part = PartState  # one partition's state; every field is guarded by the queue lock
@@ -676,6 +677,18 @@ class WalMessageQueue:
                     self._hand_off(part)
                 lock.release()
         return first
+
+    @property
+    def retention(self) -> Retention:
+        """The :class:`~fastbus.Retention` in force; assign a new one to change it
+        (the next compaction applies it)."""
+        return self._retention
+
+    @retention.setter
+    def retention(self, retention: Retention) -> None:
+        if not isinstance(retention, Retention):
+            raise TypeError(f"retention must be a Retention, got {retention!r}")
+        self._retention = retention
 
     def _check_partition(self, partition: object) -> int:
         if isinstance(partition, bool) or not isinstance(partition, int) \
@@ -1363,6 +1376,7 @@ class WalMessageQueue:
             m: dict[str, Any] = dict(self._m)
             m["partitions"] = self.partitions
             m["fsync_policy"] = repr(self._fsync)
+            m["retention_policy"] = repr(self._retention)
             # Writes the compiled paths made straight into a mapped segment (a single
             # record, or an append_many batch) count as writes of their own.
             m["writes"] += sum(p.direct_writes for p in self._parts)
