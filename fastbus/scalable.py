@@ -1159,9 +1159,13 @@ class ScalableBus(BusCore):
         for t in self._topics.values():
             if t.wal is not None:
                 t.wal_stop.set()
-                for g in t.groups:
-                    if g.thread is not None:
-                        g.thread.join(timeout=5)
+                with t.lock:
+                    threads = [g.thread for g in t.groups if g.thread is not None]
+                    # Groups whose last member left (from a handler: nobody joined the
+                    # thread): they commit what they handled before the WAL closes.
+                    threads += t.leaving.values()
+                for th in threads:
+                    th.join(timeout=5)
                 t.wal.close()
 
     def __enter__(self) -> ScalableBus:

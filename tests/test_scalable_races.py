@@ -538,3 +538,34 @@ def test_close_from_a_handler_returns_and_the_bus_closes(tmp_path, kind):
     assert out["took"] < 1 and out["refused"]
     assert wait_until(lambda: bus._topics["t"].wal is None or bus._topics["t"].wal.closed, 10)
     assert wait_until(lambda: not any(th.is_alive() for th in bus._workers), 10)
+
+
+# -- close() and a group whose last member left from inside its handler ------------------
+
+
+def test_close_waits_for_a_leaving_groups_delivery_to_commit(tmp_path):
+    # DESIGN: a restarted bus resumes each group at its last commit. The only member
+    # of "g" unsubscribes inside its handler (so nobody joins its delivery thread) and
+    # the bus closes while that handler still runs: close() must let the thread commit
+    # the record it handled, or the next run delivers it again.
+    in_handler, handled = threading.Event(), []
+    bus = ScalableBus(data_dir=tmp_path)
+    bus.configure_topic("t", durable(partitions=1))
+    bus.publish("t", "0")
+    subs = {}
+
+    def member(m):
+        handled.append(m.payload)
+        subs["a"].unsubscribe()  # its own delivery thread: not joined here
+        in_handler.set()
+        time.sleep(0.3)
+
+    subs["a"] = bus.subscribe("t", member, group="g")
+    assert in_handler.wait(5)
+    bus.close()
+    assert handled == ["0"]
+    q = WalMessageQueue(tmp_path / "t", partitions=None, compaction_interval=None)
+    try:
+        assert q.groups()["g"] == {0: 1}
+    finally:
+        q.close()
