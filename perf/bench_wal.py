@@ -31,6 +31,11 @@ fastbus:
   development VM the raw loop's first 50 fdatasyncs (the file in its first blocks)
   run 15-30% faster than later ones, and the 8-thread run needs a few syncs to
   gather all eight appenders, so the short pair understates the ratio.
+- bus-publish-every1000 / bus-publish_many-always: the same workloads as
+  append-every1000 and append_many-always through a ScalableBus durable topic
+  (TopicConfig(durable=True, partitions=1), no subscriber): what the bus adds on
+  top of the WAL (topic lookup, checks, counts). A durable publish_many is one
+  append_many, so one group commit per partition.
 - thread-handoff-python: context, not fastbus: one hand-off between two Python
   threads (a threading.Lock ping-pong). Each record of a group commit needs its
   appender woken and back on the GIL; on the development VM a hand-off across its
@@ -69,7 +74,7 @@ import time
 import _common
 import pyperf
 
-from fastbus import FsyncPolicy, Retention, WalMessageQueue
+from fastbus import FsyncPolicy, Retention, ScalableBus, TopicConfig, WalMessageQueue
 from fastbus._walcodec import encode_record
 from fastbus.benchcli import _wal_always_threads
 from fastbus.stores import FileStore
@@ -129,6 +134,30 @@ def bench_append_many_always(loops: int, base: str | None) -> float:
                 q.append_many(batch)
             total += time.perf_counter() - t0
             q.close()
+    return total
+
+
+def bench_bus(loops: int, base: str | None, many: bool) -> float:
+    """bus-publish-every1000 (``many`` False) or bus-publish_many-always (True)."""
+    total = 0.0
+    batch = [PAYLOAD] * 1000
+    fsync = FsyncPolicy.always() if many else FsyncPolicy.every(1000)
+    for _ in range(loops):
+        with Scratch(base) as d:
+            bus = ScalableBus(data_dir=d)
+            bus.configure_topic("t", TopicConfig(durable=True, partitions=1, fsync=fsync,
+                                                 retention=KEEP))
+            publish = bus.publish
+            t0 = time.perf_counter()
+            if many:
+                for _ in range(MANY_ALWAYS // 1000):
+                    bus.publish_many("t", batch)
+            else:
+                for _ in range(APPENDS):
+                    publish("t", PAYLOAD)
+                bus.flush()
+            total += time.perf_counter() - t0
+            bus.close()
     return total
 
 
@@ -320,6 +349,8 @@ def main() -> None:
     else:
         results.note("skipped queuelib-fifodisk: queuelib is not installed "
                      "(pip install queuelib)")
+    run("bus-publish-every1000", bench_bus, APPENDS, False)
+    run("bus-publish_many-always", bench_bus, MANY_ALWAYS, True)
     run("always-1thread-fastbus", bench_always_1, SYNCS)
     run("raw-write-fdatasync", bench_raw_fdatasync, SYNCS)
     run("sqlite-commit-each", bench_sqlite, SYNCS, 1, SYNCS)
@@ -337,7 +368,7 @@ def main() -> None:
         for k in results.medians:
             print(f"  {k:32s} {results.rate(k):14,.0f}")
 
-        def ratio(a: str, b: str, target: float) -> None:
+        def ratio(a: str, b: str, target: float | None = None) -> None:
             results.ratio(a, b, "records/s", target)
 
         print("ratios:")
@@ -351,6 +382,9 @@ def main() -> None:
         for name in ("append-never-fastbus", "append_many-never-fastbus"):
             ratio(name, "queuelib-fifodisk", 10)  # the same durability exactly
         ratio("always-1thread-fastbus", "sqlite-commit-each", 1)
+        print("the bus on top of the WAL (context, no target):")
+        ratio("bus-publish-every1000", "append-every1000-fastbus")
+        ratio("bus-publish_many-always", "append_many-always-fastbus")
 
 
 if __name__ == "__main__":
