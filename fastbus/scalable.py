@@ -527,9 +527,11 @@ class ScalableBus(BusCore):
         if t is None:
             if self._closed:
                 raise BusClosed("publish on a closed ScalableBus")
-            if keys is not None:
-                raise ValueError(f"topic {topic!r} is not configured: keys need partitions "
-                                 f"(configure_topic first)")
+            if keys is not None or headers is not None:
+                raise ValueError(f"topic {topic!r} is not configured, so it passes straight "
+                                 f"to the inner bus, which takes no keys or headers; "
+                                 f"configure it first with bus.configure_topic({topic!r}, "
+                                 f"TopicConfig(...))")
             return [self._inner_publish(topic, m) for m in msgs]
         hdrs = None if headers is None else _check_headers(headers)
         klist = None if keys is None else (keys if type(keys) is list else list(keys))

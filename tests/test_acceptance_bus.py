@@ -714,3 +714,15 @@ def test_record_ring_publish_many_and_read_many():
         r.publish_many(b"\x00" * 7)
     with pytest.raises(TypeError, match="writable"):
         c.read_many(b"\x00" * 8)
+
+
+def test_publish_many_on_a_pass_through_topic_refuses_headers_like_publish(bus):
+    got = []
+    bus.subscribe("plain", got.append)
+    with pytest.raises(ValueError, match="configure"):
+        bus.publish("plain", 1, headers={"h": "v"})
+    with pytest.raises(ValueError, match="configure"):
+        bus.publish_many("plain", [1, 2], headers={"h": "v"})  # not dropped silently
+    assert got == []
+    assert bus.publish_many("plain", [1, 2]) == [1, 1]
+    assert got == [1, 2]
