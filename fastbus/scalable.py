@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ._dispatch import BusCore, Message, PartitionSlot, TopicCore, deliver_each
-from .backpressure import BackpressureState, MessageBusBackpressure, _count_value
+from .backpressure import BackpressureState, MessageBusBackpressure, _check_timeout, _count_value
 from .bus import InProcessBus, MessageBus, Subscription, check_handler, check_topic
 from .bus import is_async_handler as _is_async
 from .config import ConfigRef, Limits, Thresholds, TopicConfig
@@ -1038,9 +1038,10 @@ class ScalableBus(BusCore):
         """Wait until every accepted message was dispatched; True if it was in time.
 
         Durable topics are also forced to disk (``WalMessageQueue.flush``) and
-        their groups caught up with the log end.
+        their groups caught up with the log end. ``timeout``: seconds >= 0, or
+        None to wait without limit (``TypeError``/``ValueError`` otherwise).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
         for t in list(self._topics.values()):
             if t.wal is not None:
                 t.wal.flush()
@@ -1080,8 +1081,10 @@ class ScalableBus(BusCore):
         not delivered: they are counted in ``metrics().drops["undelivered_at_close"]``
         and logged. Idempotent. Publishing after close raises ``BusClosed``. Called
         from a handler, it returns at once and the rest runs in a thread of its own
-        once handlers return.
+        once handlers return. A bad ``timeout`` raises before anything is closed.
         """
+        if timeout is not None:
+            _check_timeout(timeout)
         with self._lock:  # configure_topic looks again under it: no topic comes after
             if self._closed:
                 return

@@ -726,3 +726,22 @@ def test_publish_many_on_a_pass_through_topic_refuses_headers_like_publish(bus):
     assert got == []
     assert bus.publish_many("plain", [1, 2]) == [1, 1]
     assert got == [1, 2]
+
+
+@pytest.mark.parametrize(("timeout", "exc"), [("soon", TypeError), (-1, ValueError),
+                                              (float("nan"), TypeError)])
+def test_flush_and_close_refuse_a_bad_timeout_and_leave_the_bus_open(timeout, exc):
+    b = ScalableBus()
+    try:
+        b.configure_topic("t", TopicConfig(partitions=1))
+        got = []
+        b.subscribe("t", got.append)
+        with pytest.raises(exc, match="timeout"):
+            b.flush(timeout=timeout)
+        with pytest.raises(exc, match="timeout"):
+            b.close(timeout=timeout)
+        b.publish("t", 1)  # still open: the bad call changed nothing
+        assert b.flush(timeout=5)
+        assert [m.payload for m in got] == [1]
+    finally:
+        b.close()
