@@ -522,7 +522,8 @@ class ScalableBus(BusCore):
         store (``TypeError``). A durable batch cut by ``close()`` keeps what it had
         appended (``BusClosed``).
         """
-        msgs = messages if type(messages) is list else list(messages)
+        msgs = messages if type(messages) is list else _as_list(
+            messages, "messages must be an iterable of payloads (a list, a generator)")
         t = self._topics.get(check_topic(topic))
         if t is None:
             if self._closed:
@@ -534,7 +535,11 @@ class ScalableBus(BusCore):
                                  f"TopicConfig(...))")
             return [self._inner_publish(topic, m) for m in msgs]
         hdrs = None if headers is None else _check_headers(headers)
-        klist = None if keys is None else (keys if type(keys) is list else list(keys))
+        if isinstance(keys, str | bytes | bytearray | memoryview):
+            raise TypeError(f"keys must be None or one key per message (a list), got one "
+                            f"{type(keys).__name__} {keys!r}; for one key, pass [key]")
+        klist = None if keys is None else (keys if type(keys) is list else _as_list(
+            keys, "keys must be None or an iterable of keys, one per message"))
         if klist is not None and len(klist) != len(msgs):
             raise ValueError(f"keys has {len(klist)} items but there are {len(msgs)} "
                              f"messages; pass one key per message, or keys=None")
@@ -1239,6 +1244,15 @@ def _check_durable_batch(wal: Any, msgs: list[Any], keys: list[Any] | None) -> N
         check_payloads(msgs, _payload_type_error)
     if keys is not None:
         check_keys(keys)
+
+
+def _as_list(values: Any, what: str) -> list[Any]:
+    """``list(values)``, or ``TypeError`` saying ``what`` when ``values`` is not iterable."""
+    try:
+        it = iter(values)
+    except TypeError:
+        raise TypeError(f"{what}, got {type(values).__name__} {values!r}") from None
+    return list(it)
 
 
 def _check_headers(headers: Any) -> dict[str, Any]:

@@ -745,3 +745,22 @@ def test_flush_and_close_refuse_a_bad_timeout_and_leave_the_bus_open(timeout, ex
         assert [m.payload for m in got] == [1]
     finally:
         b.close()
+
+
+def test_publish_many_says_what_is_wrong_with_messages_and_keys(bus):
+    bus.configure_topic("t", TopicConfig(partitions=2))
+    got = []
+    bus.subscribe("t", got.append)
+    with pytest.raises(TypeError, match="messages must be an iterable"):
+        bus.publish_many("t", 5)
+    with pytest.raises(TypeError, match="messages must be an iterable"):
+        bus.publish_many("plain", 5)
+    with pytest.raises(TypeError, match="keys must be None or an iterable"):
+        bus.publish_many("t", [1], keys=5)
+    with pytest.raises(TypeError, match="one key per message"):
+        bus.publish_many("t", [1, 2], keys="ab")  # one str is not a list of keys
+    assert bus.flush(5)
+    assert got == []
+    assert bus.publish_many("t", iter([1, 2]), keys=iter(["a", "b"])) == 2
+    assert bus.flush(5)
+    assert sorted((m.payload, m.key) for m in got) == [(1, "a"), (2, "b")]
