@@ -275,6 +275,9 @@ class ScalableBus(BusCore):
         if not isinstance(thresholds, Thresholds):
             raise TypeError(
                 f"thresholds must be a fastbus.Thresholds, got {type(thresholds).__name__}")
+        if on_error is not None and not callable(on_error):
+            raise TypeError(f"on_error must be callable (exc, message, handler) or None, "
+                            f"got {type(on_error).__name__} {on_error!r}")
         if workers is None:
             workers = min(8, max(2, 2 * (os.cpu_count() or 1)))
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:

@@ -764,3 +764,10 @@ def test_publish_many_says_what_is_wrong_with_messages_and_keys(bus):
     assert bus.publish_many("t", iter([1, 2]), keys=iter(["a", "b"])) == 2
     assert bus.flush(5)
     assert sorted((m.payload, m.key) for m in got) == [(1, "a"), (2, "b")]
+
+
+def test_on_error_must_be_callable():
+    with pytest.raises(TypeError, match="on_error must be callable"):
+        InProcessBus(on_error="log it")
+    with pytest.raises(TypeError, match="on_error must be callable"):
+        ScalableBus(on_error="log it")
