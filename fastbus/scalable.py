@@ -1048,8 +1048,15 @@ class ScalableBus(BusCore):
         Durable topics are also forced to disk (``WalMessageQueue.flush``) and
         their groups caught up with the log end. ``timeout``: seconds >= 0, or
         None to wait without limit (``TypeError``/``ValueError`` otherwise).
+        Called from a handler of this bus it raises ``RuntimeError``: it would wait
+        for that handler itself.
         """
         deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
+        if self._in_handler_thread():
+            raise RuntimeError(
+                "flush() was called from a handler of this bus; it would wait for that "
+                "handler itself to return (forever without a timeout). Flush from the "
+                "publishing code instead")
         for t in list(self._topics.values()):
             if t.wal is not None:
                 t.wal.flush()
@@ -1097,10 +1104,7 @@ class ScalableBus(BusCore):
             if self._closed:
                 return
             self._closed = True
-        me = threading.current_thread()
-        if me in self._workers or any(
-                me is g.thread or me in t.leaving.values()
-                for t in self._topics.values() for g in t.groups):
+        if self._in_handler_thread():
             # Called from a handler: the rest waits for that handler to return (and
             # joins the threads, its own among them), so it goes on in a thread of its
             # own. Publishes are refused from now on.
@@ -1108,6 +1112,13 @@ class ScalableBus(BusCore):
                              name="fastbus-close").start()
             return
         self._finish_close(timeout)
+
+    def _in_handler_thread(self) -> bool:
+        """True on one of this bus's dispatch workers or durable delivery threads."""
+        me = threading.current_thread()
+        return me in self._workers or any(
+            me is g.thread or me in t.leaving.values()
+            for t in self._topics.values() for g in t.groups)
 
     def _finish_close(self, timeout: float | None) -> None:
         for t in self._topics.values():

@@ -771,3 +771,23 @@ def test_on_error_must_be_callable():
         InProcessBus(on_error="log it")
     with pytest.raises(TypeError, match="on_error must be callable"):
         ScalableBus(on_error="log it")
+
+
+def test_flush_from_a_handler_raises_instead_of_waiting_for_itself(bus):
+    bus.configure_topic("t", TopicConfig(partitions=1))
+    outcome = []
+
+    def handler(m):
+        t0 = time.monotonic()
+        try:
+            outcome.append(bus.flush())  # no timeout: it must not wait for this very call
+        except RuntimeError as exc:
+            outcome.append(exc)
+        outcome.append(time.monotonic() - t0)
+
+    bus.subscribe("t", handler)
+    bus.publish("t", 1)
+    wait_for(lambda: len(outcome) == 2, "the handler's flush() to return", timeout=5)
+    assert isinstance(outcome[0], RuntimeError) and "handler" in str(outcome[0])
+    assert outcome[1] < 1
+    assert bus.flush(5)
