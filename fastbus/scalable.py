@@ -32,7 +32,6 @@ at its commit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -186,7 +185,7 @@ class _Topic:
 
     __slots__ = ("appends_done", "appends_started", "config", "core", "delivered", "draining",
                  "errors", "groups", "leaving", "lock", "meter", "name", "published_durable",
-                 "rebalances", "wal", "wal_stop")
+                 "rebalances", "retired_spills", "wal", "wal_stop")
 
     def __init__(self, name: str, config: TopicConfig) -> None:
         self.name = name
@@ -201,6 +200,7 @@ class _Topic:
         self.meter = RateMeter()
         self.meter.sample(0)
         self.draining: list[tuple[PartitionSlot, ...]] = []
+        self.retired_spills = 0  # spills of partitions retired by a partition change
         self.wal: Any = None
         self.wal_stop = threading.Event()
         # durable appends begun and ended (close() waits for those under way); counters
@@ -846,7 +846,9 @@ class ScalableBus(BusCore):
             time.sleep(delay)
             delay = min(delay * 2, 0.005)
         with t.lock:
-            with contextlib.suppress(ValueError):
+            if old in t.draining:
+                # Their rings are retired: keep their spills, a cumulative count.
+                t.retired_spills += sum(getattr(p.carrier, "spills", 0) for p in old)
                 t.draining.remove(old)
         for part in new:
             part.unschedule()
@@ -1209,7 +1211,10 @@ class ScalableBus(BusCore):
                 if rm is not None:
                     rings[part.index] = rm
                     spills += rm.spills
-            for old in list(t.draining):
+            with t.lock:  # (a retiring partition moves from draining to retired_spills)
+                draining = list(t.draining)
+                spills += t.retired_spills
+            for old in draining:
                 for part in old:
                     spills += getattr(part.carrier, "spills", 0)
             if t.wal is not None:

@@ -791,3 +791,21 @@ def test_flush_from_a_handler_raises_instead_of_waiting_for_itself(bus):
     assert isinstance(outcome[0], RuntimeError) and "handler" in str(outcome[0])
     assert outcome[1] < 1
     assert bus.flush(5)
+
+
+def test_spill_count_survives_a_partition_change(bus):
+    bus.configure_topic("ticks", TopicConfig(partitions=1, hot=True, ring_size=4))
+    gate = Gate()
+    bus.subscribe("ticks", gate)
+    for i in range(50):
+        bus.publish("ticks", i)
+    assert gate.entered.wait(5)
+    spilled = bus.metrics().spills
+    assert spilled > 0
+    bus.configure_topic("ticks", TopicConfig(partitions=2, hot=True, ring_size=4))
+    gate.release.set()
+    assert bus.flush(10)  # also waits for the old partitions to retire
+    m = bus.metrics()
+    assert m.spills >= spilled  # a cumulative count never goes down
+    assert m.per_topic["ticks"].spills >= spilled
+    assert [x.payload for x in gate.got] == list(range(50))
