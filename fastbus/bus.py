@@ -176,6 +176,9 @@ class InProcessBus:
     """
 
     def __init__(self, *, on_error: ErrorHandler | None = None) -> None:
+        if on_error is not None and not callable(on_error):
+            raise TypeError(f"on_error must be callable (exc, topic, message, handler) or None, "
+                            f"got {type(on_error).__name__} {on_error!r}")
         self._lock = threading.Lock()
         self._subs: dict[str, tuple[tuple[Subscription, Handler], ...]] = {}
         self._on_error: ErrorHandler = on_error or _log_error

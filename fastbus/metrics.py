@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .backpressure import BackpressureState
+
 __all__ = ["PrometheusCollector", "RateMeter", "RingMetrics", "ScalingMetrics", "TopicMetrics"]
 
 
@@ -228,7 +230,8 @@ class PrometheusCollector:
         yield rej
         state = GaugeMetricFamily(f"{ns}_backpressure_state",
                                   "0 normal, 1 warning, 2 critical, 3 shedding")
-        state.add_metric([], m.backpressure.get("state_value", 0))
+        # The snapshot names the state ("WARNING"); the gauge wants its number.
+        state.add_metric([], BackpressureState[m.backpressure.get("state", "NORMAL")].value)
         yield state
         util = GaugeMetricFamily(f"{ns}_utilisation", "In-memory depth over max_queue_size")
         util.add_metric([], m.depth / m.capacity if m.capacity else 0.0)

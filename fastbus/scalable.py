@@ -32,7 +32,6 @@ at its commit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -46,7 +45,7 @@ from typing import Any
 
 from ._dispatch import BusCore, Message, PartitionSlot, TopicCore, deliver_each
 from ._walcodec import check_keys
-from .backpressure import BackpressureState, MessageBusBackpressure, _count_value
+from .backpressure import BackpressureState, MessageBusBackpressure, _check_timeout, _count_value
 from .bus import InProcessBus, MessageBus, Subscription, check_handler, check_topic
 from .bus import is_async_handler as _is_async
 from .config import ConfigRef, Limits, Thresholds, TopicConfig
@@ -187,7 +186,7 @@ class _Topic:
 
     __slots__ = ("appends_done", "appends_started", "config", "core", "delivered", "draining",
                  "errors", "groups", "leaving", "lock", "meter", "name", "published_durable",
-                 "rebalances", "wal", "wal_stop")
+                 "rebalances", "retired_spills", "wal", "wal_stop")
 
     def __init__(self, name: str, config: TopicConfig) -> None:
         self.name = name
@@ -202,6 +201,7 @@ class _Topic:
         self.meter = RateMeter()
         self.meter.sample(0)
         self.draining: list[tuple[PartitionSlot, ...]] = []
+        self.retired_spills = 0  # spills of partitions retired by a partition change
         self.wal: Any = None
         self.wal_stop = threading.Event()
         # durable appends begun and ended (close() waits for those under way); counters
@@ -276,6 +276,9 @@ class ScalableBus(BusCore):
         if not isinstance(thresholds, Thresholds):
             raise TypeError(
                 f"thresholds must be a fastbus.Thresholds, got {type(thresholds).__name__}")
+        if on_error is not None and not callable(on_error):
+            raise TypeError(f"on_error must be callable (exc, message, handler) or None, "
+                            f"got {type(on_error).__name__} {on_error!r}")
         if workers is None:
             workers = min(8, max(2, 2 * (os.cpu_count() or 1)))
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -538,17 +541,24 @@ class ScalableBus(BusCore):
         ``close()`` waits for it; a write failing for one partition (``OSError``,
         a full disk) keeps what the partitions before it took.
         """
-        msgs = messages if type(messages) is list else list(messages)
+        msgs = messages if type(messages) is list else _as_list(
+            messages, "messages must be an iterable of payloads (a list, a generator)")
         t = self._topics.get(check_topic(topic))
         if t is None:
             if self._closed:
                 raise BusClosed("publish on a closed ScalableBus")
-            if keys is not None:
-                raise ValueError(f"topic {topic!r} is not configured: keys need partitions "
-                                 f"(configure_topic first)")
+            if keys is not None or headers is not None:
+                raise ValueError(f"topic {topic!r} is not configured, so it passes straight "
+                                 f"to the inner bus, which takes no keys or headers; "
+                                 f"configure it first with bus.configure_topic({topic!r}, "
+                                 f"TopicConfig(...))")
             return [self._inner_publish(topic, m) for m in msgs]
         hdrs = None if headers is None else _check_headers(headers)
-        klist = None if keys is None else (keys if type(keys) is list else list(keys))
+        if isinstance(keys, str | bytes | bytearray | memoryview):
+            raise TypeError(f"keys must be None or one key per message (a list), got one "
+                            f"{type(keys).__name__} {keys!r}; for one key, pass [key]")
+        klist = None if keys is None else (keys if type(keys) is list else _as_list(
+            keys, "keys must be None or an iterable of keys, one per message"))
         if klist is not None and len(klist) != len(msgs):
             raise ValueError(f"keys has {len(klist)} items but there are {len(msgs)} "
                              f"messages; pass one key per message, or keys=None")
@@ -848,7 +858,9 @@ class ScalableBus(BusCore):
             time.sleep(delay)
             delay = min(delay * 2, 0.005)
         with t.lock:
-            with contextlib.suppress(ValueError):
+            if old in t.draining:
+                # Their rings are retired: keep their spills, a cumulative count.
+                t.retired_spills += sum(getattr(p.carrier, "spills", 0) for p in old)
                 t.draining.remove(old)
         for part in new:
             part.unschedule()
@@ -1073,9 +1085,17 @@ class ScalableBus(BusCore):
         """Wait until every accepted message was dispatched; True if it was in time.
 
         Durable topics are also forced to disk (``WalMessageQueue.flush``) and
-        their groups caught up with the log end.
+        their groups caught up with the log end. ``timeout``: seconds >= 0, or
+        None to wait without limit (``TypeError``/``ValueError`` otherwise).
+        Called from a handler of this bus it raises ``RuntimeError``: it would wait
+        for that handler itself.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
+        if self._in_handler_thread():
+            raise RuntimeError(
+                "flush() was called from a handler of this bus; it would wait for that "
+                "handler itself to return (forever without a timeout). Flush from the "
+                "publishing code instead")
         for t in list(self._topics.values()):
             if t.wal is not None:
                 t.wal.flush()
@@ -1115,16 +1135,15 @@ class ScalableBus(BusCore):
         not delivered: they are counted in ``metrics().drops["undelivered_at_close"]``
         and logged. Idempotent. Publishing after close raises ``BusClosed``. Called
         from a handler, it returns at once and the rest runs in a thread of its own
-        once handlers return.
+        once handlers return. A bad ``timeout`` raises before anything is closed.
         """
+        if timeout is not None:
+            _check_timeout(timeout)
         with self._lock:  # configure_topic looks again under it: no topic comes after
             if self._closed:
                 return
             self._closed = True
-        me = threading.current_thread()
-        if me in self._workers or any(
-                me is g.thread or me in t.leaving.values()
-                for t in self._topics.values() for g in t.groups):
+        if self._in_handler_thread():
             # Called from a handler: the rest waits for that handler to return (and
             # joins the threads, its own among them), so it goes on in a thread of its
             # own. Publishes are refused from now on.
@@ -1132,6 +1151,13 @@ class ScalableBus(BusCore):
                              name="fastbus-close").start()
             return
         self._finish_close(timeout)
+
+    def _in_handler_thread(self) -> bool:
+        """True on one of this bus's dispatch workers or durable delivery threads."""
+        me = threading.current_thread()
+        return me in self._workers or any(
+            me is g.thread or me in t.leaving.values()
+            for t in self._topics.values() for g in t.groups)
 
     def _finish_close(self, timeout: float | None) -> None:
         for t in self._topics.values():
@@ -1226,7 +1252,10 @@ class ScalableBus(BusCore):
                 if rm is not None:
                     rings[part.index] = rm
                     spills += rm.spills
-            for old in list(t.draining):
+            with t.lock:  # (a retiring partition moves from draining to retired_spills)
+                draining = list(t.draining)
+                spills += t.retired_spills
+            for old in draining:
                 for part in old:
                     spills += getattr(part.carrier, "spills", 0)
             if t.wal is not None:
@@ -1262,6 +1291,15 @@ class ScalableBus(BusCore):
     def __repr__(self) -> str:
         state = "closed" if self._closed else self._bp.state.name
         return f"<ScalableBus topics={len(self._topics)} {state} inner={self._inner!r}>"
+
+
+def _as_list(values: Any, what: str) -> list[Any]:
+    """``list(values)``, or ``TypeError`` saying ``what`` when ``values`` is not iterable."""
+    try:
+        it = iter(values)
+    except TypeError:
+        raise TypeError(f"{what}, got {type(values).__name__} {values!r}") from None
+    return list(it)
 
 
 def _check_headers(headers: Any) -> dict[str, Any]:
