@@ -185,8 +185,8 @@ class _Topic:
     """A configured topic: its config, groups, counters and carrier (core or WAL)."""
 
     __slots__ = ("appends_done", "appends_started", "config", "core", "delivered", "draining",
-                 "errors", "groups", "leaving", "lock", "meter", "name", "published_durable",
-                 "rebalances", "retired_spills", "wal", "wal_stop")
+                 "errors", "groups", "leaving", "lock", "meter", "name", "published_batched",
+                 "published_one", "rebalances", "retired_spills", "wal", "wal_stop")
 
     def __init__(self, name: str, config: TopicConfig) -> None:
         self.name = name
@@ -194,7 +194,10 @@ class _Topic:
         self.lock = threading.Lock()
         self.core: TopicCore | None = None
         self.groups: tuple[_Group, ...] = ()
-        self.published_durable = 0
+        # durable publishes that returned: one at a time (a counter next() advances
+        # atomically, no lock on that path) and in batches (under self.lock)
+        self.published_one = itertools.count()
+        self.published_batched = 0
         self.delivered = 0
         self.errors = 0
         self.rebalances = 0
@@ -222,7 +225,9 @@ class _Topic:
 
     @property
     def published(self) -> int:
-        return self.core.published if self.core is not None else self.published_durable
+        if self.core is not None:
+            return self.core.published
+        return _count_value(self.published_one) + self.published_batched
 
 
 class ScalableBus(BusCore):
@@ -477,6 +482,8 @@ class ScalableBus(BusCore):
 
     def _publish_topic(self, t: _Topic, message: Any, key: Any,
                        headers: Mapping[str, Any] | None) -> int | None:
+        if t.core is None and headers is None and self._bp._state is _NORMAL:
+            return self._append_durable(t, message, key, None)  # the common durable case
         topic = t.name
         hdrs = None if headers is None else _check_headers(headers)
         bp = self._bp
@@ -912,7 +919,9 @@ class ScalableBus(BusCore):
             _, offset = t.wal.append(message, key=key, headers=hdrs)
         finally:
             next(t.appends_done)
-        self._appended_durable(t, (message,))
+        next(t.published_one)
+        if self._inner_subs is None or t.name in self._inner_subs:
+            self._forward_durable(t, (message,))
         return offset
 
     def _append_durable_many(self, t: _Topic, msgs: list[Any], keys: list[Any] | None,
@@ -933,23 +942,23 @@ class ScalableBus(BusCore):
                                       headers=hdrs)
         finally:
             next(t.appends_done)
-        self._appended_durable(t, msgs)
+        with t.lock:
+            t.published_batched += len(msgs)
+        if self._inner_subs is None or t.name in self._inner_subs:
+            self._forward_durable(t, msgs)
         return [offset for _, offset in pairs]
 
-    def _appended_durable(self, t: _Topic, msgs: Sequence[Any]) -> None:
-        with t.lock:
-            t.published_durable += len(msgs)
-        if self._inner_subs is None or t.name in self._inner_subs:
-            # Durable topics forward to the inner bus once the record is in the WAL,
-            # in the publisher's thread: its subscribers get every message even
-            # when no fastbus group reads the topic.
-            for message in msgs:
-                try:
-                    self._inner_publish(t.name, message)
-                except Exception as exc:
-                    with t.lock:
-                        t.errors += 1
-                    self._handler_error(exc, message, self._inner_publish)
+    def _forward_durable(self, t: _Topic, msgs: Sequence[Any]) -> None:
+        # Durable topics forward to the inner bus once the record is in the WAL, in
+        # the publisher's thread: its subscribers get every message even when no
+        # fastbus group reads the topic.
+        for message in msgs:
+            try:
+                self._inner_publish(t.name, message)
+            except Exception as exc:
+                with t.lock:
+                    t.errors += 1
+                self._handler_error(exc, message, self._inner_publish)
 
     def _open_durable_group(self, t: _Topic, g: _Group) -> None:
         """Give ``g`` its WAL reader and its (not yet started) delivery thread."""
