@@ -363,6 +363,9 @@ class ScalableBus(BusCore):
     def configure_topic(self, name: str, config: TopicConfig | None = None) -> TopicConfig:
         """Carry ``name`` through fastbus with ``config``; returns the config in force.
 
+        Without ``config``, a new topic gets ``TopicConfig()`` and a configured one
+        keeps the config it has (several plugins may each make sure of a topic).
+
         On a topic already configured, the partition count may be raised (the
         old partitions drain before messages under the new mapping are
         delivered, so per-key order holds), and ``critical`` and ``retention``
@@ -379,7 +382,11 @@ class ScalableBus(BusCore):
         new one): members beyond it own no partition.
         """
         check_topic(name)
-        config = TopicConfig() if config is None else config
+        if config is None:
+            t = self._topics.get(name)
+            if t is not None:
+                return t.config  # no config: make sure the topic is carried, change nothing
+            config = TopicConfig()
         if not isinstance(config, TopicConfig):
             raise TypeError(f"config must be a fastbus.TopicConfig, got {type(config).__name__}")
         self._check_open()

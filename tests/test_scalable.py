@@ -559,3 +559,14 @@ def test_decorating_adapted_legacy_buses_keeps_their_receivers():
             assert bus.flush(10)
         assert sorted(m.payload for m in got) == list(range(200))
         assert sorted(legacy) == list(range(200))  # each once, raw payloads
+
+
+def test_configure_topic_without_a_config_leaves_a_live_topic_as_it_is():
+    # Two plugins each make sure of a topic: the second must not reset the first's
+    # config (critical back to False, partitions reported as None).
+    with ScalableBus() as bus:
+        cfg = TopicConfig(partitions=2, critical=True)
+        bus.configure_topic("t", cfg)
+        assert bus.configure_topic("t") == cfg
+        assert bus.topic_config("t") == cfg
+        assert bus.configure_topic("new") == TopicConfig()
