@@ -14,11 +14,10 @@ from cpython.unicode cimport PyUnicode_AsUTF8String
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
 from libc.stdlib cimport free, malloc
 
-import numpy as np
+import sys
 
-cimport numpy as cnp
-
-cnp.import_array()
+# numpy is imported by the first partition_many call, not with fastbus: a bus
+# that never asks for an array of partitions does not pay for the import.
 
 cdef uint32_t _SEED = 0x9747b28cu
 cdef uint32_t _M = 0x5bd1e995u
@@ -122,10 +121,12 @@ def partition_many(keys, num_partitions):
     """
     _check_partitions(num_partitions)
     cdef int32_t n = <int32_t>num_partitions
-    if isinstance(keys, np.ndarray):
-        return _partition_array(keys, n)
+    loaded = sys.modules.get("numpy")  # (not loaded: keys cannot be an array)
+    if loaded is not None and isinstance(keys, loaded.ndarray):
+        return _partition_array(loaded, keys, n)
     if isinstance(keys, (str, bytes, bytearray, memoryview)):
         raise TypeError("partition_many takes a sequence of keys; for one key use partition_for")
+    import numpy as np
     cdef list held = [_key_bytes(k) for k in keys]
     cdef Py_ssize_t count = len(held)
     out = np.empty(count, dtype=np.int32)
@@ -156,7 +157,7 @@ def partition_many(keys, num_partitions):
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-cdef object _partition_array(cnp.ndarray keys, int32_t n):
+cdef object _partition_array(object np, object keys, int32_t n):
     cdef Py_ssize_t count, width, i, length
     cdef const uint8_t[:, ::1] rows
     if keys.dtype.kind == "S":

@@ -123,7 +123,7 @@ cdef class RingConsumer(_ConsumerBase):
 
 cdef class RecordRing(_RingBase):
     cdef readonly Py_ssize_t record_size
-    cdef object _storage            # the numpy array that owns the slots
+    cdef void *_mem                 # the calloc'ed block that holds the slots
     cdef unsigned char *base        # page-aligned start of the slots
     cdef Py_ssize_t _chunk          # bytes per memcpy call (see copy_chunked)
 

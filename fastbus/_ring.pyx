@@ -102,8 +102,6 @@ from fastbus._atomic cimport (
 
 import threading
 
-import numpy as np
-
 cdef extern from "Python.h":
     # The raw form: the slot pointer goes in with the reference we took.
     void PyList_SET_ITEM_RAW "PyList_SET_ITEM"(object lst, Py_ssize_t i, PyObject *o)
@@ -1153,8 +1151,8 @@ cdef class RecordRing(_RingBase):
 
     ``RecordRing(record_size, size=65536, *, producer="single", wait="blocking")``
 
-    The slots are one page-aligned block of ``size * record_size`` bytes owned by
-    a numpy array. Copies in and out run without the GIL, in pieces of at most
+    The slots are one page-aligned, zeroed block of ``size * record_size`` bytes
+    (``calloc``: the kernel's zero pages until written). Copies in and out run without the GIL, in pieces of at most
     1 KiB (a whole number of records), which avoids glibc's slow ``rep movsb``
     path and its 4K-aliasing penalty. ``producer="single"`` means one publishing
     thread at a time here (the copy runs without the GIL); use ``"multi"`` for
@@ -1170,10 +1168,15 @@ cdef class RecordRing(_RingBase):
         self.record_size = record_size
         self._chunk = _copy_chunk(self.record_size)
         cdef Py_ssize_t nbytes = self.core.size * self.record_size
-        self._storage = np.zeros(nbytes + 4096, dtype=np.uint8)
-        cdef unsigned char[::1] raw = self._storage
-        cdef uintptr_t addr = <uintptr_t>&raw[0]
-        self.base = &raw[0] + ((4096 - (addr & 4095)) & 4095)
+        self._mem = calloc(nbytes + 4096, 1)
+        if self._mem == NULL:
+            raise MemoryError(f"cannot allocate {nbytes} bytes of ring slots")
+        cdef uintptr_t addr = <uintptr_t>self._mem
+        self.base = <unsigned char *>self._mem + ((4096 - (addr & 4095)) & 4095)
+
+    def __dealloc__(self):
+        # (a RecordView keeps its consumer, and so this ring, alive)
+        free(self._mem)
 
     def __repr__(self):
         return (

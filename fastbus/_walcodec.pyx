@@ -56,7 +56,6 @@ from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint8_t, uint16_t, uint32_
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 
-import numpy as np
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
@@ -1115,6 +1114,7 @@ def verify(buffer, Py_ssize_t start=0, *, expected_offset=None, Py_ssize_t index
             rc = _verify_run(<const uint8_t *>view.buf, view.len, &st)
         if rc < 0:
             raise MemoryError("cannot grow the verify() index")
+        import numpy as np  # here, not with fastbus: only a recovery needs it
         index = np.empty((st.index_len, 2), dtype=np.int64)
         if st.index_len:
             out = index

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -5,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import fastbus
 from fastbus import murmur2, partition_for, partition_many
 from fastbus._partition import RoundRobin
 from tests import murmur2_reference as ref
@@ -133,3 +136,15 @@ def test_round_robin_cycles_and_is_thread_safe():
         t.join()
     assert counts == [10_000] * 4
     assert rr.position == 40_000
+
+
+def test_importing_fastbus_does_not_import_numpy():
+    # numpy costs most of an import (60-90 ms, and OpenBLAS's threads): it is loaded
+    # by the calls that return arrays (partition_many, the WAL's verify), not before.
+    code = ("import sys, fastbus; fastbus.partition_for(b'k', 3); "
+            "assert 'numpy' not in sys.modules, 'numpy imported'; "
+            "print(fastbus.partition_many([b'k'], 3).tolist())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str([fastbus.partition_for(b"k", 3)])
