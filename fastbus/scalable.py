@@ -186,7 +186,7 @@ class _Topic:
 
     __slots__ = ("appends_done", "appends_started", "config", "core", "delivered", "draining",
                  "errors", "groups", "leaving", "lock", "meter", "name", "published_durable",
-                 "rebalances", "wal", "wal_stop")
+                 "rebalances", "retired_spills", "wal", "wal_stop")
 
     def __init__(self, name: str, config: TopicConfig) -> None:
         self.name = name
@@ -201,6 +201,8 @@ class _Topic:
         self.meter = RateMeter()
         self.meter.sample(0)
         self.draining: list[tuple[PartitionSlot, ...]] = []
+        # spills of the rings retired by partition changes (metrics count them for ever)
+        self.retired_spills = 0
         self.wal: Any = None
         self.wal_stop = threading.Event()
         # durable appends begun and ended (close() waits for those under way); counters
@@ -838,6 +840,7 @@ class ScalableBus(BusCore):
         with t.lock:
             with contextlib.suppress(ValueError):
                 t.draining.remove(old)
+                t.retired_spills += sum(getattr(p.carrier, "spills", 0) for p in old)
         for part in new:
             part.unschedule()
             if part.carrier.depth() and part.try_schedule():
@@ -1185,9 +1188,9 @@ class ScalableBus(BusCore):
                 if rm is not None:
                     rings[part.index] = rm
                     spills += rm.spills
-            for old in list(t.draining):
-                for part in old:
-                    spills += getattr(part.carrier, "spills", 0)
+            with t.lock:  # (a ring leaves draining for retired_spills under it)
+                spills += t.retired_spills + sum(getattr(part.carrier, "spills", 0)
+                                                 for old in t.draining for part in old)
             if t.wal is not None:
                 wal = dict(t.wal.metrics())
                 wal["group_lag"] = {g.name: sum(g.reader.lag.values()) for g in t.groups
