@@ -706,14 +706,21 @@ class ScalableBus(BusCore):
         runq = self._runq
         started, done = self._turns_started, self._turns_done
         # Delivered messages not yet taken off the backpressure depth: settled in one
-        # remove() every _OWED_MAX messages and whenever the worker runs out of work
-        # (so flush() and critical publishers waiting for room see them promptly).
+        # remove() every _OWED_MAX messages and before the worker blocks for work (so
+        # flush() and critical publishers waiting for room see them promptly). Not
+        # "if runq.empty()" then get(): another worker can take the item in between,
+        # and this one would sleep owing them, leaving the depth (and the state) up.
         owed = [0]
         while True:
-            if owed[0] and runq.empty():
-                self._bp.remove(owed[0])
-                owed[0] = 0
-            part = runq.get()
+            if owed[0]:
+                try:
+                    part = runq.get_nowait()
+                except queue.Empty:
+                    self._bp.remove(owed[0])
+                    owed[0] = 0
+                    part = runq.get()
+            else:
+                part = runq.get()
             if part is _STOP:
                 if owed[0]:
                     self._bp.remove(owed[0])

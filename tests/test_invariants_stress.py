@@ -29,6 +29,7 @@ from fastbus import (
     Thresholds,
     TopicConfig,
 )
+from tests.waiting import wait_until
 
 NO_DELAY = Thresholds(min_delay=0.0, max_delay=0.0)
 
@@ -578,6 +579,43 @@ def test_no_loss_and_every_refusal_counted_through_limit_changes(fast_switching)
             _check_order_per(got[topic], lambda x: x.key, lambda x: x.payload[1])
             assert m.per_topic[topic].delivered == m.per_topic[topic].published == sum(
                 want.values())
+
+
+def test_flush_and_depth_settle_after_every_burst(fast_switching):
+    """After each burst is delivered, flush() returns True and the depth is back to
+    0: a worker must not keep delivered messages on the depth while it sleeps."""
+    with ScalableBus(workers=4, max_batch=2) as bus:
+        bus.configure_topic("t", TopicConfig(partitions=16))
+        count = [0]
+        bus.subscribe("t", lambda m: count.__setitem__(0, count[0] + 1))
+        for r in range(1500):
+            for i in range(40):
+                bus.publish("t", i)
+            assert bus.flush(5), f"round {r}: flush timed out, depth {bus.backpressure.depth}"
+            assert bus.backpressure.depth == 0
+        assert count[0] == 1500 * 40
+
+
+def test_a_settled_bus_accepts_again_after_shedding(fast_switching):
+    """A bus that reached SHEDDING and then delivered everything returns to NORMAL
+    and accepts again (a depth left unsettled would refuse publishes for ever)."""
+    with ScalableBus(workers=4, max_batch=2, thresholds=NO_DELAY,
+                     limits=Limits(max_queue_size=20)) as bus:
+        bus.configure_topic("t", TopicConfig(partitions=8))
+        bus.subscribe("t", lambda m: None)
+        for r in range(400):
+            sent = 0
+            try:
+                for i in range(40):
+                    bus.publish("t", i)
+                    sent += 1
+            except BusOverloaded:
+                pass
+            assert bus.flush(5), f"round {r}: depth {bus.backpressure.depth}"
+            # (the worker that took the depth to 0 recomputes the state just after)
+            assert wait_until(lambda: bus.backpressure.state.name == "NORMAL", 5)
+            bus.publish("t", -1)  # accepted: no stale depth
+            assert bus.flush(5)
 
 
 def test_critical_topic_is_never_shed_and_handler_errors_are_all_counted():
