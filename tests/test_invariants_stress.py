@@ -581,6 +581,47 @@ def test_no_loss_and_every_refusal_counted_through_limit_changes(fast_switching)
                 want.values())
 
 
+def _concurrent_batches_round():
+    bus = ScalableBus(limits=Limits(max_queue_size=1000), thresholds=NO_DELAY, workers=2)
+    gate = Gate()
+    try:
+        bus.configure_topic("t", TopicConfig(partitions=2))
+        bus.subscribe("t", gate)
+        start = threading.Barrier(6)
+        accepted = []
+        refused = []
+
+        def pub():
+            start.wait()
+            try:
+                accepted.append(bus.publish_many("t", list(range(400))))
+            except BusOverloaded:
+                refused.append(1)
+
+        threads = [threading.Thread(target=pub) for _ in range(6)]
+        for th in threads:
+            th.start()
+        _join(threads)
+        held = bus.backpressure.depth
+        assert held == sum(accepted)
+        assert held <= 1000, f"{held} messages held in memory with max_queue_size 1000"
+        assert bus.metrics().rejections["backpressure"] == len(refused)
+        gate.open.set()
+        assert bus.flush(10)
+        assert len(gate.got) == sum(accepted)
+    finally:
+        gate.open.set()
+        bus.close()
+
+
+def test_concurrent_publish_many_never_takes_memory_past_max_queue_size(fast_switching):
+    """Invariant 5 for batches: 6 threads publish batches of 400 at once into a
+    bus of capacity 1000 whose handler is held: what is accepted (all in memory)
+    stays within max_queue_size, and every refused batch is counted."""
+    for _ in range(8):
+        _concurrent_batches_round()
+
+
 def test_flush_and_depth_settle_after_every_burst(fast_switching):
     """After each burst is delivered, flush() returns True and the depth is back to
     0: a worker must not keep delivered messages on the depth while it sleeps."""
