@@ -297,6 +297,9 @@ class ScalableBus(BusCore):
         self._inner_subs = inner._subs if type(inner) is InProcessBus else None
         self._limits: ConfigRef[Limits] = ConfigRef(limits)
         self._limits_lock = threading.Lock()  # reconfigure_limits, one at a time
+        # An in-memory batch's room check and enqueue, one batch at a time (re-entrant:
+        # an on_change callback runs on the publishing thread and may publish a batch).
+        self._batch_lock = threading.RLock()
         self._bp = MessageBusBackpressure(limits.max_queue_size, thresholds)
         self._normal = _NORMAL  # for BusCore.publish's compiled fast path
         # Set while the state is CRITICAL or above: wakes workers lingering for a
@@ -587,17 +590,19 @@ class ScalableBus(BusCore):
             return [] if t.wal is not None else 0
         if t.wal is not None:
             return self._append_durable_many(t, msgs, klist, hdrs)
-        assert t.core is not None
-        self._admit_batch(t, len(msgs))
-        return t.core.publish_many(msgs, klist, hdrs)
+        core = t.core
+        assert core is not None
+        return self._admit_batch(t, len(msgs), lambda: core.publish_many(msgs, klist, hdrs))
 
-    def _admit_batch(self, t: _Topic, n: int) -> None:
+    def _admit_batch(self, t: _Topic, n: int, enqueue: Callable[[], int]) -> int:
         """Keep a batch within bounded memory (DESIGN invariant 5), all or nothing.
 
         A batch that would take a non-critical topic's bus past the shedding level
         is refused whole (``BusOverloaded``), whatever the state now; a critical
         topic's batch waits (up to ``Thresholds.critical_timeout``) until it fits
         under ``max_queue_size``. A batch larger than the capacity never fits.
+        ``enqueue()`` runs once the batch fits, in the same locked step as the check:
+        concurrent batches must not each find the same room.
         """
         bp = self._bp
         capacity = bp.capacity
@@ -607,9 +612,22 @@ class ScalableBus(BusCore):
                 f"publish it in smaller batches or raise the limit")
         critical = t.config.critical
         limit = capacity if critical else int(capacity * bp.thresholds.shedding)
-        if bp.depth + n <= limit:
-            return
-        if not critical:
+        deadline = time.monotonic() + bp.thresholds.critical_timeout
+        while True:
+            with self._batch_lock:
+                if bp.depth + n <= limit:
+                    return enqueue()
+            if critical:
+                left = deadline - time.monotonic()
+                if left > 0:
+                    bp.wait_for_room(min(left, 0.05))
+                    continue
+                bp._count_rejection(t.name)
+                raise BusOverloaded(
+                    f"bus full: a batch of {n} messages for critical topic {t.name!r} found "
+                    f"no room within {bp.thresholds.critical_timeout} s (depth {bp.depth} of "
+                    f"{capacity}); nothing of it was queued",
+                    topic=t.name, state=bp.state, depth=bp.depth, capacity=capacity)
             bp._count_rejection(t.name)
             raise BusOverloaded(
                 f"bus overloaded: a batch of {n} messages would take the in-memory depth "
@@ -617,17 +635,6 @@ class ScalableBus(BusCore):
                 f"topic {t.name!r} is not critical, so the batch was refused and nothing of it "
                 f"queued. Retry later or in smaller batches",
                 topic=t.name, state=bp.state, depth=bp.depth, capacity=capacity)
-        deadline = time.monotonic() + bp.thresholds.critical_timeout
-        while bp.depth + n > capacity:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                bp._count_rejection(t.name)
-                raise BusOverloaded(
-                    f"bus full: a batch of {n} messages for critical topic {t.name!r} found "
-                    f"no room within {bp.thresholds.critical_timeout} s (depth {bp.depth} of "
-                    f"{capacity}); nothing of it was queued",
-                    topic=t.name, state=bp.state, depth=bp.depth, capacity=capacity)
-            bp.wait_for_room(min(left, 0.05))
 
     # -- subscribing --------------------------------------------------------
 
@@ -740,14 +747,21 @@ class ScalableBus(BusCore):
         runq = self._runq
         started, done = self._turns_started, self._turns_done
         # Delivered messages not yet taken off the backpressure depth: settled in one
-        # remove() every _OWED_MAX messages and whenever the worker runs out of work
-        # (so flush() and critical publishers waiting for room see them promptly).
+        # remove() every _OWED_MAX messages and before the worker blocks for work (so
+        # flush() and critical publishers waiting for room see them promptly). Not
+        # "if runq.empty()" then get(): another worker can take the item in between,
+        # and this one would sleep owing them, leaving the depth (and the state) up.
         owed = [0]
         while True:
-            if owed[0] and runq.empty():
-                self._bp.remove(owed[0])
-                owed[0] = 0
-            part = runq.get()
+            if owed[0]:
+                try:
+                    part = runq.get_nowait()
+                except queue.Empty:
+                    self._bp.remove(owed[0])
+                    owed[0] = 0
+                    part = runq.get()
+            else:
+                part = runq.get()
             if part is _STOP:
                 if owed[0]:
                     self._bp.remove(owed[0])
@@ -1130,6 +1144,10 @@ class ScalableBus(BusCore):
 
     def _idle(self) -> bool:
         if self._bp.depth or _count_value(self._turns_started) != _count_value(self._turns_done):
+            return False
+        if self._bp.state is not _NORMAL:
+            # Depth 0 is NORMAL, but the remove() that took it there recomputes the state
+            # just after: wait for it, or a publish right after flush() would be refused.
             return False
         for t in self._topics.values():
             if t.draining:
