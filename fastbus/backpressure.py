@@ -530,9 +530,6 @@ class MessageBusBackpressure:
         while True:
             ins, outs, bulk = _count_value(self._in), _count_value(self._out), self._bulk
             depth = ins - outs + bulk
-            if depth < 0:
-                logger.error("backpressure depth is negative (%d): remove() was called for "
-                             "more messages than add()", depth)
             old = self._state
             new = self._next_state(old, depth)
             if new is not old:
@@ -550,7 +547,15 @@ class MessageBusBackpressure:
             # itself with the old state's triggers: read again and settle.
             ins2, outs2 = _count_value(self._in), _count_value(self._out)
             depth2 = ins2 - outs2 + bulk
-            if (ins2 == ins and outs2 == outs) or self._next_state(new, depth2) is new:
+            if ins2 == ins and outs2 == outs:
+                # Both counters held still from the first read to the second: the depth
+                # is exact. (A first read alone can see a delivery whose add(1) it did
+                # not: a negative depth only then is a race, not a bug.)
+                if depth < 0:
+                    logger.error("backpressure depth is negative (%d): remove() was called "
+                                 "for more messages than add()", depth)
+                break
+            if self._next_state(new, depth2) is new:
                 break
         if self._room_waiters and depth2 < self._capacity:
             self._room.notify_all()
