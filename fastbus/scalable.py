@@ -824,9 +824,6 @@ class ScalableBus(BusCore):
                 errors += deliver_each(m.call, batch,
                                        lambda exc, msg, h=m.handler: self._handler_error(
                                            exc, msg, h))
-        if errors:
-            with t.lock:
-                t.errors += errors
         inner_subs = self._inner_subs
         if inner_subs is None or t.name in inner_subs:
             publish = self._inner_publish
@@ -835,10 +832,11 @@ class ScalableBus(BusCore):
                 try:
                     publish(name, msg.payload)
                 except Exception as exc:
-                    with t.lock:
-                        t.errors += 1
+                    errors += 1
                     self._handler_error(exc, msg, publish)
-        t.delivered += len(batch)
+        with t.lock:  # (workers of other partitions of the topic count here too)
+            t.delivered += len(batch)
+            t.errors += errors
 
     def _handler_error(self, exc: BaseException, message: Any, handler: Any) -> None:
         try:
