@@ -766,6 +766,8 @@ class ScalableBus(BusCore):
                 if owed[0]:
                     self._bp.remove(owed[0])
                 return
+            if self._stop.is_set():
+                continue  # close() gave up on flushing: no new turn (it counts what is left)
             next(started)
             try:
                 self._run_partition(part, owed)
@@ -1163,11 +1165,14 @@ class ScalableBus(BusCore):
         """Refuse new publishes, deliver what was accepted, stop the threads, close WALs.
 
         Publishes under way finish first (a durable one is then delivered too).
-        If in-memory messages are still queued after ``timeout`` seconds, they are
-        not delivered: they are counted in ``metrics().drops["undelivered_at_close"]``
-        and logged. Idempotent. Publishing after close raises ``BusClosed``. Called
-        from a handler, it returns at once and the rest runs in a thread of its own
-        once handlers return. A bad ``timeout`` raises before anything is closed.
+        Returns within about ``timeout`` seconds: a handler still running then
+        finishes on its own thread (a durable group's record it holds is not
+        committed, so it comes again on restart). If in-memory messages are still
+        queued after ``timeout`` seconds, they are not delivered: they are counted
+        in ``metrics().drops["undelivered_at_close"]`` and logged. Idempotent.
+        Publishing after close raises ``BusClosed``. Called from a handler, it
+        returns at once and the rest runs in a thread of its own once handlers
+        return. A bad ``timeout`` raises before anything is closed.
         """
         if timeout is not None:
             _check_timeout(timeout)
@@ -1192,6 +1197,13 @@ class ScalableBus(BusCore):
             for t in self._topics.values() for g in t.groups)
 
     def _finish_close(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def join(th: threading.Thread) -> None:
+            # Within the caller's timeout (a handler still running is left to finish
+            # on its daemon thread); without one, 5 s a thread once all was delivered.
+            th.join(5.0 if deadline is None else max(0.05, deadline - time.monotonic()))
+
         for t in self._topics.values():
             if t.core is not None:
                 t.core.closed = True
@@ -1200,12 +1212,12 @@ class ScalableBus(BusCore):
             else:
                 while _count_value(t.appends_started) != _count_value(t.appends_done):
                     time.sleep(0.0005)  # durable appends under way: deliver them too
-        self.flush(timeout)
+        self.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
         self._stop.set()
         for _ in self._workers:
             self._runq.put(_STOP)
         for th in self._workers:
-            th.join(timeout=5)
+            join(th)
         left = sum(part.carrier.depth() for t in self._topics.values()
                    for parts in (t.parts, *t.draining) for part in parts)
         if left:
@@ -1223,7 +1235,7 @@ class ScalableBus(BusCore):
                     # thread): they commit what they handled before the WAL closes.
                     threads += t.leaving.values()
                 for th in threads:
-                    th.join(timeout=5)
+                    join(th)
                 t.wal.close()
 
     def __enter__(self) -> ScalableBus:

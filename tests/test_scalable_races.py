@@ -548,19 +548,21 @@ def test_close_waits_for_a_leaving_groups_delivery_to_commit(tmp_path):
     # of "g" unsubscribes inside its handler (so nobody joins its delivery thread) and
     # the bus closes while that handler still runs: close() must let the thread commit
     # the record it handled, or the next run delivers it again.
-    in_handler, handled = threading.Event(), []
+    in_handler, subscribed, handled = threading.Event(), threading.Event(), []
     bus = ScalableBus(data_dir=tmp_path)
     bus.configure_topic("t", durable(partitions=1))
     bus.publish("t", "0")
     subs = {}
 
     def member(m):
+        subscribed.wait(5)
         handled.append(m.payload)
         subs["a"].unsubscribe()  # its own delivery thread: not joined here
         in_handler.set()
         time.sleep(0.3)
 
     subs["a"] = bus.subscribe("t", member, group="g")
+    subscribed.set()
     assert in_handler.wait(5)
     bus.close()
     assert handled == ["0"]
@@ -569,3 +571,26 @@ def test_close_waits_for_a_leaving_groups_delivery_to_commit(tmp_path):
         assert q.groups()["g"] == {0: 1}
     finally:
         q.close()
+
+
+def test_close_returns_within_its_timeout_while_a_handler_is_stuck():
+    # close(timeout) promises to give up after timeout: it waited 5 s more for each
+    # dispatch worker still in a handler.
+    release = threading.Event()
+    bus = ScalableBus(workers=2)
+    bus.configure_topic("t", TopicConfig(partitions=2))
+    entered = threading.Event()
+
+    def stuck(m):
+        entered.set()
+        release.wait(20)
+
+    bus.subscribe("t", stuck)
+    try:
+        bus.publish("t", 1, key="a")
+        assert entered.wait(5)
+        t0 = time.monotonic()
+        bus.close(timeout=0.3)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        release.set()
