@@ -73,7 +73,7 @@ from .._walappend import (
     offsets,
     scattered_offsets,
 )
-from .._walcodec import Record, scan
+from .._walcodec import Record, encode_record, scan
 from ..config import FsyncPolicy, Retention
 from ..errors import BusClosed, FastbusError, WalCorruptionError
 from ..stores import FileStore, Store, check_subscriber_name
@@ -141,6 +141,16 @@ def _make_serializer(spec: object) -> _Serializer | None:
     raise TypeError(
         f"serializer must be None, 'json', 'pickle' or an object with dumps() and loads(), "
         f"got {spec!r}")
+
+
+def _check_encodable(payloads: Sequence[Any]) -> None:
+    """Raise what the record encoder would for the first of ``payloads`` (already
+    type-checked) it cannot store: a str with a lone surrogate (no UTF-8), a
+    buffer that is not C-contiguous."""
+    for x in payloads:
+        if type(x) is bytes or type(x) is bytearray or (type(x) is str and x.isascii()):
+            continue
+        encode_record(0, 0, None, None, x)
 
 
 class _DecodedRecord(Record):
@@ -582,7 +592,9 @@ class WalMessageQueue:
         round robin), which keeps the batch contiguous. ``headers`` (one mapping)
         applies to every record. Under ``always`` it returns once all are durable
         (one group commit for the batch). A batch is all or nothing per partition:
-        a payload of the wrong type rejects the batch before anything is appended.
+        a payload of the wrong type, or one the encoder refuses (a str that is not
+        valid UTF-8, a buffer that is not C-contiguous), rejects the batch before
+        anything is appended.
         """
         if not isinstance(payloads, Sequence) or isinstance(payloads, str | bytes):
             payloads = list(payloads) if isinstance(payloads, Iterable) \
@@ -626,6 +638,10 @@ class WalMessageQueue:
         if len(groups) == 1:  # every key hashed to one partition: contiguous
             (q, idx), = groups.items()
             return offsets(q, append_batch(q, payloads, keys, hdrs), n)
+        if ser is None:
+            # Appended one partition at a time: a payload the encoder refuses must
+            # fail before the first partition takes its part.
+            _check_encodable(payloads)
         out: list[tuple[int, int]] = [(0, 0)] * n
         for q, idx in groups.items():
             first = append_batch(q, [payloads[i] for i in idx],
