@@ -556,7 +556,8 @@ class ScalableBus(BusCore):
         (durable topics). A durable batch is one WAL ``append_many``: under
         ``always`` it returns after one group commit per partition it touches, and
         ``close()`` waits for it; a write failing for one partition (``OSError``,
-        a full disk) keeps what the partitions before it took.
+        a full disk) keeps what the partitions before it took: those are delivered,
+        counted in ``metrics().published`` and forwarded to the inner bus.
         """
         msgs = messages if type(messages) is list else _as_list(
             messages, "messages must be an iterable of payloads (a list, a generator)")
@@ -954,6 +955,7 @@ class ScalableBus(BusCore):
             # (or serializes) every payload before it appends, and the keys here,
             # since a batch split over partitions appends them one partition at a time.
             check_keys(keys)
+        kept: Sequence[Any] = ()
         next(t.appends_started)
         try:
             if self._closed:
@@ -961,12 +963,20 @@ class ScalableBus(BusCore):
             # Unkeyed messages go round robin one by one, as publish() sends them.
             pairs = t.wal.append_many(msgs, keys=[None] * len(msgs) if keys is None else keys,
                                       headers=hdrs)
+            kept = msgs
+        except BaseException as exc:
+            # A write failing for one partition keeps what the partitions before it
+            # took (append_many names them): those are published and get delivered,
+            # so they are counted and forwarded as the rest of a batch would be.
+            kept = [msgs[i] for i in getattr(exc, "appended", ())]
+            raise
         finally:
             next(t.appends_done)
-        with t.lock:
-            t.published_batched += len(msgs)
-        if self._inner_subs is None or t.name in self._inner_subs:
-            self._forward_durable(t, msgs)
+            if kept:
+                with t.lock:
+                    t.published_batched += len(kept)
+                if self._inner_subs is None or t.name in self._inner_subs:
+                    self._forward_durable(t, kept)
         return [offset for _, offset in pairs]
 
     def _forward_durable(self, t: _Topic, msgs: Sequence[Any]) -> None:

@@ -18,6 +18,7 @@ from fastbus import (
     TopicConfig,
     partition_for,
 )
+from fastbus._walcodec import encode_record
 
 KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
 
@@ -57,3 +58,33 @@ def test_a_durable_batch_split_over_partitions_with_a_payload_the_wal_cannot_enc
         assert tm.wal["records"] == 0, "a refused batch left part of itself in the WAL"
         assert tm.published == 0
         assert bus.publish_many("t", [b"a", b"b"], keys=keys) is not None
+
+
+# -- publish_many on a durable topic: a failing disk in the middle --------------------------
+
+
+def test_a_durable_batch_cut_by_a_failing_write_counts_and_forwards_what_it_kept():
+    store = MemoryStore()
+    bus = ScalableBus(store=store)
+    try:
+        bus.configure_topic("t", durable(partitions=2, fsync=FsyncPolicy.always()))
+        inner: list[object] = []
+        bus.inner.subscribe("t", inner.append)
+        got, h = collect()
+        bus.subscribe("t", h, group="g")
+        payloads = ["x" * 20, "y" * 20, "z" * 20, "q" * 20]  # round robin: p0 x z, p1 y q
+        # Room for partition 0's write (its two records) and not one byte more.
+        store.fail_after(2 * len(encode_record(0, 0, None, None, payloads[0])), torn=False)
+        with pytest.raises(OSError):
+            bus.publish_many("t", payloads)
+        store.clear_faults()
+        wal = bus.metrics().per_topic["t"].wal
+        assert wal["records"] == 2, "setup: partition 0 kept its part, partition 1 none"
+        assert bus.flush(10)
+        kept = sorted(m.payload for m in got)
+        assert kept == ["x" * 20, "z" * 20]  # delivered to the group: they are published
+        m = bus.metrics()
+        assert m.published == m.delivered == 2, (m.published, m.delivered)
+        assert sorted(inner) == kept  # and the inner bus's subscribers got them too
+    finally:
+        bus.close(10)

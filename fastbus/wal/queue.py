@@ -594,7 +594,9 @@ class WalMessageQueue:
         (one group commit for the batch). A batch is all or nothing per partition:
         a payload of the wrong type, or one the encoder refuses (a str that is not
         valid UTF-8, a buffer that is not C-contiguous), rejects the batch before
-        anything is appended.
+        anything is appended. When a write fails (``OSError``) for one partition of
+        a batch split over several, the partitions appended before it keep their
+        part: the exception's ``appended`` then lists their indices in ``payloads``.
         """
         if not isinstance(payloads, Sequence) or isinstance(payloads, str | bytes):
             payloads = list(payloads) if isinstance(payloads, Iterable) \
@@ -643,12 +645,19 @@ class WalMessageQueue:
             # fail before the first partition takes its part.
             _check_encodable(payloads)
         out: list[tuple[int, int]] = [(0, 0)] * n
+        kept: list[int] = []
         for q, idx in groups.items():
-            first = append_batch(q, [payloads[i] for i in idx],
-                                 [keys[i] for i in idx],  # type: ignore[index]
-                                 None if hdrs is None else hdrs[:len(idx)])
+            try:
+                first = append_batch(q, [payloads[i] for i in idx],
+                                     [keys[i] for i in idx],  # type: ignore[index]
+                                     None if hdrs is None else hdrs[:len(idx)])
+            except BaseException as exc:
+                if kept:  # the partitions before this one keep their part: say which
+                    exc.appended = sorted(kept)  # type: ignore[attr-defined]
+                raise
             for j, i in enumerate(idx):
                 out[i] = (q, first + j)
+            kept += idx
         return scattered_offsets(out)
 
     def _append_batch(self, p: int, payloads: Sequence[Any], keys: Any, hdrs: Any) -> int:
