@@ -1202,9 +1202,10 @@ class ScalableBus(BusCore):
     def _in_handler_thread(self) -> bool:
         """True on one of this bus's dispatch workers or durable delivery threads."""
         me = threading.current_thread()
+        # (t.leaving is looked at for every topic, also one whose last group just left)
         return me in self._workers or any(
-            me is g.thread or me in t.leaving.values()
-            for t in self._topics.values() for g in t.groups)
+            me in t.leaving.values() or any(me is g.thread for g in t.groups)
+            for t in self._topics.values())
 
     def _finish_close(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

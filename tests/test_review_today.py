@@ -19,6 +19,7 @@ from fastbus import (
     partition_for,
 )
 from fastbus._walcodec import encode_record
+from tests.waiting import wait_for
 
 KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
 
@@ -88,3 +89,35 @@ def test_a_durable_batch_cut_by_a_failing_write_counts_and_forwards_what_it_kept
         assert sorted(inner) == kept  # and the inner bus's subscribers got them too
     finally:
         bus.close(10)
+
+
+# -- close() --------------------------------------------------------------------------------
+
+
+def test_close_from_the_handler_of_a_durable_topic_whose_last_member_just_left(tmp_path):
+    bus = ScalableBus(data_dir=tmp_path)
+    bus.configure_topic("t", durable(partitions=1))
+    errors: list[BaseException] = []
+    returned = threading.Event()
+
+    def handler(m: Message) -> None:
+        sub.unsubscribe()  # the topic's only group loses its only member
+        try:
+            bus.close(10)
+        except BaseException as exc:
+            errors.append(exc)
+        returned.set()
+
+    sub = bus.subscribe("t", handler, group="g")
+    bus.publish("t", b"x")
+    assert returned.wait(10)
+    assert errors == []
+    wal = bus._topics["t"].wal
+    wait_for(lambda: wal.closed, "the WAL to close")
+    # The record the handler had was committed before the WAL closed.
+    with ScalableBus(data_dir=tmp_path) as again:
+        again.configure_topic("t", durable(partitions=1))
+        got, h = collect()
+        again.subscribe("t", h, group="g")
+        assert again.flush(10)
+        assert got == []
