@@ -1213,7 +1213,9 @@ class ScalableBus(BusCore):
         def join(th: threading.Thread) -> None:
             # Within the caller's timeout (a handler still running is left to finish
             # on its daemon thread); without one, 5 s a thread once all was delivered.
-            th.join(5.0 if deadline is None else max(0.05, deadline - time.monotonic()))
+            # (capped: join() refuses a timeout beyond TIMEOUT_MAX, e.g. close(inf))
+            th.join(5.0 if deadline is None else min(threading.TIMEOUT_MAX, max(
+                0.05, deadline - time.monotonic())))
 
         for t in self._topics.values():
             if t.core is not None:

@@ -121,3 +121,18 @@ def test_close_from_the_handler_of_a_durable_topic_whose_last_member_just_left(t
         again.subscribe("t", h, group="g")
         assert again.flush(10)
         assert got == []
+
+
+def test_close_with_an_infinite_timeout_closes_the_bus(tmp_path):
+    bus = ScalableBus(data_dir=tmp_path)
+    bus.configure_topic("d", durable(partitions=1))
+    bus.configure_topic("m", TopicConfig())
+    got, h = collect()
+    bus.subscribe("m", h)
+    bus.subscribe("d", h, group="g")
+    bus.publish("m", 1)
+    bus.publish("d", "2")
+    bus.close(float("inf"))  # "wait as long as it takes", as flush(float("inf")) takes it
+    assert sorted(str(m.payload) for m in got) == ["1", "2"]
+    assert bus._topics["d"].wal.closed
+    assert not any(th.is_alive() for th in bus._workers)
