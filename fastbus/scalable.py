@@ -794,6 +794,8 @@ class ScalableBus(BusCore):
             # Linger for a fuller batch, unless the bus comes under pressure meanwhile
             # (CRITICAL and above: deliver at once).
             self._pressure.wait(self._linger)
+            if self._stop.is_set():
+                return  # close() gave up meanwhile: what is queued stays (it counts it)
         batch = carrier.take(self._max_batch)
         if batch:
             try:
@@ -1227,6 +1229,7 @@ class ScalableBus(BusCore):
                     time.sleep(0.0005)  # durable appends under way: deliver them too
         self.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
         self._stop.set()
+        self._pressure.set()  # wakes workers lingering for a batch: they take none
         for _ in self._workers:
             self._runq.put(_STOP)
         for th in self._workers:

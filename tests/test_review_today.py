@@ -136,3 +136,22 @@ def test_close_with_an_infinite_timeout_closes_the_bus(tmp_path):
     assert sorted(str(m.payload) for m in got) == ["1", "2"]
     assert bus._topics["d"].wal.closed
     assert not any(th.is_alive() for th in bus._workers)
+
+
+def test_messages_close_gave_up_on_are_not_delivered_by_a_lingering_worker():
+    # A worker lingers up to 1 s for a fuller batch; close(0.1) gives up before that
+    # and counts the queued messages as undelivered: they must then stay undelivered
+    # (no handler call after close() returned, and delivered + undelivered = published).
+    bus = ScalableBus(linger=1.0)
+    bus.configure_topic("m", TopicConfig())
+    got, h = collect()
+    bus.subscribe("m", h)
+    for i in range(3):
+        bus.publish("m", i)
+    bus.close(0.1)
+    undelivered = bus.metrics().drops.get("undelivered_at_close", 0)
+    assert undelivered == 3
+    wait_for(lambda: not any(th.is_alive() for th in bus._workers), "the workers to end", 5)
+    m = bus.metrics()
+    assert len(got) == m.delivered == 0
+    assert m.delivered + undelivered == m.published == 3
