@@ -78,7 +78,13 @@ from ..config import FsyncPolicy, Retention
 from ..errors import BusClosed, FastbusError, WalCorruptionError
 from ..stores import FileStore, Store, check_subscriber_name
 from .offsets import OffsetsDamaged, decode_meta, decode_offsets, encode_meta, encode_offsets
-from .recovery import INDEX_INTERVAL, PartitionRecovery, SegmentState, recover_partition
+from .recovery import (
+    INDEX_INTERVAL,
+    PartitionRecovery,
+    SegmentState,
+    apply_cuts,
+    recover_partition,
+)
 from .retention import SegmentSummary, plan_retention
 
 __all__ = ["WalMessageQueue", "WalReader"]
@@ -331,8 +337,14 @@ class WalMessageQueue:
         parts = []
         mode = "repair" if repair else "open"
         for p in range(count):
-            rec = recover_partition(store, p, mode=mode, clock_now=now)
-            self._recoveries.append(rec)
+            self._recoveries.append(recover_partition(store, p, mode=mode, clock_now=now))
+        # (read before any change too: _load_groups decodes them)
+        self._group_docs = {name: store.read_offsets(name) for name in store.list_groups()}
+        # Every partition and document read: only now cut torn tails and zeros (an
+        # open that fails on a later partition or an unreadable document changes nothing).
+        for rec in self._recoveries:
+            apply_cuts(rec)
+        for p, rec in enumerate(self._recoveries):
             if not rec.segments:
                 base = 0
                 h = store.create_segment(p, base)
@@ -348,8 +360,8 @@ class WalMessageQueue:
         self._parts = parts
 
     def _load_groups(self) -> None:
-        for name in self._store.list_groups():
-            offsets = self._read_group(name)
+        for name, raw in self._group_docs.items():
+            offsets = self._read_group(name, raw)
             # After a power loss (or repair=True) the log can end before a group's
             # committed offset. The offsets past the end will be given to new records
             # this group has not seen: it must not count as having committed them
@@ -365,9 +377,9 @@ class WalMessageQueue:
                 self._store.write_offsets(name, encode_offsets(name, clamped))
             self._groups[name] = clamped
 
-    def _read_group(self, name: str) -> dict[int, int]:
-        """Committed offsets of ``name``; a damaged document falls back to log start."""
-        raw = self._store.read_offsets(name)
+    def _read_group(self, name: str, raw: bytes | None) -> dict[int, int]:
+        """Committed offsets of ``name`` from its document ``raw``; a damaged document
+        falls back to log start."""
         if raw is None:
             return {}
         try:
