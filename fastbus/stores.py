@@ -500,21 +500,32 @@ class SQLiteStore:
             self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                        check_same_thread=False, isolation_level=None)
             return
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(errno.EISDIR, "an SQLiteStore needs a database file, not a "
+                                    "directory (a directory is a FileStore)", self.path)
         self._lock_fd = _take_writer_lock(self.path + ".lock", f"WAL database {self.path}",
                                           self.path, "")
-        if not os.path.exists(self.path):
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        self._db = sqlite3.connect(self.path, check_same_thread=False)
-        db = self._db
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
-        with db:
-            db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB)")
-            db.execute("CREATE TABLE IF NOT EXISTS segments (part INTEGER, seg INTEGER, "
-                       "PRIMARY KEY (part, seg))")
-            db.execute("CREATE TABLE IF NOT EXISTS records (part INTEGER, seg INTEGER, "
-                       "off INTEGER, pos INTEGER, blob BLOB, PRIMARY KEY (part, seg, pos))")
-            db.execute("CREATE TABLE IF NOT EXISTS offsets (grp TEXT PRIMARY KEY, v BLOB)")
+        try:
+            if not os.path.exists(self.path):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            self._db = sqlite3.connect(self.path, check_same_thread=False)
+            db = self._db
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
+            with db:
+                db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB)")
+                db.execute("CREATE TABLE IF NOT EXISTS segments (part INTEGER, seg INTEGER, "
+                           "PRIMARY KEY (part, seg))")
+                db.execute("CREATE TABLE IF NOT EXISTS records (part INTEGER, seg INTEGER, "
+                           "off INTEGER, pos INTEGER, blob BLOB, PRIMARY KEY (part, seg, pos))")
+                db.execute("CREATE TABLE IF NOT EXISTS offsets (grp TEXT PRIMARY KEY, v BLOB)")
+        except BaseException as exc:
+            self.close()  # the lock too: the open can be tried again once the file is right
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise FastbusError(f"{self.path} cannot be opened as an SQLite WAL database "
+                                   f"({exc}); point SQLiteStore at a fastbus WAL database or "
+                                   "a path that does not exist yet") from exc
+            raise
         for suffix in ("-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(self.path + suffix, 0o600)
