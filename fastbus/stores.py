@@ -198,6 +198,15 @@ def _mkdir(path: str) -> bool:
     return True
 
 
+def _make_dir(path: str, why: str) -> None:
+    """``os.makedirs(path, 0o700)``; a file in the way is a ``NotADirectoryError``
+    saying so (makedirs says only "File exists")."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(errno.ENOTDIR, f"Not a directory; {why}", path) from None
+
+
 def _atomic_write(directory: str, name: str, data: bytes) -> None:
     """write temp, fsync, rename over ``name``, fsync the directory."""
     final = os.path.join(directory, name)
@@ -291,7 +300,8 @@ class FileStore:
             if not os.path.isdir(self.path):
                 raise FileNotFoundError(errno.ENOENT, "no WAL directory here", self.path)
             return
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        _make_dir(self.path, "a FileStore keeps a queue in a directory (an SQLite WAL file "
+                  "is opened with SQLiteStore)")
         self._lock_fd = _take_writer_lock(
             os.path.join(self.path, ".lock"), f"WAL directory {self.path}", self.path,
             " or use `fastbus wal inspect` to read it without the lock")
