@@ -1523,7 +1523,8 @@ class WalReader:
 
     def poll(self, max_records: int = 1000, timeout: float | None = 0.0) -> list[Record]:
         """Up to ``max_records`` records; waits up to ``timeout`` seconds for the first
-        (None: until one arrives or the queue closes; 0: no wait).
+        (None or ``math.inf``: until one arrives or the queue closes; 0 or less: no
+        wait; NaN or a non-number: ``ValueError``/``TypeError``).
 
         Blocks on a condition that appends notify, never spinning. Raises
         ``WalCorruptionError`` if a record read back fails its CRC (nothing
@@ -1532,6 +1533,14 @@ class WalReader:
         if isinstance(max_records, bool) or not isinstance(max_records, int) \
                 or max_records < 1:
             raise ValueError(f"max_records must be an int >= 1, got {max_records!r}")
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+                raise TypeError(f"timeout must be a number of seconds or None, got "
+                                f"{type(timeout).__name__} {timeout!r}")
+            if timeout != timeout:
+                raise ValueError("timeout must be a number of seconds or None, got nan")
+            if timeout >= threading.TIMEOUT_MAX:
+                timeout = None  # (inf: no lock can wait that long, so wait without one)
         q = self._q
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
