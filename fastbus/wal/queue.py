@@ -159,6 +159,17 @@ class _DecodedRecord(Record):
         return self._value
 
 
+def _check_int(name: str, value: Any, what: str, minimum: int,
+               maximum: int | None = None) -> int:
+    """``value`` if it is an int in range: else ``TypeError`` (not an int) or
+    ``ValueError`` (out of range), saying ``name`` must be ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
 def _payload_type_error(payload: object) -> TypeError:
     return TypeError(
         f"WAL payloads must be bytes-like or str, got {type(payload).__name__}; to store "
@@ -214,17 +225,14 @@ class WalMessageQueue:
             raise TypeError(
                 "WalMessageQueue needs a directory path or a Store (FileStore, SQLiteStore, "
                 f"MemoryStore), got {type(path_or_store).__name__}")
-        if partitions is not None and (isinstance(partitions, bool)
-                                       or not isinstance(partitions, int) or partitions < 1):
-            raise ValueError(f"partitions must be an int >= 1 or None, got {partitions!r}")
+        if partitions is not None:
+            _check_int("partitions", partitions, "an int >= 1 or None", 1)
         if not isinstance(fsync, FsyncPolicy):
             raise TypeError(f"fsync must be a FsyncPolicy (e.g. FsyncPolicy.every(1000)), "
                             f"got {fsync!r}")
         if not isinstance(retention, Retention):
             raise TypeError(f"retention must be a Retention, got {retention!r}")
-        if isinstance(segment_bytes, bool) or not isinstance(segment_bytes, int) \
-                or segment_bytes < 4096:
-            raise ValueError(f"segment_bytes must be an int >= 4096, got {segment_bytes!r}")
+        _check_int("segment_bytes", segment_bytes, "an int >= 4096", 4096)
         if segment_age is not None and not segment_age > 0:
             raise ValueError(f"segment_age must be > 0 seconds or None, got {segment_age!r}")
         if compaction_interval is not None and not compaction_interval > 0:
@@ -690,11 +698,8 @@ class WalMessageQueue:
         return first
 
     def _check_partition(self, partition: object) -> int:
-        if isinstance(partition, bool) or not isinstance(partition, int) \
-                or not 0 <= partition < self.partitions:
-            raise ValueError(f"partition must be an int in 0..{self.partitions - 1}, "
-                             f"got {partition!r}")
-        return partition
+        return _check_int("partition", partition, f"an int in 0..{self.partitions - 1}", 0,
+                          self.partitions - 1)
 
     def _broken_error(self, part: _Part) -> FastbusError:
         return FastbusError(
@@ -1530,9 +1535,7 @@ class WalReader:
         ``WalCorruptionError`` if a record read back fails its CRC (nothing
         corrupt is returned) and ``BusClosed`` once the queue is closed.
         """
-        if isinstance(max_records, bool) or not isinstance(max_records, int) \
-                or max_records < 1:
-            raise ValueError(f"max_records must be an int >= 1, got {max_records!r}")
+        _check_int("max_records", max_records, "an int >= 1", 1)
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, int | float):
                 raise TypeError(f"timeout must be a number of seconds or None, got "
@@ -1702,8 +1705,7 @@ class WalReader:
         An offset before the partition's start moves to the start; one past its end
         raises ``ValueError``. The committed offsets change only with ``commit()``.
         """
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"offset must be an int >= 0, got {offset!r}")
+        _check_int("offset", offset, "an int >= 0", 0)
         q = self._q
         parts = list(self._cursors) if partition is None else [q._check_partition(partition)]
         starts, ends = q.start_offsets(), q.end_offsets()
