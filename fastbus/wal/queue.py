@@ -122,16 +122,29 @@ class _Serializer:
         self.loads = loads
 
 
+def _unstorable(name: str, payload: object, exc: BaseException) -> TypeError:
+    return TypeError(f"serializer={name!r} cannot store this {type(payload).__name__} "
+                     f"payload ({exc}); pass a payload it can encode, or another serializer")
+
+
 def _make_serializer(spec: object) -> _Serializer | None:
     if spec is None:
         return None
     if spec == "json":
-        return _Serializer("json", lambda o: json.dumps(o, separators=(",", ":")).encode(),
-                           json.loads)
+        def _json(o: Any) -> bytes:
+            try:
+                return json.dumps(o, separators=(",", ":")).encode()
+            except (TypeError, ValueError) as exc:  # (ValueError: a circular reference)
+                raise _unstorable("json", o, exc) from exc
+        return _Serializer("json", _json, json.loads)
     if spec == "pickle":
         # Trusted data only: unpickling runs arbitrary code.
-        return _Serializer("pickle", lambda o: pickle.dumps(o, pickle.HIGHEST_PROTOCOL),
-                           pickle.loads)
+        def _pickle(o: Any) -> bytes:
+            try:
+                return pickle.dumps(o, pickle.HIGHEST_PROTOCOL)
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                raise _unstorable("pickle", o, exc) from exc
+        return _Serializer("pickle", _pickle, pickle.loads)
     if callable(getattr(spec, "dumps", None)) and callable(getattr(spec, "loads", None)):
         dumps, loads = spec.dumps, spec.loads  # type: ignore[attr-defined]
 
