@@ -185,9 +185,10 @@ def _check_int(name: str, value: Any, what: str, minimum: int,
 
 def _payload_type_error(payload: object) -> TypeError:
     return TypeError(
-        f"WAL payloads must be bytes-like or str, got {type(payload).__name__}; to store "
-        "other objects pass serializer='json', serializer='pickle' (trusted data only) or an "
-        "object with dumps()/loads() to WalMessageQueue")
+        f"WAL payloads must be bytes-like or str, got {type(payload).__name__}; encode other "
+        "objects first (e.g. json.dumps(obj).encode(); a durable ScalableBus topic stores "
+        "payloads as given), or give a WalMessageQueue serializer='json', "
+        "serializer='pickle' (trusted data only) or an object with dumps()/loads()")
 
 
 _Part = PartState  # one partition's state; every field is guarded by the queue lock
