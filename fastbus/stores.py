@@ -88,6 +88,14 @@ def check_subscriber_name(name: object) -> str:
     return name
 
 
+def _usable_name(name: str) -> bool:
+    try:
+        check_subscriber_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def partition_dir_name(partition: int) -> str:
     return f"p-{partition:04d}"
 
@@ -374,7 +382,9 @@ class FileStore:
             names = os.listdir(self._odir())
         except FileNotFoundError:
             return []
-        return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
+        # (a file whose name no subscriber can have is not fastbus's: ignored, like
+        # any other stray file)
+        return sorted(n[:-5] for n in names if n.endswith(".json") and _usable_name(n[:-5]))
 
     def read_offsets(self, group: str) -> bytes | None:
         return _read_file(os.path.join(self._odir(), check_subscriber_name(group) + ".json"))
