@@ -235,3 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"fastbus: error: {exc}", file=sys.stderr)
         return 3
+    except OSError as exc:  # a damaged directory: a segment that is a directory, ...
+        print(f"fastbus: error: {exc} (the WAL is damaged: see docs/operations-wal.md)",
+              file=sys.stderr)
+        return 1

@@ -51,7 +51,7 @@ from .bus import is_async_handler as _is_async
 from .config import ConfigRef, Limits, Thresholds, TopicConfig
 from .errors import BusClosed, BusOverloaded, LimitExceeded
 from .metrics import RateMeter, RingMetrics, ScalingMetrics, TopicMetrics
-from .stores import Store
+from .stores import Store, _make_dir
 
 __all__ = ["ScalableBus"]
 
@@ -926,7 +926,8 @@ class ScalableBus(BusCore):
                                 f"SQLiteStore, MemoryStore), got {type(target).__name__}")
         else:
             assert self._data_dir is not None
-            os.makedirs(self._data_dir, mode=0o700, exist_ok=True)
+            _make_dir(self._data_dir, "ScalableBus(data_dir=) keeps each durable topic in "
+                      "a directory under it")
             target = os.path.join(self._data_dir, name)
         wal = WalMessageQueue(target, partitions=config.partitions, fsync=config.fsync,
                               retention=config.retention, serializer=config.serializer)

@@ -88,6 +88,14 @@ def check_subscriber_name(name: object) -> str:
     return name
 
 
+def _usable_name(name: str) -> bool:
+    try:
+        check_subscriber_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def partition_dir_name(partition: int) -> str:
     return f"p-{partition:04d}"
 
@@ -198,6 +206,15 @@ def _mkdir(path: str) -> bool:
     return True
 
 
+def _make_dir(path: str, why: str) -> None:
+    """``os.makedirs(path, 0o700)``; a file in the way is a ``NotADirectoryError``
+    saying so (makedirs says only "File exists")."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(errno.ENOTDIR, f"Not a directory; {why}", path) from None
+
+
 def _atomic_write(directory: str, name: str, data: bytes) -> None:
     """write temp, fsync, rename over ``name``, fsync the directory."""
     final = os.path.join(directory, name)
@@ -291,7 +308,8 @@ class FileStore:
             if not os.path.isdir(self.path):
                 raise FileNotFoundError(errno.ENOENT, "no WAL directory here", self.path)
             return
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        _make_dir(self.path, "a FileStore keeps a queue in a directory (an SQLite WAL file "
+                  "is opened with SQLiteStore)")
         self._lock_fd = _take_writer_lock(
             os.path.join(self.path, ".lock"), f"WAL directory {self.path}", self.path,
             " or use `fastbus wal inspect` to read it without the lock")
@@ -364,7 +382,9 @@ class FileStore:
             names = os.listdir(self._odir())
         except FileNotFoundError:
             return []
-        return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
+        # (a file whose name no subscriber can have is not fastbus's: ignored, like
+        # any other stray file)
+        return sorted(n[:-5] for n in names if n.endswith(".json") and _usable_name(n[:-5]))
 
     def read_offsets(self, group: str) -> bytes | None:
         return _read_file(os.path.join(self._odir(), check_subscriber_name(group) + ".json"))
@@ -500,21 +520,32 @@ class SQLiteStore:
             self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                        check_same_thread=False, isolation_level=None)
             return
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(errno.EISDIR, "an SQLiteStore needs a database file, not a "
+                                    "directory (a directory is a FileStore)", self.path)
         self._lock_fd = _take_writer_lock(self.path + ".lock", f"WAL database {self.path}",
                                           self.path, "")
-        if not os.path.exists(self.path):
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        self._db = sqlite3.connect(self.path, check_same_thread=False)
-        db = self._db
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
-        with db:
-            db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB)")
-            db.execute("CREATE TABLE IF NOT EXISTS segments (part INTEGER, seg INTEGER, "
-                       "PRIMARY KEY (part, seg))")
-            db.execute("CREATE TABLE IF NOT EXISTS records (part INTEGER, seg INTEGER, "
-                       "off INTEGER, pos INTEGER, blob BLOB, PRIMARY KEY (part, seg, pos))")
-            db.execute("CREATE TABLE IF NOT EXISTS offsets (grp TEXT PRIMARY KEY, v BLOB)")
+        try:
+            if not os.path.exists(self.path):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            self._db = sqlite3.connect(self.path, check_same_thread=False)
+            db = self._db
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
+            with db:
+                db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB)")
+                db.execute("CREATE TABLE IF NOT EXISTS segments (part INTEGER, seg INTEGER, "
+                           "PRIMARY KEY (part, seg))")
+                db.execute("CREATE TABLE IF NOT EXISTS records (part INTEGER, seg INTEGER, "
+                           "off INTEGER, pos INTEGER, blob BLOB, PRIMARY KEY (part, seg, pos))")
+                db.execute("CREATE TABLE IF NOT EXISTS offsets (grp TEXT PRIMARY KEY, v BLOB)")
+        except BaseException as exc:
+            self.close()  # the lock too: the open can be tried again once the file is right
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise FastbusError(f"{self.path} cannot be opened as an SQLite WAL database "
+                                   f"({exc}); point SQLiteStore at a fastbus WAL database or "
+                                   "a path that does not exist yet") from exc
+            raise
         for suffix in ("-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(self.path + suffix, 0o600)

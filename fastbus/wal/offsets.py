@@ -81,6 +81,7 @@ def decode_meta(data: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise OffsetsDamaged(f"meta document is not valid JSON ({exc})") from None
     if (not isinstance(doc, dict) or doc.get("kind") != "fastbus-wal"
+            or isinstance(doc.get("partitions"), bool)
             or not isinstance(doc.get("partitions"), int) or doc["partitions"] < 1):
         raise OffsetsDamaged(f"meta document is not a fastbus WAL meta document: {doc!r}")
     if doc.get("format") != FORMAT:

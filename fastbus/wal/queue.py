@@ -78,7 +78,13 @@ from ..config import FsyncPolicy, Retention
 from ..errors import BusClosed, FastbusError, WalCorruptionError
 from ..stores import FileStore, Store, check_subscriber_name
 from .offsets import OffsetsDamaged, decode_meta, decode_offsets, encode_meta, encode_offsets
-from .recovery import INDEX_INTERVAL, PartitionRecovery, SegmentState, recover_partition
+from .recovery import (
+    INDEX_INTERVAL,
+    PartitionRecovery,
+    SegmentState,
+    apply_cuts,
+    recover_partition,
+)
 from .retention import SegmentSummary, plan_retention
 
 __all__ = ["WalMessageQueue", "WalReader"]
@@ -116,16 +122,29 @@ class _Serializer:
         self.loads = loads
 
 
+def _unstorable(name: str, payload: object, exc: BaseException) -> TypeError:
+    return TypeError(f"serializer={name!r} cannot store this {type(payload).__name__} "
+                     f"payload ({exc}); pass a payload it can encode, or another serializer")
+
+
 def _make_serializer(spec: object) -> _Serializer | None:
     if spec is None:
         return None
     if spec == "json":
-        return _Serializer("json", lambda o: json.dumps(o, separators=(",", ":")).encode(),
-                           json.loads)
+        def _json(o: Any) -> bytes:
+            try:
+                return json.dumps(o, separators=(",", ":")).encode()
+            except (TypeError, ValueError) as exc:  # (ValueError: a circular reference)
+                raise _unstorable("json", o, exc) from exc
+        return _Serializer("json", _json, json.loads)
     if spec == "pickle":
         # Trusted data only: unpickling runs arbitrary code.
-        return _Serializer("pickle", lambda o: pickle.dumps(o, pickle.HIGHEST_PROTOCOL),
-                           pickle.loads)
+        def _pickle(o: Any) -> bytes:
+            try:
+                return pickle.dumps(o, pickle.HIGHEST_PROTOCOL)
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                raise _unstorable("pickle", o, exc) from exc
+        return _Serializer("pickle", _pickle, pickle.loads)
     if callable(getattr(spec, "dumps", None)) and callable(getattr(spec, "loads", None)):
         dumps, loads = spec.dumps, spec.loads  # type: ignore[attr-defined]
 
@@ -163,12 +182,23 @@ class _DecodedRecord(Record):
         return self._value
 
 
+def _check_int(name: str, value: Any, what: str, minimum: int,
+               maximum: int | None = None) -> int:
+    """``value`` if it is an int in range: else ``TypeError`` (not an int) or
+    ``ValueError`` (out of range), saying ``name`` must be ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
 def _payload_type_error(payload: object) -> TypeError:
     return TypeError(
         f"WAL payloads must be bytes-like or str, got {type(payload).__name__}; to store "
-        "other objects pass serializer='json', serializer='pickle' (trusted data only) or an "
-        "object with dumps()/loads() to WalMessageQueue (TopicConfig(serializer=...) for a "
-        "ScalableBus durable topic)")
+        "other objects give the queue a serializer: serializer='json', serializer='pickle' "
+        "(trusted data only) or an object with dumps()/loads() (WalMessageQueue(serializer="
+        "...), or TopicConfig(serializer=...) for a ScalableBus durable topic)")
 
 
 _Part = PartState  # one partition's state; every field is guarded by the queue lock
@@ -219,17 +249,14 @@ class WalMessageQueue:
             raise TypeError(
                 "WalMessageQueue needs a directory path or a Store (FileStore, SQLiteStore, "
                 f"MemoryStore), got {type(path_or_store).__name__}")
-        if partitions is not None and (isinstance(partitions, bool)
-                                       or not isinstance(partitions, int) or partitions < 1):
-            raise ValueError(f"partitions must be an int >= 1 or None, got {partitions!r}")
+        if partitions is not None:
+            _check_int("partitions", partitions, "an int >= 1 or None", 1)
         if not isinstance(fsync, FsyncPolicy):
             raise TypeError(f"fsync must be a FsyncPolicy (e.g. FsyncPolicy.every(1000)), "
                             f"got {fsync!r}")
         if not isinstance(retention, Retention):
             raise TypeError(f"retention must be a Retention, got {retention!r}")
-        if isinstance(segment_bytes, bool) or not isinstance(segment_bytes, int) \
-                or segment_bytes < 4096:
-            raise ValueError(f"segment_bytes must be an int >= 4096, got {segment_bytes!r}")
+        _check_int("segment_bytes", segment_bytes, "an int >= 4096", 4096)
         if segment_age is not None and not segment_age > 0:
             raise ValueError(f"segment_age must be > 0 seconds or None, got {segment_age!r}")
         if compaction_interval is not None and not compaction_interval > 0:
@@ -342,8 +369,14 @@ class WalMessageQueue:
         parts = []
         mode = "repair" if repair else "open"
         for p in range(count):
-            rec = recover_partition(store, p, mode=mode, clock_now=now)
-            self._recoveries.append(rec)
+            self._recoveries.append(recover_partition(store, p, mode=mode, clock_now=now))
+        # (read before any change too: _load_groups decodes them)
+        self._group_docs = {name: store.read_offsets(name) for name in store.list_groups()}
+        # Every partition and document read: only now cut torn tails and zeros (an
+        # open that fails on a later partition or an unreadable document changes nothing).
+        for rec in self._recoveries:
+            apply_cuts(rec)
+        for p, rec in enumerate(self._recoveries):
             if not rec.segments:
                 base = 0
                 h = store.create_segment(p, base)
@@ -359,8 +392,8 @@ class WalMessageQueue:
         self._parts = parts
 
     def _load_groups(self) -> None:
-        for name in self._store.list_groups():
-            offsets = self._read_group(name)
+        for name, raw in self._group_docs.items():
+            offsets = self._read_group(name, raw)
             # After a power loss (or repair=True) the log can end before a group's
             # committed offset. The offsets past the end will be given to new records
             # this group has not seen: it must not count as having committed them
@@ -376,9 +409,9 @@ class WalMessageQueue:
                 self._store.write_offsets(name, encode_offsets(name, clamped))
             self._groups[name] = clamped
 
-    def _read_group(self, name: str) -> dict[int, int]:
-        """Committed offsets of ``name``; a damaged document falls back to log start."""
-        raw = self._store.read_offsets(name)
+    def _read_group(self, name: str, raw: bytes | None) -> dict[int, int]:
+        """Committed offsets of ``name`` from its document ``raw``; a damaged document
+        falls back to log start."""
         if raw is None:
             return {}
         try:
@@ -716,11 +749,8 @@ class WalMessageQueue:
         self._retention = retention
 
     def _check_partition(self, partition: object) -> int:
-        if isinstance(partition, bool) or not isinstance(partition, int) \
-                or not 0 <= partition < self.partitions:
-            raise ValueError(f"partition must be an int in 0..{self.partitions - 1}, "
-                             f"got {partition!r}")
-        return partition
+        return _check_int("partition", partition, f"an int in 0..{self.partitions - 1}", 0,
+                          self.partitions - 1)
 
     def _broken_error(self, part: _Part) -> FastbusError:
         return FastbusError(
@@ -1550,15 +1580,22 @@ class WalReader:
 
     def poll(self, max_records: int = 1000, timeout: float | None = 0.0) -> list[Record]:
         """Up to ``max_records`` records; waits up to ``timeout`` seconds for the first
-        (None: until one arrives or the queue closes; 0: no wait).
+        (None or ``math.inf``: until one arrives or the queue closes; 0 or less: no
+        wait; NaN or a non-number: ``ValueError``/``TypeError``).
 
         Blocks on a condition that appends notify, never spinning. Raises
         ``WalCorruptionError`` if a record read back fails its CRC (nothing
         corrupt is returned) and ``BusClosed`` once the queue is closed.
         """
-        if isinstance(max_records, bool) or not isinstance(max_records, int) \
-                or max_records < 1:
-            raise ValueError(f"max_records must be an int >= 1, got {max_records!r}")
+        _check_int("max_records", max_records, "an int >= 1", 1)
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+                raise TypeError(f"timeout must be a number of seconds or None, got "
+                                f"{type(timeout).__name__} {timeout!r}")
+            if timeout != timeout:
+                raise ValueError("timeout must be a number of seconds or None, got nan")
+            if timeout >= threading.TIMEOUT_MAX:
+                timeout = None  # (inf: no lock can wait that long, so wait without one)
         q = self._q
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
@@ -1720,8 +1757,7 @@ class WalReader:
         An offset before the partition's start moves to the start; one past its end
         raises ``ValueError``. The committed offsets change only with ``commit()``.
         """
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"offset must be an int >= 0, got {offset!r}")
+        _check_int("offset", offset, "an int >= 0", 0)
         q = self._q
         parts = list(self._cursors) if partition is None else [q._check_partition(partition)]
         starts, ends = q.start_offsets(), q.end_offsets()

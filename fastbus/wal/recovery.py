@@ -23,7 +23,10 @@ Python objects, and returns the valid prefix plus a sparse index. Then:
   there and drops every later segment, reporting what went.
 
 Mode ``"check"`` changes nothing and raises nothing: it only reports (used by
-``fastbus wal verify``).
+``fastbus wal verify``). In modes ``"open"``/``"repair"`` the cuts of torn tails
+and zeros are not made here but listed in ``cuts``, for :func:`apply_cuts` once
+every partition has been checked: an open that fails on a later partition
+changes nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from .._walcodec import next_record_at, verify
 from ..errors import WalCorruptionError
 from ..stores import Store
 
-__all__ = ["INDEX_INTERVAL", "Finding", "PartitionRecovery", "SegmentState",
+__all__ = ["INDEX_INTERVAL", "Finding", "PartitionRecovery", "SegmentState", "apply_cuts",
            "recover_partition"]
 
 log = logging.getLogger("fastbus.wal")
@@ -71,6 +74,8 @@ class PartitionRecovery:
     repaired_bytes: int = 0  # corrupt data cut or dropped with repair=True
     dropped_segments: int = 0
     zero_tail_bytes: int = 0  # space allocated ahead of a crashed writer, cut off
+    # (segment, size, log level, message): cuts of torn tails and zeros not yet made
+    cuts: list[tuple[SegmentState, int, int, str]] = field(default_factory=list)
 
 
 def _corrupt(f: Finding) -> WalCorruptionError:
@@ -124,10 +129,10 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
             # Space the writer allocated ahead (see the module docstring): not data.
             out.zero_tail_bytes += size - end
             if writable:
-                log.info("fastbus WAL recovery: %s ends in %d bytes of zeros after its last "
-                         "record at byte %d (space allocated ahead by a writer that did not "
-                         "close); cutting them off", location, size - end, end)
-                handle.truncate(end)
+                out.cuts.append((seg, end, logging.INFO, (
+                    f"fastbus WAL recovery: {location} ends in {size - end} bytes of zeros "
+                    f"after its last record at byte {end} (space allocated ahead by a writer "
+                    "that did not close); cutting them off")))
         elif vr.reason != "end":
             tail = len(data.rstrip(b"\0")) - end  # not counting zeros allocated ahead
             torn = (is_last and vr.reason != "bad_offset"
@@ -136,8 +141,8 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
             out.findings.append(f)
             if torn:
                 if mode != "check":
-                    log.warning("fastbus WAL recovery: %s; truncating it", f.describe())
-                    handle.truncate(end)
+                    out.cuts.append((seg, end, logging.WARNING, "fastbus WAL recovery: "
+                                     f"{f.describe()}; truncating it"))
                     out.truncated_bytes += tail
             elif mode == "open":
                 _close_all([*out.segments, seg])
@@ -158,6 +163,15 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
     if mode == "check":
         _close_all(out.segments)
     return out
+
+
+def apply_cuts(rec: PartitionRecovery) -> None:
+    """Make the cuts ``recover_partition`` listed (every partition checked: the open
+    goes ahead); zeros are logged at INFO, torn tails as warnings."""
+    for seg, size, level, message in rec.cuts:
+        log.log(level, "%s", message)
+        seg.handle.truncate(size)
+    rec.cuts.clear()
 
 
 def _drop(store: Store, partition: int, bases: list[int], out: PartitionRecovery) -> None:
