@@ -58,6 +58,8 @@ PAIRS: dict[str, dict[str, str]] = {
         "always-1thread-fastbus": "raw-write-fdatasync",
         "always-8threads-fastbus": "raw-write-fdatasync",
         "always-8threads-sustained": "raw-write-fdatasync-sustained",
+        "bus-publish-every1000": "append-every1000-fastbus",
+        "bus-publish_many-always": "append_many-always-fastbus",
     },
     "bench_backpressure": {
         "admit-normal": "noop-call",
