@@ -1158,7 +1158,7 @@ class ScalableBus(BusCore):
     def _idle(self) -> bool:
         if self._bp.depth or _count_value(self._turns_started) != _count_value(self._turns_done):
             return False
-        if self._bp.state is not _NORMAL:
+        if self._bp._state is not _NORMAL:
             # Depth 0 is NORMAL, but the remove() that took it there recomputes the state
             # just after: wait for it, or a publish right after flush() would be refused.
             return False
