@@ -166,7 +166,7 @@ class _Group:
     change: partition p belongs to member ``p % len(members)`` in join order.
     """
 
-    __slots__ = ("done", "members", "name", "owners", "reader", "thread")
+    __slots__ = ("done", "failed", "members", "name", "owners", "reader", "thread")
 
     def __init__(self, name: str | None) -> None:
         self.name = name
@@ -175,6 +175,7 @@ class _Group:
         self.reader: Any = None
         self.thread: threading.Thread | None = None
         self.done: dict[int, int] = {}  # durable: next offset not yet handled, per partition
+        self.failed = False  # durable: delivery stopped on a read or commit error
 
     def assign(self, partitions: int) -> None:
         m = self.members
@@ -386,6 +387,7 @@ class ScalableBus(BusCore):
         """
         check_topic(name)
         if config is None:
+            self._check_open()
             t = self._topics.get(name)
             if t is not None:
                 return t.config  # no config: make sure the topic is carried, change nothing
@@ -614,6 +616,7 @@ class ScalableBus(BusCore):
         critical = t.config.critical
         limit = capacity if critical else int(capacity * bp.thresholds.shedding)
         deadline = time.monotonic() + bp.thresholds.critical_timeout
+        pause = 0.0005
         while True:
             with self._batch_lock:
                 if bp.depth + n <= limit:
@@ -621,7 +624,13 @@ class ScalableBus(BusCore):
             if critical:
                 left = deadline - time.monotonic()
                 if left > 0:
-                    bp.wait_for_room(min(left, 0.05))
+                    if bp.depth < capacity:
+                        # Room for a message but not for the batch: wait_for_room would
+                        # return at once (a busy loop). Deliveries free room; look again.
+                        time.sleep(min(left, pause))
+                        pause = min(pause * 2, 0.005)
+                    else:
+                        bp.wait_for_room(min(left, 0.05))
                     continue
                 bp._count_rejection(t.name)
                 raise BusOverloaded(
@@ -1025,8 +1034,8 @@ class ScalableBus(BusCore):
         return thread
 
     def _group_behind(self, t: _Topic, g: _Group) -> bool:
-        if g.reader is None or g.thread is None:
-            return False
+        if g.reader is None or g.thread is None or g.failed:
+            return False  # (a failed group is counted in drops: flush() does not wait for it)
         done = g.done
         return any(end > done.get(p, 0) for p, end in t.wal.end_offsets().items())
 
@@ -1077,6 +1086,7 @@ class ScalableBus(BusCore):
                           t.name, g.name, exc_info=exc)
                 with t.lock:
                     self._drops["wal_read_errors"] = self._drops.get("wal_read_errors", 0) + 1
+                g.failed = True
                 return
 
     def _deliver_records(self, t: _Topic, g: _Group, records: list[Any]) -> dict[int, int]:

@@ -6,10 +6,13 @@ Each test pins one bug found in review: it failed before its fix.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from fastbus import (
+    BusClosed,
+    BusOverloaded,
     FsyncPolicy,
     MemoryStore,
     Message,
@@ -155,3 +158,62 @@ def test_messages_close_gave_up_on_are_not_delivered_by_a_lingering_worker():
     m = bus.metrics()
     assert len(got) == m.delivered == 0
     assert m.delivered + undelivered == m.published == 3
+
+
+# -- found after the review: three small ones --------------------------------------------
+
+
+def test_a_critical_batch_waiting_for_room_does_not_spin(monkeypatch):
+    # depth < capacity < depth + n: wait_for_room returns at once, and the batch's
+    # wait looped on it (hundreds of thousands of calls in critical_timeout).
+    from fastbus import Limits, MessageBusBackpressure, Thresholds
+
+    bus = ScalableBus(limits=Limits(max_queue_size=100),
+                      thresholds=Thresholds(critical_timeout=0.3))
+    release = threading.Event()
+    try:
+        bus.configure_topic("t", TopicConfig(partitions=1, critical=True))
+        bus.subscribe("t", lambda m: release.wait(10))
+        for i in range(95):
+            bus.publish("t", i)
+        calls = [0]
+        real = MessageBusBackpressure.wait_for_room
+
+        def counting(self, timeout):
+            calls[0] += 1
+            return real(self, timeout)
+
+        monkeypatch.setattr(MessageBusBackpressure, "wait_for_room", counting)
+        with pytest.raises(BusOverloaded, match="no room within"):
+            bus.publish_many("t", list(range(10)))
+        assert calls[0] < 50, f"{calls[0]} calls to wait_for_room in 0.3 s"
+    finally:
+        release.set()
+        bus.close()
+
+
+def test_configure_topic_without_a_config_on_a_closed_bus_raises():
+    bus = ScalableBus()
+    bus.configure_topic("t")
+    bus.close()
+    with pytest.raises(BusClosed):
+        bus.configure_topic("t")
+
+
+def test_flush_does_not_wait_for_a_durable_group_whose_delivery_stopped(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=1))
+        _, h = collect()
+        bus.subscribe("t", h, group="g")
+        g = bus._topics["t"].groups[0]
+
+        def failing_commit(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        g.reader.commit = failing_commit
+        bus.publish("t", b"x")
+        wait_for(lambda: bus.metrics().drops.get("wal_read_errors") == 1,
+                 "the group's delivery to stop")
+        t0 = time.monotonic()
+        bus.flush(5)
+        assert time.monotonic() - t0 < 2, "flush() waited for a group that cannot go on"
