@@ -1138,7 +1138,9 @@ class ScalableBus(BusCore):
         """Wait until every accepted message was dispatched; True if it was in time.
 
         Durable topics are also forced to disk (``WalMessageQueue.flush``) and
-        their groups caught up with the log end. ``timeout``: seconds >= 0, or
+        their groups caught up with the log end (not a group whose delivery
+        stopped on a read or commit error: it is counted in
+        ``metrics().drops["wal_read_errors"]`` and logged). ``timeout``: seconds >= 0, or
         None to wait without limit (``TypeError``/``ValueError`` otherwise).
         Called from a handler of this bus it raises ``RuntimeError``: it would wait
         for that handler itself.
