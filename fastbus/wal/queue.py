@@ -375,7 +375,7 @@ class WalMessageQueue:
         # Every partition and document read: only now cut torn tails and zeros (an
         # open that fails on a later partition or an unreadable document changes nothing).
         for rec in self._recoveries:
-            apply_cuts(rec)
+            apply_cuts(store, rec)
         for p, rec in enumerate(self._recoveries):
             if not rec.segments:
                 base = 0

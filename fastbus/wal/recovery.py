@@ -20,13 +20,13 @@ Python objects, and returns the valid prefix plus a sparse index. Then:
   segment that is not the last, a record whose offset is not the expected one,
   a gap between segments) is mid-log corruption: :class:`WalCorruptionError`
   naming the file and byte offset, unless mode is ``"repair"``, which truncates
-  there and drops every later segment, reporting what went.
+  there and drops every later segment, reporting what went (deferred too, see below).
 
 Mode ``"check"`` changes nothing and raises nothing: it only reports (used by
 ``fastbus wal verify``). In modes ``"open"``/``"repair"`` the cuts of torn tails
-and zeros are not made here but listed in ``cuts``, for :func:`apply_cuts` once
-every partition has been checked: an open that fails on a later partition
-changes nothing.
+and zeros, and ``repair``'s cuts and dropped segments, are not made here but
+listed in ``cuts`` and ``drops``, for :func:`apply_cuts` once every partition has
+been checked: an open that fails on a later partition changes nothing.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class PartitionRecovery:
     zero_tail_bytes: int = 0  # space allocated ahead of a crashed writer, cut off
     # (segment, size, log level, message): cuts of torn tails and zeros not yet made
     cuts: list[tuple[SegmentState, int, int, str]] = field(default_factory=list)
+    drops: list[int] = field(default_factory=list)  # repair: segments to delete, not yet
 
 
 def _corrupt(f: Finding) -> WalCorruptionError:
@@ -106,7 +107,7 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
             if mode == "open":
                 raise _corrupt(f)
             if mode == "repair":
-                _drop(store, partition, bases[i:], out)
+                _plan_drop(store, partition, bases[i:], out)
             break
         handle = store.open_segment(partition, base, writable=writable)
         size = handle.size()
@@ -148,12 +149,12 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
                 _close_all([*out.segments, seg])
                 raise _corrupt(f)
             elif mode == "repair":
-                log.error("fastbus WAL repair: %s; truncating there and dropping %d later "
-                          "segment(s)", f.describe(), len(bases) - i - 1)
-                handle.truncate(end)
+                out.cuts.append((seg, end, logging.ERROR, (
+                    f"fastbus WAL repair: {f.describe()}; truncating there and dropping "
+                    f"{len(bases) - i - 1} later segment(s)")))
                 out.repaired_bytes += tail
                 out.segments.append(seg)
-                _drop(store, partition, bases[i + 1:], out)
+                _plan_drop(store, partition, bases[i + 1:], out)
                 break
             else:  # check: report the first corruption only; later data is suspect
                 out.segments.append(seg)
@@ -165,21 +166,28 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
     return out
 
 
-def apply_cuts(rec: PartitionRecovery) -> None:
-    """Make the cuts ``recover_partition`` listed (every partition checked: the open
-    goes ahead); zeros are logged at INFO, torn tails as warnings."""
+def apply_cuts(store: Store, rec: PartitionRecovery) -> None:
+    """Make the cuts and drops ``recover_partition`` listed (every partition checked:
+    the open goes ahead); zeros are logged at INFO, torn tails as warnings, repairs
+    as errors."""
     for seg, size, level, message in rec.cuts:
         log.log(level, "%s", message)
         seg.handle.truncate(size)
     rec.cuts.clear()
+    for base in rec.drops:
+        store.delete_segment(rec.partition, base)
+    rec.drops.clear()
 
 
-def _drop(store: Store, partition: int, bases: list[int], out: PartitionRecovery) -> None:
+def _plan_drop(store: Store, partition: int, bases: list[int], out: PartitionRecovery
+               ) -> None:
+    """repair: list ``bases`` for :func:`apply_cuts` to delete (opened writable, as
+    the deletion will need, only to count their bytes)."""
     for base in bases:
         h = store.open_segment(partition, base, writable=True)
         out.repaired_bytes += h.size()
         h.close()
-        store.delete_segment(partition, base)
+        out.drops.append(base)
         out.dropped_segments += 1
 
 
