@@ -82,3 +82,16 @@ def test_a_failed_repair_open_changes_nothing(tmp_path, damage):
     kept = sorted(int(f[:-4]) for f in os.listdir(os.path.join(d, "p-0000")))
     assert kept == [0]
     assert end == (0 if damage == "corrupt" else bases[1])
+
+
+# -- WalReader.poll(timeout=...) -----------------------------------------------------
+
+
+def test_poll_with_a_negative_int_timeout_too_large_for_a_float_does_not_wait(tmp_path):
+    """A negative timeout means no wait, but an int below -1.8e308 raised
+    OverflowError 'int too large to convert to float' (monotonic() + timeout)."""
+    with WalMessageQueue(tmp_path / "q", compaction_interval=None) as q:
+        r = q.reader("g")
+        assert r.poll(timeout=-(10 ** 400)) == []
+        q.append(b"x")
+        assert [x.payload for x in r.poll(timeout=-(10 ** 400))] == [b"x"]

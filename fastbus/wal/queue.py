@@ -1596,6 +1596,8 @@ class WalReader:
                 raise ValueError("timeout must be a number of seconds or None, got nan")
             if timeout >= threading.TIMEOUT_MAX:
                 timeout = None  # (inf: no lock can wait that long, so wait without one)
+            elif timeout < 0:
+                timeout = 0  # (no wait; an int below -1e308 is no float to add)
         q = self._q
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
