@@ -95,3 +95,35 @@ def test_poll_with_a_negative_int_timeout_too_large_for_a_float_does_not_wait(tm
         assert r.poll(timeout=-(10 ** 400)) == []
         q.append(b"x")
         assert [x.payload for x in r.poll(timeout=-(10 ** 400))] == [b"x"]
+
+
+# -- a failed open after the reads: the cuts come last ----------------------------------
+
+
+def test_an_open_failing_to_write_a_clamped_offsets_document_cuts_nothing(tmp_path):
+    """After a power loss a group can have committed past the (torn) end of the log:
+    the open writes its clamped offsets back. That write failed (here: a directory in
+    the way of its temporary file; a full disk alike) after the torn tail had been cut,
+    so the failed open had changed the segment (DESIGN invariant 6)."""
+    d = str(tmp_path / "q")
+    with WalMessageQueue(d, fsync=FsyncPolicy.never(), compaction_interval=None) as q:
+        for i in range(6):
+            q.append(b"m%d" % i)
+        r = q.reader("g")
+        assert len(r.poll(max_records=6, timeout=0)) == 6
+        r.commit()
+    size = os.path.getsize(_seg(d))
+    os.truncate(_seg(d), size - 5)  # the last record is torn: the group is past the end
+    os.mkdir(os.path.join(d, "offsets", ".g.json.tmp"))
+    before = _tree(d)
+    with pytest.raises(IsADirectoryError):
+        WalMessageQueue(d)
+    assert _tree(d) == before
+    os.rmdir(os.path.join(d, "offsets", ".g.json.tmp"))
+    with WalMessageQueue(d, compaction_interval=None) as q:
+        m = q.metrics()
+        assert m["torn_tails"] == 1 and m["offsets_clamped"] == 1
+        assert q.end_offsets() == {0: 5}
+        q.append(b"new")
+        assert [x.payload for x in q.reader("g").poll(timeout=0)] == [b"new"]
+    assert os.path.getsize(_seg(d)) > size - 5  # cut, then the new record

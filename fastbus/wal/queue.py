@@ -298,6 +298,13 @@ class WalMessageQueue:
         try:
             self._open_partitions(partitions, repair)
             self._load_groups()
+            # Every partition and offsets document read, and the writes that may fail
+            # (new partitions' segments, clamped offsets) made: only now cut torn tails,
+            # zeros and repairs, so an open that fails changes none of them. (Nothing
+            # reads the handles' sizes before: the partitions' states come from the
+            # recovery's SegmentStates, which already end at the cuts.)
+            for rec in self._recoveries:
+                apply_cuts(store, rec)
         except BaseException:
             self._close_handles()
             store.close()
@@ -370,12 +377,9 @@ class WalMessageQueue:
         mode = "repair" if repair else "open"
         for p in range(count):
             self._recoveries.append(recover_partition(store, p, mode=mode, clock_now=now))
-        # (read before any change too: _load_groups decodes them)
+        # (read before any change too: _load_groups decodes them; the cuts the
+        # recoveries listed are made by __init__, last)
         self._group_docs = {name: store.read_offsets(name) for name in store.list_groups()}
-        # Every partition and document read: only now cut torn tails and zeros (an
-        # open that fails on a later partition or an unreadable document changes nothing).
-        for rec in self._recoveries:
-            apply_cuts(store, rec)
         for p, rec in enumerate(self._recoveries):
             if not rec.segments:
                 base = 0
