@@ -614,11 +614,13 @@ class ScalableBus(BusCore):
                 f"a batch of {n} messages can never fit: max_queue_size is {capacity}; "
                 f"publish it in smaller batches or raise the limit")
         critical = t.config.critical
-        limit = capacity if critical else int(capacity * bp.thresholds.shedding)
         deadline = time.monotonic() + bp.thresholds.critical_timeout
         pause = 0.0005
         while True:
             with self._batch_lock:
+                # (read again each time: reconfigure_limits may lower it meanwhile)
+                capacity = bp.capacity
+                limit = capacity if critical else int(capacity * bp.thresholds.shedding)
                 if bp.depth + n <= limit:
                     return enqueue()
             if critical:

@@ -53,6 +53,7 @@ _PART_RE = re.compile(r"^p-(\d{4,})$")
 _SEG_RE = re.compile(r"^(\d{20})\.log$")
 _BAD_NAME_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
 _MAX_NAME = 200
+_MAX_NAME_BYTES = 240  # ".{name}.json.tmp" stays within a 255-byte file name
 
 
 class WalLockedError(FastbusError):
@@ -72,7 +73,8 @@ def check_subscriber_name(name: object) -> str:
     """Return ``name`` if it is usable as a subscriber (group) name, else raise.
 
     A name becomes a file name, so it must be a non-empty str of at most 200
-    characters without path separators, control characters or a leading dot.
+    characters (and 240 bytes in the file system encoding) without path
+    separators, control characters or a leading dot.
     """
     if not isinstance(name, str):
         raise TypeError(f"subscriber name must be a str, got {type(name).__name__} {name!r}")
@@ -85,6 +87,16 @@ def check_subscriber_name(name: object) -> str:
             f"subscriber name {name!r} is not usable as a file name: no '/', '\\', "
             "control characters or leading '.' (try e.g. 'billing-workers')"
         )
+    try:
+        size = len(os.fsencode(name))
+    except UnicodeEncodeError:
+        raise ValueError(f"subscriber name {name!r} is not usable as a file name: it has "
+                         "characters the file system encoding cannot store") from None
+    if size > _MAX_NAME_BYTES:
+        raise ValueError(
+            f"subscriber name {name[:40]!r}... is {size} bytes in the file system encoding; "
+            f"at most {_MAX_NAME_BYTES} fit in a file name (with '.json' and a temporary "
+            "prefix): use a shorter name")
     return name
 
 

@@ -217,3 +217,54 @@ def test_flush_does_not_wait_for_a_durable_group_whose_delivery_stopped(tmp_path
         t0 = time.monotonic()
         bus.flush(5)
         assert time.monotonic() - t0 < 2, "flush() waited for a group that cannot go on"
+
+
+def test_a_waiting_critical_batch_fits_under_a_lowered_max_queue_size(monkeypatch):
+    # DESIGN invariant 5: the batch's wait read max_queue_size once; lowered meanwhile
+    # (reconfigure_limits), the batch went in above the new limit.
+    from fastbus import Limits, MessageBusBackpressure, Thresholds
+
+    bus = ScalableBus(limits=Limits(max_queue_size=100),
+                      thresholds=Thresholds(critical_timeout=0.3))
+    release = threading.Event()
+    bp = bus.backpressure
+    lowered = []
+    try:
+        bus.configure_topic("t", TopicConfig(partitions=1, critical=True))
+        bus.subscribe("t", lambda m: release.wait(10))
+        for i in range(100):
+            bus.publish("t", i)
+        assert bp.depth == 100
+
+        calls = []
+
+        def lower_then_free(self, timeout):
+            calls.append(timeout)
+            if len(calls) == 1:
+                return True  # (admit()'s wait, a critical publisher's: let it in)
+            if not lowered:  # while the batch waits: the limit goes down to 60, and
+                lowered.append(bus.reconfigure_limits(max_queue_size=60))
+                bp.remove(45)  # deliveries take the depth to 55 (room for 30 under 100)
+                return True
+            time.sleep(0.01)
+            return False
+
+        monkeypatch.setattr(MessageBusBackpressure, "wait_for_room", lower_then_free)
+        with pytest.raises(BusOverloaded):
+            bus.publish_many("t", list(range(30)))  # 55 + 30 > 60: never fits now
+        assert lowered and bp.depth == 55
+    finally:
+        bp.add(45)  # (the deliveries the test pretended)
+        release.set()
+        bus.close()
+
+
+def test_a_group_name_too_long_for_a_file_name_is_refused_up_front(tmp_path):
+    # 200 characters pass the length check, but 200 x "€" is 600 bytes: the offsets
+    # file could never be written (ENAMETOOLONG at the first commit).
+    from fastbus import WalMessageQueue
+
+    with WalMessageQueue(tmp_path / "q") as q:
+        with pytest.raises(ValueError, match="bytes in the file system encoding"):
+            q.reader("€" * 200)
+        q.reader("€" * 80).commit()  # 240 bytes: fits
