@@ -1,7 +1,10 @@
-"""What the kill -9 tests share: run a child, kill it at a random moment, keep its lines."""
+"""What the kill -9 and damage tests share: run a child, kill it at a random moment, keep
+its lines; a digest of a directory tree, to show a failed open changed nothing."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 import signal
 import subprocess
@@ -63,3 +66,19 @@ def crash_in_process(q) -> None:
     for t in q._threads:
         t.join()
     q._store.close()
+
+
+def tree_digest(path: str) -> dict[str, str]:
+    """Every file's SHA-256 and every directory under ``path`` (the writer's .lock
+    aside), by relative path: equal before and after means nothing was changed."""
+    out = {}
+    for dirpath, dirs, files in os.walk(path):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(dirpath, name), path)] = "<dir>"
+        for name in files:
+            if name == ".lock":
+                continue
+            p = os.path.join(dirpath, name)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
+    return out

@@ -32,7 +32,6 @@ from fastbus import (
     TopicConfig,
     WalCorruptionError,
     crc32c,
-    murmur2,
     partition_for,
 )
 from tests.waiting import wait_for
@@ -64,29 +63,6 @@ class Gate:
 
 
 # -- hashing and checksums --------------------------------------------------------
-
-
-KAFKA_MURMUR2 = {
-    b"21": -973932308,
-    b"foobar": -790332482,
-    b"a-little-bit-long-string": -985981536,
-    b"a-little-bit-longer-string": -1486304829,
-    b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
-    b"abc": 479470107,
-}
-
-
-@pytest.mark.parametrize(("key", "expected"), KAFKA_MURMUR2.items())
-def test_murmur2_is_kafkas(key, expected):
-    assert murmur2(key) == expected
-
-
-def test_partition_for_is_kafkas_default_rule_and_encodes_str_as_utf8():
-    for key, h in KAFKA_MURMUR2.items():
-        for n in (1, 3, 7, 12, 100):
-            assert partition_for(key, n) == (h & 0x7FFFFFFF) % n
-    assert partition_for("héllo wörld", 13) == partition_for("héllo wörld".encode(), 13)
-    assert murmur2("21") == -973932308
 
 
 def test_crc32c_is_castagnoli():

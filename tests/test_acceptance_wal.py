@@ -4,7 +4,6 @@ as a new user would call the library: public names only, as the contract spells 
 Every test is bounded in time (no unbounded waits) and deterministic.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from fastbus import (
     WalReader,
 )
 from fastbus.cli import main as cli_main
+from tests.crashkit import tree_digest as _tree
 
 
 def _seg(queue_dir, partition=0, base=0):
@@ -44,21 +44,6 @@ def _make(queue_dir, *, n=6, partitions=1, group="g", read=2):
         got = r.poll(max_records=read, timeout=0)
         assert len(got) == read
         r.commit()
-
-
-def _tree(path):
-    """Every file's bytes and every directory under ``path`` (the writer's .lock aside)."""
-    out = {}
-    for dirpath, dirs, files in os.walk(path):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(dirpath, d), path)] = "<dir>"
-        for f in files:
-            if f == ".lock":
-                continue
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def _flip(path, at):

@@ -6,31 +6,16 @@ Each test pins one bug found in review: it failed before its fix.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import pytest
 
 from fastbus import FsyncPolicy, WalMessageQueue
+from tests.crashkit import tree_digest as _tree
 
 
 def _seg(d, partition=0, base=0):
     return os.path.join(d, f"p-{partition:04d}", f"{base:020d}.log")
-
-
-def _tree(path):
-    """Every file's bytes and every directory under ``path`` (the writer's .lock aside)."""
-    out = {}
-    for dirpath, dirs, files in os.walk(path):
-        for name in dirs:
-            out[os.path.relpath(os.path.join(dirpath, name), path)] = "<dir>"
-        for name in files:
-            if name == ".lock":
-                continue
-            p = os.path.join(dirpath, name)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def _flip(path, at):
