@@ -37,6 +37,7 @@ class PartState:
 
 class Appender:
     rr: int
+    def take_rr(self, n: int) -> int: ...
     readers_waiting: int
     closed: bool
     syncw: Any

@@ -294,6 +294,15 @@ cdef class Appender:
         self.readers_waiting = 0
         self.closed = False
 
+    def take_rr(self, Py_ssize_t n):
+        """Claim ``n`` round-robin turns at once; returns the first partition.
+        Compiled, so no other thread's turn can fall between the read and the
+        update (the GIL is held throughout)."""
+        cdef int p = self.rr
+        if n > 0:
+            self.rr = <int>((p + n) % self._nparts)
+        return p
+
     cdef inline int64_t _now(self) except? -1:
         cdef timespec t
         if self._ts is None:

@@ -236,6 +236,36 @@ def test_append_many_writes_batches_straight_to_the_segment(tmp_path, fsync):
     q.close()
 
 
+def test_concurrent_unkeyed_batches_share_the_round_robin_fairly(tmp_path):
+    """Each unkeyed batch (and each unkeyed record of a mixed batch) takes its own
+    round-robin turn, even with batches from several threads at once: the
+    partitions end up with exactly equal shares."""
+    import sys
+    q = WalMessageQueue(str(tmp_path / "q"), partitions=4, fsync=FsyncPolicy.never())
+    rounds = 400
+
+    def produce(i):
+        for _ in range(rounds):
+            q.append_many([b"x"])  # one turn
+            q.append_many([b"y", b"z"], keys=[None, f"k{i}"])  # one turn, one keyed
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over as often as it can
+    try:
+        threads = [threading.Thread(target=produce, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    unkeyed = [0] * 4
+    for rec in q.reader("count").poll(10**6, timeout=0):
+        unkeyed[rec.partition] += rec.key is None
+    assert unkeyed == [2 * 4 * rounds // 4] * 4
+    q.close()
+
+
 def test_append_many_result_is_a_sequence(tmp_path):
     """BatchOffsets behaves as the list of pairs it stands for (both of its forms)."""
     import pickle

@@ -656,12 +656,12 @@ class WalMessageQueue:
         if partition is not None:
             p = self._check_partition(partition)
         elif keys is None or self.partitions == 1:
-            p = self._app.rr if keys is None else 0
-            if keys is None:
-                self._app.rr = p + 1 if p + 1 < self.partitions else 0
+            p = self._app.take_rr(1) if keys is None else 0
         else:
             groups = {}
-            rr = self._app.rr
+            # The batch's unkeyed records take their turns in one compiled step:
+            # concurrent batches never share a turn.
+            rr = self._app.take_rr(sum(k is None for k in keys))
             for i, k in enumerate(keys):
                 if k is None:
                     q = rr
@@ -669,7 +669,6 @@ class WalMessageQueue:
                 else:
                     q = partition_for(k, self.partitions)
                 groups.setdefault(q, []).append(i)
-            self._app.rr = rr
         hdrs = None if headers is None else [headers] * n
         append_batch = self._app.append_batch  # compiled; hands over to _append_batch
         if groups is None:
