@@ -166,7 +166,7 @@ class _Group:
     change: partition p belongs to member ``p % len(members)`` in join order.
     """
 
-    __slots__ = ("done", "failed", "members", "name", "owners", "reader", "thread")
+    __slots__ = ("done", "members", "name", "owners", "reader", "stopped", "thread")
 
     def __init__(self, name: str | None) -> None:
         self.name = name
@@ -175,7 +175,7 @@ class _Group:
         self.reader: Any = None
         self.thread: threading.Thread | None = None
         self.done: dict[int, int] = {}  # durable: next offset not yet handled, per partition
-        self.failed = False  # durable: delivery stopped on a read or commit error
+        self.stopped = False  # durable: delivery gave up (corrupt log): a joiner restarts it
 
     def assign(self, partitions: int) -> None:
         m = self.members
@@ -701,7 +701,12 @@ class ScalableBus(BusCore):
                 # member owns the partitions: a record polled for nobody must not
                 # be committed.
                 self._open_durable_group(t, g)
+            restart = None
             with t.lock:
+                if g.stopped:
+                    # This group's delivery gave up on an error: the new member tries
+                    # again, from the group's commit (the error may be repaired).
+                    restart = self._delivery_thread(t, g, g.thread)
                 g.members = [*g.members, member]
                 if t.config.partitions is None and t.wal is None and len(g.members) > t.n:
                     self._repartition(t, len(g.members))
@@ -712,6 +717,8 @@ class ScalableBus(BusCore):
                     t.rebalances += 1
             if new_group and g.thread is not None:
                 g.thread.start()
+            if restart is not None:
+                restart.start()
             return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
@@ -1019,9 +1026,17 @@ class ScalableBus(BusCore):
         g.done = g.reader.position
         with t.lock:  # (self._lock held too: _unsubscribe fills t.leaving under both)
             prev = t.leaving.pop(g.name, None) if g.name is not None else None
+            self._delivery_thread(t, g, prev)
+
+    def _delivery_thread(self, t: _Topic, g: _Group, prev: threading.Thread | None
+                         ) -> threading.Thread:
+        """``t.lock`` held: make (not start) ``g``'s delivery thread; with ``prev``,
+        it opens its reader at the group's commit once ``prev`` has ended."""
+        g.stopped = False
         g.thread = threading.Thread(target=self._durable_loop, args=(t, g, prev),
                                     name=f"fastbus-wal-{t.name}-{g.name or 'anonymous'}",
                                     daemon=True)
+        return g.thread
 
     def _stop_durable_group(self, t: _Topic, g: _Group) -> threading.Thread | None:
         """``self._lock`` and ``t.lock`` held: tell ``g``'s delivery thread to end;
@@ -1036,8 +1051,8 @@ class ScalableBus(BusCore):
         return thread
 
     def _group_behind(self, t: _Topic, g: _Group) -> bool:
-        if g.reader is None or g.thread is None or g.failed:
-            return False  # (a failed group is counted in drops: flush() does not wait for it)
+        if g.reader is None or g.thread is None or g.stopped:
+            return False  # (a stopped group is counted in drops: flush() does not wait for it)
         done = g.done
         return any(end > done.get(p, 0) for p, end in t.wal.end_offsets().items())
 
@@ -1052,44 +1067,70 @@ class ScalableBus(BusCore):
         so one bad record cannot stall the group). Records polled for a
         partition that has no owner at that moment (the group's last member
         just left) are not committed: the reader goes back to them.
+
+        A read or commit that fails with ``OSError`` (a full disk, EIO) is tried
+        again, after 0.05 s doubling to 2 s; a damaged log (``WalCorruptionError``)
+        stops the group until a member joins it or the bus restarts. Either is
+        logged and counted once in ``drops["wal_read_errors"]``.
         """
+        me = threading.current_thread()
         if prev is not None:
-            # The group's previous delivery thread (its last member left) may still be
-            # handing records over and committing: start after it, at its commit. (Even
-            # if it has ended by now: it may have committed after g.reader was opened.)
+            # The group's previous delivery thread (its last member left, or it
+            # stopped on an error) may still be handing records over and committing:
+            # start after it, at its commit. (Even if it has ended by now: it may
+            # have committed after g.reader was opened.)
             while prev.is_alive() and not t.wal_stop.is_set():
                 prev.join(0.05)
-            if t.wal_stop.is_set():
-                return
-            try:
-                g.reader = t.wal.reader(g.name)
-            except BusClosed:
-                return
-            g.done = g.reader.position
-        reader = g.reader
+        reader = None if prev is not None else g.reader
         anonymous = g.name is None
-        while not t.wal_stop.is_set() and g.thread is not None:
+        pause = 0.0  # > 0: the last round failed with an OSError; wait, then try again
+        uncommitted = False  # handled records whose commit failed
+        while not t.wal_stop.is_set() and g.thread is me:
             try:
+                if pause:
+                    t.wal_stop.wait(pause)
+                    if t.wal_stop.is_set() or g.thread is not me:
+                        return
+                if reader is None:
+                    g.reader = reader = t.wal.reader(g.name)
+                    g.done = reader.position
+                if uncommitted:
+                    reader.commit()
+                    uncommitted = False
                 records = reader.poll(max_records=self._max_batch, timeout=0.05)
+                if pause:
+                    pause = 0.0
+                    log.warning("fastbus: delivery of durable topic %r to group %r resumed",
+                                t.name, g.name)
                 if not records:
                     continue
                 undelivered = self._deliver_records(t, g, records)
                 for p, offset in undelivered.items():
                     reader.seek(offset, p)
                 if not anonymous:
+                    uncommitted = True
                     reader.commit()
+                    uncommitted = False
                 g.done = reader.position
                 if undelivered:
                     time.sleep(0.001)  # membership is changing: let it settle
             except BusClosed:
                 return
-            except Exception as exc:  # WalCorruptionError, an I/O error: stop, say so
-                log.error("fastbus: delivery of durable topic %r to group %r stopped",
-                          t.name, g.name, exc_info=exc)
+            except Exception as exc:  # WalCorruptionError, an I/O error: say so
+                retry = isinstance(exc, OSError)
+                if not pause:
+                    log.error("fastbus: delivery of durable topic %r to group %r %s",
+                              t.name, g.name, "held up (trying again)" if retry else
+                              "stopped (a member joining the group starts it again)",
+                              exc_info=exc)
                 with t.lock:
-                    self._drops["wal_read_errors"] = self._drops.get("wal_read_errors", 0) + 1
-                g.failed = True
-                return
+                    if not pause:
+                        self._drops["wal_read_errors"] = \
+                            self._drops.get("wal_read_errors", 0) + 1
+                    if not retry:
+                        g.stopped = True
+                        return
+                pause = min(2.0, pause * 2) if pause else 0.05
 
     def _deliver_records(self, t: _Topic, g: _Group, records: list[Any]) -> dict[int, int]:
         """Hand ``records`` to their partitions' owners; returns, for each partition
@@ -1141,8 +1182,9 @@ class ScalableBus(BusCore):
 
         Durable topics are also forced to disk (``WalMessageQueue.flush``) and
         their groups caught up with the log end (not a group whose delivery
-        stopped on a read or commit error: it is counted in
-        ``metrics().drops["wal_read_errors"]`` and logged). ``timeout``: seconds >= 0, or
+        stopped on a damaged log: it is counted in
+        ``metrics().drops["wal_read_errors"]`` and logged; a group held up by
+        an I/O error tries again, and flush waits for it). ``timeout``: seconds >= 0, or
         None to wait without limit (``TypeError``/``ValueError`` otherwise).
         Called from a handler of this bus it raises ``RuntimeError``: it would wait
         for that handler itself.

@@ -19,6 +19,7 @@ from fastbus import (
     Retention,
     ScalableBus,
     TopicConfig,
+    WalCorruptionError,
     partition_for,
 )
 from fastbus._walcodec import encode_record
@@ -207,10 +208,10 @@ def test_flush_does_not_wait_for_a_durable_group_whose_delivery_stopped(tmp_path
         bus.subscribe("t", h, group="g")
         g = bus._topics["t"].groups[0]
 
-        def failing_commit(*args, **kwargs):
-            raise OSError(28, "No space left on device")
+        def failing_poll(*args, **kwargs):  # (an OSError is tried again: flush waits)
+            raise WalCorruptionError("bad CRC", path="x", position=0)
 
-        g.reader.commit = failing_commit
+        g.reader.poll = failing_poll
         bus.publish("t", b"x")
         wait_for(lambda: bus.metrics().drops.get("wal_read_errors") == 1,
                  "the group's delivery to stop")

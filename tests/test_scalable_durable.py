@@ -32,7 +32,7 @@ from fastbus import (
     WalMessageQueue,
     partition_for,
 )
-from tests.waiting import wait_until
+from tests.waiting import wait_for, wait_until
 
 FAST = FsyncPolicy.never()  # flush()/close() still write and sync everything
 KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
@@ -326,6 +326,59 @@ def test_commit_follows_the_handler(tmp_path):
         assert bus.flush(10) is True
         assert wal.groups()["g"][0] == 6
         assert got == list(range(6))
+
+
+def test_a_failing_commit_is_tried_again_and_delivery_goes_on(tmp_path):
+    """A commit that fails with OSError (a full disk) holds the group up, not for
+    good: once the disk has room the commit goes through and delivery goes on."""
+    got, h = collect()
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=1))
+        bus.subscribe("t", h, group="g")
+        reader = bus._topics["t"].groups[0].reader
+        real_commit, failures = reader.commit, []
+
+        def commit(*args, **kwargs):
+            if len(failures) < 3:
+                failures.append(1)
+                raise OSError(28, "No space left on device")
+            return real_commit(*args, **kwargs)
+
+        reader.commit = commit
+        bus.publish("t", b"a")
+        wait_for(lambda: len(failures) == 3, "three failed commits")
+        bus.publish("t", b"b")
+        assert bus.flush(10)
+        assert [m.payload for m in got] == [b"a", b"b"]
+        assert bus._topics["t"].wal.groups()["g"][0] == 2  # both committed
+        assert bus.metrics().drops["wal_read_errors"] == 1  # one spell, counted once
+
+
+def test_a_member_joining_a_stopped_group_starts_its_delivery_again(tmp_path):
+    """A damaged log stops a group's delivery; a member joining the group (once
+    the log is repaired) starts it again, from the group's commit."""
+    got, h = collect()
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=1))
+        bus.subscribe("t", h, group="g")
+        g = bus._topics["t"].groups[0]
+        bus.publish("t", b"a")
+        assert bus.flush(10) and len(got) == 1
+
+        def poll(*args, **kwargs):
+            raise WalCorruptionError("bad CRC", path="x", position=0)
+
+        g.reader.poll = poll
+        wait_for(lambda: bus.metrics().drops.get("wal_read_errors") == 1, "the stop")
+        wait_for(lambda: not g.thread.is_alive(), "the delivery thread to end")
+        bus.publish("t", b"b")
+        assert bus.flush(10)  # a stopped group is not waited for
+        assert len(got) == 1
+        more, h2 = collect()
+        bus.subscribe("t", h2, group="g")  # the new member owns no partition of 1
+        assert bus.flush(10)
+        assert [m.payload for m in got + more] == [b"a", b"b"]
+        assert bus._topics["t"].wal.groups()["g"][0] == 2
 
 
 # -- restart ---------------------------------------------------------------------------
