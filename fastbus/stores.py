@@ -499,6 +499,26 @@ class _SQLiteSegment:
         pass
 
 
+_SQLITE_APP_ID = 0x66625741  # PRAGMA application_id of a fastbus WAL database ("fbWA")
+_SQLITE_TABLES = {"meta", "segments", "records", "offsets"}
+
+
+def _check_sqlite_is_ours(db: sqlite3.Connection, path: str) -> bool:
+    """Raise FastbusError unless ``db`` is a fastbus WAL database or empty; whether
+    it is empty. (A database from before the application id was set is known by
+    its tables.)"""
+    app_id = db.execute("PRAGMA application_id").fetchone()[0]
+    tables = {r[0] for r in db.execute(
+        "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")}
+    if app_id == _SQLITE_APP_ID or (app_id == 0 and (not tables or tables == _SQLITE_TABLES)):
+        return not tables
+    what = f"application_id {app_id:#x}" if app_id else \
+        f"tables {', '.join(sorted(tables))}"
+    raise FastbusError(f"{path} is an SQLite database of something else ({what}), not a "
+                       "fastbus WAL database; it was left as it was. Point SQLiteStore at a "
+                       "fastbus WAL database or a path that does not exist yet")
+
+
 class SQLiteStore:
     """A queue kept in one sqlite3 database file (stdlib ``sqlite3``).
 
@@ -508,7 +528,8 @@ class SQLiteStore:
     Each encoded WAL record is one row ``(part, seg, off, pos, blob)``: reading a
     segment back yields the same byte stream the FileStore would hold, and the
     same CRC checks apply. The writer's exclusive lock is an ``flock`` on
-    ``<path>.lock``.
+    ``<path>.lock``. The database is marked as fastbus's (``PRAGMA
+    application_id``); one of something else is refused and left as it was.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -531,17 +552,31 @@ class SQLiteStore:
                 raise FileNotFoundError(errno.ENOENT, "no WAL database here", self.path)
             self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                        check_same_thread=False, isolation_level=None)
+            try:
+                _check_sqlite_is_ours(self._db, self.path)
+            except BaseException as exc:
+                self.close()
+                if isinstance(exc, sqlite3.DatabaseError):
+                    raise FastbusError(f"{self.path} cannot be read as an SQLite WAL "
+                                       f"database ({exc})") from exc
+                raise
             return
         if os.path.isdir(self.path):
             raise IsADirectoryError(errno.EISDIR, "an SQLiteStore needs a database file, not a "
                                     "directory (a directory is a FileStore)", self.path)
         self._lock_fd = _take_writer_lock(self.path + ".lock", f"WAL database {self.path}",
                                           self.path, "")
+        created = False
         try:
             if not os.path.exists(self.path):
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 0o600))
+                created = True
             self._db = sqlite3.connect(self.path, check_same_thread=False)
             db = self._db
+            # Before anything is changed: WAL journaling converts the file.
+            if _check_sqlite_is_ours(db, self.path):
+                db.execute(f"PRAGMA application_id={_SQLITE_APP_ID}")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
             with db:
@@ -553,6 +588,10 @@ class SQLiteStore:
                 db.execute("CREATE TABLE IF NOT EXISTS offsets (grp TEXT PRIMARY KEY, v BLOB)")
         except BaseException as exc:
             self.close()  # the lock too: the open can be tried again once the file is right
+            if created:  # (the file this open made: nothing else can be in it yet)
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.path + suffix)
             if isinstance(exc, sqlite3.DatabaseError):
                 raise FastbusError(f"{self.path} cannot be opened as an SQLite WAL database "
                                    f"({exc}); point SQLiteStore at a fastbus WAL database or "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -220,3 +221,56 @@ def test_sqlite_rejects_partial_record_writes(tmp_path):
     finally:
         s.close()
     assert stat.S_IMODE(os.stat(tmp_path / "q.db").st_mode) == 0o600
+
+
+def _sqlite_bytes(path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in path.parent.iterdir()
+            if p.name.startswith(path.name) and not p.name.endswith(".lock")}
+
+
+@pytest.mark.parametrize("setup", [
+    "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)",
+    "PRAGMA application_id=1234",
+])
+def test_sqlite_refuses_a_database_of_something_else_and_leaves_it(tmp_path, setup):
+    import sqlite3
+    path = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(setup)
+        db.commit()
+    before = _sqlite_bytes(path)
+    for readonly in (False, False, True):  # twice: the failed open let the lock go
+        with pytest.raises(FastbusError, match="something else"):
+            SQLiteStore(path).open(readonly=readonly)
+    assert _sqlite_bytes(path) == before  # no fastbus tables, journal mode unchanged
+
+
+def test_sqlite_marks_its_database_and_opens_an_unmarked_one_of_its_own(tmp_path):
+    import sqlite3
+    path = tmp_path / "q.db"
+    s = SQLiteStore(path)
+    s.open()
+    s.create_segment(0, 0).append(records(0, 2))
+    s.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA application_id").fetchone()[0] == 0x66625741
+        db.execute("PRAGMA application_id=0")  # as written before the mark existed
+        db.commit()
+    s.open()
+    try:
+        assert s.open_segment(0, 0, writable=False).read(0, 10**6) == records(0, 2)
+    finally:
+        s.close()
+
+
+def test_sqlite_a_failed_first_open_leaves_no_database_behind(tmp_path, monkeypatch):
+    import sqlite3
+    path = tmp_path / "q.db"
+
+    def refuse(*args, **kwargs):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(sqlite3, "connect", refuse)
+    with pytest.raises(FastbusError, match="disk I/O error"):
+        SQLiteStore(path).open()
+    assert not path.exists()
