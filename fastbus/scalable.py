@@ -291,8 +291,14 @@ class ScalableBus(BusCore):
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        if not isinstance(linger, int | float) or linger < 0:
-            raise ValueError(f"linger must be a number of seconds >= 0, got {linger!r}")
+        if isinstance(linger, bool) or not isinstance(linger, int | float):
+            raise TypeError(f"linger must be a number of seconds >= 0 (e.g. 0.001), got "
+                            f"{type(linger).__name__} {linger!r}")
+        if not 0 <= linger <= threading.TIMEOUT_MAX:
+            # (NaN fails the comparison; inf or a value beyond what a thread can wait
+            # made the lingering worker fail, and the messages it had stayed undelivered)
+            raise ValueError(f"linger must be a finite number of seconds >= 0 (e.g. 0.001), "
+                             f"got {linger!r}")
         self._inner = inner
         self._inner_publish = inner.publish
         self._inner_subs = inner._subs if type(inner) is InProcessBus else None

@@ -13,6 +13,7 @@ import pytest
 
 from fastbus import (
     MessageBusBackpressure,
+    ScalableBus,
     Thresholds,
 )
 
@@ -59,3 +60,18 @@ def test_delay_for_refuses_what_is_not_a_utilisation():
     with pytest.raises(TypeError, match="expected a number"):
         bp.delay_for("0.9")  # was: "'<' not supported between 'str' and 'float'"
     assert bp.delay_for(0.9) == pytest.approx(0.505)
+
+
+@pytest.mark.parametrize("linger", [math.nan, math.inf, 1e300, -0.5])
+def test_a_linger_no_worker_can_wait_is_refused(linger):
+    # linger=inf was accepted; the first worker to linger failed (OverflowError) and the
+    # message it was lingering for was never delivered: flush() timed out.
+    with pytest.raises(ValueError, match="linger must be a finite number"):
+        ScalableBus(linger=linger)
+
+
+def test_a_linger_of_the_wrong_type_is_a_type_error():
+    with pytest.raises(TypeError, match="linger"):
+        ScalableBus(linger="0.001")
+    with pytest.raises(TypeError, match="linger"):
+        ScalableBus(linger=True)  # was taken as a 1 s linger
