@@ -45,7 +45,13 @@ from typing import Any
 
 from ._dispatch import BusCore, Message, PartitionSlot, TopicCore, deliver_each
 from ._walcodec import check_keys
-from .backpressure import BackpressureState, MessageBusBackpressure, _check_timeout, _count_value
+from .backpressure import (
+    BackpressureState,
+    MessageBusBackpressure,
+    _check_timeout,
+    _count_value,
+    _first_depth_at,
+)
 from .bus import InProcessBus, MessageBus, Subscription, check_handler, check_topic
 from .bus import is_async_handler as _is_async
 from .config import ConfigRef, Limits, Thresholds, TopicConfig
@@ -560,12 +566,15 @@ class ScalableBus(BusCore):
         durable topics, or what ``inner.publish`` returned for each message of a
         pass-through topic (as a list). All or nothing: a refused batch
         (``BusOverloaded``) enqueued none of its messages, and neither did one with
-        a bad key or a payload the WAL cannot store or its serializer cannot dump
-        (durable topics). A durable batch is one WAL ``append_many``: under
-        ``always`` it returns after one group commit per partition it touches, and
-        ``close()`` waits for it; a write failing for one partition (``OSError``,
-        a full disk) keeps what the partitions before it took: those are delivered,
-        counted in ``metrics().published`` and forwarded to the inner bus.
+        more messages than an in-memory topic may ever hold (``ValueError``: above the
+        shedding level of ``max_queue_size``; for a critical topic, above
+        ``max_queue_size`` itself), a bad key or a payload the WAL cannot store or
+        its serializer cannot dump (durable topics). A durable batch is one WAL
+        ``append_many``: under ``always`` it returns after one group commit per
+        partition it touches, and ``close()`` waits for it; a write failing for one
+        partition (``OSError``, a full disk) keeps what the partitions before it
+        took: those are delivered, counted in ``metrics().published`` and forwarded
+        to the inner bus.
         """
         msgs = messages if type(messages) is list else _as_list(
             messages, "messages must be an iterable of payloads (a list, a generator)")
@@ -609,24 +618,36 @@ class ScalableBus(BusCore):
         A batch that would take a non-critical topic's bus past the shedding level
         is refused whole (``BusOverloaded``), whatever the state now; a critical
         topic's batch waits (up to ``Thresholds.critical_timeout``) until it fits
-        under ``max_queue_size``. A batch larger than the capacity never fits.
+        under ``max_queue_size``. A batch larger than that (the shedding level, or the
+        capacity for a critical topic) never fits: ``ValueError``.
         ``enqueue()`` runs once the batch fits, in the same locked step as the check:
         concurrent batches must not each find the same room.
         """
         bp = self._bp
-        capacity = bp.capacity
-        if n > capacity:
-            raise ValueError(
-                f"a batch of {n} messages can never fit: max_queue_size is {capacity}; "
-                f"publish it in smaller batches or raise the limit")
         critical = t.config.critical
+
+        def batch_limit(capacity: int) -> int:
+            # The depth a batch may take the bus to: the capacity for a critical topic,
+            # else the first depth of SHEDDING (exactly where a single publish() may
+            # still take it: it is admitted below that depth).
+            return capacity if critical else _first_depth_at(bp.thresholds.shedding, capacity)
+
+        capacity = bp.capacity
+        limit = batch_limit(capacity)
+        if n > limit:
+            most = "" if critical else (
+                f" and topic {t.name!r} is not critical, so a batch may fill it only up to "
+                f"the shedding level, {limit} messages")
+            raise ValueError(
+                f"a batch of {n} messages can never fit: max_queue_size is {capacity}{most}; "
+                f"publish it in smaller batches or raise the limit")
         deadline = time.monotonic() + bp.thresholds.critical_timeout
         pause = 0.0005
         while True:
             with self._batch_lock:
                 # (read again each time: reconfigure_limits may lower it meanwhile)
                 capacity = bp.capacity
-                limit = capacity if critical else int(capacity * bp.thresholds.shedding)
+                limit = batch_limit(capacity)
                 if bp.depth + n <= limit:
                     return enqueue()
             if critical:

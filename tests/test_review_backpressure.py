@@ -12,9 +12,11 @@ import threading
 import pytest
 
 from fastbus import (
+    Limits,
     MessageBusBackpressure,
     ScalableBus,
     Thresholds,
+    TopicConfig,
 )
 
 
@@ -75,3 +77,36 @@ def test_a_linger_of_the_wrong_type_is_a_type_error():
         ScalableBus(linger="0.001")
     with pytest.raises(TypeError, match="linger"):
         ScalableBus(linger=True)  # was taken as a 1 s linger
+
+
+# -- batches and the shedding level ------------------------------------------------
+
+
+def test_a_batch_above_the_shedding_level_is_a_value_error_not_overloaded():
+    # A non-critical batch of 20 on an idle bus of capacity 20 can never fit (it may
+    # fill the bus up to the shedding level, 19). It raised BusOverloaded, "retry
+    # later", from a NORMAL bus, and was counted as a backpressure rejection.
+    with ScalableBus(limits=Limits(max_queue_size=20), workers=1) as bus:
+        bus.configure_topic("q", TopicConfig(partitions=1))
+        got = []
+        bus.subscribe("q", got.append)
+        with pytest.raises(ValueError, match=r"can never fit.*shedding level, 19"):
+            bus.publish_many("q", list(range(20)))
+        assert bus.metrics().rejections == {"backpressure": 0}
+        assert bus.publish_many("q", list(range(19))) == 19  # up to the level: fits
+        assert bus.flush(5)
+        assert len(got) == 19
+
+
+def test_a_batch_of_one_fits_where_a_publish_of_one_does():
+    # Capacity 1: publish() is admitted on an empty bus (NORMAL), but the batch limit
+    # was int(1 * 0.95) == 0, so publish_many([x]) was refused on an empty bus.
+    with ScalableBus(limits=Limits(max_queue_size=1), workers=1) as bus:
+        bus.configure_topic("q", TopicConfig(partitions=1))
+        got = []
+        bus.subscribe("q", got.append)
+        bus.publish("q", 0)
+        assert bus.flush(5)
+        assert bus.publish_many("q", [1]) == 1
+        assert bus.flush(5)
+        assert [m.payload for m in got] == [0, 1]
