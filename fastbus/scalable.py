@@ -661,6 +661,7 @@ class ScalableBus(BusCore):
                     else:
                         bp.wait_for_room(min(left, 0.05))
                     continue
+                bp._count("critical_timeouts")  # a critical publisher that gave up
                 bp._count_rejection(t.name)
                 raise BusOverloaded(
                     f"bus full: a batch of {n} messages for critical topic {t.name!r} found "

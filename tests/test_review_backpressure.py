@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from fastbus import (
+    BusOverloaded,
     Limits,
     MessageBusBackpressure,
     ScalableBus,
@@ -110,3 +111,25 @@ def test_a_batch_of_one_fits_where_a_publish_of_one_does():
         assert bus.publish_many("q", [1]) == 1
         assert bus.flush(5)
         assert [m.payload for m in got] == [0, 1]
+
+
+def test_a_critical_batch_that_gives_up_is_counted_in_critical_timeouts():
+    held = Held()
+    th = Thresholds(critical_timeout=0.1)
+    with ScalableBus(limits=Limits(max_queue_size=10), thresholds=th, workers=1,
+                     max_batch=1) as bus:
+        bus.configure_topic("c", TopicConfig(partitions=1, critical=True))
+        bus.subscribe("c", held)
+        try:
+            for i in range(8):  # 8 of 10: WARNING, room for 2, not for 3
+                bus.publish("c", i)
+            assert held.entered.wait(5)
+            with pytest.raises(BusOverloaded, match="found no room"):
+                bus.publish_many("c", ["a", "b", "c"])
+            bp = bus.metrics().backpressure
+            assert bp["rejections_by_topic"] == {"c": 1}
+            assert bp["critical_timeouts"] == 1  # was 0
+        finally:
+            held.gate.set()
+        assert bus.flush(5)
+        assert [m.payload for m in held.got] == list(range(8))
