@@ -34,11 +34,15 @@ class RateMeter:
     ``sample(total)`` records it now and then (the bus does it on every
     housekeeping tick and on every ``metrics()`` call), and ``rate(window)``
     compares the newest sample with the one ``window`` seconds older.
+
+    Samples are kept at least 0.1 s apart two by two (``s[i + 2] - s[i] >= 0.1``), so
+    ``horizon`` samples cover at least ``horizon * 0.05`` seconds whatever the
+    sampling rate: the default 256 covers 12.75 s, more than the 10 s window.
     """
 
     __slots__ = ("_clock", "_lock", "_samples")
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, horizon: int = 64) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, horizon: int = 256) -> None:
         self._clock = clock
         self._samples: deque[tuple[float, int]] = deque(maxlen=horizon)
         self._lock = threading.Lock()

@@ -19,6 +19,7 @@ from fastbus import (
     Thresholds,
     TopicConfig,
 )
+from fastbus.metrics import RateMeter
 
 
 class Held:
@@ -133,3 +134,21 @@ def test_a_critical_batch_that_gives_up_is_counted_in_critical_timeouts():
             held.gate.set()
         assert bus.flush(5)
         assert [m.payload for m in held.got] == list(range(8))
+
+
+# -- metrics --------------------------------------------------------------------------
+
+
+def test_rate_10s_covers_10_seconds_when_metrics_are_read_often():
+    # metrics() samples the meters; read at 20 Hz, the 64 kept samples covered only
+    # ~3.2 s, so rate_10s was a 3 s rate (0 here, after 6 s idle, instead of 40/s).
+    now = [0.0]
+    meter = RateMeter(clock=lambda: now[0])
+    total = 0
+    for step in range(401):  # 100 msg/s for 14 s, then idle until t = 20 s
+        now[0] = step * 0.05
+        if now[0] <= 14.0:
+            total = step * 5
+        meter.sample(total)
+    assert meter.rate(10.0) == pytest.approx(40.0, rel=0.05)
+    assert meter.rate(1.0) == 0.0
