@@ -453,7 +453,8 @@ class ScalableBus(BusCore):
                 t.wal.retention = config.retention
             t.config = config
             if config.partitions is not None and config.partitions > t.n:
-                self._repartition(t, config.partitions)
+                with t.lock:  # (_repartition's contract: metrics() reads parts under it)
+                    self._repartition(t, config.partitions)
             return config
 
     def topic_config(self, name: str) -> TopicConfig:
@@ -1348,19 +1349,26 @@ class ScalableBus(BusCore):
             wal: dict[str, Any] = {}
             if t.core is None:
                 depth = [0] * t.n
-            for part in t.parts:
+            # One consistent view: a partition raise swaps parts and appends the old
+            # ones to draining under t.lock, and a retiring partition moves from
+            # draining to retired_spills under it (nothing counted twice or missed).
+            with t.lock:
+                parts = t.parts
+                draining = list(t.draining)
+                spills += t.retired_spills
+            for part in parts:
                 c = part.carrier
                 depth.append(c.depth())
                 rm = c.ring_metrics()
                 if rm is not None:
                     rings[part.index] = rm
                     spills += rm.spills
-            with t.lock:  # (a retiring partition moves from draining to retired_spills)
-                draining = list(t.draining)
-                spills += t.retired_spills
             for old in draining:
                 for part in old:
                     spills += getattr(part.carrier, "spills", 0)
+                    # Still waiting in a partition being retired by a partition raise:
+                    # shown under its index (the old count is lower than the new one).
+                    depth[part.index] += part.carrier.depth()
             if t.wal is not None:
                 wal = dict(t.wal.metrics())
                 wal["group_lag"] = {g.name: sum(g.reader.lag.values()) for g in t.groups

@@ -152,3 +152,31 @@ def test_rate_10s_covers_10_seconds_when_metrics_are_read_often():
         meter.sample(total)
     assert meter.rate(10.0) == pytest.approx(40.0, rel=0.05)
     assert meter.rate(1.0) == 0.0
+
+
+def test_partition_depth_shows_what_waits_in_partitions_being_retired():
+    # While a partition raise drains the old partitions, their messages were missing
+    # from TopicMetrics.depth: [2, 2, 2, 2] with 28 messages in memory.
+    held = Held()
+    with ScalableBus(workers=1, max_batch=1) as bus:
+        bus.configure_topic("q", TopicConfig(partitions=2))
+        bus.subscribe("q", held)
+        try:
+            for i in range(20):
+                bus.publish("q", i)
+            assert held.entered.wait(5)
+            before = bus.metrics().per_topic["q"].depth
+            assert sum(before) == 19  # one is in the handler
+            bus.configure_topic("q", TopicConfig(partitions=4))
+            for i in range(20, 28):
+                bus.publish("q", i)
+            m = bus.metrics()
+            tm = m.per_topic["q"]
+            assert tm.partitions == 4
+            assert sum(tm.depth) == 27 and m.depth == 28
+            assert tm.depth[:2] == [before[0] + 2, before[1] + 2] and tm.depth[2:] == [2, 2]
+        finally:
+            held.gate.set()
+        assert bus.flush(5)
+        assert bus.metrics().per_topic["q"].depth == [0, 0, 0, 0]
+        assert sorted(m.payload for m in held.got) == list(range(28))
