@@ -13,6 +13,7 @@ import pytest
 
 from fastbus import (
     BusOverloaded,
+    FsyncPolicy,
     Limits,
     MessageBusBackpressure,
     ScalableBus,
@@ -20,6 +21,8 @@ from fastbus import (
     TopicConfig,
 )
 from fastbus.metrics import RateMeter
+
+from .waiting import wait_for
 
 
 class Held:
@@ -180,3 +183,43 @@ def test_partition_depth_shows_what_waits_in_partitions_being_retired():
         assert bus.flush(5)
         assert bus.metrics().per_topic["q"].depth == [0, 0, 0, 0]
         assert sorted(m.payload for m in held.got) == list(range(28))
+
+
+def test_prometheus_exports_drops_and_wal_group_lag(tmp_path):
+    # docs/operations.md says to alert on drops (wal_read_errors, undelivered_at_close)
+    # and a group's WAL lag; the collector exported neither.
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from fastbus.metrics import PrometheusCollector
+
+    with ScalableBus(data_dir=tmp_path, workers=1) as bus:
+        registry = prometheus_client.CollectorRegistry()
+        registry.register(PrometheusCollector(bus))
+        bus.configure_topic("d", TopicConfig(durable=True, fsync=FsyncPolicy.never()))
+        held = Held()
+        bus.subscribe("d", held, group="billing")
+        try:
+            for i in range(5):
+                bus.publish("d", f"r{i}")
+            assert held.entered.wait(5)
+            lag = {"topic": "d", "group": "billing"}
+            wait_for(lambda: registry.get_sample_value("fastbus_wal_group_lag", lag) == 5,
+                     "the group's lag of 5 records")
+        finally:
+            held.gate.set()
+        assert bus.flush(5)
+        assert registry.get_sample_value("fastbus_wal_group_lag", lag) == 0
+        bus._drops["wal_read_errors"] = 2  # what a delivery thread stopped on an error counts
+        assert registry.get_sample_value("fastbus_drops_total",
+                                         {"reason": "wal_read_errors"}) == 2
+
+
+def test_prometheus_collector_without_prometheus_client_says_what_to_install(monkeypatch):
+    import sys
+
+    from fastbus.metrics import PrometheusCollector
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    monkeypatch.setitem(sys.modules, "prometheus_client.core", None)
+    with ScalableBus(workers=1) as bus, \
+            pytest.raises(ImportError, match=r"fastbus\[prometheus\]"):
+        PrometheusCollector(bus)
