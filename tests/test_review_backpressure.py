@@ -6,12 +6,17 @@ Event, so depths and states follow from the publishes made, not from timing.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import math
+import random
 import threading
+import time
 
 import pytest
 
 from fastbus import (
+    BackpressureState,
     BusOverloaded,
     FsyncPolicy,
     Limits,
@@ -22,7 +27,7 @@ from fastbus import (
 )
 from fastbus.metrics import RateMeter
 
-from .waiting import wait_for
+from .waiting import wait_for, wait_until
 
 
 class Held:
@@ -223,3 +228,97 @@ def test_prometheus_collector_without_prometheus_client_says_what_to_install(mon
     with ScalableBus(workers=1) as bus, \
             pytest.raises(ImportError, match=r"fastbus\[prometheus\]"):
         PrometheusCollector(bus)
+
+
+# -- runtime reconfiguration under load --------------------------------------------
+
+
+def test_limits_and_thresholds_changed_under_pressure_lose_and_duplicate_nothing():
+    # Sync and async producers, single and batch publishes, hot, queue and critical
+    # topics, while max_queue_size swings from 20 to 1000 and back and the warning
+    # threshold moves: every accepted message arrives once, none refused arrives.
+    th = Thresholds(min_delay=0.001, max_delay=0.004, critical_timeout=2.0)
+    bus = ScalableBus(limits=Limits(max_queue_size=200), thresholds=th, workers=2,
+                      max_batch=16)
+    got: collections.Counter = collections.Counter()
+    lock = threading.Lock()
+
+    def handler(m):
+        with lock:
+            got[(m.topic, m.payload)] += 1
+
+    accepted, refused = set(), set()
+    stop = threading.Event()
+    seen_states = set()
+    try:
+        bus.configure_topic("q", TopicConfig(partitions=4))
+        bus.configure_topic("h", TopicConfig(partitions=2, hot=True, ring_size=8))
+        bus.configure_topic("c", TopicConfig(partitions=2, critical=True))
+        for name in ("q", "h", "c"):
+            bus.subscribe(name, handler)
+        bus.backpressure.on_change(lambda old, new, u: seen_states.add(new))
+
+        def produce(pid):
+            i = 0
+            while not stop.is_set():
+                name = "qhc"[i % 3]
+                try:
+                    if i % 7 == 0:
+                        batch = [(pid, i, j) for j in range(5)]
+                        bus.publish_many(name, batch)
+                        accepted.update((name, p) for p in batch)
+                    else:
+                        bus.publish(name, (pid, i), key=str(i % 5))
+                        accepted.add((name, (pid, i)))
+                except BusOverloaded:
+                    refused.add((name, (pid, i)))
+                i += 1
+
+        async def produce_async(pid):
+            i = 0
+            while not stop.is_set():
+                name = "qc"[i % 2]
+                try:
+                    await bus.publish_async(name, ("a", pid, i))
+                    accepted.add((name, ("a", pid, i)))
+                except BusOverloaded:
+                    refused.add((name, ("a", pid, i)))
+                i += 1
+                if i % 20 == 0:
+                    await asyncio.sleep(0)
+
+        async def async_main():
+            await asyncio.gather(produce_async(0), produce_async(1))
+
+        threads = [threading.Thread(target=produce, args=(p,)) for p in range(2)]
+        threads.append(threading.Thread(target=asyncio.run, args=(async_main(),)))
+        for th_ in threads:
+            th_.start()
+        rnd = random.Random(7)
+        deadline = time.monotonic() + 1.5
+        i = 0
+        while time.monotonic() < deadline:
+            bus.reconfigure_limits(max_queue_size=rnd.choice([20, 50, 200, 1000]),
+                                   max_subscribers_per_topic=rnd.choice([1, 5]),
+                                   max_topics=rnd.choice([1, 5]))
+            if i % 5 == 0:
+                bus.backpressure.reconfigure(warning=rnd.choice([0.3, 0.5, 0.7]))
+            i += 1
+            time.sleep(0.003)
+        bus.reconfigure_limits(max_queue_size=1000)
+        stop.set()
+        for th_ in threads:
+            th_.join(10)
+            assert not th_.is_alive(), "a producer hung"
+        assert bus.flush(10)
+        assert wait_until(lambda: len(got) == len(accepted), 5)
+        assert set(got) == accepted
+        assert all(n == 1 for n in got.values())
+        assert not refused & set(got)
+        m = bus.metrics()
+        assert m.published == m.delivered == len(accepted)
+        assert m.depth == 0 and bus.backpressure.state is BackpressureState.NORMAL
+        assert BackpressureState.SHEDDING in seen_states  # the test did reach pressure
+    finally:
+        stop.set()
+        bus.close()
