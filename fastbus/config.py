@@ -63,8 +63,11 @@ class Limits:
     ``max_queue_size``: messages held in memory across the bus's queues and ring
     overflows; backpressure utilisation is measured against it.
 
-    Lowering a limit below current use keeps what exists and refuses what is new
-    with ``LimitExceeded``.
+    Lowering a limit below current use keeps what exists and refuses what is new:
+    a topic or a subscription with ``LimitExceeded``; for ``max_queue_size``,
+    queued messages stay and are delivered, and backpressure takes the new
+    capacity at once (non-critical publishes get ``BusOverloaded`` in SHEDDING,
+    critical ones wait for room).
     """
 
     max_topics: int = 1024
