@@ -599,6 +599,9 @@ class ScalableBus(BusCore):
             raise ValueError(f"keys has {len(klist)} items but there are {len(msgs)} "
                              f"messages; pass one key per message, or keys=None")
         bp = self._bp
+        if t.core is not None:
+            # Before admission: no delay, no BusOverloaded for a batch no retry can fit.
+            self._batch_limit(t, len(msgs))
         if bp._state is not _NORMAL:
             extra = bp.admit(topic, critical=t.config.critical)
             if bp._state is _SHEDDING and not t.config.critical:
@@ -613,6 +616,27 @@ class ScalableBus(BusCore):
         assert core is not None
         return self._admit_batch(t, len(msgs), lambda: core.publish_many(msgs, klist, hdrs))
 
+    def _batch_limit(self, t: _Topic, n: int) -> int:
+        """The depth a batch of ``t`` may take the bus to; ``ValueError`` if ``n`` exceeds it.
+
+        The capacity for a critical topic, else the first depth of SHEDDING (exactly
+        where a single publish() may still take it: it is admitted below that depth).
+        """
+        bp = self._bp
+        capacity = bp.capacity
+        if t.config.critical:
+            limit = capacity
+        else:
+            limit = _first_depth_at(bp.thresholds.shedding, capacity)
+        if n > limit:
+            most = "" if t.config.critical else (
+                f" and topic {t.name!r} is not critical, so a batch may fill it only up to "
+                f"the shedding level, {limit} messages")
+            raise ValueError(
+                f"a batch of {n} messages can never fit: max_queue_size is {capacity}{most}; "
+                f"publish it in smaller batches or raise the limit")
+        return limit
+
     def _admit_batch(self, t: _Topic, n: int, enqueue: Callable[[], int]) -> int:
         """Keep a batch within bounded memory (DESIGN invariant 5), all or nothing.
 
@@ -626,29 +650,14 @@ class ScalableBus(BusCore):
         """
         bp = self._bp
         critical = t.config.critical
-
-        def batch_limit(capacity: int) -> int:
-            # The depth a batch may take the bus to: the capacity for a critical topic,
-            # else the first depth of SHEDDING (exactly where a single publish() may
-            # still take it: it is admitted below that depth).
-            return capacity if critical else _first_depth_at(bp.thresholds.shedding, capacity)
-
-        capacity = bp.capacity
-        limit = batch_limit(capacity)
-        if n > limit:
-            most = "" if critical else (
-                f" and topic {t.name!r} is not critical, so a batch may fill it only up to "
-                f"the shedding level, {limit} messages")
-            raise ValueError(
-                f"a batch of {n} messages can never fit: max_queue_size is {capacity}{most}; "
-                f"publish it in smaller batches or raise the limit")
+        self._batch_limit(t, n)  # (again: the limits may have changed during admission)
         deadline = time.monotonic() + bp.thresholds.critical_timeout
         pause = 0.0005
         while True:
             with self._batch_lock:
                 # (read again each time: reconfigure_limits may lower it meanwhile)
                 capacity = bp.capacity
-                limit = batch_limit(capacity)
+                limit = self._batch_limit(t, 0)
                 if bp.depth + n <= limit:
                     return enqueue()
             if critical:

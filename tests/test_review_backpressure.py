@@ -108,6 +108,35 @@ def test_a_batch_above_the_shedding_level_is_a_value_error_not_overloaded():
         assert len(got) == 19
 
 
+def test_a_batch_that_can_never_fit_is_told_so_before_admission():
+    # Checked after admission, such a batch first slept the CRITICAL delay, or got
+    # BusOverloaded ("retry later") in SHEDDING, where no retry could ever help.
+    held = Held()
+    th = Thresholds(min_delay=0.5, max_delay=0.5)
+    with ScalableBus(limits=Limits(max_queue_size=20), thresholds=th, workers=1,
+                     max_batch=1) as bus:
+        bus.configure_topic("q", TopicConfig(partitions=1))
+        bus.subscribe("q", held)
+        try:
+            for i in range(17):  # 17 of 20: CRITICAL
+                bus.publish("q", i)
+            assert held.entered.wait(5)
+            assert bus.backpressure.state is BackpressureState.CRITICAL
+            t0 = time.monotonic()
+            with pytest.raises(ValueError, match="can never fit"):
+                bus.publish_many("q", list(range(20)))
+            assert time.monotonic() - t0 < 0.4  # not delayed first
+            bus.backpressure.reconfigure(shedding=0.85, critical=0.8)
+            assert bus.backpressure.state is BackpressureState.SHEDDING
+            with pytest.raises(ValueError, match="can never fit"):
+                bus.publish_many("q", list(range(18)))
+            assert bus.metrics().rejections == {"backpressure": 0}
+        finally:
+            held.gate.set()
+        assert bus.flush(5)
+        assert len(held.got) == 17
+
+
 def test_a_batch_of_one_fits_where_a_publish_of_one_does():
     # Capacity 1: publish() is admitted on an empty bus (NORMAL), but the batch limit
     # was int(1 * 0.95) == 0, so publish_many([x]) was refused on an empty bus.
