@@ -408,7 +408,14 @@ class MessageBusBackpressure:
 
         0 below ``critical``; ``min_delay`` at ``critical`` rising linearly to
         ``max_delay`` at ``shedding``; ``max_delay`` from ``shedding`` on.
+        ``utilisation`` is a number (``depth / capacity``): ``TypeError`` otherwise,
+        ``ValueError`` for NaN.
         """
+        if isinstance(utilisation, bool) or not isinstance(utilisation, int | float):
+            raise TypeError(f"delay_for(utilisation): expected a number (depth / capacity, "
+                            f"e.g. 0.9), got {type(utilisation).__name__} {utilisation!r}")
+        if math.isnan(utilisation):
+            raise ValueError("delay_for(utilisation): utilisation must not be NaN")
         t = self._thresholds
         if utilisation < t.critical:
             return 0.0

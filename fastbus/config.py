@@ -63,8 +63,11 @@ class Limits:
     ``max_queue_size``: messages held in memory across the bus's queues and ring
     overflows; backpressure utilisation is measured against it.
 
-    Lowering a limit below current use keeps what exists and refuses what is new
-    with ``LimitExceeded``.
+    Lowering a limit below current use keeps what exists and refuses what is new:
+    a topic or a subscription with ``LimitExceeded``; for ``max_queue_size``,
+    queued messages stay and are delivered, and backpressure takes the new
+    capacity at once (non-critical publishes get ``BusOverloaded`` in SHEDDING,
+    critical ones wait for room).
     """
 
     max_topics: int = 1024
@@ -173,8 +176,9 @@ class Thresholds:
     utilisation falls below its threshold minus ``hysteresis``. In CRITICAL a
     publish is delayed from ``min_delay`` (at ``critical``) rising linearly to
     ``max_delay`` (at ``shedding``). A publisher to a critical topic waits at
-    most ``critical_timeout`` seconds for room when the bus is full.
-    Requires ``0 < warning < critical < shedding <= 1``.
+    most ``critical_timeout`` seconds for room when the bus is full (``math.inf``:
+    without limit). Requires ``0 < warning < critical < shedding <= 1``, ``0 <=
+    hysteresis < warning`` and finite ``0 <= min_delay <= max_delay``.
     """
 
     warning: float = 0.70
@@ -199,8 +203,14 @@ class Thresholds:
                 f"Thresholds.hysteresis must be below warning ({self.warning}), "
                 f"got {self.hysteresis}"
             )
-        _check_number("Thresholds", "min_delay", self.min_delay, allow_zero=True)
-        _check_number("Thresholds", "max_delay", self.max_delay, allow_zero=True)
+        for name in ("min_delay", "max_delay"):
+            value = getattr(self, name)
+            _check_number("Thresholds", name, value, allow_zero=True)
+            if math.isinf(value):
+                # A publisher in CRITICAL sleeps it: time.sleep(inf) raises OverflowError,
+                # asyncio.sleep(inf) never returns.
+                raise ValueError(f"Thresholds.{name} must be a finite number of seconds "
+                                 f"(a CRITICAL publish is delayed by it), got {value}")
         if self.max_delay < self.min_delay:
             raise ValueError(
                 f"Thresholds.max_delay ({self.max_delay}) must be >= min_delay "

@@ -45,7 +45,13 @@ from typing import Any
 
 from ._dispatch import BusCore, Message, PartitionSlot, TopicCore, deliver_each
 from ._walcodec import check_keys
-from .backpressure import BackpressureState, MessageBusBackpressure, _check_timeout, _count_value
+from .backpressure import (
+    BackpressureState,
+    MessageBusBackpressure,
+    _check_timeout,
+    _count_value,
+    _first_depth_at,
+)
 from .bus import InProcessBus, MessageBus, Subscription, check_handler, check_topic
 from .bus import is_async_handler as _is_async
 from .config import ConfigRef, Limits, Thresholds, TopicConfig
@@ -291,8 +297,14 @@ class ScalableBus(BusCore):
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        if not isinstance(linger, int | float) or linger < 0:
-            raise ValueError(f"linger must be a number of seconds >= 0, got {linger!r}")
+        if isinstance(linger, bool) or not isinstance(linger, int | float):
+            raise TypeError(f"linger must be a number of seconds >= 0 (e.g. 0.001), got "
+                            f"{type(linger).__name__} {linger!r}")
+        if not 0 <= linger <= threading.TIMEOUT_MAX:
+            # (NaN fails the comparison; inf or a value beyond what a thread can wait
+            # made the lingering worker fail, and the messages it had stayed undelivered)
+            raise ValueError(f"linger must be a finite number of seconds >= 0 (e.g. 0.001), "
+                             f"got {linger!r}")
         self._inner = inner
         self._inner_publish = inner.publish
         self._inner_subs = inner._subs if type(inner) is InProcessBus else None
@@ -441,7 +453,8 @@ class ScalableBus(BusCore):
                 t.wal.retention = config.retention
             t.config = config
             if config.partitions is not None and config.partitions > t.n:
-                self._repartition(t, config.partitions)
+                with t.lock:  # (_repartition's contract: metrics() reads parts under it)
+                    self._repartition(t, config.partitions)
             return config
 
     def topic_config(self, name: str) -> TopicConfig:
@@ -554,12 +567,15 @@ class ScalableBus(BusCore):
         durable topics, or what ``inner.publish`` returned for each message of a
         pass-through topic (as a list). All or nothing: a refused batch
         (``BusOverloaded``) enqueued none of its messages, and neither did one with
-        a bad key or a payload the WAL cannot store or its serializer cannot dump
-        (durable topics). A durable batch is one WAL ``append_many``: under
-        ``always`` it returns after one group commit per partition it touches, and
-        ``close()`` waits for it; a write failing for one partition (``OSError``,
-        a full disk) keeps what the partitions before it took: those are delivered,
-        counted in ``metrics().published`` and forwarded to the inner bus.
+        more messages than an in-memory topic may ever hold (``ValueError``: above the
+        shedding level of ``max_queue_size``; for a critical topic, above
+        ``max_queue_size`` itself), a bad key or a payload the WAL cannot store or
+        its serializer cannot dump (durable topics). A durable batch is one WAL
+        ``append_many``: under ``always`` it returns after one group commit per
+        partition it touches, and ``close()`` waits for it; a write failing for one
+        partition (``OSError``, a full disk) keeps what the partitions before it
+        took: those are delivered, counted in ``metrics().published`` and forwarded
+        to the inner bus.
         """
         msgs = messages if type(messages) is list else _as_list(
             messages, "messages must be an iterable of payloads (a list, a generator)")
@@ -583,6 +599,9 @@ class ScalableBus(BusCore):
             raise ValueError(f"keys has {len(klist)} items but there are {len(msgs)} "
                              f"messages; pass one key per message, or keys=None")
         bp = self._bp
+        if t.core is not None:
+            # Before admission: no delay, no BusOverloaded for a batch no retry can fit.
+            self._batch_limit(t, len(msgs))
         if bp._state is not _NORMAL:
             extra = bp.admit(topic, critical=t.config.critical)
             if bp._state is _SHEDDING and not t.config.critical:
@@ -597,30 +616,48 @@ class ScalableBus(BusCore):
         assert core is not None
         return self._admit_batch(t, len(msgs), lambda: core.publish_many(msgs, klist, hdrs))
 
+    def _batch_limit(self, t: _Topic, n: int) -> int:
+        """The depth a batch of ``t`` may take the bus to; ``ValueError`` if ``n`` exceeds it.
+
+        The capacity for a critical topic, else the first depth of SHEDDING (exactly
+        where a single publish() may still take it: it is admitted below that depth).
+        """
+        bp = self._bp
+        capacity = bp.capacity
+        if t.config.critical:
+            limit = capacity
+        else:
+            limit = _first_depth_at(bp.thresholds.shedding, capacity)
+        if n > limit:
+            most = "" if t.config.critical else (
+                f" and topic {t.name!r} is not critical, so a batch may fill it only up to "
+                f"the shedding level, {limit} messages")
+            raise ValueError(
+                f"a batch of {n} messages can never fit: max_queue_size is {capacity}{most}; "
+                f"publish it in smaller batches or raise the limit")
+        return limit
+
     def _admit_batch(self, t: _Topic, n: int, enqueue: Callable[[], int]) -> int:
         """Keep a batch within bounded memory (DESIGN invariant 5), all or nothing.
 
         A batch that would take a non-critical topic's bus past the shedding level
         is refused whole (``BusOverloaded``), whatever the state now; a critical
         topic's batch waits (up to ``Thresholds.critical_timeout``) until it fits
-        under ``max_queue_size``. A batch larger than the capacity never fits.
+        under ``max_queue_size``. A batch larger than that (the shedding level, or the
+        capacity for a critical topic) never fits: ``ValueError``.
         ``enqueue()`` runs once the batch fits, in the same locked step as the check:
         concurrent batches must not each find the same room.
         """
         bp = self._bp
-        capacity = bp.capacity
-        if n > capacity:
-            raise ValueError(
-                f"a batch of {n} messages can never fit: max_queue_size is {capacity}; "
-                f"publish it in smaller batches or raise the limit")
         critical = t.config.critical
+        self._batch_limit(t, n)  # (again: the limits may have changed during admission)
         deadline = time.monotonic() + bp.thresholds.critical_timeout
         pause = 0.0005
         while True:
             with self._batch_lock:
                 # (read again each time: reconfigure_limits may lower it meanwhile)
                 capacity = bp.capacity
-                limit = capacity if critical else int(capacity * bp.thresholds.shedding)
+                limit = self._batch_limit(t, 0)
                 if bp.depth + n <= limit:
                     return enqueue()
             if critical:
@@ -634,6 +671,7 @@ class ScalableBus(BusCore):
                     else:
                         bp.wait_for_room(min(left, 0.05))
                     continue
+                bp._count("critical_timeouts")  # a critical publisher that gave up
                 bp._count_rejection(t.name)
                 raise BusOverloaded(
                     f"bus full: a batch of {n} messages for critical topic {t.name!r} found "
@@ -1362,19 +1400,26 @@ class ScalableBus(BusCore):
             wal: dict[str, Any] = {}
             if t.core is None:
                 depth = [0] * t.n
-            for part in t.parts:
+            # One consistent view: a partition raise swaps parts and appends the old
+            # ones to draining under t.lock, and a retiring partition moves from
+            # draining to retired_spills under it (nothing counted twice or missed).
+            with t.lock:
+                parts = t.parts
+                draining = list(t.draining)
+                spills += t.retired_spills
+            for part in parts:
                 c = part.carrier
                 depth.append(c.depth())
                 rm = c.ring_metrics()
                 if rm is not None:
                     rings[part.index] = rm
                     spills += rm.spills
-            with t.lock:  # (a retiring partition moves from draining to retired_spills)
-                draining = list(t.draining)
-                spills += t.retired_spills
             for old in draining:
                 for part in old:
                     spills += getattr(part.carrier, "spills", 0)
+                    # Still waiting in a partition being retired by a partition raise:
+                    # shown under its index (the old count is lower than the new one).
+                    depth[part.index] += part.carrier.depth()
             if t.wal is not None:
                 wal = dict(t.wal.metrics())
                 wal["group_lag"] = {g.name: sum(g.reader.lag.values()) for g in t.groups
