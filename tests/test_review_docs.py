@@ -1,0 +1,66 @@
+"""What the user documentation (README.md, docs/, DESIGN.md) promises, checked against the code.
+
+Each test names the page and the claim it holds the code to.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastbus import WalCorruptionError, WalMessageQueue, crc32c
+from fastbus import _walcodec as wc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- docs/wal-format.md: a CRC-valid record is never taken for a torn write ------------
+
+
+def _record_with(version: int | None = None, attributes: int | None = None) -> bytes:
+    """A CRC-valid record (offset 2) with another version or attribute byte."""
+    rec = bytearray(wc.encode_record(2, 1000, None, None, b"from a newer fastbus"))
+    if version is not None:
+        rec[8] = version
+    if attributes is not None:
+        rec[9] = attributes
+    struct.pack_into("<I", rec, 4, crc32c(bytes(rec[8:])))
+    return bytes(rec)
+
+
+@pytest.mark.parametrize(("record", "reason"), [
+    (_record_with(version=2), "bad_version"),
+    (_record_with(attributes=0x80), "bad_attributes"),
+], ids=["bad_version", "bad_attributes"])
+def test_a_crc_valid_unreadable_tail_is_corruption_not_a_torn_tail(
+        tmp_path: Path, record: bytes, reason: str) -> None:
+    # wal-format.md: "bad_version, bad_attributes and bad_field are CRC-valid: not a
+    # torn write. They are reported as corruption ..., never truncated silently", and a
+    # record of an unknown version "must not" be truncated by recovery.
+    assert wc.scan(record).reason == reason
+    with WalMessageQueue(tmp_path / "q") as q:
+        q.append(b"one")
+        q.append(b"two")
+    seg = tmp_path / "q" / "p-0000" / f"{0:020d}.log"
+    with open(seg, "ab") as f:
+        f.write(record)
+    before = seg.read_bytes()
+    with pytest.raises(WalCorruptionError) as info:
+        WalMessageQueue(tmp_path / "q")
+    assert info.value.position == len(before) - len(record)
+    assert reason in str(info.value)
+    assert seg.read_bytes() == before  # nothing changed
+    # `fastbus wal verify` says corruption (exit 1), not a torn tail (exit 2)
+    done = subprocess.run([sys.executable, "-m", "fastbus", "wal", "verify", str(tmp_path / "q")],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.startswith("CORRUPT:")
+    # repair=True still truncates there, as for any corruption
+    with WalMessageQueue(tmp_path / "q", repair=True) as q:
+        assert q.end_offsets() == {0: 2}
+    assert os.path.getsize(seg) == len(before) - len(record)
