@@ -171,9 +171,14 @@ class PrometheusCollector:
     """A ``prometheus_client`` collector over ``bus.metrics()``.
 
     Register it with ``REGISTRY.register(PrometheusCollector(bus))``. Each scrape
-    takes one ``metrics()`` snapshot. Needs ``prometheus_client`` (the
-    ``fastbus[prometheus]`` extra); constructing it without raises ImportError
-    saying so.
+    takes one ``metrics()`` snapshot. Families (prefix ``namespace``): ``topics``,
+    ``queue_depth`` (topic, partition), ``published``, ``delivered``,
+    ``publish_rate``, ``subscribers``, ``handler_errors``, ``ring_spills`` (topic),
+    ``ring_cursor`` (topic, partition), ``rejections`` (cause), ``drops`` (reason),
+    ``wal_group_lag`` (topic, group), ``backpressure_state`` (0-3) and
+    ``utilisation``; counters get prometheus_client's ``_total`` suffix.
+    Needs ``prometheus_client`` (the ``fastbus[prometheus]`` extra);
+    constructing it without raises ImportError saying so.
     """
 
     def __init__(self, bus: Any, *, namespace: str = "fastbus") -> None:
@@ -228,6 +233,19 @@ class PrometheusCollector:
         for cause, n in m.rejections.items():
             rej.add_metric([cause], n)
         yield rej
+        drops = CounterMetricFamily(f"{ns}_drops", "Messages not delivered, by reason "
+                                    "(wal_read_errors, undelivered_at_close)",
+                                    labels=["reason"])
+        for reason, n in m.drops.items():
+            drops.add_metric([reason], n)
+        yield drops
+        lag = GaugeMetricFamily(f"{ns}_wal_group_lag",
+                                "Records a durable topic's subscriber group is behind",
+                                labels=["topic", "group"])
+        for t in m.per_topic.values():
+            for group, n in t.wal.get("group_lag", {}).items():
+                lag.add_metric([t.name, group], n)
+        yield lag
         state = GaugeMetricFamily(f"{ns}_backpressure_state",
                                   "0 normal, 1 warning, 2 critical, 3 shedding")
         # The snapshot names the state ("WARNING"); the gauge wants its number.

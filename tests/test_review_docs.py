@@ -64,3 +64,47 @@ def test_a_crc_valid_unreadable_tail_is_corruption_not_a_torn_tail(
     with WalMessageQueue(tmp_path / "q", repair=True) as q:
         assert q.end_offsets() == {0: 2}
     assert os.path.getsize(seg) == len(before) - len(record)
+
+
+# -- docs/operations.md: what is worth an alert reaches Prometheus ---------------------
+
+
+class _Snapshot:
+    """A bus whose metrics() is a given ScalingMetrics (the collector needs nothing else)."""
+
+    def __init__(self, metrics: object) -> None:
+        self._metrics = metrics
+
+    def metrics(self) -> object:
+        return self._metrics
+
+
+def test_prometheus_collector_exports_drops_and_wal_group_lag(tmp_path: Path) -> None:
+    # operations.md, "Metrics to export": PrometheusCollector "exposes the same figures",
+    # and worth an alert are "a group's WAL lag that keeps growing, and wal_read_errors
+    # in drops ... and undelivered_at_close in drops".
+    prometheus_client = pytest.importorskip("prometheus_client")
+    import dataclasses
+
+    from fastbus import ScalableBus, TopicConfig
+    from fastbus.metrics import PrometheusCollector
+
+    with ScalableBus(data_dir=tmp_path / "data") as bus:
+        bus.configure_topic("orders", TopicConfig(durable=True, partitions=2))
+        bus.subscribe("orders", lambda m: None, group="billing")
+        bus.publish("orders", b"x")
+        assert bus.flush(timeout=10)
+        m = bus.metrics()
+    orders = m.per_topic["orders"]
+    assert orders.wal["group_lag"] == {"billing": 0}
+    lagging = dataclasses.replace(orders, wal={**orders.wal, "group_lag": {"billing": 7}})
+    snapshot = dataclasses.replace(
+        m, drops={"wal_read_errors": 2, "undelivered_at_close": 3},
+        per_topic={"orders": lagging})
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(PrometheusCollector(_Snapshot(snapshot)))
+    assert registry.get_sample_value("fastbus_drops_total", {"reason": "wal_read_errors"}) == 2
+    assert registry.get_sample_value(
+        "fastbus_drops_total", {"reason": "undelivered_at_close"}) == 3
+    assert registry.get_sample_value(
+        "fastbus_wal_group_lag", {"topic": "orders", "group": "billing"}) == 7
