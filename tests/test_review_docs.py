@@ -146,3 +146,23 @@ def test_wal_format_worked_example_is_a_passing_doctest() -> None:
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     result = runner.run(test, out=lambda s: None)
     assert result.failed == 0, "the worked example in docs/wal-format.md does not run as shown"
+
+
+# -- fastbus wal inspect: the output docs/operations-wal.md shows ----------------------
+
+
+def test_wal_inspect_output_matches_the_page_and_says_when_a_partition_is_empty(
+        tmp_path: Path) -> None:
+    with WalMessageQueue(tmp_path / "q", partitions=2) as q:
+        q.append(b"m81", key="81", partition=0)
+        q.append(b"m84", key="84", partition=0)
+        q.reader("billing").commit()
+    done = subprocess.run([sys.executable, "-m", "fastbus", "wal", "inspect", str(tmp_path / "q")],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"{tmp_path / 'q'} (2 partitions)"
+    assert lines[1].startswith("  partition 0: offsets 0..1 (2 records, ")
+    # an empty partition said "offsets 0..-1"
+    assert lines[3] == "  partition 1: no records (next offset 0) (0 records, 0 B, 1 segments)"
+    assert lines[-1] == "    billing: committed p0=0 p1=0  lag 2"
