@@ -73,9 +73,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         title = f"topic {q['topic']!r}: " if q["topic"] else ""
         print(f"{title}{q['location']} ({len(q['partitions'])} partitions)")
         for p in q["partitions"]:
-            print(f"  partition {p['partition']}: offsets {p['start_offset']}.."
-                  f"{p['end_offset'] - 1} ({p['records']} records, {_fmt_bytes(p['bytes'])}, "
-                  f"{len(p['segments'])} segments)")
+            span = (f"offsets {p['start_offset']}..{p['end_offset'] - 1}"
+                    if p["end_offset"] > p["start_offset"]
+                    else f"no records (next offset {p['end_offset']})")
+            print(f"  partition {p['partition']}: {span} ({p['records']} records, "
+                  f"{_fmt_bytes(p['bytes'])}, {len(p['segments'])} segments)")
             for s in p["segments"]:
                 rng = (f"{s['first_offset']}..{s['last_offset']}" if s["records"]
                        else f"{s['first_offset']} (empty)")

@@ -175,9 +175,14 @@ class PrometheusCollector:
     """A ``prometheus_client`` collector over ``bus.metrics()``.
 
     Register it with ``REGISTRY.register(PrometheusCollector(bus))``. Each scrape
-    takes one ``metrics()`` snapshot. Needs ``prometheus_client`` (the
-    ``fastbus[prometheus]`` extra); constructing it without raises ImportError
-    saying so.
+    takes one ``metrics()`` snapshot. Families (prefix ``namespace``): ``topics``,
+    ``queue_depth`` (topic, partition), ``published``, ``delivered``,
+    ``publish_rate``, ``subscribers``, ``handler_errors``, ``ring_spills`` (topic),
+    ``ring_cursor`` (topic, partition), ``rejections`` (cause), ``drops`` (reason),
+    ``wal_group_lag`` (topic, group), ``backpressure_state`` (0-3) and
+    ``utilisation``; counters get prometheus_client's ``_total`` suffix.
+    Needs ``prometheus_client`` (the ``fastbus[prometheus]`` extra);
+    constructing it without raises ImportError saying so.
     """
 
     def __init__(self, bus: Any, *, namespace: str = "fastbus") -> None:

@@ -8,7 +8,8 @@ output it must print, line for line. An example must exit 0 and write nothing to
 (no warning, no logged handler error).
 
 Pages checked: the ones listed in DOC_PAGES. docs/adapters.md has its own test
-(tests/test_adapters.py::test_docs_examples); docs/ring.md shows fragments.
+(tests/test_adapters.py::test_docs_examples); README.md and the doctest of
+docs/wal-format.md are run by tests/test_review_docs.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-DOC_PAGES = ("quickstart.md", "architecture.md", "tuning.md", "operations.md")
+DOC_PAGES = ("quickstart.md", "architecture.md", "tuning.md", "operations.md", "ring.md",
+             "operations-wal.md", "backpressure.md")
 TIMEOUT = 60.0
 
 # A fenced block, possibly indented (inside a list item): indent, language, body.

@@ -45,6 +45,11 @@ __all__ = ["INDEX_INTERVAL", "Finding", "PartitionRecovery", "SegmentState", "ap
 
 log = logging.getLogger("fastbus.wal")
 
+# What a write cut short leaves (docs/wal-format.md, "Recovery"): the other reasons
+# are records whose CRC matched, or a wrong offset, and are reported as corruption.
+_TORN_REASONS = frozenset(("truncated", "bad_length", "bad_crc"))
+_CRC_VALID_REASONS = frozenset(("bad_version", "bad_attributes", "bad_field"))
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +85,14 @@ class PartitionRecovery:
 
 
 def _corrupt(f: Finding) -> WalCorruptionError:
+    why = ("a damaged record is followed by data, so this is not a torn tail"
+           if f.reason in _TORN_REASONS else
+           "the record's CRC matches, so this is not a torn write: it was written by a "
+           "newer fastbus, or with a bug" if f.reason in _CRC_VALID_REASONS else
+           "this is not a torn tail")
     return WalCorruptionError(
-        f"WAL {f.describe()}: a damaged record is followed by data, so this is not a torn "
-        "tail. Nothing was changed. Copy the directory for analysis, then open with "
+        f"WAL {f.describe()}: {why}. Nothing was changed. Copy the directory for "
+        "analysis (or open it with the fastbus that wrote it), then open with "
         "repair=True to truncate the partition at this point (later records are lost), "
         "or restore from a replica",
         path=f.location, position=f.position)
@@ -136,7 +146,10 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
                     "that did not close); cutting them off")))
         elif vr.reason != "end":
             tail = len(data.rstrip(b"\0")) - end  # not counting zeros allocated ahead
-            torn = (is_last and vr.reason != "bad_offset"
+            # Only bytes that fail the length or CRC check can be a torn write: a
+            # CRC-valid record this reader cannot decode (bad_version, bad_attributes,
+            # bad_field: written by a newer fastbus, say) is never cut as a torn tail.
+            torn = (is_last and vr.reason in _TORN_REASONS
                     and next_record_at(data, end + 1) == -1)
             f = Finding("torn_tail" if torn else "corruption", location, end, vr.reason, tail)
             out.findings.append(f)
