@@ -180,7 +180,7 @@ def register_wal(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_inspect)
     p = sub.add_parser("verify", help="check every record's CRC; exit 0 clean, 1 corrupt, "
-                       "2 torn tail or damaged offsets only")
+                       "2 torn tail or damaged offsets only, 3 no WAL there or not readable")
     p.add_argument("dir")
     p.add_argument("--topic")
     p.set_defaults(func=_cmd_verify)

@@ -178,7 +178,7 @@ class Thresholds:
     ``max_delay`` (at ``shedding``). A publisher to a critical topic waits at
     most ``critical_timeout`` seconds for room when the bus is full (``math.inf``:
     without limit). Requires ``0 < warning < critical < shedding <= 1``, ``0 <=
-    hysteresis < warning`` and finite ``0 <= min_delay <= max_delay``.
+    hysteresis < warning`` and ``0 <= min_delay <= max_delay <= 3600``.
     """
 
     warning: float = 0.70
@@ -206,11 +206,11 @@ class Thresholds:
         for name in ("min_delay", "max_delay"):
             value = getattr(self, name)
             _check_number("Thresholds", name, value, allow_zero=True)
-            if math.isinf(value):
-                # A publisher in CRITICAL sleeps it: time.sleep(inf) raises OverflowError,
-                # asyncio.sleep(inf) never returns.
-                raise ValueError(f"Thresholds.{name} must be a finite number of seconds "
-                                 f"(a CRITICAL publish is delayed by it), got {value}")
+            if not value <= 3600:
+                # A publisher in CRITICAL sleeps it: time.sleep(inf) (or 1e20) raises
+                # OverflowError, asyncio.sleep(inf) never returns.
+                raise ValueError(f"Thresholds.{name} must be a number of seconds up to "
+                                 f"3600 (a CRITICAL publish is delayed by it), got {value}")
         if self.max_delay < self.min_delay:
             raise ValueError(
                 f"Thresholds.max_delay ({self.max_delay}) must be >= min_delay "

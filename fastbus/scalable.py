@@ -293,10 +293,12 @@ class ScalableBus(BusCore):
                             f"got {type(on_error).__name__} {on_error!r}")
         if workers is None:
             workers = min(8, max(2, 2 * (os.cpu_count() or 1)))
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        for name, value in (("workers", workers), ("max_batch", max_batch)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} "
+                                f"{value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if isinstance(linger, bool) or not isinstance(linger, int | float):
             raise TypeError(f"linger must be a number of seconds >= 0 (e.g. 0.001), got "
                             f"{type(linger).__name__} {linger!r}")

@@ -50,15 +50,16 @@ class Held:
 @pytest.mark.parametrize("changes", [
     {"max_delay": math.inf},
     {"min_delay": math.inf, "max_delay": math.inf},
+    {"max_delay": 1e20},  # finite, but time.sleep refuses it too
 ])
 def test_infinite_delays_are_refused_and_change_nothing(changes):
     # Accepted before: a CRITICAL publish then raised OverflowError from time.sleep(inf),
     # and an async one awaited asyncio.sleep(inf) forever.
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match="up to 3600"):
         Thresholds(**changes)
     bp = MessageBusBackpressure(10)
     before = bp.thresholds
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match="up to 3600"):
         bp.reconfigure(**changes)
     assert bp.thresholds is before
     # A critical_timeout of inf stays allowed: a critical publisher waits without limit.
@@ -80,6 +81,15 @@ def test_a_linger_no_worker_can_wait_is_refused(linger):
     # message it was lingering for was never delivered: flush() timed out.
     with pytest.raises(ValueError, match="linger must be a finite number"):
         ScalableBus(linger=linger)
+
+
+@pytest.mark.parametrize("name", ["workers", "max_batch"])
+def test_worker_counts_of_the_wrong_type_are_type_errors(name):
+    for bad in ("2", 2.0, True):
+        with pytest.raises(TypeError, match=name):
+            ScalableBus(**{name: bad})
+    with pytest.raises(ValueError, match=f"{name} must be an int >= 1, got 0"):
+        ScalableBus(**{name: 0})
 
 
 def test_a_linger_of_the_wrong_type_is_a_type_error():
