@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from ._dispatch import BusCore, Message, PartitionSlot, TopicCore, deliver_each
+from ._dispatch import BusCore, GroupCore, Message, PartitionSlot, TopicCore, deliver_each
 from ._walcodec import check_keys
 from .backpressure import BackpressureState, MessageBusBackpressure, _check_timeout, _count_value
 from .bus import InProcessBus, MessageBus, Subscription, check_handler, check_topic
@@ -158,7 +158,7 @@ class _Member:
         self.group = group
 
 
-class _Group:
+class _Group(GroupCore):
     """Subscribers that share a topic's partitions; each partition has one owner.
 
     An ungrouped subscription is a group of its own (name None): it gets all.
@@ -166,7 +166,7 @@ class _Group:
     change: partition p belongs to member ``p % len(members)`` in join order.
     """
 
-    __slots__ = ("done", "failed", "members", "name", "owners", "reader", "thread")
+    __slots__ = ("done", "failed", "members", "name", "reader", "thread")
 
     def __init__(self, name: str | None) -> None:
         self.name = name
@@ -825,21 +825,29 @@ class ScalableBus(BusCore):
         t = part.topic
         p = part.index
         errors = 0
+        n = len(batch)
         for g in t.groups:
-            owners = g.owners
-            if p >= len(owners):
-                continue
-            m = owners[p]
-            if m.batch:
-                try:
-                    m.call(batch)
-                except BaseException as exc:  # on our thread: nobody else would see it
-                    errors += 1
-                    self._handler_error(exc, batch, m.handler)
-            else:
-                errors += deliver_each(m.call, batch,
-                                       lambda exc, msg, h=m.handler: self._handler_error(
-                                           exc, msg, h))
+            i = 0
+            while i < n:
+                # A member that leaves (from its own handler too) or loses the partition
+                # to a rebalance gets no more of the batch: the rest goes to the owner
+                # after the change, in order (none if the group's last member left).
+                owners = g.owners
+                if p >= len(owners):
+                    break
+                m = owners[p]
+                if m.batch:
+                    rest = batch if i == 0 else batch[i:]
+                    try:
+                        m.call(rest)
+                    except BaseException as exc:  # on our thread: nobody else would see it
+                        errors += 1
+                        self._handler_error(exc, rest, m.handler)
+                    break
+                failed, i = deliver_each(m.call, batch,
+                                         lambda exc, msg, h=m.handler: self._handler_error(
+                                             exc, msg, h), i, g, m, p)
+                errors += failed
         inner_subs = self._inner_subs
         if inner_subs is None or t.name in inner_subs:
             publish = self._inner_publish

@@ -1,0 +1,59 @@
+"""Review of the hot path: rings, partitioning and subscriber groups.
+
+Each test here failed before the fix committed with it.
+"""
+
+from __future__ import annotations
+
+from fastbus import ScalableBus, TopicConfig
+
+# ------------------------------------------------------------ subscriber groups
+
+
+def test_a_member_leaving_mid_batch_hands_the_rest_of_the_same_batch_on():
+    """Subscription contract: after unsubscribe() no later publish calls the handler.
+    A member that left from inside its handler used to get the rest of the batch
+    the worker had taken (up to max_batch messages). All 50 messages come in one
+    batch here (linger fills it): the leaver gets the first, the member that owns
+    the partition after the rebalance the other 49, in order, none twice."""
+    bus = ScalableBus(workers=1, linger=0.2)
+    try:
+        bus.configure_topic("t", TopicConfig(partitions=1))
+        a: list[int] = []
+        b: list[int] = []
+        subs = {}
+
+        def leaver(m):
+            a.append(m.payload)
+            subs["a"].unsubscribe()
+
+        subs["a"] = bus.subscribe("t", leaver, group="g")
+        subs["b"] = bus.subscribe("t", lambda m: b.append(m.payload), group="g")
+        bus.publish_many("t", list(range(50)))
+        assert bus.flush(5)
+        assert a == [0]
+        assert b == list(range(1, 50))
+    finally:
+        bus.close()
+
+
+def test_an_ungrouped_subscriber_leaving_in_its_handler_gets_nothing_more():
+    bus = ScalableBus(workers=1, linger=0.2)
+    try:
+        bus.configure_topic("t", TopicConfig(partitions=1, hot=True, ring_size=64))
+        got: list[int] = []
+        others: list[int] = []
+        subs = {}
+
+        def once(m):
+            got.append(m.payload)
+            subs["s"].unsubscribe()
+
+        subs["s"] = bus.subscribe("t", once)
+        bus.subscribe("t", lambda m: others.append(m.payload))
+        bus.publish_many("t", list(range(20)))
+        assert bus.flush(5)
+        assert got == [0]
+        assert others == list(range(20))
+    finally:
+        bus.close()
