@@ -32,6 +32,7 @@ at its commit.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import os
@@ -62,6 +63,11 @@ _OWED_MAX = 256  # delivered messages a worker may owe the depth before it settl
 _CRITICAL = BackpressureState.CRITICAL
 _SHEDDING = BackpressureState.SHEDDING
 _STOP = object()
+# The fastbus thread (a dispatch worker or a durable delivery thread) that waits for
+# the coroutine handler running in this context. The handler runs on its event loop's
+# thread, so it must not wait for that thread itself (a join would deadlock).
+_handler_caller: contextvars.ContextVar[threading.Thread | None] = contextvars.ContextVar(
+    "fastbus_handler_caller", default=None)
 
 
 def _log_error(exc: BaseException, message: Any, handler: Any) -> None:
@@ -733,7 +739,10 @@ class ScalableBus(BusCore):
                     # In the same locked stretch as the group's removal: a member of
                     # this group that joins from now on finds the thread in t.leaving.
                     thread = self._stop_durable_group(t, g)
-        if thread is not None and thread is not threading.current_thread():
+        # Not from the group's own delivery thread (a handler leaving), nor from a
+        # coroutine handler that thread is waiting for: it would wait for itself.
+        if thread is not None and thread is not threading.current_thread() \
+                and thread is not _handler_caller.get():
             thread.join(timeout=10)
 
     def _make_call(self, handler: Any) -> Any:
@@ -744,11 +753,16 @@ class ScalableBus(BusCore):
         except RuntimeError:
             loop = None
 
+        async def run(arg: Any, caller: threading.Thread) -> Any:
+            _handler_caller.set(caller)  # (the task's own context)
+            return await handler(arg)
+
         def call(arg: Any) -> Any:
             # Dispatch threads never run an event loop: wait for the coroutine on
             # its own loop, so a partition's order and the durable commit hold.
             if loop is not None and not loop.is_closed():
-                return asyncio.run_coroutine_threadsafe(handler(arg), loop).result()
+                return asyncio.run_coroutine_threadsafe(
+                    run(arg, threading.current_thread()), loop).result()
             return asyncio.run(handler(arg))
 
         return call

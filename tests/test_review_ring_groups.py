@@ -5,6 +5,9 @@ Each test here failed before the fix committed with it.
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from fastbus import ScalableBus, TopicConfig
 
 # ------------------------------------------------------------ subscriber groups
@@ -57,3 +60,31 @@ def test_an_ungrouped_subscriber_leaving_in_its_handler_gets_nothing_more():
         assert others == list(range(20))
     finally:
         bus.close()
+
+
+def test_async_last_member_of_a_durable_group_leaving_in_its_handler_does_not_hang(tmp_path):
+    """The coroutine handler runs on the loop while the group's delivery thread waits
+    for it; unsubscribe() used to join that thread from the loop: a 10 s deadlock."""
+    bus = ScalableBus(data_dir=tmp_path)
+    try:
+        bus.configure_topic("d", TopicConfig(durable=True))
+        took: list[float] = []
+
+        async def main():
+            done = asyncio.Event()
+            subs = {}
+
+            async def handler(m):
+                t0 = time.monotonic()
+                subs["s"].unsubscribe()
+                took.append(time.monotonic() - t0)
+                done.set()
+
+            subs["s"] = bus.subscribe("d", handler, group="g")
+            await bus.publish_async("d", b"x")
+            await asyncio.wait_for(done.wait(), 15)
+
+        asyncio.run(main())
+        assert took and took[0] < 2.0, took
+    finally:
+        bus.close(timeout=5)
