@@ -63,11 +63,12 @@ _OWED_MAX = 256  # delivered messages a worker may owe the depth before it settl
 _CRITICAL = BackpressureState.CRITICAL
 _SHEDDING = BackpressureState.SHEDDING
 _STOP = object()
-# The fastbus thread (a dispatch worker or a durable delivery thread) that waits for
-# the coroutine handler running in this context. The handler runs on its event loop's
-# thread, so it must not wait for that thread itself (a join would deadlock).
-_handler_caller: contextvars.ContextVar[threading.Thread | None] = contextvars.ContextVar(
-    "fastbus_handler_caller", default=None)
+# [the fastbus thread (a dispatch worker or a durable delivery thread) that waits for
+# the coroutine handler running in this context], emptied when the handler returns
+# (tasks it started keep the list). The handler runs on its event loop's thread, so it
+# must not wait for that fastbus thread (a join or a flush would deadlock).
+_handler_caller: contextvars.ContextVar[Sequence[threading.Thread | None]] = \
+    contextvars.ContextVar("fastbus_handler_caller", default=(None,))
 
 
 def _log_error(exc: BaseException, message: Any, handler: Any) -> None:
@@ -742,7 +743,7 @@ class ScalableBus(BusCore):
         # Not from the group's own delivery thread (a handler leaving), nor from a
         # coroutine handler that thread is waiting for: it would wait for itself.
         if thread is not None and thread is not threading.current_thread() \
-                and thread is not _handler_caller.get():
+                and thread is not _handler_caller.get()[0]:
             thread.join(timeout=10)
 
     def _make_call(self, handler: Any) -> Any:
@@ -754,8 +755,12 @@ class ScalableBus(BusCore):
             loop = None
 
         async def run(arg: Any, caller: threading.Thread) -> Any:
-            _handler_caller.set(caller)  # (the task's own context)
-            return await handler(arg)
+            cell: list[threading.Thread | None] = [caller]
+            _handler_caller.set(cell)  # (the task's own context)
+            try:
+                return await handler(arg)
+            finally:
+                cell[0] = None
 
         def call(arg: Any) -> Any:
             # Dispatch threads never run an event loop: wait for the coroutine on
@@ -1239,8 +1244,9 @@ class ScalableBus(BusCore):
         self._finish_close(timeout)
 
     def _in_handler_thread(self) -> bool:
-        """True on one of this bus's dispatch workers or durable delivery threads."""
-        me = threading.current_thread()
+        """True on one of this bus's dispatch workers or durable delivery threads, or
+        in a coroutine handler one of them is waiting for (on its event loop)."""
+        me = _handler_caller.get()[0] or threading.current_thread()
         # (t.leaving is looked at for every topic, also one whose last group just left)
         return me in self._workers or any(
             me in t.leaving.values() or any(me is g.thread for g in t.groups)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from fastbus import ScalableBus, TopicConfig
 
 # ------------------------------------------------------------ subscriber groups
@@ -86,5 +88,70 @@ def test_async_last_member_of_a_durable_group_leaving_in_its_handler_does_not_ha
 
         asyncio.run(main())
         assert took and took[0] < 2.0, took
+    finally:
+        bus.close(timeout=5)
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_flush_from_a_coroutine_handler_raises_instead_of_waiting_for_itself(tmp_path, durable):
+    """flush() from a handler raises RuntimeError (it would wait for that handler).
+    A coroutine handler runs on its loop's thread, not on the fastbus thread that
+    waits for it, so it was not recognised: flush() blocked the loop until its
+    timeout (forever without one)."""
+    bus = ScalableBus(data_dir=tmp_path)
+    try:
+        bus.configure_topic("t", TopicConfig(durable=durable, partitions=1))
+        outcome: list[object] = []
+
+        async def main():
+            done = asyncio.Event()
+
+            async def handler(m):
+                t0 = time.monotonic()
+                try:
+                    outcome.append(bus.flush(timeout=3))
+                except RuntimeError as exc:
+                    outcome.append(exc)
+                outcome.append(time.monotonic() - t0)
+                done.set()
+
+            bus.subscribe("t", handler, group="g")
+            await bus.publish_async("t", b"x")
+            await asyncio.wait_for(done.wait(), 10)
+
+        asyncio.run(main())
+        assert isinstance(outcome[0], RuntimeError), outcome
+        assert outcome[1] < 1.0
+    finally:
+        bus.close(timeout=5)
+
+
+def test_a_task_a_coroutine_handler_started_may_flush_once_the_handler_returned():
+    """(The guard above must not outlive the handler in the tasks it spawned.)"""
+    bus = ScalableBus()
+    try:
+        bus.configure_topic("t", TopicConfig(partitions=1))
+        outcome: list[object] = []
+
+        async def main():
+            done = asyncio.Event()
+            handled = asyncio.Event()
+
+            async def later():
+                await handled.wait()
+                await asyncio.sleep(0.05)  # the handler has returned by now
+                outcome.append(await bus.flush_async(timeout=3))
+                done.set()
+
+            async def handler(m):
+                asyncio.get_running_loop().create_task(later())
+                handled.set()
+
+            bus.subscribe("t", handler)
+            bus.publish("t", 1)
+            await asyncio.wait_for(done.wait(), 10)
+
+        asyncio.run(main())
+        assert outcome == [True]
     finally:
         bus.close(timeout=5)
