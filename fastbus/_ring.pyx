@@ -931,12 +931,20 @@ cdef class RingBuffer(_RingBase):
         cdef object seq = messages if type(messages) is list or type(messages) is tuple \
             else PySequence_Fast(messages, "publish_many takes an iterable of messages")
         cdef Py_ssize_t n = PySequence_Fast_GET_SIZE(seq)
-        cdef PyObject **items = PySequence_Fast_ITEMS(seq)
+        cdef PyObject **items
         cdef PyObject *olds[_CHUNK]
         cdef Py_ssize_t i = 0, k, j
         cdef double deadline = fb_now() + t if t >= 0 else INFINITY
         cdef double left
-        while i < n:
+        while True:
+            # A caller's list may change while the GIL is let go (a wait, a finalizer
+            # of a replaced object, the overflow lock): read its items afresh each
+            # round, and stop at its end (no pointer into a list is kept across).
+            if PySequence_Fast_GET_SIZE(seq) < n:
+                n = PySequence_Fast_GET_SIZE(seq)
+            if i >= n:
+                break
+            items = PySequence_Fast_ITEMS(seq)
             if not self.overflow or fb_load_acquire(&self.core.overflow_count.value) == 0:
                 k = self._put(items + i, n - i, olds)
                 for j in range(k):
@@ -948,6 +956,10 @@ cdef class RingBuffer(_RingBase):
                 k = 0
                 self._lock()
                 try:
+                    # (_lock may have waited without the GIL: look at the list again)
+                    if PySequence_Fast_GET_SIZE(seq) < n:
+                        n = max(i, PySequence_Fast_GET_SIZE(seq))
+                    items = PySequence_Fast_ITEMS(seq)
                     k = self._drain_chunk_locked(olds)
                     if k == 0 and fb_load_acquire(&self.core.overflow_count.value) == 0:
                         k = self._put(items + i, n - i, olds)
@@ -975,7 +987,7 @@ cdef class RingBuffer(_RingBase):
                 raise err
             _wait_room(self.core, min(n - i, self.core.size, _CHUNK), max(left, 0.0)
                        if t >= 0 else -1.0)
-        return n
+        return i
 
     # -- consumers
 

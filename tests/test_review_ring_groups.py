@@ -6,6 +6,9 @@ Each test here failed before the fix committed with it.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -155,3 +158,40 @@ def test_a_task_a_coroutine_handler_started_may_flush_once_the_handler_returned(
         assert outcome == [True]
     finally:
         bus.close(timeout=5)
+
+
+# ------------------------------------------------------------------- the rings
+
+
+def test_publish_many_survives_its_list_changing_while_it_waits_for_room():
+    """publish_many read the caller's list through a pointer taken once; a list
+    resized by another thread while it waited for room left it reading freed
+    memory (a segfault). Run in a child: before the fix it crashed."""
+    code = textwrap.dedent("""
+        import threading, time
+        from fastbus import RingBuffer
+        ring = RingBuffer(4)
+        c = ring.add_consumer()
+        lst = [str(i) * 50 for i in range(20000)]
+        seen = []
+        def mutate():
+            time.sleep(0.1)
+            lst.clear()
+            junk = [bytearray(1000) for _ in range(3000)]
+            while True:
+                got = c.poll(64, timeout=0.3)
+                if not got:
+                    break
+                seen.extend(got)
+        th = threading.Thread(target=mutate)
+        th.start()
+        n = ring.publish_many(lst, timeout=5)
+        th.join()
+        assert all(type(x) is str for x in seen), set(map(type, seen))
+        assert n == len(seen), (n, len(seen))
+        print("ok", n)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.startswith("ok")
