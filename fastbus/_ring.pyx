@@ -1104,7 +1104,8 @@ cdef class RingConsumer(_ConsumerBase):
 
         ``handler(message, end_of_batch)`` per message, or ``handler(list)`` once
         with ``batch=True``. Waits like ``poll`` (returns 0 at the timeout). If the
-        handler raises, the messages before it and the one it raised on count as
+        consumer is closed meanwhile (by the handler too), no further message of
+        the batch is handed over. If the handler raises, the messages before it and the one it raised on count as
         consumed (a poison message is not retried), the rest of the batch is
         delivered by the next call, and the exception propagates.
         """
@@ -1136,6 +1137,10 @@ cdef class RingConsumer(_ConsumerBase):
             try:
                 while s < hi:
                     handler(<object>ring.slots[s & c.mask], False)
+                    if self._closed:
+                        # Closed by the handler (or another thread): the slots after
+                        # this one no longer gate the producers, which may reuse them.
+                        return s - lo + 1
                     s += 1
                 handler(<object>ring.slots[s & c.mask], True)
             finally:

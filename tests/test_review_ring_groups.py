@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from fastbus import ScalableBus, TopicConfig
+from fastbus import RingBuffer, ScalableBus, TopicConfig
 
 # ------------------------------------------------------------ subscriber groups
 
@@ -195,3 +195,25 @@ def test_publish_many_survives_its_list_changing_while_it_waits_for_room():
                          timeout=30)
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert out.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("overflow", [False, True])
+def test_process_stops_when_its_consumer_is_closed_in_the_handler(overflow):
+    """After close() the producers may reuse the slots the batch was read from; the
+    handler used to go on with the rest of the batch, getting later messages in
+    place of the ones it was owed (wrong order, duplicates)."""
+    ring = RingBuffer(4, overflow=overflow)
+    c = ring.add_consumer()
+    for i in range(4):
+        ring.publish(i)
+    seen = []
+
+    def handler(msg, end_of_batch):
+        seen.append(msg)
+        if msg == 0:
+            c.close()
+            for j in range(100, 104):
+                ring.publish(j)  # nothing gates now: these overwrite the slots
+
+    c.process(handler, max_batch=4)
+    assert seen == [0]
