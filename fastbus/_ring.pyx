@@ -103,6 +103,7 @@ from fastbus._atomic cimport (
 import threading
 
 cdef extern from "Python.h":
+    const Py_ssize_t PY_SSIZE_T_MAX
     # The raw form: the slot pointer goes in with the reference we took.
     void PyList_SET_ITEM_RAW "PyList_SET_ITEM"(object lst, Py_ssize_t i, PyObject *o)
 
@@ -1182,6 +1183,12 @@ cdef class RecordRing(_RingBase):
         if record_size < 1:
             raise ValueError(f"record_size must be >= 1 byte, got {record_size}")
         self._init_core(size, producer, wait)
+        if record_size * size > PY_SSIZE_T_MAX - 4096:  # (Python ints: no wrap-around)
+            raise ValueError(
+                f"a ring of {size} records of {record_size} bytes would need "
+                f"{record_size * size} bytes, more than a process can address; use fewer "
+                f"or smaller records"
+            )
         self.record_size = record_size
         self._chunk = _copy_chunk(self.record_size)
         cdef Py_ssize_t nbytes = self.core.size * self.record_size

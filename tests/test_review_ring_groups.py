@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from fastbus import RingBuffer, ScalableBus, TopicConfig
+from fastbus import RecordRing, RingBuffer, ScalableBus, TopicConfig
 
 # ------------------------------------------------------------ subscriber groups
 
@@ -217,3 +217,16 @@ def test_process_stops_when_its_consumer_is_closed_in_the_handler(overflow):
 
     c.process(handler, max_batch=4)
     assert seen == [0]
+
+
+def test_record_ring_refuses_a_size_whose_bytes_overflow():
+    """record_size * size used to wrap around in C: RecordRing(2**62, 8) allocated
+    4 KiB and said it held 8 records of 4 EiB each."""
+    with pytest.raises(ValueError, match="more than a process can address"):
+        RecordRing(1 << 62, 8)
+    with pytest.raises(ValueError, match="more than a process can address"):
+        RecordRing((1 << 61) + 1, 8)  # 2**64 + 8 bytes: wrapped to 8
+    with pytest.raises(ValueError, match="more than a process can address"):
+        RecordRing(1 << 63, 2)
+    ring = RecordRing(16, 8)  # still fine
+    assert ring.size == 8 and ring.record_size == 16
