@@ -11,9 +11,17 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
-from fastbus import RecordRing, RingBuffer, ScalableBus, TopicConfig
+from fastbus import (
+    RecordRing,
+    RingBuffer,
+    ScalableBus,
+    TopicConfig,
+    partition_for,
+    partition_many,
+)
 
 # ------------------------------------------------------------ subscriber groups
 
@@ -230,3 +238,22 @@ def test_record_ring_refuses_a_size_whose_bytes_overflow():
         RecordRing(1 << 63, 2)
     ring = RecordRing(16, 8)  # still fine
     assert ring.size == 8 and ring.record_size == 16
+
+
+# ---------------------------------------------------------------- partitioning
+
+
+def test_partition_many_takes_object_and_str_arrays_as_sequences_of_keys():
+    """A numpy array of Python keys (dtype object, e.g. a pandas column) or of str
+    (dtype U) is a sequence of keys: it used to be refused with TypeError."""
+    keys = ["customer-1", "customer-42", "é", ""]
+    expected = [partition_for(k, 12) for k in keys]
+    assert partition_many(np.array(keys, dtype=object), 12).tolist() == expected
+    assert partition_many(np.array(keys), 12).tolist() == expected
+    raw = [b"a\x00", b"b", bytearray(b"cd")]
+    assert partition_many(np.array(raw, dtype=object), 7).tolist() == [
+        partition_for(k, 7) for k in raw]
+    with pytest.raises(TypeError, match="partition key"):
+        partition_many(np.array([b"a", None], dtype=object), 4)
+    with pytest.raises(TypeError, match="key array"):
+        partition_many(np.array([1, 2], dtype=np.int64), 4)
