@@ -257,3 +257,15 @@ def test_partition_many_takes_object_and_str_arrays_as_sequences_of_keys():
         partition_many(np.array([b"a", None], dtype=object), 4)
     with pytest.raises(TypeError, match="key array"):
         partition_many(np.array([1, 2], dtype=np.int64), 4)
+
+
+def test_topic_config_refuses_counts_the_partitioner_and_the_ring_cannot_take():
+    """TopicConfig(partitions=2**31) was accepted (configure_topic then built 2**31
+    partitions, and the routing's 32-bit count would wrap), and ring_size=2**50
+    too, which RingBuffer refuses: a config that exists must be valid."""
+    with pytest.raises(ValueError, match="at most 2\\*\\*31-1"):
+        TopicConfig(partitions=2**31)
+    with pytest.raises(ValueError, match="at most 2\\*\\*40"):
+        TopicConfig(hot=True, ring_size=2**50)
+    assert TopicConfig(partitions=2**31 - 1).partitions == 2**31 - 1
+    assert TopicConfig(ring_size=2**40).ring_size == 2**40
