@@ -338,7 +338,15 @@ cdef class TopicCore:
                 from fastbus.errors import BusClosed
                 raise BusClosed("publish on a closed ScalableBus")
             parts = self.parts
-            unkeyed = count if keys is None else (<list>keys).count(None)
+            if keys is None:
+                unkeyed = count
+            else:
+                # (by identity: list.count(None) compares with ==, which a key such
+                # as a numpy array answers with an array, not a bool)
+                unkeyed = 0
+                for key in (keys if type(keys) is list else list(keys)):
+                    if key is None:
+                        unkeyed += 1
             batches = route(self.name, payloads, keys, <int32_t>len(parts),
                             fb_fetch_add(&self._rr, unkeyed), headers)
             if self.depth_add is not None:

@@ -269,3 +269,22 @@ def test_topic_config_refuses_counts_the_partitioner_and_the_ring_cannot_take():
         TopicConfig(hot=True, ring_size=2**50)
     assert TopicConfig(partitions=2**31 - 1).partitions == 2**31 - 1
     assert TopicConfig(ring_size=2**40).ring_size == 2**40
+
+
+@pytest.mark.parametrize("hot", [False, True])
+def test_publish_many_takes_the_keys_publish_takes(hot):
+    """A uint8 array is a bytes-like key for publish() and partition_for(); in
+    publish_many it failed with numpy's "truth value of an array is ambiguous"
+    (the unkeyed messages were counted with list.count(None), which uses ==)."""
+    bus = ScalableBus()
+    try:
+        bus.configure_topic("t", TopicConfig(partitions=4, hot=hot))
+        got: list[tuple[int, int]] = []
+        bus.subscribe("t", lambda m: got.append((m.payload, m.partition)))
+        key = np.array([1, 2, 3], dtype=np.uint8)
+        assert bus.publish_many("t", [0, 1, 2], keys=[key, None, b"x"]) == 3
+        assert bus.flush(5)
+        assert sorted(got)[0] == (0, partition_for(key, 4))
+        assert sorted(got)[2] == (2, partition_for(b"x", 4))
+    finally:
+        bus.close()
