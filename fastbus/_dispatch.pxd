@@ -25,6 +25,10 @@ cdef class StepCounter:
         return v
 
 
+cdef class GroupCore:
+    cdef public tuple owners
+
+
 cdef class PartitionSlot:
     cdef readonly object topic
     cdef readonly int index

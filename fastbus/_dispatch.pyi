@@ -33,8 +33,18 @@ def route(
     headers: dict[str, Any] | None,
 ) -> list[list[Message]]: ...
 def deliver_each(
-    handler: Callable[[Any], Any], batch: list[Any], on_error: Callable[[BaseException, Any], Any]
-) -> int: ...
+    handler: Callable[[Any], Any],
+    batch: list[Any],
+    on_error: Callable[[BaseException, Any], Any],
+    start: int = 0,
+    group: GroupCore | None = None,
+    member: Any = None,
+    partition: int = 0,
+) -> tuple[int, int]: ...
+
+class GroupCore:
+    owners: tuple[Any, ...]
+    def __init__(self) -> None: ...
 
 class PartitionSlot:
     topic: Any

@@ -163,25 +163,47 @@ def route(topic, list payloads, keys, int32_t n, int64_t rr_start, headers):
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-def deliver_each(handler, list batch, on_error):
-    """deliver_each(handler, batch, on_error) -> int
+def deliver_each(handler, list batch, on_error, Py_ssize_t start=0, GroupCore group=None,
+                 member=None, Py_ssize_t partition=0):
+    """deliver_each(handler, batch, on_error, start=0, group=None, member=None, partition=0)
+    -> (errors, next)
 
-    Calls ``handler(message)`` for every message of ``batch`` in order. Any
+    Calls ``handler(message)`` for every message of ``batch[start:]`` in order. Any
     exception from the handler (a BaseException such as SystemExit too: this runs
     on a dispatch thread, where nobody else would see it, and the rest of the
     batch must still be delivered) goes to ``on_error(exc, message)`` and the loop
-    goes on; returns how many calls raised.
+    goes on. With ``group``: before each message, stops if ``member`` no longer
+    owns ``partition`` in ``group.owners`` (it left, from its own handler too, or
+    a rebalance moved the partition), so the caller can hand the rest to the new
+    owner. Returns how many calls raised and the index of the first message not
+    delivered (``len(batch)`` when all were).
     """
     cdef Py_ssize_t i, n = PyList_GET_SIZE(batch), errors = 0
     cdef object m
-    for i in range(n):
+    cdef tuple owners = None  # (so the first message checks the owner too)
+    for i in range(start, n):
+        if group is not None and group.owners is not owners:
+            # a join or leave swaps the tuple (copy-on-write): one pointer compare
+            owners = group.owners
+            if owners is None or partition >= len(owners) or owners[partition] is not member:
+                return errors, i
         m = <object>PyList_GET_ITEM(batch, i)
         try:
             handler(m)
         except BaseException as exc:
             errors += 1
             on_error(exc, m)
-    return errors
+    return errors, n
+
+
+cdef class GroupCore:
+    """The compiled base of a subscriber group: ``owners[p]`` is the member that
+    owns partition ``p``. The tuple is replaced, never changed, on every join,
+    leave and partition change, so ``deliver_each`` notices a change with one
+    pointer compare per message."""
+
+    def __init__(self):
+        self.owners = ()
 
 
 cdef class StepCounter:
@@ -316,7 +338,15 @@ cdef class TopicCore:
                 from fastbus.errors import BusClosed
                 raise BusClosed("publish on a closed ScalableBus")
             parts = self.parts
-            unkeyed = count if keys is None else (<list>keys).count(None)
+            if keys is None:
+                unkeyed = count
+            else:
+                # (by identity: list.count(None) compares with ==, which a key such
+                # as a numpy array answers with an array, not a bool)
+                unkeyed = 0
+                for key in (keys if type(keys) is list else list(keys)):
+                    if key is None:
+                        unkeyed += 1
             batches = route(self.name, payloads, keys, <int32_t>len(parts),
                             fb_fetch_add(&self._rr, unkeyed), headers)
             if self.depth_add is not None:

@@ -115,14 +115,17 @@ def partition_many(keys, num_partitions):
     """partition_many(keys, num_partitions) -> numpy.ndarray[int32]
 
     The partition of every key in one call; the hashing runs without the GIL.
-    ``keys`` is a sequence of bytes-like or str keys, a numpy array of dtype
-    ``S<n>`` (fixed-width bytes; trailing NUL bytes are not part of a key, as
-    numpy reads them), or a C-contiguous 2-D uint8 array, one full-width key a row.
+    ``keys`` is a sequence of bytes-like or str keys (a 1-D numpy array of dtype
+    object or ``U<n>`` too), a numpy array of dtype ``S<n>`` (fixed-width bytes;
+    trailing NUL bytes are not part of a key, as numpy reads them), or a
+    C-contiguous 2-D uint8 array, one full-width key a row.
     """
     _check_partitions(num_partitions)
     cdef int32_t n = <int32_t>num_partitions
     loaded = sys.modules.get("numpy")  # (not loaded: keys cannot be an array)
-    if loaded is not None and isinstance(keys, loaded.ndarray):
+    if loaded is not None and isinstance(keys, loaded.ndarray) \
+            and not (keys.dtype.kind in "OU" and keys.ndim == 1):
+        # (an array of Python keys, dtype object or str, is a sequence of keys)
         return _partition_array(loaded, keys, n)
     if isinstance(keys, (str, bytes, bytearray, memoryview)):
         raise TypeError("partition_many takes a sequence of keys; for one key use partition_for")

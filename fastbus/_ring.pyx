@@ -103,6 +103,7 @@ from fastbus._atomic cimport (
 import threading
 
 cdef extern from "Python.h":
+    const Py_ssize_t PY_SSIZE_T_MAX
     # The raw form: the slot pointer goes in with the reference we took.
     void PyList_SET_ITEM_RAW "PyList_SET_ITEM"(object lst, Py_ssize_t i, PyObject *o)
 
@@ -931,12 +932,20 @@ cdef class RingBuffer(_RingBase):
         cdef object seq = messages if type(messages) is list or type(messages) is tuple \
             else PySequence_Fast(messages, "publish_many takes an iterable of messages")
         cdef Py_ssize_t n = PySequence_Fast_GET_SIZE(seq)
-        cdef PyObject **items = PySequence_Fast_ITEMS(seq)
+        cdef PyObject **items
         cdef PyObject *olds[_CHUNK]
         cdef Py_ssize_t i = 0, k, j
         cdef double deadline = fb_now() + t if t >= 0 else INFINITY
         cdef double left
-        while i < n:
+        while True:
+            # A caller's list may change while the GIL is let go (a wait, a finalizer
+            # of a replaced object, the overflow lock): read its items afresh each
+            # round, and stop at its end (no pointer into a list is kept across).
+            if PySequence_Fast_GET_SIZE(seq) < n:
+                n = PySequence_Fast_GET_SIZE(seq)
+            if i >= n:
+                break
+            items = PySequence_Fast_ITEMS(seq)
             if not self.overflow or fb_load_acquire(&self.core.overflow_count.value) == 0:
                 k = self._put(items + i, n - i, olds)
                 for j in range(k):
@@ -948,6 +957,10 @@ cdef class RingBuffer(_RingBase):
                 k = 0
                 self._lock()
                 try:
+                    # (_lock may have waited without the GIL: look at the list again)
+                    if PySequence_Fast_GET_SIZE(seq) < n:
+                        n = max(i, PySequence_Fast_GET_SIZE(seq))
+                    items = PySequence_Fast_ITEMS(seq)
                     k = self._drain_chunk_locked(olds)
                     if k == 0 and fb_load_acquire(&self.core.overflow_count.value) == 0:
                         k = self._put(items + i, n - i, olds)
@@ -975,7 +988,7 @@ cdef class RingBuffer(_RingBase):
                 raise err
             _wait_room(self.core, min(n - i, self.core.size, _CHUNK), max(left, 0.0)
                        if t >= 0 else -1.0)
-        return n
+        return i
 
     # -- consumers
 
@@ -1092,7 +1105,8 @@ cdef class RingConsumer(_ConsumerBase):
 
         ``handler(message, end_of_batch)`` per message, or ``handler(list)`` once
         with ``batch=True``. Waits like ``poll`` (returns 0 at the timeout). If the
-        handler raises, the messages before it and the one it raised on count as
+        consumer is closed meanwhile (by the handler too), no further message of
+        the batch is handed over. If the handler raises, the messages before it and the one it raised on count as
         consumed (a poison message is not retried), the rest of the batch is
         delivered by the next call, and the exception propagates.
         """
@@ -1124,6 +1138,10 @@ cdef class RingConsumer(_ConsumerBase):
             try:
                 while s < hi:
                     handler(<object>ring.slots[s & c.mask], False)
+                    if self._closed:
+                        # Closed by the handler (or another thread): the slots after
+                        # this one no longer gate the producers, which may reuse them.
+                        return s - lo + 1
                     s += 1
                 handler(<object>ring.slots[s & c.mask], True)
             finally:
@@ -1165,6 +1183,12 @@ cdef class RecordRing(_RingBase):
         if record_size < 1:
             raise ValueError(f"record_size must be >= 1 byte, got {record_size}")
         self._init_core(size, producer, wait)
+        if record_size * size > PY_SSIZE_T_MAX - 4096:  # (Python ints: no wrap-around)
+            raise ValueError(
+                f"a ring of {size} records of {record_size} bytes would need "
+                f"{record_size * size} bytes, more than a process can address; use fewer "
+                f"or smaller records"
+            )
         self.record_size = record_size
         self._chunk = _copy_chunk(self.record_size)
         cdef Py_ssize_t nbytes = self.core.size * self.record_size

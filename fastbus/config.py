@@ -46,6 +46,10 @@ def _check_number(owner: str, name: str, value: Any, *, positive: bool = True,
         raise ValueError(f"{owner}.{name} must be {bound}, got {value}")
 
 
+_MAX_PARTITIONS = 0x7FFFFFFF  # partition_for's bound, and Kafka's
+_MAX_RING_SIZE = 1 << 40  # RingBuffer's bound
+
+
 def _is_power_of_two(n: int) -> bool:
     return n >= 2 and (n & (n - 1)) == 0
 
@@ -254,6 +258,10 @@ class TopicConfig:
     def __post_init__(self) -> None:
         if self.partitions is not None:
             _check_int("TopicConfig", "partitions", self.partitions, minimum=1)
+            if self.partitions > _MAX_PARTITIONS:
+                raise ValueError(
+                    f"TopicConfig.partitions must be at most 2**31-1 (Kafka's partition "
+                    f"count is a 32-bit int), got {self.partitions}")
         ser = self.serializer
         if ser is not None:
             named = isinstance(ser, str) and ser in ("json", "pickle")
@@ -278,6 +286,10 @@ class TopicConfig:
                 f"TopicConfig.ring_size must be a power of two >= 2, got {self.ring_size} "
                 f"(try {_next_power_of_two(self.ring_size)})"
             )
+        if self.ring_size > _MAX_RING_SIZE:
+            raise ValueError(
+                f"TopicConfig.ring_size must be at most 2**40 (as RingBuffer), got "
+                f"{self.ring_size}")
         if self.hot and self.durable:
             raise ValueError(
                 "TopicConfig: a topic is either hot (in-memory ring) or durable (WAL), "

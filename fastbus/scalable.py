@@ -32,6 +32,7 @@ at its commit.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import os
@@ -43,7 +44,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from ._dispatch import BusCore, Message, PartitionSlot, TopicCore, deliver_each
+from ._dispatch import BusCore, GroupCore, Message, PartitionSlot, TopicCore, deliver_each
 from ._walcodec import check_keys
 from .backpressure import (
     BackpressureState,
@@ -68,6 +69,12 @@ _OWED_MAX = 256  # delivered messages a worker may owe the depth before it settl
 _CRITICAL = BackpressureState.CRITICAL
 _SHEDDING = BackpressureState.SHEDDING
 _STOP = object()
+# [the fastbus thread (a dispatch worker or a durable delivery thread) that waits for
+# the coroutine handler running in this context], emptied when the handler returns
+# (tasks it started keep the list). The handler runs on its event loop's thread, so it
+# must not wait for that fastbus thread (a join or a flush would deadlock).
+_handler_caller: contextvars.ContextVar[Sequence[threading.Thread | None]] = \
+    contextvars.ContextVar("fastbus_handler_caller", default=(None,))
 
 
 def _log_error(exc: BaseException, message: Any, handler: Any) -> None:
@@ -164,7 +171,7 @@ class _Member:
         self.group = group
 
 
-class _Group:
+class _Group(GroupCore):
     """Subscribers that share a topic's partitions; each partition has one owner.
 
     An ungrouped subscription is a group of its own (name None): it gets all.
@@ -172,7 +179,7 @@ class _Group:
     change: partition p belongs to member ``p % len(members)`` in join order.
     """
 
-    __slots__ = ("done", "members", "name", "owners", "reader", "stopped", "thread")
+    __slots__ = ("done", "members", "name", "reader", "stopped", "thread")
 
     def __init__(self, name: str | None) -> None:
         self.name = name
@@ -780,7 +787,10 @@ class ScalableBus(BusCore):
                     # In the same locked stretch as the group's removal: a member of
                     # this group that joins from now on finds the thread in t.leaving.
                     thread = self._stop_durable_group(t, g)
-        if thread is not None and thread is not threading.current_thread():
+        # Not from the group's own delivery thread (a handler leaving), nor from a
+        # coroutine handler that thread is waiting for: it would wait for itself.
+        if thread is not None and thread is not threading.current_thread() \
+                and thread is not _handler_caller.get()[0]:
             thread.join(timeout=10)
 
     def _make_call(self, handler: Any) -> Any:
@@ -791,11 +801,20 @@ class ScalableBus(BusCore):
         except RuntimeError:
             loop = None
 
+        async def run(arg: Any, caller: threading.Thread) -> Any:
+            cell: list[threading.Thread | None] = [caller]
+            _handler_caller.set(cell)  # (the task's own context)
+            try:
+                return await handler(arg)
+            finally:
+                cell[0] = None
+
         def call(arg: Any) -> Any:
             # Dispatch threads never run an event loop: wait for the coroutine on
             # its own loop, so a partition's order and the durable commit hold.
             if loop is not None and not loop.is_closed():
-                return asyncio.run_coroutine_threadsafe(handler(arg), loop).result()
+                return asyncio.run_coroutine_threadsafe(
+                    run(arg, threading.current_thread()), loop).result()
             return asyncio.run(handler(arg))
 
         return call
@@ -872,21 +891,29 @@ class ScalableBus(BusCore):
         t = part.topic
         p = part.index
         errors = 0
+        n = len(batch)
         for g in t.groups:
-            owners = g.owners
-            if p >= len(owners):
-                continue
-            m = owners[p]
-            if m.batch:
-                try:
-                    m.call(batch)
-                except BaseException as exc:  # on our thread: nobody else would see it
-                    errors += 1
-                    self._handler_error(exc, batch, m.handler)
-            else:
-                errors += deliver_each(m.call, batch,
-                                       lambda exc, msg, h=m.handler: self._handler_error(
-                                           exc, msg, h))
+            i = 0
+            while i < n:
+                # A member that leaves (from its own handler too) or loses the partition
+                # to a rebalance gets no more of the batch: the rest goes to the owner
+                # after the change, in order (none if the group's last member left).
+                owners = g.owners
+                if p >= len(owners):
+                    break
+                m = owners[p]
+                if m.batch:
+                    rest = batch if i == 0 else batch[i:]
+                    try:
+                        m.call(rest)
+                    except BaseException as exc:  # on our thread: nobody else would see it
+                        errors += 1
+                        self._handler_error(exc, rest, m.handler)
+                    break
+                failed, i = deliver_each(m.call, batch,
+                                         lambda exc, msg, h=m.handler: self._handler_error(
+                                             exc, msg, h), i, g, m, p)
+                errors += failed
         inner_subs = self._inner_subs
         if inner_subs is None or t.name in inner_subs:
             publish = self._inner_publish
@@ -1299,8 +1326,9 @@ class ScalableBus(BusCore):
         self._finish_close(timeout)
 
     def _in_handler_thread(self) -> bool:
-        """True on one of this bus's dispatch workers or durable delivery threads."""
-        me = threading.current_thread()
+        """True on one of this bus's dispatch workers or durable delivery threads, or
+        in a coroutine handler one of them is waiting for (on its event loop)."""
+        me = _handler_caller.get()[0] or threading.current_thread()
         # (t.leaving is looked at for every topic, also one whose last group just left)
         return me in self._workers or any(
             me in t.leaving.values() or any(me is g.thread for g in t.groups)
