@@ -32,15 +32,12 @@ def route(
     rr_start: int,
     headers: dict[str, Any] | None,
 ) -> list[list[Message]]: ...
-def deliver_each(
-    handler: Callable[[Any], Any],
+def deliver_groups(
+    groups: tuple[GroupCore, ...],
     batch: list[Any],
-    on_error: Callable[[BaseException, Any], Any],
-    start: int = 0,
-    group: GroupCore | None = None,
-    member: Any = None,
-    partition: int = 0,
-) -> tuple[int, int]: ...
+    partition: int,
+    on_error: Callable[[BaseException, Any, Any], Any],
+) -> int: ...
 
 class GroupCore:
     owners: tuple[Any, ...]

@@ -8,6 +8,7 @@ every message of a batch while isolating handler errors.
 
 cimport cython
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport int32_t, int64_t, uint32_t
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
@@ -163,43 +164,60 @@ def route(topic, list payloads, keys, int32_t n, int64_t rr_start, headers):
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-def deliver_each(handler, list batch, on_error, Py_ssize_t start=0, GroupCore group=None,
-                 member=None, Py_ssize_t partition=0):
-    """deliver_each(handler, batch, on_error, start=0, group=None, member=None, partition=0)
-    -> (errors, next)
+def deliver_groups(tuple groups, list batch, Py_ssize_t partition, on_error):
+    """deliver_groups(groups, batch, partition, on_error) -> int
 
-    Calls ``handler(message)`` for every message of ``batch[start:]`` in order. Any
-    exception from the handler (a BaseException such as SystemExit too: this runs
-    on a dispatch thread, where nobody else would see it, and the rest of the
-    batch must still be delivered) goes to ``on_error(exc, message)`` and the loop
-    goes on. With ``group``: before each message, stops if ``member`` no longer
-    owns ``partition`` in ``group.owners`` (it left, from its own handler too, or
-    a rebalance moved the partition), so the caller can hand the rest to the new
-    owner. Returns how many calls raised and the index of the first message not
-    delivered (``len(batch)`` when all were).
+    Hands ``batch`` (one partition's messages, in order) to each group's owner of
+    ``partition``: ``member.call(batch)`` for a batch member, else
+    ``member.call(message)`` for each message. Any exception from a handler (a
+    BaseException such as SystemExit too: this runs on a dispatch thread, where
+    nobody else would see it, and the rest of the batch must still be delivered)
+    goes to ``on_error(exc, message_or_batch, member.handler)`` and delivery goes
+    on; returns how many calls raised.
+
+    A member that leaves (from its own handler too) or loses the partition to a
+    rebalance gets no more of the batch: after each call, a changed
+    ``group.owners`` (the tuple is replaced on every change: one pointer compare)
+    sends the rest of the batch to the partition's owner after the change, in
+    order, or to nobody if the group's last member left.
     """
     cdef Py_ssize_t i, n = PyList_GET_SIZE(batch), errors = 0
-    cdef object m
-    cdef tuple owners = None  # (so the first message checks the owner too)
-    for i in range(start, n):
-        if group is not None and group.owners is not owners:
-            # a join or leave swaps the tuple (copy-on-write): one pointer compare
-            owners = group.owners
-            if owners is None or partition >= len(owners) or owners[partition] is not member:
-                return errors, i
-        m = <object>PyList_GET_ITEM(batch, i)
-        try:
-            handler(m)
-        except BaseException as exc:
-            errors += 1
-            on_error(exc, m)
-    return errors, n
+    cdef GroupCore g
+    cdef tuple owners
+    cdef object member, call, msg
+    for g in groups:
+        i = 0
+        while i < n:
+            owners = g.owners
+            if owners is None or partition >= PyTuple_GET_SIZE(owners):
+                break  # no member: the group's last one left
+            member = <object>PyTuple_GET_ITEM(owners, partition)
+            call = member.call
+            if member.batch:
+                msg = batch if i == 0 else batch[i:]
+                try:
+                    call(msg)
+                except BaseException as exc:
+                    errors += 1
+                    on_error(exc, msg, member.handler)
+                break
+            while i < n:
+                msg = <object>PyList_GET_ITEM(batch, i)
+                i += 1
+                try:
+                    call(msg)
+                except BaseException as exc:
+                    errors += 1
+                    on_error(exc, msg, member.handler)
+                if g.owners is not owners:
+                    break  # membership changed: look up the owner again
+    return errors
 
 
 cdef class GroupCore:
     """The compiled base of a subscriber group: ``owners[p]`` is the member that
     owns partition ``p``. The tuple is replaced, never changed, on every join,
-    leave and partition change, so ``deliver_each`` notices a change with one
+    leave and partition change, so ``deliver_groups`` notices a change with one
     pointer compare per message."""
 
     def __init__(self):

@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from ._dispatch import BusCore, GroupCore, Message, PartitionSlot, TopicCore, deliver_each
+from ._dispatch import BusCore, GroupCore, Message, PartitionSlot, TopicCore, deliver_groups
 from ._walcodec import check_keys
 from .backpressure import (
     BackpressureState,
@@ -889,31 +889,8 @@ class ScalableBus(BusCore):
 
     def _deliver(self, part: PartitionSlot, batch: list[Any]) -> None:
         t = part.topic
-        p = part.index
-        errors = 0
-        n = len(batch)
-        for g in t.groups:
-            i = 0
-            while i < n:
-                # A member that leaves (from its own handler too) or loses the partition
-                # to a rebalance gets no more of the batch: the rest goes to the owner
-                # after the change, in order (none if the group's last member left).
-                owners = g.owners
-                if p >= len(owners):
-                    break
-                m = owners[p]
-                if m.batch:
-                    rest = batch if i == 0 else batch[i:]
-                    try:
-                        m.call(rest)
-                    except BaseException as exc:  # on our thread: nobody else would see it
-                        errors += 1
-                        self._handler_error(exc, rest, m.handler)
-                    break
-                failed, i = deliver_each(m.call, batch,
-                                         lambda exc, msg, h=m.handler: self._handler_error(
-                                             exc, msg, h), i, g, m, p)
-                errors += failed
+        # (a member that leaves mid-batch gets no more of it: see deliver_groups)
+        errors = deliver_groups(t.groups, batch, part.index, self._handler_error)
         inner_subs = self._inner_subs
         if inner_subs is None or t.name in inner_subs:
             publish = self._inner_publish
