@@ -686,6 +686,16 @@ class _PartialTimeout(TimeoutError):
     pass
 
 
+cdef object _message_sequence(messages):
+    """``publish_many``'s iterable as a list or tuple; a lone str or bytes-like (an
+    iterable of one-character messages, never what was meant) is refused."""
+    if isinstance(messages, (str, bytes, bytearray, memoryview)):
+        raise TypeError(f"publish_many takes an iterable of messages, got one "
+                        f"{type(messages).__name__}: publish it with publish(), or pass "
+                        f"[message]")
+    return PySequence_Fast(messages, "publish_many takes an iterable of messages")
+
+
 cdef class RingBuffer(_RingBase):
     """A Disruptor ring of Python objects.
 
@@ -930,7 +940,7 @@ cdef class RingBuffer(_RingBase):
         """
         cdef double t = _timeout(timeout)
         cdef object seq = messages if type(messages) is list or type(messages) is tuple \
-            else PySequence_Fast(messages, "publish_many takes an iterable of messages")
+            else _message_sequence(messages)
         cdef Py_ssize_t n = PySequence_Fast_GET_SIZE(seq)
         cdef PyObject **items
         cdef PyObject *olds[_CHUNK]

@@ -586,8 +586,16 @@ class ScalableBus(BusCore):
         took: those are delivered, counted in ``metrics().published`` and forwarded
         to the inner bus.
         """
-        msgs = messages if type(messages) is list else _as_list(
-            messages, "messages must be an iterable of payloads (a list, a generator)")
+        if type(messages) is list:
+            msgs = messages
+        elif isinstance(messages, str | bytes | bytearray | memoryview):
+            # (iterable, but a batch of one-character messages is never what was meant)
+            raise TypeError(f"messages must be an iterable of payloads (a list, a generator), "
+                            f"got one {type(messages).__name__}: publish it with publish(), "
+                            f"or pass [payload]")
+        else:
+            msgs = _as_list(
+                messages, "messages must be an iterable of payloads (a list, a generator)")
         t = self._topics.get(check_topic(topic))
         if t is None:
             if self._closed:

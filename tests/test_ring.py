@@ -178,6 +178,10 @@ def test_publish_many_accepts_iterables():
     assert ring.publish_many((7, 8)) == 2
     assert ring.publish_many([]) == 0
     assert c.poll() == [0, 2, 4, 7, 8]
+    for one in ("abc", b"abc", bytearray(b"ab"), memoryview(b"ab")):
+        with pytest.raises(TypeError, match="publish it with publish"):
+            ring.publish_many(one)  # not a batch of one-character messages
+    assert c.poll(timeout=0) == []
 
 
 def test_publish_many_larger_than_ring_waits_for_consumer():

@@ -166,6 +166,15 @@ def test_per_key_order_with_8_partitions_and_4_producers(config):
     assert len({m.payload for m in got}) == 4 * per_producer
 
 
+def test_publish_many_refuses_one_str_or_bytes_as_the_batch(bus):
+    bus.configure_topic("t", TopicConfig(partitions=1))
+    for topic in ("t", "unconfigured"):
+        for one in ("abc", b"abc"):
+            with pytest.raises(TypeError, match="publish it with publish"):
+                bus.publish_many(topic, one)
+    assert bus.metrics().per_topic["t"].published == 0
+
+
 def test_publish_many_and_batch_delivery(bus):
     batches = []
     bus.configure_topic("t", TopicConfig(partitions=2, hot=True, ring_size=8))
