@@ -1149,6 +1149,7 @@ class ScalableBus(BusCore):
                 if uncommitted:
                     reader.commit()
                     uncommitted = False
+                    g.done = reader.position
                 records = reader.poll(max_records=self._max_batch, timeout=0.05)
                 if pause:
                     pause = 0.0
