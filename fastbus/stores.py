@@ -228,24 +228,41 @@ def _make_dir(path: str, why: str) -> None:
 
 
 def _atomic_write(directory: str, name: str, data: bytes) -> None:
-    """write temp, fsync, rename over ``name``, fsync the directory."""
+    """write temp, fsync, rename over ``name``, fsync the directory.
+
+    A failure is an ``OSError`` naming ``name``'s path (a bare ``os.write`` error
+    names no file) and saying whether the old document is still the one in place."""
     final = os.path.join(directory, name)
     tmp = os.path.join(directory, f".{name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    replaced = False
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    except BaseException:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, final)
-    _fsync_dir(directory)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        replaced = True
+        _fsync_dir(directory)
+    except OSError as exc:
+        state = ("the new document is in place but may not survive a power loss"
+                 if replaced else "the previous document is unchanged")
+        raise OSError(exc.errno, f"{exc.strerror or exc}: replacing {final} failed "
+                      f"(write a temporary file, fsync, rename, fsync the directory); "
+                      f"{state}", final) from exc
 
 
 def _read_file(path: str) -> bytes | None:
