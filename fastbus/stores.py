@@ -431,6 +431,14 @@ class FileStore:
 
 # -------------------------------------------------------------------------- sqlite
 
+def _sqlite_os_error(exc: sqlite3.OperationalError, where: str) -> OSError:
+    """What sqlite3 raises for a failed write (a full disk: "database or disk is full";
+    "disk I/O error"), as the ``OSError`` the queue and ScalableBus expect of a store:
+    ENOSPC or EIO, naming ``where``."""
+    code = errno.ENOSPC if "full" in str(exc).lower() else errno.EIO
+    return OSError(code, f"sqlite: {exc}", where)
+
+
 _LEN = struct.Struct("<I")
 _OFFSET_AT = 10  # u32 length, u32 crc, u8 version, u8 attributes, then i64 offset
 _OFF = struct.Struct("<q")
@@ -495,15 +503,19 @@ class _SQLiteSegment:
                         [(self._partition, self._base, off, base_pos + pos, blob)
                          for off, pos, blob in recs])
             except sqlite3.OperationalError as exc:
-                code = errno.ENOSPC if "full" in str(exc).lower() else errno.EIO
-                raise OSError(code, f"sqlite: {exc}", self.location) from exc
+                raise _sqlite_os_error(exc, self.location) from exc
         self._size = base_pos + len(data)
 
     def truncate(self, size: int) -> None:
         store = self._store
-        with store._mutex, store._db:
-            store._db.execute("DELETE FROM records WHERE part = ? AND seg = ? AND pos >= ?",
-                              (self._partition, self._base, size))
+        with store._mutex:
+            try:
+                with store._db:
+                    store._db.execute(
+                        "DELETE FROM records WHERE part = ? AND seg = ? AND pos >= ?",
+                        (self._partition, self._base, size))
+            except sqlite3.OperationalError as exc:
+                raise _sqlite_os_error(exc, self.location) from exc
         self._size = min(self._size, size)
 
     def sync(self) -> None:
@@ -629,7 +641,10 @@ class SQLiteStore:
         if self._full:
             return  # every commit was already durable (synchronous=FULL)
         with self._mutex:
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.OperationalError as exc:
+                raise _sqlite_os_error(exc, self.path) from exc
 
     def _check_writable(self) -> None:
         if self._readonly:
@@ -644,10 +659,14 @@ class SQLiteStore:
                     return []
                 raise
 
-    def _put(self, sql: str, args: tuple) -> None:
+    def _put(self, sql: str, args: tuple, where: str | None = None) -> None:
         self._check_writable()
-        with self._mutex, self._db:
-            self._db.execute(sql, args)
+        with self._mutex:
+            try:
+                with self._db:
+                    self._db.execute(sql, args)
+            except sqlite3.OperationalError as exc:
+                raise _sqlite_os_error(exc, where or self.path) from exc
 
     def read_meta(self) -> bytes | None:
         rows = self._get("SELECT v FROM meta WHERE k = 'meta'", ())
@@ -667,7 +686,8 @@ class SQLiteStore:
         return f"{self.path}#{partition_dir_name(partition)}/{segment_file_name(base)}"
 
     def create_segment(self, partition: int, base: int) -> _SQLiteSegment:
-        self._put("INSERT INTO segments (part, seg) VALUES (?, ?)", (partition, base))
+        self._put("INSERT INTO segments (part, seg) VALUES (?, ?)", (partition, base),
+                  self.segment_location(partition, base))
         return _SQLiteSegment(self, partition, base)
 
     def open_segment(self, partition: int, base: int, *, writable: bool) -> _SQLiteSegment:
@@ -678,9 +698,15 @@ class SQLiteStore:
 
     def delete_segment(self, partition: int, base: int) -> None:
         self._check_writable()
-        with self._mutex, self._db:
-            self._db.execute("DELETE FROM records WHERE part = ? AND seg = ?", (partition, base))
-            self._db.execute("DELETE FROM segments WHERE part = ? AND seg = ?", (partition, base))
+        with self._mutex:
+            try:
+                with self._db:
+                    self._db.execute("DELETE FROM records WHERE part = ? AND seg = ?",
+                                     (partition, base))
+                    self._db.execute("DELETE FROM segments WHERE part = ? AND seg = ?",
+                                     (partition, base))
+            except sqlite3.OperationalError as exc:
+                raise _sqlite_os_error(exc, self.segment_location(partition, base)) from exc
 
     def list_groups(self) -> list[str]:
         return [r[0] for r in self._get("SELECT grp FROM offsets ORDER BY grp", ())]
@@ -691,7 +717,7 @@ class SQLiteStore:
 
     def write_offsets(self, group: str, data: bytes) -> None:
         self._put("INSERT OR REPLACE INTO offsets (grp, v) VALUES (?, ?)",
-                  (check_subscriber_name(group), data))
+                  (check_subscriber_name(group), data), f"{self.path}#offsets/{group}")
 
     def delete_offsets(self, group: str) -> None:
         self._put("DELETE FROM offsets WHERE grp = ?", (check_subscriber_name(group),))

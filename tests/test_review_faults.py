@@ -8,13 +8,28 @@ from __future__ import annotations
 
 import errno
 import os
+import sqlite3
+import threading
 
 import pytest
 
 from fastbus import (
     FsyncPolicy,
+    Retention,
+    ScalableBus,
+    SQLiteStore,
+    TopicConfig,
     WalMessageQueue,
 )
+from tests.waiting import wait_for
+
+KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
+
+
+def durable(partitions: int = 1) -> TopicConfig:
+    return TopicConfig(durable=True, partitions=partitions, fsync=FsyncPolicy.never(),
+                       retention=KEEP)
+
 
 # ------------------------------------------------------------ the error names the document
 
@@ -50,3 +65,88 @@ def test_file_store_failed_offsets_commit_names_the_document_and_keeps_the_old(
         assert q.groups()["billing"] == {0: 3}
     finally:
         q.close()
+
+
+def _cap_sqlite(store: SQLiteStore, pages: int | None = None) -> None:
+    """No more pages for the database: SQLite's own "database or disk is full"."""
+    with store._mutex:
+        if pages is None:
+            pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count={pages}")
+
+
+def test_sqlite_store_full_database_is_an_oserror_naming_the_document(tmp_path):
+    """A full SQLite database while an offsets document is written raised the raw
+    sqlite3.OperationalError (the queue, ScalableBus and the docs expect OSError, ENOSPC,
+    as a segment write gives); now it is one, naming the document."""
+    store = SQLiteStore(tmp_path / "w.db")
+    # 400 partitions: the offsets document (about 5 KB) needs pages of its own
+    q = WalMessageQueue(store, partitions=400, fsync=FsyncPolicy.never(),
+                        compaction_interval=None)
+    try:
+        q.append(b"x", partition=3)
+        q.flush()
+        _cap_sqlite(store)
+        with pytest.raises(OSError) as info:
+            q.reader("billing")
+        assert info.value.errno == errno.ENOSPC
+        assert "full" in str(info.value)
+        assert "billing" in info.value.filename
+        assert q.groups() == {}
+        _cap_sqlite(store, 1 << 30)  # space returns
+        r = q.reader("billing")
+        assert [rec.payload for rec in r.poll(max_records=10)] == [b"x"]
+        r.commit()
+        assert q.groups()["billing"][3] == 1
+    finally:
+        q.close()
+
+
+class _FullOffsets:
+    """An sqlite3 connection whose offsets writes fail as on a full disk (SQLite raises
+    exactly this; tests/test_review_faults.py's caller switches it with ``full``)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self.full = threading.Event()
+
+    def execute(self, sql: str, *args):
+        if self.full.is_set() and "INTO offsets" in sql:
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
+
+    def __enter__(self):
+        return self._db.__enter__()
+
+    def __exit__(self, *exc):
+        return self._db.__exit__(*exc)
+
+
+def test_bus_sqlite_full_disk_at_a_group_commit_holds_delivery_up_and_resumes(tmp_path):
+    """A durable group's commit on a full SQLite database: delivery must be held up and
+    tried again (as for any OSError), not stopped for good; once space returns every
+    record reaches the group once and the commit catches up."""
+    store = SQLiteStore(tmp_path / "w.db")
+    bus = ScalableBus(store=store)
+    try:
+        bus.configure_topic("t", durable())
+        got: list[bytes] = []
+        bus.subscribe("t", lambda m: got.append(m.payload), group="g")
+        proxy = _FullOffsets(store._db)
+        store._db = proxy  # type: ignore[assignment]
+        proxy.full.set()
+        for i in range(5):
+            bus.publish("t", b"a%d" % i)
+        wait_for(lambda: len(got) == 5 and bus.metrics().drops.get("wal_read_errors"),
+                 "the records handled and the failed commit counted")
+        proxy.full.clear()
+        for i in range(5, 8):
+            bus.publish("t", b"a%d" % i)
+        assert bus.flush(5)
+        assert got == [b"a%d" % i for i in range(8)]
+        wait_for(lambda: bus._topics["t"].wal.groups()["g"] == {0: 8}, "the commit")
+    finally:
+        bus.close()
