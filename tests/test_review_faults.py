@@ -15,6 +15,7 @@ import pytest
 
 from fastbus import (
     FsyncPolicy,
+    MemoryStore,
     Retention,
     ScalableBus,
     SQLiteStore,
@@ -148,5 +149,62 @@ def test_bus_sqlite_full_disk_at_a_group_commit_holds_delivery_up_and_resumes(tm
         assert bus.flush(5)
         assert got == [b"a%d" % i for i in range(8)]
         wait_for(lambda: bus._topics["t"].wal.groups()["g"] == {0: 8}, "the commit")
+    finally:
+        bus.close()
+
+
+# -------------------------------------------------- leave and rejoin while commits fail
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_group_rejoining_after_a_failed_commit_gets_no_record_twice(batch):
+    """The group's only member leaves while its commit fails (full disk); a new member
+    joins after space returns. The records the old member handled were delivered again
+    (the new thread started at the failed commit): invariant 1 says once per group while
+    the process lives. After a restart the group resumes at its (now caught up) commit."""
+    store = MemoryStore()
+    real = store.write_offsets
+    full = threading.Event()
+
+    def write_offsets(group: str, data: bytes) -> None:
+        if full.is_set():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"offsets/{group}")
+        real(group, data)
+
+    store.write_offsets = write_offsets  # type: ignore[method-assign]
+    got: list[bytes] = []
+
+    def handler(m):
+        got.extend(x.payload for x in m) if batch else got.append(m.payload)
+
+    bus = ScalableBus(store=store)
+    try:
+        bus.configure_topic("t", durable())
+        sub = bus.subscribe("t", handler, group="g", batch=batch)
+        for i in range(3):
+            bus.publish("t", b"a%d" % i)
+        assert bus.flush(5)
+        full.set()
+        for i in range(3, 6):
+            bus.publish("t", b"a%d" % i)
+        wait_for(lambda: len(got) == 6 and bus.metrics().drops.get("wal_read_errors"),
+                 "the records handled and the failed commit counted")
+        sub.unsubscribe()
+        full.clear()
+        bus.subscribe("t", handler, group="g", batch=batch)
+        bus.publish("t", b"a6")
+        assert bus.flush(5)
+        assert got == [b"a%d" % i for i in range(7)]
+        wait_for(lambda: bus._topics["t"].wal.groups()["g"] == {0: 7}, "the commit")
+    finally:
+        bus.close()
+    again: list[bytes] = []
+    bus = ScalableBus(store=store)
+    try:
+        bus.configure_topic("t", durable())
+        bus.subscribe("t", lambda m: again.append(m.payload), group="g")
+        bus.publish("t", b"a7")
+        assert bus.flush(5)
+        assert again == [b"a7"]
     finally:
         bus.close()
