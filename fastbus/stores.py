@@ -386,8 +386,17 @@ class FileStore:
         pdir = self._pdir(partition)
         if _mkdir(pdir):
             _fsync_dir(self.path)
-        seg = _FileSegment(self.segment_location(partition, base), writable=True, create=True)
-        _fsync_dir(pdir)
+        path = self.segment_location(partition, base)
+        seg = _FileSegment(path, writable=True, create=True)
+        try:
+            _fsync_dir(pdir)
+        except BaseException:
+            # Not made durable, so not made: the queue tries the roll again, and an
+            # empty file left here would make every try fail (O_EXCL: "File exists").
+            seg.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
         return seg
 
     def open_segment(self, partition: int, base: int, *, writable: bool) -> _FileSegment:

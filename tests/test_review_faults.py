@@ -208,3 +208,56 @@ def test_group_rejoining_after_a_failed_commit_gets_no_record_twice(batch):
         assert again == [b"a7"]
     finally:
         bus.close()
+
+
+# ------------------------------------------------------------------ a roll that fails
+
+
+@pytest.mark.parametrize("policy", [FsyncPolicy.never(), FsyncPolicy.always()])
+def test_roll_whose_new_segment_cannot_be_made_durable_recovers(tmp_path, monkeypatch, policy):
+    """EIO from the directory fsync that makes a rolled-to segment's file durable: the
+    file stayed behind, and every later try at the roll failed with FileExistsError
+    (O_EXCL). Under always every append from then on was refused; under never the
+    acknowledged records it held were never written, and were lost at close. Now the
+    empty file is removed, the next try rolls, and every acknowledged record is there
+    after a reopen."""
+    from fastbus import stores
+
+    path = tmp_path / "wal"
+    q = WalMessageQueue(path, fsync=policy, compaction_interval=None, retention=KEEP,
+                        segment_bytes=4096)
+    real = stores._fsync_dir
+    fail = [False]
+
+    def fsync_dir(p):
+        if fail[0] and os.path.basename(p).startswith("p-"):
+            fail[0] = False
+            raise OSError(errno.EIO, os.strerror(errno.EIO), p)
+        real(p)
+
+    monkeypatch.setattr(stores, "_fsync_dir", fsync_dir)
+    acked: dict[int, bytes] = {}
+    errors = []
+    try:
+        for i in range(80):
+            if i == 45:
+                fail[0] = True  # the roll due around here
+            payload = b"x" * 100 + b"%d" % i
+            try:
+                acked[q.append(payload)[1]] = payload
+            except OSError as exc:
+                errors.append(exc)
+        q.flush()
+    finally:
+        q.close()
+    assert not fail[0], "no roll happened while the fault was armed"
+    assert len(errors) <= 1  # (always: the appends of the failed write)
+    assert len(acked) >= 79
+    q = WalMessageQueue(path, fsync=policy, compaction_interval=None, retention=KEEP,
+                        segment_bytes=4096)
+    try:
+        r = q.reader("check")
+        got = {rec.offset: rec.payload for rec in r.poll(max_records=200)}
+        assert got == acked
+    finally:
+        q.close()
