@@ -199,7 +199,8 @@ class _Topic:
     """A configured topic: its config, groups, counters and carrier (core or WAL)."""
 
     __slots__ = ("appends_done", "appends_started", "config", "core", "delivered", "draining",
-                 "errors", "groups", "leaving", "lock", "meter", "name", "published_batched",
+                 "errors", "groups", "handled", "leaving", "lock", "meter", "name",
+                 "published_batched",
                  "published_one", "rebalances", "retired_spills", "wal", "wal_stop")
 
     def __init__(self, name: str, config: TopicConfig) -> None:
@@ -228,6 +229,10 @@ class _Topic:
         # durable: the delivery thread of a named group whose last member left, until
         # a new member of that group starts after it (so it resumes at its commit)
         self.leaving: dict[str, threading.Thread] = {}
+        # durable: how far a named group's delivery thread had handled when its commit
+        # failed; if it is told to end before a retry goes through, the group's next
+        # thread starts there (and commits it), not at the commit
+        self.handled: dict[str, dict[int, int]] = {}
 
     @property
     def parts(self) -> tuple[PartitionSlot, ...]:
@@ -1123,7 +1128,10 @@ class ScalableBus(BusCore):
         A read or commit that fails with ``OSError`` (a full disk, EIO) is tried
         again, after 0.05 s doubling to 2 s; a damaged log (``WalCorruptionError``)
         stops the group until a member joins it or the bus restarts. Either is
-        logged and counted once in ``drops["wal_read_errors"]``.
+        logged and counted once in ``drops["wal_read_errors"]``. If the group's last
+        member leaves while a commit is failing, the thread ends with records handled
+        but not committed: the group's next thread starts after them (and commits
+        them), not at the commit, so they are not delivered again in this process.
         """
         me = threading.current_thread()
         if prev is not None:
@@ -1144,7 +1152,14 @@ class ScalableBus(BusCore):
                     if t.wal_stop.is_set() or g.thread is not me:
                         return
                 if reader is None:
-                    g.reader = reader = t.wal.reader(g.name)
+                    reader = t.wal.reader(g.name)
+                    with t.lock:
+                        handled = t.handled.pop(g.name, None)
+                    for p, offset in (handled or {}).items():
+                        if offset > reader.position[p]:  # handled, not committed
+                            reader.seek(offset, p)
+                            uncommitted = True
+                    g.reader = reader
                     g.done = reader.position
                 if uncommitted:
                     reader.commit()
@@ -1177,6 +1192,8 @@ class ScalableBus(BusCore):
                               "stopped (a member joining the group starts it again)",
                               exc_info=exc)
                 with t.lock:
+                    if uncommitted:  # (for the group's next thread, should this one end)
+                        t.handled[g.name] = reader.position  # type: ignore[index,union-attr]
                     if not pause:
                         self._drops["wal_read_errors"] = \
                             self._drops.get("wal_read_errors", 0) + 1

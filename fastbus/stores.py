@@ -228,24 +228,41 @@ def _make_dir(path: str, why: str) -> None:
 
 
 def _atomic_write(directory: str, name: str, data: bytes) -> None:
-    """write temp, fsync, rename over ``name``, fsync the directory."""
+    """write temp, fsync, rename over ``name``, fsync the directory.
+
+    A failure is an ``OSError`` naming ``name``'s path (a bare ``os.write`` error
+    names no file) and saying whether the old document is still the one in place."""
     final = os.path.join(directory, name)
     tmp = os.path.join(directory, f".{name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    replaced = False
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    except BaseException:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, final)
-    _fsync_dir(directory)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        replaced = True
+        _fsync_dir(directory)
+    except OSError as exc:
+        state = ("the new document is in place but may not survive a power loss"
+                 if replaced else "the previous document is unchanged")
+        raise OSError(exc.errno, f"{exc.strerror or exc}: replacing {final} failed "
+                      f"(write a temporary file, fsync, rename, fsync the directory); "
+                      f"{state}", final) from exc
 
 
 def _read_file(path: str) -> bytes | None:
@@ -369,8 +386,17 @@ class FileStore:
         pdir = self._pdir(partition)
         if _mkdir(pdir):
             _fsync_dir(self.path)
-        seg = _FileSegment(self.segment_location(partition, base), writable=True, create=True)
-        _fsync_dir(pdir)
+        path = self.segment_location(partition, base)
+        seg = _FileSegment(path, writable=True, create=True)
+        try:
+            _fsync_dir(pdir)
+        except BaseException:
+            # Not made durable, so not made: the queue tries the roll again, and an
+            # empty file left here would make every try fail (O_EXCL: "File exists").
+            seg.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
         return seg
 
     def open_segment(self, partition: int, base: int, *, writable: bool) -> _FileSegment:
@@ -413,6 +439,14 @@ class FileStore:
 
 
 # -------------------------------------------------------------------------- sqlite
+
+def _sqlite_os_error(exc: sqlite3.OperationalError, where: str) -> OSError:
+    """What sqlite3 raises for a failed write (a full disk: "database or disk is full";
+    "disk I/O error"), as the ``OSError`` the queue and ScalableBus expect of a store:
+    ENOSPC or EIO, naming ``where``."""
+    code = errno.ENOSPC if "full" in str(exc).lower() else errno.EIO
+    return OSError(code, f"sqlite: {exc}", where)
+
 
 _LEN = struct.Struct("<I")
 _OFFSET_AT = 10  # u32 length, u32 crc, u8 version, u8 attributes, then i64 offset
@@ -478,15 +512,19 @@ class _SQLiteSegment:
                         [(self._partition, self._base, off, base_pos + pos, blob)
                          for off, pos, blob in recs])
             except sqlite3.OperationalError as exc:
-                code = errno.ENOSPC if "full" in str(exc).lower() else errno.EIO
-                raise OSError(code, f"sqlite: {exc}", self.location) from exc
+                raise _sqlite_os_error(exc, self.location) from exc
         self._size = base_pos + len(data)
 
     def truncate(self, size: int) -> None:
         store = self._store
-        with store._mutex, store._db:
-            store._db.execute("DELETE FROM records WHERE part = ? AND seg = ? AND pos >= ?",
-                              (self._partition, self._base, size))
+        with store._mutex:
+            try:
+                with store._db:
+                    store._db.execute(
+                        "DELETE FROM records WHERE part = ? AND seg = ? AND pos >= ?",
+                        (self._partition, self._base, size))
+            except sqlite3.OperationalError as exc:
+                raise _sqlite_os_error(exc, self.location) from exc
         self._size = min(self._size, size)
 
     def sync(self) -> None:
@@ -612,7 +650,10 @@ class SQLiteStore:
         if self._full:
             return  # every commit was already durable (synchronous=FULL)
         with self._mutex:
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.OperationalError as exc:
+                raise _sqlite_os_error(exc, self.path) from exc
 
     def _check_writable(self) -> None:
         if self._readonly:
@@ -627,10 +668,14 @@ class SQLiteStore:
                     return []
                 raise
 
-    def _put(self, sql: str, args: tuple) -> None:
+    def _put(self, sql: str, args: tuple, where: str | None = None) -> None:
         self._check_writable()
-        with self._mutex, self._db:
-            self._db.execute(sql, args)
+        with self._mutex:
+            try:
+                with self._db:
+                    self._db.execute(sql, args)
+            except sqlite3.OperationalError as exc:
+                raise _sqlite_os_error(exc, where or self.path) from exc
 
     def read_meta(self) -> bytes | None:
         rows = self._get("SELECT v FROM meta WHERE k = 'meta'", ())
@@ -650,7 +695,8 @@ class SQLiteStore:
         return f"{self.path}#{partition_dir_name(partition)}/{segment_file_name(base)}"
 
     def create_segment(self, partition: int, base: int) -> _SQLiteSegment:
-        self._put("INSERT INTO segments (part, seg) VALUES (?, ?)", (partition, base))
+        self._put("INSERT INTO segments (part, seg) VALUES (?, ?)", (partition, base),
+                  self.segment_location(partition, base))
         return _SQLiteSegment(self, partition, base)
 
     def open_segment(self, partition: int, base: int, *, writable: bool) -> _SQLiteSegment:
@@ -661,9 +707,15 @@ class SQLiteStore:
 
     def delete_segment(self, partition: int, base: int) -> None:
         self._check_writable()
-        with self._mutex, self._db:
-            self._db.execute("DELETE FROM records WHERE part = ? AND seg = ?", (partition, base))
-            self._db.execute("DELETE FROM segments WHERE part = ? AND seg = ?", (partition, base))
+        with self._mutex:
+            try:
+                with self._db:
+                    self._db.execute("DELETE FROM records WHERE part = ? AND seg = ?",
+                                     (partition, base))
+                    self._db.execute("DELETE FROM segments WHERE part = ? AND seg = ?",
+                                     (partition, base))
+            except sqlite3.OperationalError as exc:
+                raise _sqlite_os_error(exc, self.segment_location(partition, base)) from exc
 
     def list_groups(self) -> list[str]:
         return [r[0] for r in self._get("SELECT grp FROM offsets ORDER BY grp", ())]
@@ -674,7 +726,7 @@ class SQLiteStore:
 
     def write_offsets(self, group: str, data: bytes) -> None:
         self._put("INSERT OR REPLACE INTO offsets (grp, v) VALUES (?, ?)",
-                  (check_subscriber_name(group), data))
+                  (check_subscriber_name(group), data), f"{self.path}#offsets/{group}")
 
     def delete_offsets(self, group: str) -> None:
         self._put("DELETE FROM offsets WHERE grp = ?", (check_subscriber_name(group),))

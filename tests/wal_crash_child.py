@@ -10,6 +10,10 @@ FileStore an append is in the page cache when it returns, so it survives kill -9
 whatever the policy.
 ``flush``: appends with FsyncPolicy.every(1000) and, every few appends, calls
 ``flush()`` and prints ``flushed <next offset>`` once it returned.
+``compact``: as ``never``, with small segments, ``Retention(max_bytes=...)`` and a
+compaction every 10 ms, while a reader ``billing`` polls and commits, printing
+``commit <offset>`` once a commit returned: kills land in retention's deletes and
+in offsets replaces.
 It prints ``ready`` first. Lines are written whole and flushed at once.
 """
 
@@ -27,10 +31,13 @@ def main() -> None:
     kind = sys.argv[5] if len(sys.argv) > 5 else "file"
     target = SQLiteStore(path + ".db") if kind == "sqlite" else path
     policy = {"always": FsyncPolicy.always(), "never": FsyncPolicy.never(),
-              "every": FsyncPolicy.every(100)}.get(mode, FsyncPolicy.every(1000))
-    q = WalMessageQueue(target, fsync=policy, compaction_interval=None,
-                        retention=Retention(max_age=None, max_bytes=None, until_acked=False),
-                        segment_bytes=16384, buffer_bytes=4096)
+              "every": FsyncPolicy.every(100),
+              "compact": FsyncPolicy.never()}.get(mode, FsyncPolicy.every(1000))
+    compact = mode == "compact"
+    q = WalMessageQueue(target, fsync=policy, compaction_interval=0.01 if compact else None,
+                        retention=Retention(max_age=None, max_bytes=8192 if compact else None,
+                                            until_acked=False),
+                        segment_bytes=4096 if compact else 16384, buffer_bytes=4096)
     out = sys.stdout
     lock = threading.Lock()
 
@@ -41,11 +48,21 @@ def main() -> None:
 
     say("ready")
 
+    def consume() -> None:
+        r = q.reader("billing")
+        while True:
+            if r.poll(max_records=50, timeout=0.01):
+                r.commit()
+                say(f"commit {r.committed[0]}")
+
+    if compact:
+        threading.Thread(target=consume, daemon=True).start()
+
     def work(t: int) -> None:
         i = 0
         while True:
             payload = f"{run}-{t}-{i}"
-            if mode in ("never", "every") and i % 7 == 6:
+            if mode in ("never", "every", "compact") and i % 7 == 6:
                 batch = [f"{payload}-{j}" for j in range(3)]
                 done = q.append_many([b.encode() for b in batch])
                 for (p, off), b in zip(done, batch, strict=True):
