@@ -1194,12 +1194,12 @@ class ScalableBus(BusCore):
                 continue
             m = owners[p % len(owners)]
             if m.batch:
+                delivered += len(msgs)  # (before the call: the handler may change msgs)
                 try:
                     m.call(msgs)
                 except BaseException as exc:  # on our thread: nobody else would see it
                     errors += 1
                     self._handler_error(exc, msgs, m.handler)
-                delivered += len(msgs)
                 continue
             for msg in msgs:
                 # A member that left (or lost the partition to a rebalance) gets no more
