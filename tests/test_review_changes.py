@@ -10,6 +10,39 @@ import subprocess
 import sys
 import textwrap
 
+from fastbus import (
+    FsyncPolicy,
+    MemoryStore,
+    Retention,
+    ScalableBus,
+    TopicConfig,
+    WalMessageQueue,
+)
+from fastbus.stores import _MemSegment
+from tests.waiting import wait_for
+
+KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
+
+
+def durable(**kw):
+    return TopicConfig(durable=True, fsync=FsyncPolicy.never(), retention=KEEP, **kw)
+
+
+def flaky_reads(monkeypatch, partition: int, times: int) -> list[int]:
+    """Make the next ``times`` reads of a MemoryStore segment of one partition fail
+    with EIO; returns the list of failures so far (one item per failure)."""
+    real_read = _MemSegment.read
+    failures: list[int] = []
+
+    def read(self, position, size):
+        if f"/p-{partition:04d}/" in self.location and len(failures) < times:
+            failures.append(1)
+            raise OSError(5, "Input/output error", self.location)
+        return real_read(self, position, size)
+
+    monkeypatch.setattr(_MemSegment, "read", read)
+    return failures
+
 
 # ------------------------------------------------------------ deliver_groups
 
@@ -41,3 +74,51 @@ def test_a_batch_handler_that_empties_its_list_does_not_take_it_from_other_group
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout, r.stderr)
+
+
+# ------------------------------------------------------------ WAL reader, I/O errors
+
+
+def test_a_read_error_in_one_partition_loses_no_record_of_another(monkeypatch):
+    """poll() reads partition after partition; one that failed with OSError after
+    another had returned records dropped those records: the cursor had moved past
+    them. Durable groups now retry an OSError with the same reader, so they would
+    skip and commit them. The records read before the error are returned; the
+    next poll meets the error again if it is still there."""
+    q = WalMessageQueue(MemoryStore(), partitions=2, fsync=FsyncPolicy.never(),
+                        retention=KEEP)
+    try:
+        for i in range(5):
+            q.append(f"a{i}".encode(), partition=0)
+            q.append(f"b{i}".encode(), partition=1)
+        r = q.reader("g")
+        failures = flaky_reads(monkeypatch, 1, 1)
+        got = []
+        for _ in range(6):
+            try:
+                got += [bytes(x.payload) for x in r.poll(max_records=100)]
+            except OSError:
+                pass
+        assert failures == [1]
+        assert sorted(got) == sorted([f"a{i}".encode() for i in range(5)]
+                                     + [f"b{i}".encode() for i in range(5)])
+    finally:
+        q.close()
+
+
+def test_a_durable_group_whose_read_fails_once_delivers_everything(monkeypatch):
+    """The same through a ScalableBus: a read error in one partition is retried and
+    every record of every partition reaches the group, and is committed."""
+    got: list[bytes] = []
+    with ScalableBus(store=MemoryStore()) as bus:
+        bus.configure_topic("t", durable(partitions=2))
+        for i in range(5):
+            bus.publish("t", b"a%d" % i, key=b"a")  # partition 0
+            bus.publish("t", b"b%d" % i, key=b"k0")  # partition 1
+        failures = flaky_reads(monkeypatch, 1, 1)
+        bus.subscribe("t", lambda m: got.append(bytes(m.payload)), group="g")
+        assert bus.flush(10)
+        assert failures == [1]
+        assert sorted(got) == sorted([b"a%d" % i for i in range(5)]
+                                     + [b"b%d" % i for i in range(5)])
+        assert bus._topics["t"].wal.groups()["g"] == {0: 5, 1: 5}
