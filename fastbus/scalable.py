@@ -1141,6 +1141,7 @@ class ScalableBus(BusCore):
                 if uncommitted:
                     reader.commit()
                     uncommitted = False
+                    g.done = reader.position  # (flush() waits for it: nothing may follow)
                 records = reader.poll(max_records=self._max_batch, timeout=0.05)
                 if pause:
                     pause = 0.0

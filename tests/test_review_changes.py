@@ -122,3 +122,32 @@ def test_a_durable_group_whose_read_fails_once_delivers_everything(monkeypatch):
         assert sorted(got) == sorted([b"a%d" % i for i in range(5)]
                                      + [b"b%d" % i for i in range(5)])
         assert bus._topics["t"].wal.groups()["g"] == {0: 5, 1: 5}
+
+
+# ------------------------------------------------------------ durable group retries
+
+
+def test_flush_returns_once_a_failed_commit_went_through():
+    """A commit that failed with OSError is tried again before the next poll; the
+    group's progress (what flush() waits for) was only noted after a poll that
+    returned records, so with nothing more published flush() waited forever."""
+    got: list[bytes] = []
+    with ScalableBus(store=MemoryStore()) as bus:
+        bus.configure_topic("t", durable(partitions=1))
+        bus.subscribe("t", lambda m: got.append(bytes(m.payload)), group="g")
+        g = bus._topics["t"].groups[0]
+        reader = g.reader
+        real_commit, failures = reader.commit, []
+
+        def commit():
+            if not failures:
+                failures.append(1)
+                raise OSError(28, "No space left on device")
+            return real_commit()
+
+        reader.commit = commit
+        bus.publish("t", b"a")
+        wait_for(lambda: failures, "the failed commit")
+        assert bus.flush(5)
+        assert got == [b"a"]
+        assert bus._topics["t"].wal.groups()["g"] == {0: 1}
