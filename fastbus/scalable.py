@@ -77,6 +77,15 @@ _handler_caller: contextvars.ContextVar[Sequence[threading.Thread | None]] = \
     contextvars.ContextVar("fastbus_handler_caller", default=(None,))
 
 
+def _on_event_loop() -> bool:
+    """Whether this thread is running an asyncio event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _log_error(exc: BaseException, message: Any, handler: Any) -> None:
     name = getattr(handler, "__qualname__", repr(handler))
     topic = getattr(message, "topic", "?")
@@ -788,9 +797,12 @@ class ScalableBus(BusCore):
                     # this group that joins from now on finds the thread in t.leaving.
                     thread = self._stop_durable_group(t, g)
         # Not from the group's own delivery thread (a handler leaving), nor from a
-        # coroutine handler that thread is waiting for: it would wait for itself.
+        # coroutine handler that thread is waiting for: it would wait for itself. Nor
+        # from any code on an event loop: the thread may be waiting for a coroutine
+        # handler on that loop, which the join would freeze (for the 10 s). The
+        # thread stays in t.leaving; it starts no handler call after this (owners).
         if thread is not None and thread is not threading.current_thread() \
-                and thread is not _handler_caller.get()[0]:
+                and thread is not _handler_caller.get()[0] and not _on_event_loop():
             thread.join(timeout=10)
 
     def _make_call(self, handler: Any) -> Any:

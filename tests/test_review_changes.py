@@ -6,9 +6,11 @@ Each test here failed before the fix committed with it.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
+import time
 
 from fastbus import (
     FsyncPolicy,
@@ -151,3 +153,42 @@ def test_flush_returns_once_a_failed_commit_went_through():
         assert bus.flush(5)
         assert got == [b"a"]
         assert bus._topics["t"].wal.groups()["g"] == {0: 1}
+
+
+# ------------------------------------------------------------ coroutine handlers
+
+
+def test_unsubscribing_a_durable_coroutine_group_from_its_loop_does_not_stall_it():
+    """unsubscribe() joined the group's delivery thread; called from the event loop
+    (not from the handler) while the thread waits for a coroutine handler on that
+    loop, the two waited for each other until the 10 s join timeout, the loop
+    frozen. A later publish still reaches nobody of the group."""
+    got: list[bytes] = []
+    took: list[float] = []
+    with ScalableBus(store=MemoryStore()) as bus:
+        bus.configure_topic("t", durable(partitions=1))
+
+        async def main():
+            started = asyncio.Event()
+
+            async def handler(m):
+                got.append(bytes(m.payload))
+                started.set()
+                await asyncio.sleep(0.01)
+
+            sub = bus.subscribe("t", handler, group="g")
+            for _ in range(20):
+                bus.publish("t", b"x")
+            await asyncio.wait_for(started.wait(), 10)
+            t0 = time.monotonic()
+            sub.unsubscribe()
+            took.append(time.monotonic() - t0)
+            seen = len(got)
+            bus.publish("t", b"later")
+            assert await bus.flush_async(10)
+            await asyncio.sleep(0.05)  # the loop runs what was under way, if anything
+            assert len(got) <= seen + 1  # at most the call under way, nothing later
+            assert b"later" not in got
+
+        asyncio.run(main())
+    assert took and took[0] < 2.0, took
