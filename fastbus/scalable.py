@@ -1126,8 +1126,9 @@ class ScalableBus(BusCore):
 
         A read or commit that fails with ``OSError`` (a full disk, EIO) is tried
         again, after 0.05 s doubling to 2 s; a damaged log (``WalCorruptionError``)
-        stops the group until a member joins it or the bus restarts. Either is
-        logged and counted once in ``drops["wal_read_errors"]``.
+        stops the group until a member joins it or the bus restarts. A spell of
+        retries, and a stop, are each logged and counted once in
+        ``drops["wal_read_errors"]``.
         """
         me = threading.current_thread()
         if prev is not None:
@@ -1175,13 +1176,14 @@ class ScalableBus(BusCore):
                 return
             except Exception as exc:  # WalCorruptionError, an I/O error: say so
                 retry = isinstance(exc, OSError)
-                if not pause:
+                report = not pause or not retry  # (a stop after a spell is news too)
+                if report:
                     log.error("fastbus: delivery of durable topic %r to group %r %s",
                               t.name, g.name, "held up (trying again)" if retry else
                               "stopped (a member joining the group starts it again)",
                               exc_info=exc)
                 with t.lock:
-                    if not pause:
+                    if report:
                         self._drops["wal_read_errors"] = \
                             self._drops.get("wal_read_errors", 0) + 1
                     if not retry:

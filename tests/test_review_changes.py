@@ -18,6 +18,7 @@ from fastbus import (
     Retention,
     ScalableBus,
     TopicConfig,
+    WalCorruptionError,
     WalMessageQueue,
 )
 from fastbus.stores import _MemSegment
@@ -192,3 +193,25 @@ def test_unsubscribing_a_durable_coroutine_group_from_its_loop_does_not_stall_it
 
         asyncio.run(main())
     assert took and took[0] < 2.0, took
+
+
+def test_a_group_stopping_after_a_spell_of_io_errors_says_so(caplog):
+    """After an OSError (held up, trying again), a damaged log stops the group: the
+    stop was neither logged nor counted, as the spell had been already; the log's
+    last word was 'trying again'."""
+    with ScalableBus(store=MemoryStore()) as bus:
+        bus.configure_topic("t", durable(partitions=1))
+        bus.subscribe("t", lambda m: None, group="g")
+        g = bus._topics["t"].groups[0]
+        calls: list[int] = []
+
+        def poll(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise OSError(5, "Input/output error")
+            raise WalCorruptionError("bad CRC", path="x", position=0)
+
+        g.reader.poll = poll
+        wait_for(lambda: g.stopped, "the stop")
+        assert bus.metrics().drops["wal_read_errors"] == 2
+        assert any("stopped" in r.getMessage() for r in caplog.records)
