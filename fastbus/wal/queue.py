@@ -1588,7 +1588,9 @@ class WalReader:
 
         Blocks on a condition that appends notify, never spinning. Raises
         ``WalCorruptionError`` if a record read back fails its CRC (nothing
-        corrupt is returned) and ``BusClosed`` once the queue is closed.
+        corrupt is returned) and ``BusClosed`` once the queue is closed. Records
+        read before an error (a damaged record, an ``OSError``) are returned
+        first, and the next poll meets the error: none is skipped.
         """
         _check_int("max_records", max_records, "an int >= 1", 1)
         if timeout is not None:
