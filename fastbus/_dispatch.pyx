@@ -168,7 +168,8 @@ def deliver_groups(tuple groups, list batch, Py_ssize_t partition, on_error):
     """deliver_groups(groups, batch, partition, on_error) -> int
 
     Hands ``batch`` (one partition's messages, in order) to each group's owner of
-    ``partition``: ``member.call(batch)`` for a batch member, else
+    ``partition``: ``member.call(copy)`` for a batch member (a new list, which the
+    handler may change freely), else
     ``member.call(message)`` for each message. Any exception from a handler (a
     BaseException such as SystemExit too: this runs on a dispatch thread, where
     nobody else would see it, and the rest of the batch must still be delivered)
@@ -194,7 +195,10 @@ def deliver_groups(tuple groups, list batch, Py_ssize_t partition, on_error):
             member = <object>PyTuple_GET_ITEM(owners, partition)
             call = member.call
             if member.batch:
-                msg = batch if i == 0 else batch[i:]
+                # A list of its own: a batch handler may change the list it gets
+                # (clear it, pop from it), and the other groups read ``batch``
+                # after it (up to ``n``, item pointers taken without a check).
+                msg = batch[i:]
                 try:
                     call(msg)
                 except BaseException as exc:

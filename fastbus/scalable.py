@@ -77,6 +77,15 @@ _handler_caller: contextvars.ContextVar[Sequence[threading.Thread | None]] = \
     contextvars.ContextVar("fastbus_handler_caller", default=(None,))
 
 
+def _on_event_loop() -> bool:
+    """Whether this thread is running an asyncio event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _log_error(exc: BaseException, message: Any, handler: Any) -> None:
     name = getattr(handler, "__qualname__", repr(handler))
     topic = getattr(message, "topic", "?")
@@ -801,9 +810,12 @@ class ScalableBus(BusCore):
                     # this group that joins from now on finds the thread in t.leaving.
                     thread = self._stop_durable_group(t, g)
         # Not from the group's own delivery thread (a handler leaving), nor from a
-        # coroutine handler that thread is waiting for: it would wait for itself.
+        # coroutine handler that thread is waiting for: it would wait for itself. Nor
+        # from any code on an event loop: the thread may be waiting for a coroutine
+        # handler on that loop, which the join would freeze (for the 10 s). The
+        # thread stays in t.leaving; it starts no handler call after this (owners).
         if thread is not None and thread is not threading.current_thread() \
-                and thread is not _handler_caller.get()[0]:
+                and thread is not _handler_caller.get()[0] and not _on_event_loop():
             thread.join(timeout=10)
 
     def _make_call(self, handler: Any) -> Any:
@@ -1127,11 +1139,12 @@ class ScalableBus(BusCore):
 
         A read or commit that fails with ``OSError`` (a full disk, EIO) is tried
         again, after 0.05 s doubling to 2 s; a damaged log (``WalCorruptionError``)
-        stops the group until a member joins it or the bus restarts. Either is
-        logged and counted once in ``drops["wal_read_errors"]``. If the group's last
-        member leaves while a commit is failing, the thread ends with records handled
-        but not committed: the group's next thread starts after them (and commits
-        them), not at the commit, so they are not delivered again in this process.
+        stops the group until a member joins it or the bus restarts. A spell of
+        retries, and a stop, are each logged and counted once in
+        ``drops["wal_read_errors"]``. If the group's last member leaves while a
+        commit is failing, the thread ends with records handled but not committed:
+        the group's next thread starts after them (and commits them), not at the
+        commit, so they are not delivered again in this process.
         """
         me = threading.current_thread()
         if prev is not None:
@@ -1164,7 +1177,7 @@ class ScalableBus(BusCore):
                 if uncommitted:
                     reader.commit()
                     uncommitted = False
-                    g.done = reader.position
+                    g.done = reader.position  # (flush() waits for it: nothing may follow)
                 records = reader.poll(max_records=self._max_batch, timeout=0.05)
                 if pause:
                     pause = 0.0
@@ -1186,7 +1199,8 @@ class ScalableBus(BusCore):
                 return
             except Exception as exc:  # WalCorruptionError, an I/O error: say so
                 retry = isinstance(exc, OSError)
-                if not pause:
+                report = not pause or not retry  # (a stop after a spell is news too)
+                if report:
                     log.error("fastbus: delivery of durable topic %r to group %r %s",
                               t.name, g.name, "held up (trying again)" if retry else
                               "stopped (a member joining the group starts it again)",
@@ -1194,7 +1208,7 @@ class ScalableBus(BusCore):
                 with t.lock:
                     if uncommitted:  # (for the group's next thread, should this one end)
                         t.handled[g.name] = reader.position  # type: ignore[index,union-attr]
-                    if not pause:
+                    if report:
                         self._drops["wal_read_errors"] = \
                             self._drops.get("wal_read_errors", 0) + 1
                     if not retry:
@@ -1220,12 +1234,12 @@ class ScalableBus(BusCore):
                 continue
             m = owners[p % len(owners)]
             if m.batch:
+                delivered += len(msgs)  # (before the call: the handler may change msgs)
                 try:
                     m.call(msgs)
                 except BaseException as exc:  # on our thread: nobody else would see it
                     errors += 1
                     self._handler_error(exc, msgs, m.handler)
-                delivered += len(msgs)
                 continue
             for msg in msgs:
                 # A member that left (or lost the partition to a rebalance) gets no more

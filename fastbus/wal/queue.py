@@ -1588,7 +1588,9 @@ class WalReader:
 
         Blocks on a condition that appends notify, never spinning. Raises
         ``WalCorruptionError`` if a record read back fails its CRC (nothing
-        corrupt is returned) and ``BusClosed`` once the queue is closed.
+        corrupt is returned) and ``BusClosed`` once the queue is closed. Records
+        read before an error (a damaged record, an ``OSError``) are returned
+        first, and the next poll meets the error: none is skipped.
         """
         _check_int("max_records", max_records, "an int >= 1", 1)
         if timeout is not None:
@@ -1642,7 +1644,16 @@ class WalReader:
             want = max_records - len(out)
             if want <= 0:
                 break
-            out.extend(self._read_partition(p, want))
+            try:
+                got = self._read_partition(p, want)
+            except Exception:
+                if not out:
+                    raise
+                # The records read from the partitions before are returned (their
+                # cursors have moved past them: raising would lose them); the next
+                # poll meets the error again if it is still there.
+                break
+            out.extend(got)
         return out
 
     def _read_partition(self, p: int, want: int) -> list[Record]:
@@ -1665,27 +1676,37 @@ class WalReader:
         with q._delete_lock:
             if q._closed:  # close() may have closed the handles while this thread waited
                 raise BusClosed(f"WalMessageQueue {q._store.location} is closed")
-            while len(out) < want and cur.offset < visible:
-                seg = cur.seg
-                # (base < log_start: retention detached it after this reader last read
-                # it and has not marked it deleted yet; it is not in ``segs``)
-                if seg is None or seg.deleted or seg.base < log_start:
-                    i = bisect.bisect_right([s.base for s in segs], cur.offset) - 1
-                    seg = segs[max(i, 0)]
-                    cur.seg = seg
-                    cur.pos = -1
-                if seg.deleted:
-                    return out  # retention ran meanwhile; the next poll moves forward
-                limit = visible_size if seg is segs[-1] else seg.size
-                if cur.pos < 0:
-                    self._locate(seg, cur)
-                if cur.pos >= limit:
-                    if seg is segs[-1] or cur.offset < seg.next_offset:
-                        break
-                    cur.seg = None  # the next segment: found by offset above
-                    continue
-                out.extend(self._read_records(p, seg, cur, limit, want - len(out)))
+            try:
+                self._read_into(out, p, cur, segs, log_start, visible, visible_size, want)
+            except Exception:
+                if not out:
+                    raise
+                # (as in _gather: the cursor has moved past what ``out`` holds)
         return out
+
+    def _read_into(self, out: list[Record], p: int, cur: _Cursor, segs: list[SegmentState],
+                   log_start: int, visible: int, visible_size: int, want: int) -> None:
+        """``q._delete_lock`` held: read partition ``p`` from ``cur`` into ``out``."""
+        while len(out) < want and cur.offset < visible:
+            seg = cur.seg
+            # (base < log_start: retention detached it after this reader last read
+            # it and has not marked it deleted yet; it is not in ``segs``)
+            if seg is None or seg.deleted or seg.base < log_start:
+                i = bisect.bisect_right([s.base for s in segs], cur.offset) - 1
+                seg = segs[max(i, 0)]
+                cur.seg = seg
+                cur.pos = -1
+            if seg.deleted:
+                return  # retention ran meanwhile; the next poll moves forward
+            limit = visible_size if seg is segs[-1] else seg.size
+            if cur.pos < 0:
+                self._locate(seg, cur)
+            if cur.pos >= limit:
+                if seg is segs[-1] or cur.offset < seg.next_offset:
+                    break
+                cur.seg = None  # the next segment: found by offset above
+                continue
+            out.extend(self._read_records(p, seg, cur, limit, want - len(out)))
 
     def _locate(self, seg: SegmentState, cur: _Cursor) -> None:
         """Find the byte position of ``cur.offset`` in ``seg`` via the sparse index."""
@@ -1729,18 +1750,19 @@ class WalReader:
             # Deliver the good records before the damage; the next poll raises.
             pass
         records = res.records
-        cur.pos += res.end
-        cur.offset += res.count
         ser = self._q._serializer
         if ser is None:
             for r in records:
                 r.partition = p
-            return records
-        out = []
-        for r in records:
-            d = _DecodedRecord(r.offset, r.timestamp_ns, r.key, r.headers, r.payload, p)
-            d._value = ser.loads(r.payload)
-            out.append(d)
+            out = records
+        else:
+            out = []
+            for r in records:
+                d = _DecodedRecord(r.offset, r.timestamp_ns, r.key, r.headers, r.payload, p)
+                d._value = ser.loads(r.payload)  # (may raise: the cursor has not moved yet)
+                out.append(d)
+        cur.pos += res.end
+        cur.offset += res.count
         return out
 
     def _bad(self, seg: SegmentState, pos: int, reason: str) -> None:
