@@ -368,6 +368,9 @@ class ScalableBus(BusCore):
         self._turns_done = itertools.count()
         self._drops: dict[str, int] = {}
         self._totals = RateMeter()
+        # every durable delivery thread this bus made (a handler may still be running
+        # on one that a group no longer names: its last member left, another joined)
+        self._wal_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         self._workers = [
             threading.Thread(target=self._worker, name=f"fastbus-dispatch-{i}", daemon=True)
             for i in range(workers)
@@ -1105,6 +1108,7 @@ class ScalableBus(BusCore):
         g.thread = threading.Thread(target=self._durable_loop, args=(t, g, prev),
                                     name=f"fastbus-wal-{t.name}-{g.name or 'anonymous'}",
                                     daemon=True)
+        self._wal_threads.add(g.thread)
         return g.thread
 
     def _stop_durable_group(self, t: _Topic, g: _Group) -> threading.Thread | None:
@@ -1346,10 +1350,7 @@ class ScalableBus(BusCore):
         """True on one of this bus's dispatch workers or durable delivery threads, or
         in a coroutine handler one of them is waiting for (on its event loop)."""
         me = _handler_caller.get()[0] or threading.current_thread()
-        # (t.leaving is looked at for every topic, also one whose last group just left)
-        return me in self._workers or any(
-            me in t.leaving.values() or any(me is g.thread for g in t.groups)
-            for t in self._topics.values())
+        return me in self._workers or me in self._wal_threads
 
     def _finish_close(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -383,6 +383,38 @@ def test_a_member_joining_a_stopped_group_starts_its_delivery_again(tmp_path):
         assert bus._topics["t"].wal.groups()["g"][0] == 2
 
 
+def test_flush_from_a_handler_whose_group_moved_to_a_new_thread_raises(tmp_path):
+    """The handler's member was the group's last and left; a new member joined, so
+    the group's delivery moved to a new thread, which waits for this one. flush()
+    from the handler would wait for itself: it raises, as from any handler."""
+    joined, done = threading.Event(), threading.Event()
+    outcome = []
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", durable(partitions=1))
+
+        def handler(m):
+            if outcome:
+                return
+            sub.unsubscribe()  # the last member: the group's thread is retired
+            assert joined.wait(10)
+            try:
+                outcome.append(bus.flush(2))
+            except RuntimeError as exc:
+                outcome.append(exc)
+            done.set()
+
+        sub = bus.subscribe("t", handler, group="g")
+        bus.publish("t", b"a")
+        wait_for(lambda: not bus._topics["t"].groups, "the member to leave")
+        got, h = collect()
+        bus.subscribe("t", h, group="g")
+        joined.set()
+        assert done.wait(10)
+        assert isinstance(outcome[0], RuntimeError), outcome
+        assert bus.flush(10)
+        assert got == []  # handled (and committed) by the member that left
+
+
 # -- restart ---------------------------------------------------------------------------
 
 
