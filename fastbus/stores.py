@@ -541,15 +541,14 @@ _SQLITE_APP_ID = 0x66625741  # PRAGMA application_id of a fastbus WAL database (
 _SQLITE_TABLES = {"meta", "segments", "records", "offsets"}
 
 
-def _check_sqlite_is_ours(db: sqlite3.Connection, path: str) -> bool:
-    """Raise FastbusError unless ``db`` is a fastbus WAL database or empty; whether
-    it is empty. (A database from before the application id was set is known by
-    its tables.)"""
+def _check_sqlite_is_ours(db: sqlite3.Connection, path: str) -> None:
+    """Raise FastbusError unless ``db`` is a fastbus WAL database or empty. (A
+    database from before the application id was set is known by its tables.)"""
     app_id = db.execute("PRAGMA application_id").fetchone()[0]
     tables = {r[0] for r in db.execute(
         "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")}
     if app_id == _SQLITE_APP_ID or (app_id == 0 and (not tables or tables == _SQLITE_TABLES)):
-        return not tables
+        return
     what = f"application_id {app_id:#x}" if app_id else \
         f"tables {', '.join(sorted(tables))}"
     raise FastbusError(f"{path} is an SQLite database of something else ({what}), not a "
@@ -613,8 +612,8 @@ class SQLiteStore:
             self._db = sqlite3.connect(self.path, check_same_thread=False)
             db = self._db
             # Before anything is changed: WAL journaling converts the file.
-            if _check_sqlite_is_ours(db, self.path):
-                db.execute(f"PRAGMA application_id={_SQLITE_APP_ID}")
+            _check_sqlite_is_ours(db, self.path)
+            db.execute(f"PRAGMA application_id={_SQLITE_APP_ID}")  # (new, or from before it)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
             with db:

@@ -261,6 +261,8 @@ def test_sqlite_marks_its_database_and_opens_an_unmarked_one_of_its_own(tmp_path
         assert s.open_segment(0, 0, writable=False).read(0, 10**6) == records(0, 2)
     finally:
         s.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:  # marked now
+        assert db.execute("PRAGMA application_id").fetchone()[0] == 0x66625741
 
 
 def test_sqlite_a_failed_first_open_leaves_no_database_behind(tmp_path, monkeypatch):
