@@ -77,6 +77,68 @@ _handler_caller: contextvars.ContextVar[Sequence[threading.Thread | None]] = \
     contextvars.ContextVar("fastbus_handler_caller", default=(None,))
 
 
+_NOT_STARTED = object()
+_LOOP_POLL = 0.05  # seconds between looks at the loop of a coroutine handler under way
+
+
+def _call_on_loop(loop: asyncio.AbstractEventLoop, handler: Any, arg: Any) -> Any:
+    """Run ``handler(arg)`` on ``loop`` (running in another thread) and wait for it.
+
+    Returns its result (or raises its exception). If the loop stops or closes
+    before the handler started, returns ``_NOT_STARTED`` (the caller runs it
+    elsewhere, and the loop, should it run again, skips it); if it stops while the
+    handler is under way, cancels it and raises ``RuntimeError``: a dispatch thread
+    must never wait for a loop that does not run.
+    """
+    caller = threading.current_thread()
+    claim = threading.Lock()  # taken by whoever decides where the handler runs
+    finished = threading.Event()
+    outcome: list[tuple[bool, Any]] = []
+
+    async def run() -> None:
+        if not claim.acquire(blocking=False):
+            return  # the caller gave up on this loop and ran the handler itself
+        cell: list[threading.Thread | None] = [caller]
+        _handler_caller.set(cell)  # (the task's own context)
+        try:
+            outcome.append((True, await handler(arg)))
+        except BaseException as exc:
+            outcome.append((False, exc))
+            if not isinstance(exc, Exception | asyncio.CancelledError):
+                raise  # KeyboardInterrupt, SystemExit: the loop's to handle as well
+        finally:
+            cell[0] = None
+            # Set here, not by the task's done callbacks: those wait for the loop's
+            # next turn, which a loop stopping now never takes.
+            finished.set()
+
+    coro = run()
+    try:
+        fut = asyncio.run_coroutine_threadsafe(coro, loop)
+    except RuntimeError:  # closed since the caller looked
+        coro.close()
+        return _NOT_STARTED
+    while not finished.wait(_LOOP_POLL):
+        if loop.is_running():
+            continue
+        if claim.acquire(blocking=False):
+            # Never started: the loop dropped it (closed) or keeps it (stopped).
+            if loop.is_closed():
+                coro.close()
+            else:
+                fut.cancel()
+            return _NOT_STARTED
+        if finished.is_set():
+            break
+        if not loop.is_closed():
+            fut.cancel()  # cancels the task, should the loop run again
+        raise RuntimeError(f"the event loop of coroutine handler {handler!r} stopped "
+                           f"before the handler finished; it was not waited for")
+    ok, value = outcome[0]
+    if ok:
+        return value
+    raise value
+
 def _log_error(exc: BaseException, message: Any, handler: Any) -> None:
     name = getattr(handler, "__qualname__", repr(handler))
     topic = getattr(message, "topic", "?")
@@ -709,9 +771,11 @@ class ScalableBus(BusCore):
         inner bus (``group``/``batch`` are then refused with ``ValueError``).
 
         A coroutine function handler runs on the event loop that was running when
-        it subscribed (or, with none, in a fresh loop per call); the dispatch
-        thread waits for it to finish, so a partition's order holds and a durable
-        group commits only after it. From that loop, wait with ``await
+        it subscribed (or, with none, or once that loop no longer runs, in a fresh
+        loop per call); the dispatch thread waits for it to finish, so a
+        partition's order holds and a durable group commits only after it. A loop
+        that stops while the handler is under way makes that call fail
+        (``RuntimeError`` to ``on_error``; the handler is cancelled). From that loop, wait with ``await
         bus.flush_async()`` / ``async with bus``, not the blocking ``flush()``.
         """
         check_topic(topic)
@@ -801,20 +865,14 @@ class ScalableBus(BusCore):
         except RuntimeError:
             loop = None
 
-        async def run(arg: Any, caller: threading.Thread) -> Any:
-            cell: list[threading.Thread | None] = [caller]
-            _handler_caller.set(cell)  # (the task's own context)
-            try:
-                return await handler(arg)
-            finally:
-                cell[0] = None
-
         def call(arg: Any) -> Any:
             # Dispatch threads never run an event loop: wait for the coroutine on
-            # its own loop, so a partition's order and the durable commit hold.
-            if loop is not None and not loop.is_closed():
-                return asyncio.run_coroutine_threadsafe(
-                    run(arg, threading.current_thread()), loop).result()
+            # its own loop, so a partition's order and the durable commit hold. A
+            # loop that no longer runs (stopped or closed) would never run it.
+            if loop is not None and loop.is_running():
+                result = _call_on_loop(loop, handler, arg)
+                if result is not _NOT_STARTED:
+                    return result
             return asyncio.run(handler(arg))
 
         return call

@@ -1,0 +1,139 @@
+"""fastbus from asyncio: coroutine handlers whose loop stops or closes, cancelled
+flush_async / publish_async, and InProcessBus coroutine handlers that are cancelled.
+
+Every test is bounded: a hang shows up as a failed wait, never as a stuck run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from fastbus import ScalableBus, TopicConfig
+from tests.waiting import wait_for
+
+
+def _errors_bus(**kw) -> tuple[ScalableBus, list[BaseException]]:
+    errors: list[BaseException] = []
+    bus = ScalableBus(on_error=lambda exc, m, h: errors.append(exc), **kw)
+    return bus, errors
+
+
+# -- a coroutine handler whose event loop stopped or closed ------------------------
+
+
+def test_coroutine_handler_whose_loop_stopped_does_not_hang_the_dispatcher():
+    """Subscribed inside ``loop.run_until_complete``: once that returns, the loop is
+    stopped (not closed). The dispatch thread used to wait forever for a coroutine
+    nobody would run: the partition, flush() and close() all hung."""
+    bus = ScalableBus(workers=1)
+    loop = asyncio.new_event_loop()
+    try:
+        bus.configure_topic("t", TopicConfig(partitions=1))
+        got: list = []
+
+        async def handler(m):
+            await asyncio.sleep(0)
+            got.append(m.payload)
+
+        async def subscribe():
+            bus.subscribe("t", handler)
+
+        loop.run_until_complete(subscribe())
+        bus.publish("t", 1)
+        assert bus.flush(3), "the dispatch worker hangs on the stopped loop"
+        loop.close()
+        bus.publish("t", 2)
+        assert bus.flush(3), "the dispatch worker hangs on the closed loop"
+        # Like a loop that closed: the handler runs in a fresh loop, once per message.
+        assert got == [1, 2]
+    finally:
+        if not loop.is_closed():
+            loop.close()
+        bus.close(timeout=2)
+
+
+def test_repeated_asyncio_run_with_loop_bound_coroutine_handlers_never_hangs():
+    """``asyncio.run`` called again and again, each run subscribing a coroutine
+    handler while another thread publishes: a call handed to a loop that then
+    closed was dropped by ``loop.close()`` and its dispatch thread waited forever."""
+    bus, errors = _errors_bus(workers=2)
+    stop = threading.Event()
+    published = [0]
+
+    def producer():
+        while not stop.is_set():
+            bus.publish("t", published[0])
+            published[0] += 1
+            time.sleep(0.0001)
+
+    calls = [0]
+
+    async def handler(m):
+        calls[0] += 1
+
+    th = threading.Thread(target=producer)
+    try:
+        bus.configure_topic("t", TopicConfig(partitions=2))
+        th.start()
+
+        async def main():
+            bus.subscribe("t", handler)  # bound to this run's loop, never unsubscribed
+            await asyncio.sleep(0.002)
+
+        for _ in range(60):
+            asyncio.run(main())
+        stop.set()
+        th.join()
+        assert bus.flush(5), "a dispatch worker hangs on a closed loop"
+    finally:
+        stop.set()
+        bus.close(timeout=2)
+    # Each subscription got every message published after it (or an error counted).
+    assert not [e for e in errors if not isinstance(e, asyncio.CancelledError)]
+
+
+def test_loop_stopping_under_a_running_coroutine_handler_is_an_error_not_a_hang():
+    """The loop stops while the handler is under way: the dispatch thread reports it
+    (on_error, counted) and goes on; the next message still arrives."""
+    bus, errors = _errors_bus(workers=1)
+    loop = asyncio.new_event_loop()
+    entered = threading.Event()
+    got: list = []
+
+    async def handler(m):
+        if m.payload == "slow":
+            entered.set()
+            await asyncio.sleep(30)
+        got.append(m.payload)
+
+    th = threading.Thread(target=loop.run_forever)
+    try:
+        bus.configure_topic("t", TopicConfig(partitions=1))
+
+        async def subscribe():
+            bus.subscribe("t", handler)
+
+        asyncio.run_coroutine_threadsafe(subscribe(), loop)
+        th.start()
+        wait_for(lambda: bus.metrics().per_topic["t"].subscribers == 1, "the subscription")
+        bus.publish("t", "slow")
+        assert entered.wait(5)
+        loop.call_soon_threadsafe(loop.stop)
+        th.join(5)
+        bus.publish("t", "next")
+        assert bus.flush(3), "the dispatch worker hangs on the stopped loop"
+        assert got == ["next"]
+        assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+        assert "stopped" in str(errors[0])
+        assert bus.metrics().handler_errors == 1
+    finally:
+        bus.close(timeout=2)
+        loop.run_until_complete(asyncio.sleep(0))  # let the cancellation land
+        loop.close()
+
+# -- publish_async cancelled -------------------------------------------------------
+
+
+# -- InProcessBus coroutine handlers that are cancelled ------------------------------
