@@ -1310,8 +1310,29 @@ class ScalableBus(BusCore):
             delay = min(delay * 2, 0.01)
 
     async def flush_async(self, timeout: float | None = None) -> bool:
-        """``flush`` for asyncio code: waits in a thread, the loop keeps running."""
-        return await asyncio.to_thread(self.flush, timeout)
+        """``flush`` for asyncio code: the loop keeps running while it waits.
+
+        It polls on the loop (only forcing durable topics to disk runs in a
+        thread), so a cancelled ``flush_async`` (``asyncio.wait_for``) leaves
+        nothing behind: no thread goes on waiting for the bus to be idle.
+        """
+        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
+        if self._in_handler_thread():
+            raise RuntimeError(
+                "flush_async() was called from a handler of this bus; it would wait for "
+                "that handler itself to return (forever without a timeout). Flush from "
+                "the publishing code instead")
+        wals = [t.wal for t in list(self._topics.values()) if t.wal is not None]
+        if wals:
+            await asyncio.to_thread(lambda: [wal.flush() for wal in wals])
+        delay = 0.0002
+        while not self._idle():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(delay if deadline is None
+                                else min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.01)
+        return True
 
     def _idle(self) -> bool:
         if self._bp.depth or _count_value(self._turns_started) != _count_value(self._turns_done):

@@ -10,6 +10,8 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from fastbus import ScalableBus, TopicConfig
 from tests.waiting import wait_for
 
@@ -133,7 +135,85 @@ def test_loop_stopping_under_a_running_coroutine_handler_is_an_error_not_a_hang(
         loop.run_until_complete(asyncio.sleep(0))  # let the cancellation land
         loop.close()
 
-# -- publish_async cancelled -------------------------------------------------------
 
+# -- flush_async -------------------------------------------------------------------
+
+
+def test_cancelled_flush_async_leaves_no_thread_behind():
+    """``wait_for(bus.flush_async(), t)`` timing out used to leave a thread flushing
+    until the bus was idle, and ``asyncio.run`` waited for it at exit."""
+    bus = ScalableBus()
+    release = threading.Event()
+    try:
+        bus.configure_topic("q", TopicConfig(partitions=1))
+        bus.subscribe("q", lambda m: release.wait(10))
+
+        async def main():
+            await bus.publish_async("q", 1)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(bus.flush_async(), 0.05)
+
+        done = threading.Event()
+        th = threading.Thread(target=lambda: (asyncio.run(main()), done.set()))
+        th.start()
+        assert done.wait(3), "asyncio.run waits at exit for the cancelled flush_async"
+        th.join()
+    finally:
+        release.set()
+        assert bus.flush(5)
+        bus.close()
+
+
+def test_flush_async_waits_on_the_loop_and_honours_its_timeout():
+    bus = ScalableBus()
+    release = threading.Event()
+    try:
+        bus.configure_topic("q", TopicConfig(partitions=1))
+        bus.subscribe("q", lambda m: release.wait(10))
+
+        async def main():
+            ticks = 0
+            stop = False
+
+            async def ticker():
+                nonlocal ticks
+                while not stop:
+                    ticks += 1
+                    await asyncio.sleep(0.005)
+
+            tick = asyncio.create_task(ticker())
+            await bus.publish_async("q", 1)
+            t0 = time.monotonic()
+            assert await bus.flush_async(timeout=0.1) is False
+            assert 0.1 <= time.monotonic() - t0 < 2
+            release.set()
+            assert await bus.flush_async(timeout=5) is True
+            stop = True
+            await tick
+            return ticks
+
+        assert asyncio.run(main()) >= 5
+    finally:
+        release.set()
+        bus.close()
+
+
+def test_flush_async_from_a_coroutine_handler_raises_instead_of_deadlocking():
+    bus, errors = _errors_bus()
+    try:
+        bus.configure_topic("q", TopicConfig(partitions=1))
+
+        async def handler(m):
+            await bus.flush_async(timeout=1)
+
+        async def main():
+            bus.subscribe("q", handler)
+            await bus.publish_async("q", 1)
+            assert await bus.flush_async(timeout=5)
+
+        asyncio.run(main())
+        assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    finally:
+        bus.close()
 
 # -- InProcessBus coroutine handlers that are cancelled ------------------------------
