@@ -602,6 +602,11 @@ class ScalableBus(BusCore):
         records behind, so that it waits; those near a segment roll, which
         fdatasyncs the old segment; large payloads). The others append in the
         loop's thread: they copy the record into the page cache and return.
+
+        Cancelled while it awaits a CRITICAL delay or room (a critical topic), the
+        message is not published and nothing is counted in the depth; cancelled
+        while its durable append waits in a thread, the append completes (the
+        message is published) and the task raises ``CancelledError`` after it.
         """
         t = self._topics.get(topic) if type(topic) is str else None
         if t is None:
@@ -618,7 +623,23 @@ class ScalableBus(BusCore):
             if extra:
                 hdrs = {**hdrs, **extra} if hdrs else dict(extra)
         if t.wal is not None and t.wal._may_wait(message, key, hdrs):
-            return await asyncio.to_thread(self._enqueue, t, message, key, hdrs)
+            # Past admission the message is published, cancelled or not: a cancel
+            # could not take back an append already under way in the thread, so one
+            # still queued for a thread must not be dropped either. The cancelled
+            # task ends once the record is in the WAL, then raises CancelledError.
+            append = asyncio.get_running_loop().run_in_executor(
+                None, contextvars.copy_context().run, self._enqueue, t, message, key, hdrs)
+            try:
+                return await asyncio.shield(append)
+            except asyncio.CancelledError as cancelled:
+                while not append.done():
+                    try:
+                        await asyncio.shield(append)
+                    except asyncio.CancelledError:
+                        continue  # (cancelled again: the append goes on all the same)
+                    except Exception:
+                        break  # it failed: nothing was published; the cancel wins
+                raise cancelled
         return self._enqueue(t, message, key, hdrs)
 
     def _enqueue(self, t: _Topic, message: Any, key: Any, hdrs: dict[str, Any] | None

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from fastbus import ScalableBus, TopicConfig
+from fastbus import FsyncPolicy, ScalableBus, TopicConfig
 from tests.waiting import wait_for
 
 
@@ -215,5 +215,43 @@ def test_flush_async_from_a_coroutine_handler_raises_instead_of_deadlocking():
         assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
     finally:
         bus.close()
+
+
+# -- publish_async cancelled -------------------------------------------------------
+
+
+def test_publish_async_cancelled_while_its_durable_append_waits_is_still_published(
+        tmp_path):
+    """A cancellation that arrives while the append waits for the disk (in a
+    thread) cannot take the record back: the append always completes, and the
+    cancelled task ends only once it is in the WAL."""
+    bus = ScalableBus(data_dir=str(tmp_path))
+    try:
+        bus.configure_topic("d", TopicConfig(durable=True, partitions=1,
+                                             fsync=FsyncPolicy.always()))
+        got: list = []
+        bus.subscribe("d", lambda m: got.append(m.payload), group="g")
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            # Keep the default executor busy, so the append has to queue for a thread:
+            # cancelled there, it used to be dropped, while a running one was kept.
+            gate = threading.Event()
+            busy = [loop.run_in_executor(None, gate.wait, 5) for _ in range(64)]
+            task = asyncio.create_task(bus.publish_async("d", b"cancelled"))
+            await asyncio.sleep(0.01)
+            task.cancel()
+            gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.gather(*busy)
+
+        asyncio.run(main())
+        assert bus.flush(5)
+        assert got == [b"cancelled"]
+        assert bus.metrics().per_topic["d"].published == 1
+    finally:
+        bus.close()
+
 
 # -- InProcessBus coroutine handlers that are cancelled ------------------------------
