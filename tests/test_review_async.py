@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from fastbus import FsyncPolicy, ScalableBus, TopicConfig
-from tests.waiting import wait_for
+from fastbus import FsyncPolicy, InProcessBus, ScalableBus, TopicConfig
+from tests.waiting import wait_for, wait_until
 
 
 def _errors_bus(**kw) -> tuple[ScalableBus, list[BaseException]]:
@@ -255,3 +255,40 @@ def test_publish_async_cancelled_while_its_durable_append_waits_is_still_publish
 
 
 # -- InProcessBus coroutine handlers that are cancelled ------------------------------
+
+
+def test_inprocess_cancelled_coroutine_handler_does_not_escape_publish():
+    """With no loop running, a coroutine handler runs to completion in the publisher's
+    thread; one that ends cancelled used to raise CancelledError out of publish(),
+    and the handlers after it were never called."""
+    errors: list = []
+    bus = InProcessBus(on_error=lambda exc, topic, m, h: errors.append(exc))
+    got: list = []
+
+    async def cancelled(m):
+        raise asyncio.CancelledError()
+
+    bus.subscribe("t", cancelled)
+    bus.subscribe("t", got.append)
+    assert bus.publish("t", 1) == 2
+    assert got == [1]
+    assert len(errors) == 1 and isinstance(errors[0], asyncio.CancelledError)
+    assert bus.handler_errors == 1
+
+
+def test_inprocess_cancelled_coroutine_handler_on_its_loop_is_counted():
+    errors: list = []
+    bus = InProcessBus(on_error=lambda exc, topic, m, h: errors.append(exc))
+
+    async def cancelled(m):
+        asyncio.current_task().cancel()
+        await asyncio.sleep(0)
+
+    async def main():
+        bus.subscribe("t", cancelled)
+        bus.publish("t", 1)
+        assert await asyncio.to_thread(wait_until, lambda: errors, 5)
+
+    asyncio.run(main())
+    assert len(errors) == 1 and isinstance(errors[0], asyncio.CancelledError)
+    assert bus.handler_errors == 1
