@@ -796,8 +796,9 @@ class ScalableBus(BusCore):
         loop per call); the dispatch thread waits for it to finish, so a
         partition's order holds and a durable group commits only after it. A loop
         that stops while the handler is under way makes that call fail
-        (``RuntimeError`` to ``on_error``; the handler is cancelled). From that loop, wait with ``await
-        bus.flush_async()`` / ``async with bus``, not the blocking ``flush()``.
+        (``RuntimeError`` to ``on_error``; the handler is cancelled). From that
+        loop, wait with ``await bus.flush_async()`` / ``async with bus``, not the
+        blocking ``flush()``.
         """
         check_topic(topic)
         check_handler(handler)

@@ -68,7 +68,7 @@ def test_repeated_asyncio_run_with_loop_bound_coroutine_handlers_never_hangs():
         while not stop.is_set():
             bus.publish("t", published[0])
             published[0] += 1
-            time.sleep(0.0001)
+            time.sleep(0.0005)
 
     calls = [0]
 
@@ -84,7 +84,7 @@ def test_repeated_asyncio_run_with_loop_bound_coroutine_handlers_never_hangs():
             bus.subscribe("t", handler)  # bound to this run's loop, never unsubscribed
             await asyncio.sleep(0.002)
 
-        for _ in range(60):
+        for _ in range(80):
             asyncio.run(main())
         stop.set()
         th.join()
