@@ -135,7 +135,9 @@ class _AsyncRunner:
         if target is None:
             try:
                 asyncio.run(coro)
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                # (a handler that ends cancelled is a failed call, as on a loop: it
+                # must not escape publish() and stop the handlers after it)
                 self._on_error(exc, context)
             return
         if target is running:
@@ -148,6 +150,12 @@ class _AsyncRunner:
     def _done(self, task: Any, context: Any) -> None:
         self._tasks.discard(task)
         if task.cancelled():
+            # Cancelled (by itself, or by its loop shutting down): it did not handle
+            # the message, so it is counted like a handler that raised.
+            try:
+                task.result()
+            except BaseException as cancelled:
+                self._on_error(cancelled, context)
             return
         exc = task.exception()
         if exc is not None:
@@ -172,7 +180,8 @@ class InProcessBus:
       event loop runs in the subscribing thread is scheduled on that loop
       (thread-safe from any publisher thread); otherwise it runs on the
       publisher's running loop, or to completion in the publisher's thread.
-      Its errors reach ``on_error`` too, when it finishes.
+      Its errors reach ``on_error`` too, when it finishes (a handler that ends
+      cancelled counts as one: ``CancelledError``).
     """
 
     def __init__(self, *, on_error: ErrorHandler | None = None) -> None:

@@ -86,6 +86,68 @@ def _on_event_loop() -> bool:
     return True
 
 
+_NOT_STARTED = object()
+_LOOP_POLL = 0.05  # seconds between looks at the loop of a coroutine handler under way
+
+
+def _call_on_loop(loop: asyncio.AbstractEventLoop, handler: Any, arg: Any) -> Any:
+    """Run ``handler(arg)`` on ``loop`` (running in another thread) and wait for it.
+
+    Returns its result (or raises its exception). If the loop stops or closes
+    before the handler started, returns ``_NOT_STARTED`` (the caller runs it
+    elsewhere, and the loop, should it run again, skips it); if it stops while the
+    handler is under way, cancels it and raises ``RuntimeError``: a dispatch thread
+    must never wait for a loop that does not run.
+    """
+    caller = threading.current_thread()
+    claim = threading.Lock()  # taken by whoever decides where the handler runs
+    finished = threading.Event()
+    outcome: list[tuple[bool, Any]] = []
+
+    async def run() -> None:
+        if not claim.acquire(blocking=False):
+            return  # the caller gave up on this loop and ran the handler itself
+        cell: list[threading.Thread | None] = [caller]
+        _handler_caller.set(cell)  # (the task's own context)
+        try:
+            outcome.append((True, await handler(arg)))
+        except BaseException as exc:
+            outcome.append((False, exc))
+            if not isinstance(exc, Exception | asyncio.CancelledError):
+                raise  # KeyboardInterrupt, SystemExit: the loop's to handle as well
+        finally:
+            cell[0] = None
+            # Set here, not by the task's done callbacks: those wait for the loop's
+            # next turn, which a loop stopping now never takes.
+            finished.set()
+
+    coro = run()
+    try:
+        fut = asyncio.run_coroutine_threadsafe(coro, loop)
+    except RuntimeError:  # closed since the caller looked
+        coro.close()
+        return _NOT_STARTED
+    while not finished.wait(_LOOP_POLL):
+        if loop.is_running():
+            continue
+        if claim.acquire(blocking=False):
+            # Never started: the loop dropped it (closed) or keeps it (stopped).
+            if loop.is_closed():
+                coro.close()
+            else:
+                fut.cancel()
+            return _NOT_STARTED
+        if finished.is_set():
+            break
+        if not loop.is_closed():
+            fut.cancel()  # cancels the task, should the loop run again
+        raise RuntimeError(f"the event loop of coroutine handler {handler!r} stopped "
+                           f"before the handler finished; it was not waited for")
+    ok, value = outcome[0]
+    if ok:
+        return value
+    raise value
+
 def _log_error(exc: BaseException, message: Any, handler: Any) -> None:
     name = getattr(handler, "__qualname__", repr(handler))
     topic = getattr(message, "topic", "?")
@@ -557,6 +619,11 @@ class ScalableBus(BusCore):
         records behind, so that it waits; those near a segment roll, which
         fdatasyncs the old segment; large payloads). The others append in the
         loop's thread: they copy the record into the page cache and return.
+
+        Cancelled while it awaits a CRITICAL delay or room (a critical topic), the
+        message is not published and nothing is counted in the depth; cancelled
+        while its durable append waits in a thread, the append completes (the
+        message is published) and the task raises ``CancelledError`` after it.
         """
         t = self._topics.get(topic) if type(topic) is str else None
         if t is None:
@@ -573,7 +640,23 @@ class ScalableBus(BusCore):
             if extra:
                 hdrs = {**hdrs, **extra} if hdrs else dict(extra)
         if t.wal is not None and t.wal._may_wait(message, key, hdrs):
-            return await asyncio.to_thread(self._enqueue, t, message, key, hdrs)
+            # Past admission the message is published, cancelled or not: a cancel
+            # could not take back an append already under way in the thread, so one
+            # still queued for a thread must not be dropped either. The cancelled
+            # task ends once the record is in the WAL, then raises CancelledError.
+            append = asyncio.get_running_loop().run_in_executor(
+                None, contextvars.copy_context().run, self._enqueue, t, message, key, hdrs)
+            try:
+                return await asyncio.shield(append)
+            except asyncio.CancelledError as cancelled:
+                while not append.done():
+                    try:
+                        await asyncio.shield(append)
+                    except asyncio.CancelledError:
+                        continue  # (cancelled again: the append goes on all the same)
+                    except Exception:
+                        break  # it failed: nothing was published; the cancel wins
+                raise cancelled
         return self._enqueue(t, message, key, hdrs)
 
     def _enqueue(self, t: _Topic, message: Any, key: Any, hdrs: dict[str, Any] | None
@@ -734,10 +817,13 @@ class ScalableBus(BusCore):
         inner bus (``group``/``batch`` are then refused with ``ValueError``).
 
         A coroutine function handler runs on the event loop that was running when
-        it subscribed (or, with none, in a fresh loop per call); the dispatch
-        thread waits for it to finish, so a partition's order holds and a durable
-        group commits only after it. From that loop, wait with ``await
-        bus.flush_async()`` / ``async with bus``, not the blocking ``flush()``.
+        it subscribed (or, with none, or once that loop no longer runs, in a fresh
+        loop per call); the dispatch thread waits for it to finish, so a
+        partition's order holds and a durable group commits only after it. A loop
+        that stops while the handler is under way makes that call fail
+        (``RuntimeError`` to ``on_error``; the handler is cancelled). From that
+        loop, wait with ``await bus.flush_async()`` / ``async with bus``, not the
+        blocking ``flush()``.
         """
         check_topic(topic)
         check_handler(handler)
@@ -829,20 +915,14 @@ class ScalableBus(BusCore):
         except RuntimeError:
             loop = None
 
-        async def run(arg: Any, caller: threading.Thread) -> Any:
-            cell: list[threading.Thread | None] = [caller]
-            _handler_caller.set(cell)  # (the task's own context)
-            try:
-                return await handler(arg)
-            finally:
-                cell[0] = None
-
         def call(arg: Any) -> Any:
             # Dispatch threads never run an event loop: wait for the coroutine on
-            # its own loop, so a partition's order and the durable commit hold.
-            if loop is not None and not loop.is_closed():
-                return asyncio.run_coroutine_threadsafe(
-                    run(arg, threading.current_thread()), loop).result()
+            # its own loop, so a partition's order and the durable commit hold. A
+            # loop that no longer runs (stopped or closed) would never run it.
+            if loop is not None and loop.is_running():
+                result = _call_on_loop(loop, handler, arg)
+                if result is not _NOT_STARTED:
+                    return result
             return asyncio.run(handler(arg))
 
         return call
@@ -1296,8 +1376,29 @@ class ScalableBus(BusCore):
             delay = min(delay * 2, 0.01)
 
     async def flush_async(self, timeout: float | None = None) -> bool:
-        """``flush`` for asyncio code: waits in a thread, the loop keeps running."""
-        return await asyncio.to_thread(self.flush, timeout)
+        """``flush`` for asyncio code: the loop keeps running while it waits.
+
+        It polls on the loop (only forcing durable topics to disk runs in a
+        thread), so a cancelled ``flush_async`` (``asyncio.wait_for``) leaves
+        nothing behind: no thread goes on waiting for the bus to be idle.
+        """
+        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
+        if self._in_handler_thread():
+            raise RuntimeError(
+                "flush_async() was called from a handler of this bus; it would wait for "
+                "that handler itself to return (forever without a timeout). Flush from "
+                "the publishing code instead")
+        wals = [t.wal for t in list(self._topics.values()) if t.wal is not None]
+        if wals:
+            await asyncio.to_thread(lambda: [wal.flush() for wal in wals])
+        delay = 0.0002
+        while not self._idle():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(delay if deadline is None
+                                else min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.01)
+        return True
 
     def _idle(self) -> bool:
         if self._bp.depth or _count_value(self._turns_started) != _count_value(self._turns_done):
