@@ -51,7 +51,6 @@ _TORN_REASONS = frozenset(("truncated", "bad_length", "bad_crc"))
 _CRC_VALID_REASONS = frozenset(("bad_version", "bad_attributes", "bad_field"))
 
 
-
 @dataclass(frozen=True, slots=True)
 class Finding:
     kind: str  # "torn_tail" | "corruption" | "gap"
