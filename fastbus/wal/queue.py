@@ -284,6 +284,7 @@ class WalMessageQueue:
         self._delete_lock = threading.Lock()  # readers' reads vs retention's deletes
         self._closed = False
         self._commits_inflight = 0  # offsets documents being written (close waits)
+        self._deletes_inflight = 0  # compactions deleting detached segments (close waits)
         self._syncer_idle = False
         self._groups: dict[str, dict[int, int]] = {}
         self._m = dict.fromkeys((
@@ -1304,23 +1305,32 @@ class WalMessageQueue:
                     part.log_start = part.segments[0].base
                     for s in gone:
                         doomed.append((part.index, s))
+            if doomed:
+                # close() waits for these deletes: once it has closed the store (and
+                # released its lock), another queue may own these files.
+                self._deletes_inflight += 1
         result = {"segments": 0, "bytes": 0, "records": 0}
-        with self._delete_lock:
-            for p, s in doomed:
-                s.deleted = True
-                if s.handle is not None:
-                    s.handle.close()
-                self._store.delete_segment(p, s.base)
-                result["segments"] += 1
-                result["bytes"] += s.size
-                result["records"] += s.count
-        if doomed:
+        if not doomed:
+            return result
+        try:
+            with self._delete_lock:
+                for p, s in doomed:
+                    s.deleted = True
+                    if s.handle is not None:
+                        s.handle.close()
+                    self._store.delete_segment(p, s.base)
+                    result["segments"] += 1
+                    result["bytes"] += s.size
+                    result["records"] += s.count
+        finally:
             with self._lock:
+                self._deletes_inflight -= 1
+                self._cond.notify_all()
                 self._m["retention_deleted_segments"] += result["segments"]
                 self._m["retention_deleted_bytes"] += result["bytes"]
                 self._m["retention_deleted_records"] += result["records"]
-            log.info("fastbus WAL %s: retention deleted %d segment(s), %d records",
-                     self._store.location, result["segments"], result["records"])
+        log.info("fastbus WAL %s: retention deleted %d segment(s), %d records",
+                 self._store.location, result["segments"], result["records"])
         return result
 
     # ------------------------------------------------------------------ readers
@@ -1505,7 +1515,7 @@ class WalMessageQueue:
                     except FastbusError as exc:
                         error = error or exc
         with self._lock:
-            while self._commits_inflight:
+            while self._commits_inflight or self._deletes_inflight:
                 self._cond.wait()
         with self._delete_lock:
             self._close_handles()
