@@ -46,7 +46,9 @@ def plan_retention(segments: Sequence[SegmentSummary], retention: Retention, *,
                    now_ns: int, acked: int | None) -> RetentionPlan:
     closed = segments[:-1]
     by_age = 0
-    if retention.max_age is not None:
+    # (a max_age reaching back before the epoch, math.inf included, deletes nothing:
+    # int() of an infinite product would raise and stop every rule)
+    if retention.max_age is not None and retention.max_age * 1e9 < now_ns:
         horizon = now_ns - int(retention.max_age * 1e9)
         for seg in closed:
             if seg.max_timestamp_ns > horizon:
