@@ -1254,7 +1254,7 @@ class ScalableBus(BusCore):
                         handled = t.handled.pop(g.name, None)
                     for p, offset in (handled or {}).items():
                         if offset > reader.position[p]:  # handled, not committed
-                            reader.seek(offset, p)
+                            reader._set_position(offset, p)
                             uncommitted = True
                     g.reader = reader
                     g.done = reader.position
@@ -1271,7 +1271,7 @@ class ScalableBus(BusCore):
                     continue
                 undelivered = self._deliver_records(t, g, records)
                 for p, offset in undelivered.items():
-                    reader.seek(offset, p)
+                    reader._set_position(offset, p)
                 if not anonymous:
                     uncommitted = True
                     reader.commit()

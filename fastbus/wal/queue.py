@@ -1808,3 +1808,15 @@ class WalReader:
                 c.offset = max(offset, starts[p])
                 c.seg = None
                 c.pos = -1
+
+    def _set_position(self, offset: int, partition: int) -> None:
+        """Continue at ``offset`` (at most the end) in ``partition``: ScalableBus's
+        delivery goes back to records polled but not handed over, or on to records
+        handled but not committed. Unlike :meth:`seek` it does not clamp to the
+        start: records retention deleted meanwhile are a skip, which the next
+        ``poll`` reports (warning, ``readers_moved_forward``, ``records_skipped``)."""
+        with self._lock:
+            c = self._cursors[partition]
+            c.offset = offset
+            c.seg = None
+            c.pos = -1
