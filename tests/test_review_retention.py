@@ -163,3 +163,56 @@ def test_a_bus_group_rewound_into_deleted_records_reports_the_skip(small_segment
         m = wal.metrics()
         assert m["records_skipped"] == start - 1
         assert m["readers_moved_forward"] == 1
+
+
+def test_one_compaction_applies_one_retention_policy(monkeypatch):
+    """``compact`` read ``self._retention`` once per partition: a policy assigned
+    (``q.retention = ...``, ScalableBus.configure_topic) while it ran applied to the
+    later partitions only, and the first ones kept the old policy's result."""
+    import fastbus.wal.queue as wq
+
+    q = WalMessageQueue(MemoryStore(), partitions=2, fsync=FsyncPolicy.never(),
+                        segment_bytes=4096, compaction_interval=None,
+                        retention=Retention(max_age=None, max_bytes=None, until_acked=False))
+    try:
+        for i in range(400):
+            q.append(b"%04d" % i + b"." * 50, partition=i % 2)
+            if i % 20 == 19:
+                q.flush()
+        q.flush()
+        real = wq.plan_retention
+
+        def plan_and_swap(*args, **kwargs):  # the setter runs while compact() runs
+            out = real(*args, **kwargs)
+            q.retention = Retention(max_age=None, max_bytes=1, until_acked=False)
+            return out
+
+        monkeypatch.setattr(wq, "plan_retention", plan_and_swap)
+        assert q.compact()["segments"] == 0  # the policy compact() started with
+        monkeypatch.setattr(wq, "plan_retention", real)
+        assert q.compact()["segments"] >= 4  # the new one, for both partitions
+        assert q.metrics()["segments"] == 2
+    finally:
+        q.close()
+
+
+def test_metrics_show_each_partitions_log_start():
+    """Retention moves the log start; metrics() (and so a ScalableBus topic's ``wal``
+    metrics) showed deleted counts but not where each partition now starts."""
+    q = WalMessageQueue(MemoryStore(), partitions=2, fsync=FsyncPolicy.never(),
+                        segment_bytes=4096, compaction_interval=None,
+                        retention=Retention(max_age=None, max_bytes=1, until_acked=False))
+    try:
+        assert q.metrics()["start_offsets"] == {0: 0, 1: 0}
+        for i in range(200):
+            q.append(b"%04d" % i + b"." * 50, partition=0)
+            if i % 10 == 9:
+                q.flush()
+        q.flush()
+        q.compact()
+        m = q.metrics()
+        start = m["start_offsets"][0]
+        assert m["start_offsets"] == q.start_offsets() == {0: start, 1: 0}
+        assert start > 0 and m["records"] == 200 - start
+    finally:
+        q.close()

@@ -1283,6 +1283,7 @@ class WalMessageQueue:
         ``readers_moved_forward`` / ``records_skipped``).
         """
         now_ns = int(self._clock() * 1e9)
+        retention = self._retention  # one policy for the whole run (the setter may swap it)
         doomed: list[tuple[int, SegmentState]] = []
         with self._lock:
             if self._closed:
@@ -1295,7 +1296,7 @@ class WalMessageQueue:
                 acked = None
                 if self._groups:
                     acked = min(g.get(part.index, 0) for g in self._groups.values())
-                plan = plan_retention(summaries, self._retention, now_ns=now_ns, acked=acked)
+                plan = plan_retention(summaries, retention, now_ns=now_ns, acked=acked)
                 count = plan.count
                 if part.sync_seg is not None and part.sync_seg in segs:
                     count = min(count, segs.index(part.sync_seg))  # being fdatasync'ed
@@ -1453,6 +1454,7 @@ class WalMessageQueue:
             m["segments"] = sum(len(p.segments) for p in self._parts)
             m["bytes"] = sum(s.size for p in self._parts for s in p.segments)
             m["records"] = sum(p.next_offset - p.log_start for p in self._parts)
+            m["start_offsets"] = {p.index: p.log_start for p in self._parts}
             m["appends"] = sum(p.next_offset - p.opened_at for p in self._parts)
             m["buffered_bytes"] = sum(len(p.enc) + len(p.unwritten) for p in self._parts)
             m["unsynced_records"] = sum(p.next_offset - p.durable for p in self._parts)
