@@ -766,15 +766,17 @@ class ScalableBus(BusCore):
         concurrent batches must not each find the same room.
         """
         bp = self._bp
-        critical = t.config.critical
-        self._batch_limit(t, n)  # (again: the limits may have changed during admission)
         deadline = time.monotonic() + bp.thresholds.critical_timeout
         pause = 0.0005
         while True:
             with self._batch_lock:
-                # (read again each time: reconfigure_limits may lower it meanwhile)
+                # Read again each time (during admission and while a critical batch
+                # waits, reconfigure_limits may lower the capacity and configure_topic
+                # may turn critical off): a batch that can no longer fit at all is a
+                # ValueError at once, not a wait for room that never comes.
+                critical = t.config.critical
                 capacity = bp.capacity
-                limit = self._batch_limit(t, 0)
+                limit = self._batch_limit(t, n)
                 if bp.depth + n <= limit:
                     return enqueue()
             if critical:
