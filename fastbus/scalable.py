@@ -537,12 +537,14 @@ class ScalableBus(BusCore):
                 raise ValueError(
                     f"durable topic {name!r} keeps the {t.n} partitions its WAL was created "
                     f"with; got {config.partitions}")
+            if config.partitions is not None and config.partitions > t.n:
+                # Before the config is swapped in: building the partitions may fail
+                # (MemoryError for many rings), and then nothing has changed.
+                with t.lock:  # (_repartition's contract: metrics() reads parts under it)
+                    self._repartition(t, config.partitions)
             if t.wal is not None and config.retention != old.retention:
                 t.wal.retention = config.retention
             t.config = config
-            if config.partitions is not None and config.partitions > t.n:
-                with t.lock:  # (_repartition's contract: metrics() reads parts under it)
-                    self._repartition(t, config.partitions)
             return config
 
     def topic_config(self, name: str) -> TopicConfig:
@@ -863,13 +865,15 @@ class ScalableBus(BusCore):
                 self._open_durable_group(t, g)
             restart = None
             with t.lock:
+                if t.config.partitions is None and t.wal is None and len(g.members) >= t.n:
+                    # Before the member is added: building the partitions may fail
+                    # (MemoryError for many rings), and then nobody joined.
+                    self._repartition(t, len(g.members) + 1)
                 if g.stopped:
                     # This group's delivery gave up on an error: the new member tries
                     # again, from the group's commit (the error may be repaired).
                     restart = self._delivery_thread(t, g, g.thread)
                 g.members = [*g.members, member]
-                if t.config.partitions is None and t.wal is None and len(g.members) > t.n:
-                    self._repartition(t, len(g.members))
                 g.assign(t.n)
                 if new_group:
                     t.groups = (*t.groups, g)

@@ -26,6 +26,7 @@ from fastbus import (
     Thresholds,
     TopicConfig,
 )
+from fastbus import scalable as scalable_module
 from tests.waiting import wait_for
 
 NO_DELAY = Thresholds(min_delay=0.0, max_delay=0.0)
@@ -239,5 +240,69 @@ def test_lowered_limits_keep_what_exists_and_refuse_what_is_new():
         subs.append(bus.subscribe("a", lambda m: None, group="g"))
         tm = bus.metrics().per_topic["a"]
         assert (tm.partitions, tm.subscribers, tm.depth) == (4, 3, [0] * 4)
+
+
+# ------------------------------------------------- a partition raise that fails midway
+
+
+class _FailingCarriers:
+    """Make the k-th queue carrier built from now on raise MemoryError (as a ring
+    allocation does when a raise asks for more partitions than memory holds)."""
+
+    def __init__(self, monkeypatch, fail_at):
+        real = scalable_module._QueueCarrier
+        built = [0]
+
+        def make():
+            built[0] += 1
+            if built[0] >= fail_at:
+                raise MemoryError("no room for another partition")
+            return real()
+
+        monkeypatch.setattr(scalable_module, "_QueueCarrier", make)
+
+
+def test_a_partition_raise_that_fails_leaves_the_topic_as_it_was(monkeypatch):
+    """configure_topic swapped the new config in before it built the partitions: when
+    building them failed (MemoryError), topic_config() said 8 partitions while the
+    topic kept 2 (DESIGN invariant 6: bad input leaves the bus as it was)."""
+    with ScalableBus() as bus:
+        before = bus.configure_topic("t", TopicConfig(partitions=2))
+        got = []
+        bus.subscribe("t", got.append)
+        _FailingCarriers(monkeypatch, fail_at=5)
+        with pytest.raises(MemoryError):
+            bus.configure_topic("t", TopicConfig(partitions=8, critical=True))
+        assert bus.topic_config("t") == before
+        assert bus.partitions("t") == 2
+        bus.publish_many("t", list(range(10)), keys=[str(i) for i in range(10)])
+        assert bus.flush(10)
+        tm = bus.metrics().per_topic["t"]
+        assert sorted(m.payload for m in got) == list(range(10))
+        assert tm.partitions == 2 and tm.depth == [0, 0] and not tm.critical
+
+
+def test_a_join_whose_partition_raise_fails_leaves_no_member_behind(monkeypatch):
+    """With partitions=None a join that needs more partitions raises the count; when
+    that failed, subscribe() raised but the member had already been added to the
+    group: a member nobody holds a Subscription for, which a later join handed
+    partitions (and messages) to."""
+    with ScalableBus() as bus:
+        bus.configure_topic("t", TopicConfig())
+        got = collections.defaultdict(list)
+        bus.subscribe("t", got["first"].append, group="g")
+        _FailingCarriers(monkeypatch, fail_at=1)
+        with pytest.raises(MemoryError):
+            bus.subscribe("t", got["ghost"].append, group="g")
+        monkeypatch.undo()
+        tm = bus.metrics().per_topic["t"]
+        assert (tm.partitions, tm.subscribers, tm.groups) == (1, 1, {"g": 1})
+        bus.subscribe("t", got["second"].append, group="g")
+        assert bus.partitions("t") == 2
+        bus.publish_many("t", list(range(20)))
+        assert bus.flush(10)
+    assert not got["ghost"]
+    assert sorted(m.payload for m in got["first"] + got["second"]) == list(range(20))
+    assert got["first"] and got["second"]
 
 
