@@ -480,9 +480,10 @@ class ScalableBus(BusCore):
         one). A new topic beyond ``Limits.max_topics`` raises ``LimitExceeded``.
 
         With ``partitions=None`` the count of an in-memory topic follows the
-        subscribers: it starts at the size of the largest group (at least 1) and
-        grows when a group gets more members than partitions, so every member
-        owns a partition. A durable topic keeps the count of its WAL (1 for a
+        subscribers: it starts at the size of the largest group (at least 1; on a
+        live topic switched to None, never below the count it has) and grows when
+        a group gets more members than partitions, so every member owns a
+        partition. A durable topic keeps the count of its WAL (1 for a
         new one): members beyond it own no partition.
         """
         check_topic(name)
@@ -537,11 +538,15 @@ class ScalableBus(BusCore):
                 raise ValueError(
                     f"durable topic {name!r} keeps the {t.n} partitions its WAL was created "
                     f"with; got {config.partitions}")
-            if config.partitions is not None and config.partitions > t.n:
+            wanted = config.partitions
+            if wanted is None and t.core is not None:
+                # Derived from the subscribers from now on: every member owns one.
+                wanted = max((len(g.members) for g in t.groups), default=1)
+            if wanted is not None and wanted > t.n:
                 # Before the config is swapped in: building the partitions may fail
                 # (MemoryError for many rings), and then nothing has changed.
                 with t.lock:  # (_repartition's contract: metrics() reads parts under it)
-                    self._repartition(t, config.partitions)
+                    self._repartition(t, wanted)
             if t.wal is not None and config.retention != old.retention:
                 t.wal.retention = config.retention
             t.config = config

@@ -306,3 +306,24 @@ def test_a_join_whose_partition_raise_fails_leaves_no_member_behind(monkeypatch)
     assert got["first"] and got["second"]
 
 
+# --------------------------------------------------- partitions=None on a live topic
+
+
+def test_switching_a_live_topic_to_derived_partitions_gives_every_member_one():
+    """configure_topic(name, TopicConfig(partitions=None)) on a live topic kept the
+    count it had, although the docs say the count then follows the largest group "so
+    every member owns a partition": of a group of 4 on 2 partitions, two members got
+    nothing until yet another member joined."""
+    with ScalableBus() as bus:
+        bus.configure_topic("t", TopicConfig(partitions=2))
+        got = [[] for _ in range(4)]
+        for handler in got:
+            bus.subscribe("t", handler.append, group="g")
+        bus.configure_topic("t", TopicConfig(partitions=None))
+        assert bus.partitions("t") == 4
+        bus.publish_many("t", list(range(40)))  # unkeyed: round robin, 10 a partition
+        assert bus.flush(10)
+        assert [len(g) for g in got] == [10, 10, 10, 10]
+        assert bus.metrics().per_topic["t"].depth == [0] * 4
+
+
