@@ -530,14 +530,15 @@ class ScalableBus(BusCore):
                             f"{getattr(config, attr)!r} while open: close this bus and "
                             f"configure the topic with the new {attr} on the next one "
                             f"(the WAL keeps its data)")
-            if config.partitions is not None and config.partitions < t.n:
-                raise ValueError(
-                    f"topic {name!r} has {t.n} partitions; the count can be raised, not "
-                    f"lowered (got {config.partitions})")
+            # (durable first: its count can be neither raised nor lowered)
             if config.durable and config.partitions is not None and config.partitions != t.n:
                 raise ValueError(
                     f"durable topic {name!r} keeps the {t.n} partitions its WAL was created "
                     f"with; got {config.partitions}")
+            if config.partitions is not None and config.partitions < t.n:
+                raise ValueError(
+                    f"topic {name!r} has {t.n} partitions; the count can be raised, not "
+                    f"lowered (got {config.partitions})")
             wanted = config.partitions
             if wanted is None and t.core is not None:
                 # Derived from the subscribers from now on: every member owns one.

@@ -327,3 +327,15 @@ def test_switching_a_live_topic_to_derived_partitions_gives_every_member_one():
         assert bus.metrics().per_topic["t"].depth == [0] * 4
 
 
+# ------------------------------------------------------------------ the error messages
+
+
+def test_lowering_a_durable_topics_partitions_says_the_wal_fixes_the_count(tmp_path):
+    """Lowering a durable topic's count said "the count can be raised, not lowered",
+    but a durable topic's count cannot be raised either: it is its WAL's."""
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("d", TopicConfig(durable=True, partitions=4))
+        for n in (2, 8):
+            with pytest.raises(ValueError, match="keeps the 4 partitions its WAL"):
+                bus.configure_topic("d", TopicConfig(durable=True, partitions=n))
+        assert bus.partitions("d") == 4
