@@ -480,9 +480,10 @@ class ScalableBus(BusCore):
         one). A new topic beyond ``Limits.max_topics`` raises ``LimitExceeded``.
 
         With ``partitions=None`` the count of an in-memory topic follows the
-        subscribers: it starts at the size of the largest group (at least 1) and
-        grows when a group gets more members than partitions, so every member
-        owns a partition. A durable topic keeps the count of its WAL (1 for a
+        subscribers: it starts at the size of the largest group (at least 1; on a
+        live topic switched to None, never below the count it has) and grows when
+        a group gets more members than partitions, so every member owns a
+        partition. A durable topic keeps the count of its WAL (1 for a
         new one): members beyond it own no partition.
         """
         check_topic(name)
@@ -529,20 +530,27 @@ class ScalableBus(BusCore):
                             f"{getattr(config, attr)!r} while open: close this bus and "
                             f"configure the topic with the new {attr} on the next one "
                             f"(the WAL keeps its data)")
-            if config.partitions is not None and config.partitions < t.n:
-                raise ValueError(
-                    f"topic {name!r} has {t.n} partitions; the count can be raised, not "
-                    f"lowered (got {config.partitions})")
+            # (durable first: its count can be neither raised nor lowered)
             if config.durable and config.partitions is not None and config.partitions != t.n:
                 raise ValueError(
                     f"durable topic {name!r} keeps the {t.n} partitions its WAL was created "
                     f"with; got {config.partitions}")
+            if config.partitions is not None and config.partitions < t.n:
+                raise ValueError(
+                    f"topic {name!r} has {t.n} partitions; the count can be raised, not "
+                    f"lowered (got {config.partitions})")
+            wanted = config.partitions
+            if wanted is None and t.core is not None:
+                # Derived from the subscribers from now on: every member owns one.
+                wanted = max((len(g.members) for g in t.groups), default=1)
+            if wanted is not None and wanted > t.n:
+                # Before the config is swapped in: building the partitions may fail
+                # (MemoryError for many rings), and then nothing has changed.
+                with t.lock:  # (_repartition's contract: metrics() reads parts under it)
+                    self._repartition(t, wanted)
             if t.wal is not None and config.retention != old.retention:
                 t.wal.retention = config.retention
             t.config = config
-            if config.partitions is not None and config.partitions > t.n:
-                with t.lock:  # (_repartition's contract: metrics() reads parts under it)
-                    self._repartition(t, config.partitions)
             return config
 
     def topic_config(self, name: str) -> TopicConfig:
@@ -766,15 +774,17 @@ class ScalableBus(BusCore):
         concurrent batches must not each find the same room.
         """
         bp = self._bp
-        critical = t.config.critical
-        self._batch_limit(t, n)  # (again: the limits may have changed during admission)
         deadline = time.monotonic() + bp.thresholds.critical_timeout
         pause = 0.0005
         while True:
             with self._batch_lock:
-                # (read again each time: reconfigure_limits may lower it meanwhile)
+                # Read again each time (during admission and while a critical batch
+                # waits, reconfigure_limits may lower the capacity and configure_topic
+                # may turn critical off): a batch that can no longer fit at all is a
+                # ValueError at once, not a wait for room that never comes.
+                critical = t.config.critical
                 capacity = bp.capacity
-                limit = self._batch_limit(t, 0)
+                limit = self._batch_limit(t, n)
                 if bp.depth + n <= limit:
                     return enqueue()
             if critical:
@@ -861,13 +871,15 @@ class ScalableBus(BusCore):
                 self._open_durable_group(t, g)
             restart = None
             with t.lock:
+                if t.config.partitions is None and t.wal is None and len(g.members) >= t.n:
+                    # Before the member is added: building the partitions may fail
+                    # (MemoryError for many rings), and then nobody joined.
+                    self._repartition(t, len(g.members) + 1)
                 if g.stopped:
                     # This group's delivery gave up on an error: the new member tries
                     # again, from the group's commit (the error may be repaired).
                     restart = self._delivery_thread(t, g, g.thread)
                 g.members = [*g.members, member]
-                if t.config.partitions is None and t.wal is None and len(g.members) > t.n:
-                    self._repartition(t, len(g.members))
                 g.assign(t.n)
                 if new_group:
                     t.groups = (*t.groups, g)
