@@ -4,6 +4,7 @@ import importlib
 import os
 import pathlib
 import signal
+import sys
 
 import pytest
 
@@ -32,3 +33,13 @@ def sigint_raises():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
+def fast_switching():
+    """Switch threads every microsecond (instead of every 5 ms) while the test runs:
+    races between threads show up far more often."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(previous)

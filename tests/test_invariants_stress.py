@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-import sys
 import threading
 import time
 
@@ -29,25 +28,9 @@ from fastbus import (
     Thresholds,
     TopicConfig,
 )
+from tests.waiting import join_all
 
 NO_DELAY = Thresholds(min_delay=0.0, max_delay=0.0)
-
-
-@pytest.fixture
-def fast_switching():
-    """Switch threads every microsecond (instead of 5 ms) while the test runs."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(previous)
-
-
-def _join(threads, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    for th in threads:
-        th.join(max(0.0, deadline - time.monotonic()))
-    alive = [th.name for th in threads if th.is_alive()]
-    assert not alive, f"threads still running after {timeout} s: {alive}"
 
 
 def _check_order_per(items, key_of, seq_of):
@@ -131,7 +114,7 @@ def test_ring_multi_producer_overflow_with_consumer_chains(seed):
                 for p in range(producers)]
     for th in threads:
         th.start()
-    _join(threads)
+    join_all(threads)
     assert not ahead, f"a trailing consumer read ahead of the one it trails: {ahead[:5]}"
     expected = {(p, i) for p in range(producers) for i in range(n)}
     for name, out in got.items():
@@ -182,7 +165,7 @@ def test_ring_consumer_closed_mid_stream_keeps_the_chain_whole():
         time.sleep(0.001)
     head.close()
     head_done.set()
-    _join([*threads, reader, trailer])
+    join_all([*threads, reader, trailer])
     assert len(out) == producers * n
     assert len(set(out)) == producers * n
     _check_order_per(out, lambda m: m[0], lambda m: m[1])
@@ -269,7 +252,7 @@ def test_record_ring_multi_producer_with_consumer_chains(seed):
     threads += [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
     for th in threads:
         th.start()
-    _join(threads)
+    join_all(threads)
     assert not ahead
     for name, chunks in got.items():
         recs = np.concatenate(chunks)
@@ -331,7 +314,7 @@ def test_hot_topic_overflow_threads_asyncio_and_publish_many_exactly_once_in_ord
         threads.append(threading.Thread(target=asyncio.run, args=(main(),)))
         for th in threads:
             th.start()
-        _join(threads)
+        join_all(threads)
         assert bus.flush(30)
         m = bus.metrics()
         pids = (0, 1, 2, 10, 11)
@@ -399,9 +382,9 @@ def test_exactly_once_and_order_per_group_through_rebalancing(hot):
         for th in pubs:
             th.start()
         churner.start()
-        _join([churner])
+        join_all([churner])
         stop.set()
-        _join(pubs)
+        join_all(pubs)
         assert bus.flush(30)
         anchor.unsubscribe()
         assert bus.metrics().per_topic["t"].rebalances >= 200
@@ -450,7 +433,7 @@ def test_raising_partitions_during_publishing_loses_nothing_and_keeps_key_order(
         for parts in (2, 3, 5, 8, 13):
             time.sleep(0.005)
             bus.configure_topic("t", TopicConfig(partitions=parts, **cfg))
-        _join(pubs)
+        join_all(pubs)
         assert bus.flush(30)
         assert bus.partitions("t") == 13
         tm = bus.metrics().per_topic["t"]
@@ -560,9 +543,9 @@ def test_no_loss_and_every_refusal_counted_through_limit_changes(fast_switching)
         rec.start()
         for th in threads:
             th.start()
-        _join(threads, 60)
+        join_all(threads, 60)
         stop.set()
-        _join([rec])
+        join_all([rec])
         bus.reconfigure_limits(max_queue_size=1000)
         assert bus.flush(30)
         m = bus.metrics()
@@ -600,7 +583,7 @@ def _concurrent_batches_round():
         threads = [threading.Thread(target=pub) for _ in range(6)]
         for th in threads:
             th.start()
-        _join(threads)
+        join_all(threads)
         held = bus.backpressure.depth
         assert held == sum(accepted)
         assert held <= 1000, f"{held} messages held in memory with max_queue_size 1000"
@@ -705,13 +688,13 @@ def test_critical_topic_is_never_shed_and_handler_errors_are_all_counted():
         threads = [threading.Thread(target=publisher, args=("bulk", p)) for p in range(2)]
         for th in threads:
             th.start()
-        _join(threads)
+        join_all(threads)
         crit = [threading.Thread(target=publisher, args=("crit", p)) for p in range(2, 4)]
         for th in crit:
             th.start()
         time.sleep(0.05)
         gate.open.set()
-        _join(crit)
+        join_all(crit)
         assert bus.flush(10)
         m = bus.metrics()
         assert refused["crit"] == 0 and accepted["crit"] == 120

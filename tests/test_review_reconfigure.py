@@ -27,24 +27,11 @@ from fastbus import (
     TopicConfig,
 )
 from fastbus import scalable as scalable_module
-from tests.waiting import wait_for
+from tests.waiting import join_all, wait_for
 
 NO_DELAY = Thresholds(min_delay=0.0, max_delay=0.0)
 
 
-@pytest.fixture
-def fast_switching():
-    """Switch threads every 10 microseconds (instead of 5 ms) while the test runs."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    yield
-    sys.setswitchinterval(previous)
-
-
-def _join(threads, timeout=30.0):
-    for th in threads:
-        th.join(timeout)
-    assert not [th.name for th in threads if th.is_alive()], "threads still running"
 
 
 def _in_function(thread: threading.Thread, name: str) -> bool:
@@ -142,11 +129,11 @@ def test_live_changes_under_load_keep_every_group_exactly_once_and_in_key_order(
                                                      **cfg))
             bus.reconfigure_limits(max_queue_size=rnd.choice([200_000, 1_000_000]),
                                    max_subscribers_per_topic=rnd.choice([64, 1024]))
-            _join(storm)
+            join_all(storm)
         for s in members:
             s.unsubscribe()
         stop.set()
-        _join(pubs)
+        join_all(pubs)
         assert bus.flush(30)
         tm = bus.metrics().per_topic["t"]
         partitions = bus.partitions("t")
@@ -205,7 +192,7 @@ def test_a_waiting_critical_batch_follows_limit_and_critical_changes_at_once(cha
         th.join(2.5)
         gate.set()
         assert not th.is_alive(), "the batch still waits for room it can never get"
-        _join([th])
+        join_all([th])
         assert len(outcome) == 1, outcome
         if change == "critical off":
             assert isinstance(outcome[0], BusOverloaded), outcome

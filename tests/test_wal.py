@@ -24,7 +24,7 @@ from fastbus import (
     partition_for,
 )
 from tests.crashkit import crash_in_process
-from tests.waiting import wait_until
+from tests.waiting import join_all, wait_until
 
 NO_RETENTION = Retention(max_age=None, max_bytes=None, until_acked=False)
 
@@ -236,11 +236,10 @@ def test_append_many_writes_batches_straight_to_the_segment(tmp_path, fsync):
     q.close()
 
 
-def test_concurrent_unkeyed_batches_share_the_round_robin_fairly(tmp_path):
+def test_concurrent_unkeyed_batches_share_the_round_robin_fairly(tmp_path, fast_switching):
     """Each unkeyed batch (and each unkeyed record of a mixed batch) takes its own
     round-robin turn, even with batches from several threads at once: the
     partitions end up with exactly equal shares."""
-    import sys
     q = WalMessageQueue(str(tmp_path / "q"), partitions=4, fsync=FsyncPolicy.never())
     rounds = 400
 
@@ -249,16 +248,10 @@ def test_concurrent_unkeyed_batches_share_the_round_robin_fairly(tmp_path):
             q.append_many([b"x"])  # one turn
             q.append_many([b"y", b"z"], keys=[None, f"k{i}"])  # one turn, one keyed
 
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # hand the GIL over as often as it can
-    try:
-        threads = [threading.Thread(target=produce, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
+    threads = [threading.Thread(target=produce, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    join_all(threads)
     unkeyed = [0] * 4
     for rec in q.reader("count").poll(10**6, timeout=0):
         unkeyed[rec.partition] += rec.key is None

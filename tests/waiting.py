@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 
 def wait_for(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
@@ -25,3 +26,14 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.002)
     return bool(predicate())
+
+
+def join_all(threads: Iterable[threading.Thread], timeout: float = 30.0) -> None:
+    """Join ``threads`` within ``timeout`` seconds in all; fail naming those still
+    running (a bound, never a pass condition)."""
+    threads = list(threads)
+    deadline = time.monotonic() + timeout
+    for th in threads:
+        th.join(max(0.0, deadline - time.monotonic()))
+    alive = [th.name for th in threads if th.is_alive()]
+    assert not alive, f"threads still running after {timeout} s: {alive}"
