@@ -13,7 +13,7 @@ import time
 import pytest
 
 from fastbus import FsyncPolicy, InProcessBus, ScalableBus, TopicConfig
-from tests.waiting import wait_for, wait_until
+from tests.waiting import LoopTicker, wait_for, wait_until
 
 
 def _errors_bus(**kw) -> tuple[ScalableBus, list[BaseException]]:
@@ -172,25 +172,14 @@ def test_flush_async_waits_on_the_loop_and_honours_its_timeout():
         bus.subscribe("q", lambda m: release.wait(10))
 
         async def main():
-            ticks = 0
-            stop = False
-
-            async def ticker():
-                nonlocal ticks
-                while not stop:
-                    ticks += 1
-                    await asyncio.sleep(0.005)
-
-            tick = asyncio.create_task(ticker())
-            await bus.publish_async("q", 1)
-            t0 = time.monotonic()
-            assert await bus.flush_async(timeout=0.1) is False
-            assert 0.1 <= time.monotonic() - t0 < 2
-            release.set()
-            assert await bus.flush_async(timeout=5) is True
-            stop = True
-            await tick
-            return ticks
+            async with LoopTicker(0.005) as tick:
+                await bus.publish_async("q", 1)
+                t0 = time.monotonic()
+                assert await bus.flush_async(timeout=0.1) is False
+                assert 0.1 <= time.monotonic() - t0 < 2
+                release.set()
+                assert await bus.flush_async(timeout=5) is True
+            return tick.ticks
 
         assert asyncio.run(main()) >= 5
     finally:

@@ -23,6 +23,7 @@ from fastbus import (
     Thresholds,
     TopicConfig,
 )
+from tests.waiting import LoopTicker
 
 N, W, C, S = (BackpressureState.NORMAL, BackpressureState.WARNING,
               BackpressureState.CRITICAL, BackpressureState.SHEDDING)
@@ -157,23 +158,11 @@ def test_publish_async_awaits_the_critical_delay_and_the_loop_keeps_ticking():
         assert bus.backpressure.state is C
 
         async def main():
-            ticks = 0
-            done = False
-
-            async def ticker():
-                nonlocal ticks
-                while not done:
-                    ticks += 1
-                    await asyncio.sleep(0.005)
-
-            task = asyncio.create_task(ticker())
-            await asyncio.sleep(0)
-            t0 = time.monotonic()
-            await bus.publish_async("q", "async")
-            elapsed = time.monotonic() - t0
-            done = True
-            await task
-            return elapsed, ticks
+            async with LoopTicker(0.005) as tick:
+                t0 = time.monotonic()
+                await bus.publish_async("q", "async")
+                elapsed = time.monotonic() - t0
+            return elapsed, tick.ticks
 
         elapsed, ticks = asyncio.run(main())
         assert elapsed >= 0.1

@@ -32,7 +32,7 @@ from fastbus import (
     WalMessageQueue,
     partition_for,
 )
-from tests.waiting import wait_for, wait_until
+from tests.waiting import LoopTicker, wait_for, wait_until
 
 FAST = FsyncPolicy.never()  # flush()/close() still write and sync everything
 KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
@@ -115,20 +115,9 @@ def test_publish_many_and_publish_async_return_offsets(tmp_path):
         assert bus.publish_many("t", []) == []
 
         async def main():
-            ticks = 0
-            stop = False
-
-            async def ticker():
-                nonlocal ticks
-                while not stop:
-                    ticks += 1
-                    await asyncio.sleep(0)
-
-            tk = asyncio.create_task(ticker())
-            offs = [await bus.publish_async("t", f"x{i}") for i in range(5)]
-            stop = True
-            await tk
-            return offs, ticks
+            async with LoopTicker() as tick:
+                offs = [await bus.publish_async("t", f"x{i}") for i in range(5)]
+            return offs, tick.ticks
 
         offs, ticks = asyncio.run(main())
         assert offs == [3, 4, 5, 6, 7]
