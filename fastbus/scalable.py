@@ -1369,12 +1369,7 @@ class ScalableBus(BusCore):
         Called from a handler of this bus it raises ``RuntimeError``: it would wait
         for that handler itself.
         """
-        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
-        if self._in_handler_thread():
-            raise RuntimeError(
-                "flush() was called from a handler of this bus; it would wait for that "
-                "handler itself to return (forever without a timeout). Flush from the "
-                "publishing code instead")
+        deadline = self._flush_deadline("flush", timeout)
         for t in list(self._topics.values()):
             if t.wal is not None:
                 t.wal.flush()
@@ -1394,12 +1389,7 @@ class ScalableBus(BusCore):
         thread), so a cancelled ``flush_async`` (``asyncio.wait_for``) leaves
         nothing behind: no thread goes on waiting for the bus to be idle.
         """
-        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
-        if self._in_handler_thread():
-            raise RuntimeError(
-                "flush_async() was called from a handler of this bus; it would wait for "
-                "that handler itself to return (forever without a timeout). Flush from "
-                "the publishing code instead")
+        deadline = self._flush_deadline("flush_async", timeout)
         wals = [t.wal for t in list(self._topics.values()) if t.wal is not None]
         if wals:
             await asyncio.to_thread(lambda: [wal.flush() for wal in wals])
@@ -1458,6 +1448,16 @@ class ScalableBus(BusCore):
                              name="fastbus-close").start()
             return
         self._finish_close(timeout)
+
+    def _flush_deadline(self, what: str, timeout: float | None) -> float | None:
+        """A flush's deadline (None: none); ``RuntimeError`` from a handler of this bus."""
+        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
+        if self._in_handler_thread():
+            raise RuntimeError(
+                f"{what}() was called from a handler of this bus; it would wait for that "
+                "handler itself to return (forever without a timeout). Flush from the "
+                "publishing code instead")
+        return deadline
 
     def _in_handler_thread(self) -> bool:
         """True on one of this bus's dispatch workers or durable delivery threads, or

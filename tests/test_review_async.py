@@ -139,52 +139,53 @@ def test_loop_stopping_under_a_running_coroutine_handler_is_an_error_not_a_hang(
 # -- flush_async -------------------------------------------------------------------
 
 
-def test_cancelled_flush_async_leaves_no_thread_behind():
-    """``wait_for(bus.flush_async(), t)`` timing out used to leave a thread flushing
-    until the bus was idle, and ``asyncio.run`` waited for it at exit."""
+@pytest.fixture
+def held_bus():
+    """A bus whose topic "q" (one partition) has a subscriber that holds each message
+    until ``release`` is set: ``(bus, release)``."""
     bus = ScalableBus()
     release = threading.Event()
     try:
         bus.configure_topic("q", TopicConfig(partitions=1))
         bus.subscribe("q", lambda m: release.wait(10))
-
-        async def main():
-            await bus.publish_async("q", 1)
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(bus.flush_async(), 0.05)
-
-        done = threading.Event()
-        th = threading.Thread(target=lambda: (asyncio.run(main()), done.set()))
-        th.start()
-        assert done.wait(3), "asyncio.run waits at exit for the cancelled flush_async"
-        th.join()
+        yield bus, release
     finally:
         release.set()
         assert bus.flush(5)
         bus.close()
 
 
-def test_flush_async_waits_on_the_loop_and_honours_its_timeout():
-    bus = ScalableBus()
-    release = threading.Event()
-    try:
-        bus.configure_topic("q", TopicConfig(partitions=1))
-        bus.subscribe("q", lambda m: release.wait(10))
+def test_cancelled_flush_async_leaves_no_thread_behind(held_bus):
+    """``wait_for(bus.flush_async(), t)`` timing out used to leave a thread flushing
+    until the bus was idle, and ``asyncio.run`` waited for it at exit."""
+    bus, _ = held_bus
 
-        async def main():
-            async with LoopTicker(0.005) as tick:
-                await bus.publish_async("q", 1)
-                t0 = time.monotonic()
-                assert await bus.flush_async(timeout=0.1) is False
-                assert 0.1 <= time.monotonic() - t0 < 2
-                release.set()
-                assert await bus.flush_async(timeout=5) is True
-            return tick.ticks
+    async def main():
+        await bus.publish_async("q", 1)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(bus.flush_async(), 0.05)
 
-        assert asyncio.run(main()) >= 5
-    finally:
-        release.set()
-        bus.close()
+    done = threading.Event()
+    th = threading.Thread(target=lambda: (asyncio.run(main()), done.set()))
+    th.start()
+    assert done.wait(3), "asyncio.run waits at exit for the cancelled flush_async"
+    th.join()
+
+
+def test_flush_async_waits_on_the_loop_and_honours_its_timeout(held_bus):
+    bus, release = held_bus
+
+    async def main():
+        async with LoopTicker(0.005) as tick:
+            await bus.publish_async("q", 1)
+            t0 = time.monotonic()
+            assert await bus.flush_async(timeout=0.1) is False
+            assert 0.1 <= time.monotonic() - t0 < 2
+            release.set()
+            assert await bus.flush_async(timeout=5) is True
+        return tick.ticks
+
+    assert asyncio.run(main()) >= 5
 
 
 def test_flush_async_from_a_coroutine_handler_raises_instead_of_deadlocking():
