@@ -34,6 +34,7 @@ import re
 import sqlite3
 import struct
 import threading
+import weakref
 from typing import Protocol, runtime_checkable
 
 from ._segfile import MappedSegment
@@ -299,6 +300,25 @@ def _take_writer_lock(lock_path: str, what: str, path: str, hint: str) -> int:
 
 
 _LOCK_OWNER: dict[int, int] = {}  # lock fd -> the pid that took it
+_LOCK_HOLDERS: weakref.WeakSet[FileStore | SQLiteStore] = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    """``os.fork`` child: close the copies of the writer locks' fds it inherited.
+
+    An ``flock`` lives as long as any process has its open file description: a
+    forked child that kept the copy (a ``multiprocessing`` fork worker, say) held
+    the directory locked after a ``kill -9`` of its parent, and a new writer got
+    ``WalLockedError`` until the child exited. Closing a copy does not
+    unlock the parent's lock. (A queue inherited over fork is closed in the child:
+    see ``WalMessageQueue``.)"""
+    for store in list(_LOCK_HOLDERS):
+        store._drop_inherited_lock()
+    _LOCK_HOLDERS.clear()
+    _LOCK_OWNER.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def _release_writer_lock(fd: int) -> int:
@@ -342,11 +362,19 @@ class FileStore:
         self._lock_fd = _take_writer_lock(
             os.path.join(self.path, ".lock"), f"WAL directory {self.path}", self.path,
             " or use `fastbus wal inspect` to read it without the lock")
+        _LOCK_HOLDERS.add(self)
         if _mkdir(os.path.join(self.path, "offsets")):
             _fsync_dir(self.path)
 
     def close(self) -> None:
         self._lock_fd = _release_writer_lock(self._lock_fd)
+
+    def _drop_inherited_lock(self) -> None:
+        """Forked child: close this process's copy of the lock fd, leaving it locked."""
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def _check_writable(self) -> None:
         if self._readonly:
@@ -537,6 +565,7 @@ class _SQLiteSegment:
         pass
 
 
+_FORK_ORPHANS: list[sqlite3.Connection] = []  # inherited connections a child must not close
 _SQLITE_APP_ID = 0x66625741  # PRAGMA application_id of a fastbus WAL database ("fbWA")
 _SQLITE_TABLES = {"meta", "segments", "records", "offsets"}
 
@@ -603,6 +632,7 @@ class SQLiteStore:
                                     "directory (a directory is a FileStore)", self.path)
         self._lock_fd = _take_writer_lock(self.path + ".lock", f"WAL database {self.path}",
                                           self.path, "")
+        _LOCK_HOLDERS.add(self)
         created = False
         try:
             if not os.path.exists(self.path):
@@ -644,6 +674,18 @@ class SQLiteStore:
                 self._db.close()
             self._db = None  # type: ignore[assignment]
         self._lock_fd = _release_writer_lock(self._lock_fd)
+
+    def _drop_inherited_lock(self) -> None:
+        """Forked child: close this process's copy of the lock fd, leaving it locked,
+        and never touch the inherited connection again (SQLite forbids using one
+        across ``fork``; closing it could checkpoint the parent's database)."""
+        if self._db is not None:
+            _FORK_ORPHANS.append(self._db)
+            self._db = None  # type: ignore[assignment]
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def _sync(self) -> None:
         if self._full:

@@ -59,6 +59,7 @@ import os
 import pickle
 import threading
 import time
+import weakref
 from _thread import allocate_lock as _new_lock
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -203,6 +204,19 @@ def _payload_type_error(payload: object) -> TypeError:
 
 _Part = PartState  # one partition's state; every field is guarded by the queue lock
 
+_OPEN_QUEUES: weakref.WeakSet[WalMessageQueue] = weakref.WeakSet()
+
+
+def _close_inherited_queues() -> None:
+    """``os.fork`` child: every queue it inherited is closed there (see
+    ``WalMessageQueue._inherited_by_fork``)."""
+    for q in list(_OPEN_QUEUES):
+        q._inherited_by_fork()
+    _OPEN_QUEUES.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_queues)
+
 
 class WalMessageQueue:
     """A durable, partitioned message log with per-subscriber committed offsets.
@@ -223,6 +237,12 @@ class WalMessageQueue:
     Opening takes the store's exclusive lock (:class:`~fastbus.stores.WalLockedError`
     if another writer has it) and recovers every partition (torn tails are
     truncated and reported in :meth:`metrics`).
+
+    After ``os.fork`` (``multiprocessing``'s fork start method too) the child's
+    copy of an open queue is closed: its appends, polls and commits raise
+    ``BusClosed`` (they would overwrite the parent's records), and its
+    ``close()`` only gives back the child's file descriptors and mappings.
+    The parent goes on unaffected.
     """
 
     def __init__(
@@ -283,6 +303,8 @@ class WalMessageQueue:
         self._syncer_cond = threading.Condition(self._lock)
         self._delete_lock = threading.Lock()  # readers' reads vs retention's deletes
         self._closed = False
+        self._forked = False  # this is a forked child's copy (closed)
+        self._pid = os.getpid()
         self._commits_inflight = 0  # offsets documents being written (close waits)
         self._deletes_inflight = 0  # compactions deleting detached segments (close waits)
         self._syncer_idle = False
@@ -343,6 +365,34 @@ class WalMessageQueue:
                                  daemon=True)
             self._threads.append(t)
             t.start()
+        _OPEN_QUEUES.add(self)
+
+    def _inherited_by_fork(self) -> None:
+        """In a forked child: this copy of the queue is closed. Its appends would
+        land on the parent's file positions (the same mapping and offsets) and
+        overwrite records the parent acknowledged, and its threads (syncer,
+        compactor, SyncWorker) do not exist here. The child has one thread, so no
+        lock is needed; the queue's own locks are made anew, since a thread of the
+        parent may have held one at the fork."""
+        self._cond._at_fork_reinit()  # type: ignore[attr-defined]  # (self._lock)
+        self._syncer_cond._at_fork_reinit()  # type: ignore[attr-defined]
+        self._delete_lock._at_fork_reinit()  # type: ignore[attr-defined]
+        self._forked = True
+        self._closed = True
+        self._app.closed = True
+        for part in self._parts:
+            part.slow = True
+            part.mapped = None
+
+    def _closed_error(self) -> BusClosed:
+        if self._forked:
+            return BusClosed(
+                f"WalMessageQueue {self._store.location} was opened by process {self._pid}, "
+                f"and this process ({os.getpid()}) is a fork of it: a forked child's copy "
+                "of a queue is closed (its writes would overwrite the parent's records). "
+                "Open the queue in the child once the parent has closed it, or start "
+                "worker processes with the 'spawn' method")
+        return BusClosed(f"WalMessageQueue {self._store.location} is closed")
 
     # ------------------------------------------------------------------ opening
 
@@ -470,7 +520,7 @@ class WalMessageQueue:
 
     def _check_open(self, part: _Part) -> None:
         if self._closed:
-            raise BusClosed(f"WalMessageQueue {self._store.location} is closed")
+            raise self._closed_error()
         if part.broken is not None:
             raise self._broken_error(part)
 
@@ -1287,7 +1337,7 @@ class WalMessageQueue:
         doomed: list[tuple[int, SegmentState]] = []
         with self._lock:
             if self._closed:
-                raise BusClosed(f"WalMessageQueue {self._store.location} is closed")
+                raise self._closed_error()
             self._m["retention_runs"] += 1
             for part in self._parts:
                 segs = part.segments
@@ -1346,7 +1396,7 @@ class WalMessageQueue:
         name = check_subscriber_name(subscriber)
         with self._lock:
             if self._closed:
-                raise BusClosed(f"WalMessageQueue {self._store.location} is closed")
+                raise self._closed_error()
             known = name in self._groups
             committed = dict(self._groups.get(name, {}))
         start: dict[int, int] = {}
@@ -1368,7 +1418,7 @@ class WalMessageQueue:
     def _commit(self, name: str, offsets: dict[int, int]) -> None:
         with self._lock:
             if self._closed:  # the store may belong to another queue by now
-                raise BusClosed(f"WalMessageQueue {self._store.location} is closed")
+                raise self._closed_error()
             self._commits_inflight += 1
         try:
             self._store.write_offsets(name, encode_offsets(name, offsets))
@@ -1402,7 +1452,7 @@ class WalMessageQueue:
         part = self._parts[p]
         with self._lock:
             if self._closed:
-                raise BusClosed(f"WalMessageQueue {self._store.location} is closed")
+                raise self._closed_error()
             if not self._always and part.visible < part.next_offset and not part.io_busy \
                     and part.broken is None:
                 with contextlib.suppress(OSError):  # the appenders and flush() report it
@@ -1487,11 +1537,16 @@ class WalMessageQueue:
 
         Blocked ``poll`` calls return; later calls raise ``BusClosed``. Idempotent.
         """
+        if self._forked:  # a copy inherited over fork: give back its files, write nothing
+            self._close_handles()
+            self._store.close()
+            return
         error: BaseException | None = None
         with self._lock:
             if self._closed:
                 return
             self._closed = True  # appends and polls are refused from here on
+            _OPEN_QUEUES.discard(self)
             self._app.closed = True
             for part in self._parts:
                 part.slow = True
@@ -1625,7 +1680,7 @@ class WalReader:
                     return out
                 with q._lock:
                     if q._closed:
-                        raise BusClosed(f"WalMessageQueue {q._store.location} is closed")
+                        raise q._closed_error()
                     if any(q._readable(q._parts[p], c.offset)
                            for p, c in self._cursors.items()):
                         continue  # data arrived meanwhile (or is buffered): read it
@@ -1687,7 +1742,7 @@ class WalReader:
         out: list[Record] = []
         with q._delete_lock:
             if q._closed:  # close() may have closed the handles while this thread waited
-                raise BusClosed(f"WalMessageQueue {q._store.location} is closed")
+                raise q._closed_error()
             try:
                 self._read_into(out, p, cur, segs, log_start, visible, visible_size, want)
             except Exception:
