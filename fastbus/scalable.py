@@ -69,6 +69,17 @@ _OWED_MAX = 256  # delivered messages a worker may owe the depth before it settl
 _CRITICAL = BackpressureState.CRITICAL
 _SHEDDING = BackpressureState.SHEDDING
 _STOP = object()
+_OPEN_BUSES: weakref.WeakSet[ScalableBus] = weakref.WeakSet()
+
+
+def _close_inherited_buses() -> None:
+    """``os.fork`` child: every bus it inherited is closed there."""
+    for bus in list(_OPEN_BUSES):
+        bus._inherited_by_fork()
+    _OPEN_BUSES.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_buses)
 # [the fastbus thread (a dispatch worker or a durable delivery thread) that waits for
 # the coroutine handler running in this context], emptied when the handler returns
 # (tasks it started keep the list). The handler runs on its event loop's thread, so it
@@ -349,6 +360,12 @@ class ScalableBus(BusCore):
     to SHEDDING while the publish was being delayed, so delayed publishers
     cannot together push the depth past the shedding level). A publish that returned
     reaches every subscriber group once while the process lives.
+
+    After ``os.fork`` (``multiprocessing``'s fork start method too) the child's
+    copy of an open bus is closed: its threads do not exist there, so its
+    publishes raise ``BusClosed``, ``flush()`` returns True at once (the child
+    accepted nothing), and ``close()`` returns at once, giving back the child's
+    copies of the durable topics' files. The parent goes on unaffected.
     """
 
     def __init__(self, inner: MessageBus | None = None, *, limits: Limits | None = None,
@@ -423,6 +440,7 @@ class ScalableBus(BusCore):
         self._max_batch = max_batch
         self._linger = float(linger)
         self._closed = False
+        self._forked = False  # this is a forked child's copy (closed)
         self._runq: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Dispatch turns begun and finished (lock-free counters; equal when no worker
         # is dispatching): flush() waits for them to meet.
@@ -444,6 +462,18 @@ class ScalableBus(BusCore):
             daemon=True)
         self._stop = threading.Event()
         self._housekeeper.start()
+        _OPEN_BUSES.add(self)
+
+    def _inherited_by_fork(self) -> None:
+        """In a forked child: this copy of the bus is closed. No dispatch or delivery
+        thread exists here, so what it accepted would never be delivered, and a
+        thread of the parent may have held any of its locks at the fork: nothing
+        here takes one. (Its WALs are closed by their own fork hook.)"""
+        self._forked = True
+        self._closed = True
+        for t in self._topics.values():
+            if t.core is not None:
+                t.core.closed = True
 
     # -- configuration ------------------------------------------------------
 
@@ -1369,6 +1399,8 @@ class ScalableBus(BusCore):
         Called from a handler of this bus it raises ``RuntimeError``: it would wait
         for that handler itself.
         """
+        if self._forked:
+            return True  # a forked child's copy: it accepted nothing, and delivers nothing
         deadline = self._flush_deadline("flush", timeout)
         for t in list(self._topics.values()):
             if t.wal is not None:
@@ -1389,6 +1421,8 @@ class ScalableBus(BusCore):
         thread), so a cancelled ``flush_async`` (``asyncio.wait_for``) leaves
         nothing behind: no thread goes on waiting for the bus to be idle.
         """
+        if self._forked:
+            return True
         deadline = self._flush_deadline("flush_async", timeout)
         wals = [t.wal for t in list(self._topics.values()) if t.wal is not None]
         if wals:
@@ -1436,10 +1470,16 @@ class ScalableBus(BusCore):
         """
         if timeout is not None:
             _check_timeout(timeout)
+        if self._forked:  # a forked child's copy: only give back its WALs' files
+            for t in list(self._topics.values()):
+                if t.wal is not None:
+                    t.wal.close()
+            return
         with self._lock:  # configure_topic looks again under it: no topic comes after
             if self._closed:
                 return
             self._closed = True
+            _OPEN_BUSES.discard(self)
         if self._in_handler_thread():
             # Called from a handler: the rest waits for that handler to return (and
             # joins the threads, its own among them), so it goes on in a thread of its
@@ -1524,6 +1564,9 @@ class ScalableBus(BusCore):
 
     def _check_open(self) -> None:
         if self._closed:
+            if self._forked:
+                raise BusClosed("this ScalableBus was inherited over fork: a forked child's "
+                                "copy of a bus is closed; make a new ScalableBus in the child")
             raise BusClosed("this ScalableBus is closed")
 
     @staticmethod
