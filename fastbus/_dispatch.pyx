@@ -116,6 +116,8 @@ cdef inline bytes _key_bytes(object key):
 
 cpdef int32_t key_partition(object key, int32_t n) except -1:
     """Kafka's default partition of ``key`` among ``n`` (the same as partition_for)."""
+    if n < 1:  # (cdivision: a modulo by 0 is a SIGFPE)
+        raise ValueError(f"the number of partitions must be >= 1, got {n}")
     cdef bytes b = _key_bytes(key)
     return partition_c(murmur2_c(<const unsigned char *>b, len(b)), n)
 
@@ -130,21 +132,33 @@ def route(topic, list payloads, keys, int32_t n, int64_t rr_start, headers):
     key goes round robin too). ``headers``: None or one dict copied per message.
     """
     cdef Py_ssize_t count = PyList_GET_SIZE(payloads), i
-    cdef list out = [[] for _ in range(n)]
+    cdef list out
     cdef list klist
-    cdef object key
+    cdef object key, payload
     cdef int32_t p
     cdef int64_t rr = rr_start
     cdef int64_t ts = _now_ns()
     cdef Message m
     cdef bint has_keys = keys is not None
+    if n < 1:  # (cdivision: a modulo by 0 is a SIGFPE)
+        raise ValueError(f"the number of partitions must be >= 1, got {n}")
+    out = [[] for _ in range(n)]
     if has_keys:
         klist = keys if type(keys) is list else list(keys)
         if len(klist) != count:
             raise ValueError(f"keys has {len(klist)} items but there are {count} messages; "
                              f"pass one key per message, or keys=None")
     for i in range(count):
+        # The lists are the caller's: a finalizer the collector runs during an
+        # allocation below (or a thread it lets in) may shorten them. Nothing is
+        # queued before route() returns, so refusing the batch loses nothing.
+        if PyList_GET_SIZE(payloads) != count or (
+                has_keys and PyList_GET_SIZE(klist) != count):
+            raise RuntimeError("the payloads or keys list of publish_many changed "
+                               "while it was being routed; pass a list nobody changes")
+        # (both read before anything below allocates: references of our own)
         key = <object>PyList_GET_ITEM(klist, i) if has_keys else None
+        payload = <object>PyList_GET_ITEM(payloads, i)
         if key is None:
             p = <int32_t>(rr % n)
             rr += 1
@@ -152,13 +166,14 @@ def route(topic, list payloads, keys, int32_t n, int64_t rr_start, headers):
             p = key_partition(key, n)
         m = Message.__new__(Message)
         m.topic = topic
-        m.payload = <object>PyList_GET_ITEM(payloads, i)
+        m.payload = payload
         m.key = key
         m._headers = None if headers is None else dict(headers)
         m.timestamp_ns = ts
         m.partition = p
         m.offset = None
         (<list>out[p]).append(m)
+        key = payload = None  # (their release may run code: here, before the check)
     return out
 
 

@@ -93,6 +93,7 @@ cdef class _ConsumerBase:
     cdef tuple _after
 
     cdef int _enter(self) except -1
+    cdef int _before_close(self) except -1
     cdef int _after_close(self) except -1
 
 

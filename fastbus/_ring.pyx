@@ -665,9 +665,13 @@ cdef class _ConsumerBase:
         """
         if self._closed:
             return
+        self._before_close()
         self._closed = True
         self._base._remove_consumer_core(self.cc)
         self._after_close()
+
+    cdef int _before_close(self) except -1:
+        return 0
 
     cdef int _after_close(self) except -1:
         return 0
@@ -869,7 +873,8 @@ cdef class RingBuffer(_RingBase):
 
     cdef int _publish_slow(self, object obj, double timeout) except -1:
         cdef PyObject *item = <PyObject *>obj
-        cdef PyObject *olds[_CHUNK]
+        # _CHUNK from a drained chunk plus the slot of ``obj`` (olds[k] below)
+        cdef PyObject *olds[_CHUNK + 1]
         cdef Py_ssize_t k, j
         cdef bint done = False
         cdef double deadline, left
@@ -1426,6 +1431,14 @@ cdef class RecordConsumer(_ConsumerBase):
             return v
         finally:
             self._busy = False
+
+    cdef int _before_close(self) except -1:
+        # A closed consumer stops gating the producers, who would then overwrite the
+        # slots under an open view: abandon it first (BufferError while a buffer
+        # taken from it is alive; the consumer then stays open).
+        if self._view is not None:
+            self._view._finish(False)
+        return 0
 
     cdef int _after_close(self) except -1:
         return 0
