@@ -52,15 +52,20 @@ bench-smoke: build
 		echo "== smoke: $$f"; $(PY) $$f $(PERF_SMOKE) >/dev/null || { echo "FAILED: $$f"; exit 1; }; \
 	done; echo "bench smoke: every perf/ script ran"
 
-# The packaging promise: a platform wheel (no .c, no compiler needed to install it) and
-# an sdist with the .pyx/.pxd sources but no generated C.
+# The packaging promise: a platform wheel (no .c, no compiler needed to install it) with
+# the .pyi stubs and py.typed, and an sdist with the .pyx/.pxd sources but no generated C
+# (tests/faultshim.c is a test's source). No --sdist --wheel: the wheel is built from the
+# unpacked sdist, so an sdist that lacks a file the build needs fails here.
 wheel-check: $(STAMP)
 	rm -rf build/wheelcheck && mkdir -p build/wheelcheck
-	$(PY) -m build -q --wheel --sdist -o build/wheelcheck/dist . >/dev/null
-	@if tar tzf build/wheelcheck/dist/*.tar.gz | grep -E '\.(c|so)$$'; then \
+	$(PY) -m build -q -o build/wheelcheck/dist . >/dev/null
+	@if tar tzf build/wheelcheck/dist/*.tar.gz | grep -E '\.so$$|/fastbus/[^/]*\.c$$'; then \
 		echo "sdist carries generated files"; exit 1; fi
 	@if unzip -l build/wheelcheck/dist/*.whl | grep -E '\.(c|pyx)$$'; then \
 		echo "wheel carries sources"; exit 1; fi
+	@for f in py.typed $(notdir $(wildcard fastbus/*.pyi)); do \
+		unzip -l build/wheelcheck/dist/*.whl | grep -q " fastbus/$$f$$" || { \
+		echo "wheel lacks fastbus/$$f"; exit 1; }; done
 	$(PYTHON) -m venv build/wheelcheck/venv
 	build/wheelcheck/venv/bin/python -m pip install -q build/wheelcheck/dist/*.whl
 	cd build/wheelcheck && CC=/bin/false venv/bin/python -c "import fastbus, fastbus._partition as p; \

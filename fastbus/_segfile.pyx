@@ -56,6 +56,8 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, free, malloc
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
+from os import fsdecode, fsencode
+
 cdef extern from "<fcntl.h>" nogil:
     int posix_fallocate(int fd, off_t offset, off_t length)
     int sync_file_range(int fd, off_t offset, off_t nbytes, unsigned int flags)
@@ -104,13 +106,15 @@ cdef class MappedSegment:
 
     def __init__(self, path, *, bint writable, bint create=False,
                  Py_ssize_t reserve=64 << 20, mapping=None):
-        cdef bytes bpath = path.encode() if isinstance(path, str) else bytes(path)
+        # fsencode, not str.encode(): a path that is not UTF-8 (bytes from the file
+        # system, decoded with surrogateescape) must open the very same file.
+        cdef bytes bpath = fsencode(path)
         cdef int flags = (O_RDWR if writable else O_RDONLY) | O_CLOEXEC
         cdef struct_stat st
         cdef statfs fs
         if create:
             flags |= O_CREAT | O_EXCL
-        self.location = path if isinstance(path, str) else bpath.decode(errors="replace")
+        self.location = path if isinstance(path, str) else fsdecode(bpath)
         self._writable = writable
         self._reserve = reserve if reserve > MAP_ALIGN else MAP_ALIGN
         self._fd = c_open(bpath, flags, 0o600)
@@ -642,7 +646,7 @@ cdef class SyncWorker:
                 slot.synced_upto = upto
             slot.syncs += 1
             return
-        bpath = segment.location.encode()
+        bpath = fsencode(segment.location)
         fd = c_open(bpath, O_RDONLY | O_CLOEXEC)
         if fd < 0:
             segment._raise(errno)

@@ -1,7 +1,40 @@
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, SupportsIndex, overload
 
+from ._segfile import MappedSegment
 from ._walcodec import RecordEncoder
+
+INDEX_INTERVAL: int
+
+class SegmentState:
+    base: int
+    location: str
+    handle: Any
+    size: int
+    next_offset: int
+    max_timestamp_ns: int
+    created: float
+    index_offsets: list[int]
+    index_positions: list[int]
+    last_index_pos: int
+    deleted: bool
+    def __init__(
+        self,
+        base: int,
+        location: str,
+        handle: Any,
+        size: int,
+        next_offset: int,
+        max_timestamp_ns: int,
+        created: float,
+        index_offsets: list[int] | None = None,
+        index_positions: list[int] | None = None,
+        last_index_pos: int = ...,
+        deleted: bool = False,
+    ) -> None: ...
+    @property
+    def count(self) -> int: ...
+    def add_index(self, offset: int, position: int) -> None: ...
 
 class PartState:
     index: int
@@ -33,6 +66,13 @@ class PartState:
     last_appenders: int
     last_sync_seconds: float
     gather_gate: Any
+    mapped: MappedSegment | None
+    roll_at_ns: int
+    index_due: int
+    direct_writes: int
+    direct_bytes: int
+    direct_write_errors: int
+    throttled: bool
     def __init__(self, index: int, segments: list[Any], always: bool) -> None: ...
 
 class Appender:

@@ -95,17 +95,17 @@ class ScanResult(NamedTuple):
     records: list[Record]
     end: int
     reason: Reason
-    count: int
+    count: int  # type: ignore[assignment]  # a field, shadowing tuple.count
 
 class VerifyResult(NamedTuple):
-    count: int
+    count: int  # type: ignore[assignment]
     end: int
     reason: Reason
     first_offset: int
     last_offset: int
     last_timestamp_ns: int
     max_timestamp_ns: int
-    index: npt.NDArray[np.int64]
+    index: npt.NDArray[np.int64]  # type: ignore[assignment]
 
 def scan(
     buffer: Buffer,

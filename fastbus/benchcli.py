@@ -760,7 +760,7 @@ def run_bench(*, quick: bool = False, groups: Sequence[str] | None = None,
     if unknown:
         raise ValueError(f"unknown group {unknown[0]!r}; choose from "
                          f"{', '.join(g.key for g in GROUPS)}")
-    reps = reps or (3 if quick else 5)
+    reps = (3 if quick else 5) if reps is None else reps
     if reps < 1:
         raise ValueError(f"repetitions must be >= 1, got {reps}")
     base = scratch or tempfile.gettempdir()

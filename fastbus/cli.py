@@ -8,7 +8,10 @@ chosen handler, returning its exit status.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -169,6 +172,16 @@ def _record_json(topic: str, r: Any) -> dict[str, Any]:
             "headers": {k: enc(val) for k, val in r.headers.items()}, "payload": enc(r.payload)}
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def register_wal(subparsers: Any) -> None:
     wal = subparsers.add_parser("wal", help="inspect, verify or dump a WAL directory",
                                 description="Read-only tools for durable-topic WALs: they "
@@ -187,10 +200,11 @@ def register_wal(subparsers: Any) -> None:
     p = sub.add_parser("dump", help="print records")
     p.add_argument("dir")
     p.add_argument("--topic")
-    p.add_argument("--partition", type=int)
-    p.add_argument("--from", dest="from_offset", type=int, default=0, metavar="OFFSET")
-    p.add_argument("--limit", type=int, metavar="N")
-    p.add_argument("--width", type=int, default=80, help="payload characters shown")
+    p.add_argument("--partition", type=_non_negative)
+    p.add_argument("--from", dest="from_offset", type=_non_negative, default=0,
+                   metavar="OFFSET")
+    p.add_argument("--limit", type=_non_negative, metavar="N")
+    p.add_argument("--width", type=_non_negative, default=80, help="payload characters shown")
     p.add_argument("--json", action="store_true", help="one JSON object per record")
     p.set_defaults(func=_cmd_dump)
 
@@ -222,7 +236,10 @@ COMMANDS: list[Callable[[Any], None]] = [register_demo, register_bench, register
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     parser = argparse.ArgumentParser(prog="fastbus", description="fastbus command line")
+    parser.add_argument("--version", action="version", version=f"fastbus {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for register in COMMANDS:
         register(sub)
@@ -232,8 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Paths that are not UTF-8 (a directory name in another encoding) arrive as str with
+    # surrogate escapes: print them back as the very bytes they were, as ls does.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # `fastbus wal dump DIR | head`: the reader has all it wanted. No traceback and
+        # no "damaged WAL" message; exit as a tool killed by SIGPIPE would (128 + 13).
+        # stdout goes to /dev/null so the flush at interpreter exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"fastbus: error: {exc}", file=sys.stderr)
         return 3

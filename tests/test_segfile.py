@@ -12,9 +12,9 @@ import textwrap
 import time
 
 import pytest
-from fastbus._segfile import MappedSegment, SyncWorker
 
 from fastbus import FsyncPolicy, Retention, WalCorruptionError, WalMessageQueue
+from fastbus._segfile import MappedSegment, SyncWorker
 from fastbus._walcodec import encode_record, verify
 from fastbus.stores import FileStore, WalLockedError
 from fastbus.wal.recovery import recover_partition
