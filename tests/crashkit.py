@@ -1,8 +1,10 @@
-"""What the kill -9 and damage tests share: run a child, kill it at a random moment, keep
-its lines; a digest of a directory tree, to show a failed open changed nothing."""
+"""What the kill -9, damage and fork tests share: run a child, kill it at a random moment,
+keep its lines; run a function in a forked child; a digest of a directory tree, to show a
+failed open changed nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 
 def run_and_kill(argv: list[str], rng: random.Random, *, max_wait: float,
@@ -82,3 +85,50 @@ def tree_digest(path: str) -> dict[str, str]:
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
     return out
+
+
+def run_in_fork(fn: Callable[[], object], timeout: float = 10.0) -> str:
+    """Run ``fn()`` in an ``os.fork`` child; what it returned (or the error it raised),
+    as text. A child still running after ``timeout`` seconds is killed and
+    ``AssertionError`` raised: it hung."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            out = str(fn())
+        except BaseException as exc:  # reported to the parent
+            out = f"child raised {type(exc).__name__}: {exc}"
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    deadline = time.monotonic() + timeout
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(r)
+            raise AssertionError(f"the forked child hung (more than {timeout} s)")
+        time.sleep(0.01)
+    with os.fdopen(r, "rb") as f:
+        return f.read().decode()
+
+
+@contextlib.contextmanager
+def held_by_another_thread(lock: threading.Lock | threading.RLock) -> Iterator[None]:
+    """While the body runs, another thread holds ``lock`` (as at a fork that caught a
+    thread inside it)."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(5), "the other thread did not take the lock"
+        yield
+    finally:
+        release.set()
+        t.join()

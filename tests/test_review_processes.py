@@ -31,39 +31,12 @@ from fastbus import (
     WalLockedError,
     WalMessageQueue,
 )
+from tests.crashkit import held_by_another_thread, run_in_fork
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT}
 POLICIES = {"always": FsyncPolicy.always(), "every": FsyncPolicy.every(10),
             "never": FsyncPolicy.never()}
-
-
-def _in_child(fn, timeout: float = 10.0) -> str:
-    """Run ``fn()`` in an ``os.fork`` child; what it returned (or its error), as text.
-    A child still running after ``timeout`` seconds is killed: the test fails."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            out = str(fn())
-        except BaseException as exc:  # reported to the parent
-            out = f"child raised {type(exc).__name__}: {exc}"
-        os.write(w, out.encode())
-        os._exit(0)
-    os.close(w)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.01)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(r)
-        pytest.fail(f"the forked child hung (more than {timeout} s)")
-    with os.fdopen(r, "rb") as f:
-        return f.read().decode()
 
 
 def _refused(call) -> str:
@@ -108,7 +81,7 @@ def test_a_forked_child_cannot_write_over_the_parents_wal(tmp_path, policy):
 
     t = threading.Thread(target=parent_goes_on)
     t.start()
-    out = _in_child(child)
+    out = run_in_fork(child)
     t.join()
     lines = out.splitlines()
     assert len(lines) == 4 and all(x.startswith("BusClosed") for x in lines), out
@@ -129,22 +102,9 @@ def test_a_forked_child_does_not_hang_on_a_lock_another_thread_held(tmp_path):
     copy of the lock stayed taken forever, and its append or close() hung."""
     q = WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.every(10), compaction_interval=None)
     q.append(b"x")
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with q._lock:
-            held.set()
-            release.wait(10)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait(5)
-    try:
-        out = _in_child(lambda: _refused(lambda: q.append(b"c")) + " / " + str(q.close()),
-                        timeout=5)
-    finally:
-        release.set()
-        t.join()
+    with held_by_another_thread(q._lock):
+        out = run_in_fork(lambda: _refused(lambda: q.append(b"c")) + " / " + str(q.close()),
+                          timeout=5)
     assert out.startswith("BusClosed") and out.endswith("/ None"), out
     assert q.append(b"y") == (0, 1)
     q.close()
@@ -215,7 +175,7 @@ def test_a_forked_child_gets_a_closed_copy_of_the_bus_and_the_parent_goes_on(tmp
         out.append(f"took {time.monotonic() - start:.2f}")
         return "\n".join(out)
 
-    lines = _in_child(child).splitlines()
+    lines = run_in_fork(child).splitlines()
     assert all(x.startswith("BusClosed") for x in lines[:4]), lines
     assert lines[4] == "flush True" and float(lines[5].split()[1]) < 1.0, lines
     for i in range(20, 30):
@@ -234,22 +194,9 @@ def test_a_forked_child_gets_a_closed_copy_of_the_bus_and_the_parent_goes_on(tmp
 def test_a_forked_child_closes_its_bus_while_a_parent_thread_held_the_bus_lock(tmp_path):
     bus = ScalableBus(data_dir=tmp_path / "d", workers=2)
     bus.configure_topic("dur", TopicConfig(durable=True))
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with bus._lock:
-            held.set()
-            release.wait(10)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait(5)
-    try:
-        out = _in_child(lambda: _refused(lambda: bus.subscribe("dur", print))
-                        + f" / {bus.close()}", timeout=5)
-    finally:
-        release.set()
-        t.join()
+    with held_by_another_thread(bus._lock):
+        out = run_in_fork(lambda: _refused(lambda: bus.subscribe("dur", print))
+                          + f" / {bus.close()}", timeout=5)
     assert out.startswith("BusClosed") and "fork" in out and out.endswith("/ None"), out
     bus.publish("dur", b"parent")
     bus.close()
