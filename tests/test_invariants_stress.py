@@ -33,6 +33,22 @@ from tests.waiting import join_all
 NO_DELAY = Thresholds(min_delay=0.0, max_delay=0.0)
 
 
+def _publish_keyed_mix(bus, pid, n, *, batch_chance, sizes, keys):
+    """Publish ``(pid, 0)`` .. ``(pid, n - 1)`` to topic "t", keyed ``f"{pid}-{i % keys}"``:
+    one at a time, or (with ``batch_chance``) in a publish_many of a size in ``sizes``."""
+    rnd = random.Random(pid)
+    i = 0
+    while i < n:
+        if rnd.random() < batch_chance:
+            k = min(n - i, rnd.randint(*sizes))
+            assert bus.publish_many("t", [(pid, j) for j in range(i, i + k)],
+                                    keys=[f"{pid}-{j % keys}" for j in range(i, i + k)]) == k
+            i += k
+        else:
+            bus.publish("t", (pid, i), key=f"{pid}-{i % keys}")
+            i += 1
+
+
 def _check_order_per(items, key_of, seq_of):
     seqs = collections.defaultdict(list)
     for it in items:
@@ -290,17 +306,7 @@ def test_hot_topic_overflow_threads_asyncio_and_publish_many_exactly_once_in_ord
         n = 3000
 
         def threaded(pid):
-            rnd = random.Random(pid)
-            i = 0
-            while i < n:
-                if rnd.random() < 0.3:
-                    k = min(n - i, rnd.randint(2, 40))
-                    assert bus.publish_many("t", [(pid, j) for j in range(i, i + k)],
-                                            keys=[f"{pid}-{j % 7}" for j in range(i, i + k)]) == k
-                    i += k
-                else:
-                    bus.publish("t", (pid, i), key=f"{pid}-{i % 7}")
-                    i += 1
+            _publish_keyed_mix(bus, pid, n, batch_chance=0.3, sizes=(2, 40), keys=7)
 
         async def main():
             async def one(pid):
@@ -415,17 +421,7 @@ def test_raising_partitions_during_publishing_loses_nothing_and_keeps_key_order(
         n = 3000
 
         def publisher(pid):
-            rnd = random.Random(pid)
-            i = 0
-            while i < n:
-                if rnd.random() < 0.2:
-                    k = min(n - i, 25)
-                    bus.publish_many("t", [(pid, j) for j in range(i, i + k)],
-                                     keys=[f"{pid}-{j % 11}" for j in range(i, i + k)])
-                    i += k
-                else:
-                    bus.publish("t", (pid, i), key=f"{pid}-{i % 11}")
-                    i += 1
+            _publish_keyed_mix(bus, pid, n, batch_chance=0.2, sizes=(25, 25), keys=11)
 
         pubs = [threading.Thread(target=publisher, args=(p,)) for p in range(3)]
         for th in pubs:
