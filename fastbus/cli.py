@@ -62,8 +62,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                     q["groups"][g] = {"error": offs}
                     continue
                 q["groups"][g] = {str(p): {"committed": offs.get(p, v.start_offset(p)),
-                                           "lag": max(0, v.end_offset(p)
-                                                      - offs.get(p, v.start_offset(p)))}
+                                           "lag": max(0, v.end_offset(p) - max(
+                                               offs.get(p, 0), v.start_offset(p)))}
                                   for p in range(v.partitions)}
             out.append(q)
     finally:

@@ -216,3 +216,33 @@ def test_metrics_show_each_partitions_log_start():
         assert start > 0 and m["records"] == 200 - start
     finally:
         q.close()
+
+
+def test_lag_leaves_out_records_retention_deleted(tmp_path, capsys):
+    """A subscriber's lag counted records that size retention had deleted before it
+    committed them: records it can never be given (its next poll starts at the log
+    start). ``WalReader.lag`` and ``fastbus wal inspect`` now count from there."""
+    import json
+
+    from fastbus.cli import main
+
+    q = WalMessageQueue(tmp_path / "wal", fsync=FsyncPolicy.never(), segment_bytes=4096,
+                        compaction_interval=None,
+                        retention=Retention(max_age=None, max_bytes=5000, until_acked=False))
+    try:
+        r = q.reader("slow")
+        r.commit()  # known at offset 0, then never polls
+        _fill_segments(q)
+        assert r.lag == {0: 200}
+        assert q.compact()["segments"] >= 1
+        start = q.start_offsets()[0]
+        assert start > 0
+        assert r.lag == {0: 200 - start}
+        got = r.poll(1000)
+        assert got[0].offset == start and len(got) == r.lag[0]
+    finally:
+        q.close()
+    assert main(["wal", "inspect", str(tmp_path / "wal"), "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)
+    (topic,) = groups if isinstance(groups, list) else [groups]
+    assert topic["groups"]["slow"]["0"] == {"committed": 0, "lag": 200 - start}

@@ -1644,9 +1644,11 @@ class WalReader:
 
     @property
     def lag(self) -> dict[int, int]:
-        """Records appended but not yet committed, per partition."""
-        ends = self._q.end_offsets()
-        return {p: max(0, ends[p] - o) for p, o in self._committed.items()}
+        """Records still kept that were appended but not yet committed, per partition
+        (records retention deleted before this subscriber committed them, which it
+        can no longer be given, are not counted)."""
+        starts, ends = self._q.start_offsets(), self._q.end_offsets()
+        return {p: max(0, ends[p] - max(o, starts[p])) for p, o in self._committed.items()}
 
     def poll(self, max_records: int = 1000, timeout: float | None = 0.0) -> list[Record]:
         """Up to ``max_records`` records; waits up to ``timeout`` seconds for the first
