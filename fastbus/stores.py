@@ -34,6 +34,7 @@ import re
 import sqlite3
 import struct
 import threading
+import time
 import weakref
 from typing import Protocol, runtime_checkable
 
@@ -568,6 +569,8 @@ class _SQLiteSegment:
 _FORK_ORPHANS: list[sqlite3.Connection] = []  # inherited connections a child must not close
 _SQLITE_APP_ID = 0x66625741  # PRAGMA application_id of a fastbus WAL database ("fbWA")
 _SQLITE_TABLES = {"meta", "segments", "records", "offsets"}
+_DELETE_CHUNK = 2000  # records a transaction of SQLiteStore.delete_segment deletes
+_DELETE_PAUSE = 0.0005  # seconds it leaves the database to appends between two
 
 
 def _check_sqlite_is_ours(db: sqlite3.Connection, path: str) -> None:
@@ -653,6 +656,7 @@ class SQLiteStore:
                 db.execute("CREATE TABLE IF NOT EXISTS records (part INTEGER, seg INTEGER, "
                            "off INTEGER, pos INTEGER, blob BLOB, PRIMARY KEY (part, seg, pos))")
                 db.execute("CREATE TABLE IF NOT EXISTS offsets (grp TEXT PRIMARY KEY, v BLOB)")
+            self._delete_orphan_records()
         except BaseException as exc:
             self.close()  # the lock too: the open can be tried again once the file is right
             if created:  # (the file this open made: nothing else can be in it yet)
@@ -747,16 +751,41 @@ class SQLiteStore:
         return _SQLiteSegment(self, partition, base)
 
     def delete_segment(self, partition: int, base: int) -> None:
+        """The segment's row goes first (it is gone from then on, crash or not), then
+        its records, ``_DELETE_CHUNK`` rows per transaction: appends (which need the
+        same connection) go on between them instead of waiting for the whole
+        segment. Records a crash left without their segment go at the next open."""
         self._check_writable()
-        with self._mutex:
-            try:
-                with self._db:
-                    self._db.execute("DELETE FROM records WHERE part = ? AND seg = ?",
-                                     (partition, base))
-                    self._db.execute("DELETE FROM segments WHERE part = ? AND seg = ?",
-                                     (partition, base))
-            except sqlite3.OperationalError as exc:
-                raise _sqlite_os_error(exc, self.segment_location(partition, base)) from exc
+        where = self.segment_location(partition, base)
+        self._put("DELETE FROM segments WHERE part = ? AND seg = ?", (partition, base), where)
+        self._delete_records(partition, base, where)
+
+    def _delete_records(self, partition: int, base: int, where: str) -> None:
+        while True:
+            with self._mutex:
+                try:
+                    with self._db:
+                        gone = self._db.execute(
+                            "DELETE FROM records WHERE rowid IN (SELECT rowid FROM records "
+                            "WHERE part = ? AND seg = ? LIMIT ?)",
+                            (partition, base, _DELETE_CHUNK)).rowcount
+                except sqlite3.OperationalError as exc:
+                    raise _sqlite_os_error(exc, where) from exc
+            if gone < _DELETE_CHUNK:
+                return
+            # A lock is not fair: taken again at once, the mutex would go on to the
+            # next chunk before a waiting append woke up to take it.
+            time.sleep(_DELETE_PAUSE)
+
+    def _delete_orphan_records(self) -> None:
+        """Records whose segment row is gone: a ``delete_segment`` cut short by a
+        crash. A segment created later at the same base must not take them in."""
+        rows = self._db.execute(
+            "SELECT DISTINCT part, seg FROM records WHERE NOT EXISTS (SELECT 1 FROM "
+            "segments WHERE segments.part = records.part AND segments.seg = records.seg)"
+        ).fetchall()
+        for part, seg in rows:
+            self._delete_records(part, seg, self.segment_location(part, seg))
 
     def list_groups(self) -> list[str]:
         return [r[0] for r in self._get("SELECT grp FROM offsets ORDER BY grp", ())]
