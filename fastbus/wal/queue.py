@@ -309,7 +309,8 @@ class WalMessageQueue:
         self._deletes_inflight = 0  # compactions deleting detached segments (close waits)
         self._syncer_idle = False
         self._groups: dict[str, dict[int, int]] = {}
-        self._m = dict.fromkeys((
+        # counters (int) and fsync_seconds (float)
+        self._m: dict[str, int | float] = dict.fromkeys((
             "bytes_written", "writes", "write_errors", "fsyncs", "fsync_errors",
             "group_commits", "group_commit_records", "group_commit_max", "segments_rolled",
             "retention_runs", "retention_deleted_segments", "retention_deleted_bytes",
