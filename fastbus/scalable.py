@@ -889,7 +889,7 @@ class ScalableBus(BusCore):
                     limit="max_subscribers_per_topic", value=limit, current=count)
             g = next((g for g in t.groups if group is not None and g.name == group), None)
             new_group = g is None
-            if new_group:
+            if g is None:
                 g = _Group(group)
             sub = Subscription(topic, handler, self._unsubscribe)
             member = _Member(sub, handler, self._make_call(handler), batch, g)
