@@ -1291,6 +1291,9 @@ class ScalableBus(BusCore):
                     if t.wal_stop.is_set() or g.thread is not me:
                         return
                 if reader is None:
+                    # Only a named group's thread has a prev (t.leaving, a restart after
+                    # a stop: a joiner finds only named groups) and opens its reader here.
+                    assert g.name is not None
                     reader = t.wal.reader(g.name)
                     with t.lock:
                         handled = t.handled.pop(g.name, None)
