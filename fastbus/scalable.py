@@ -42,7 +42,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from ._dispatch import BusCore, GroupCore, Message, PartitionSlot, TopicCore, deliver_groups
 from ._walcodec import check_keys
@@ -1348,6 +1348,7 @@ class ScalableBus(BusCore):
     def _deliver_records(self, t: _Topic, g: _Group, records: list[Any]) -> dict[int, int]:
         """Hand ``records`` to their partitions' owners; returns, for each partition
         that had no owner, the first offset not delivered."""
+        # (Each Message's offset is its record's, never None: cast(int, ...) below.)
         by_partition: dict[int, list[Message]] = {}
         for r in records:
             by_partition.setdefault(r.partition, []).append(
@@ -1359,7 +1360,7 @@ class ScalableBus(BusCore):
         for p, msgs in by_partition.items():
             owners = g.owners
             if not owners:
-                undelivered[p] = msgs[0].offset
+                undelivered[p] = cast(int, msgs[0].offset)
                 continue
             m = owners[p % len(owners)]
             if m.batch:
@@ -1375,7 +1376,7 @@ class ScalableBus(BusCore):
                 # of the batch: the rest goes back to the reader, for the new owner.
                 owners = g.owners
                 if not owners or owners[p % len(owners)] is not m:
-                    undelivered[p] = msg.offset
+                    undelivered[p] = cast(int, msg.offset)
                     break
                 try:
                     m.call(msg)
