@@ -180,7 +180,7 @@ class _DecodedRecord(Record):
     _value: Any
 
     @property
-    def payload(self) -> Any:  # type: ignore[override]
+    def payload(self) -> Any:
         return self._value
 
 
