@@ -1,4 +1,4 @@
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 class Message:
@@ -82,7 +82,12 @@ class TopicCore:
 
 class BusCore:
     def publish(
-        self, topic: str, message: Any, *, key: Any = None, headers: dict[str, Any] | None = None
+        self,
+        topic: str,
+        message: Any,
+        *,
+        key: Any = None,
+        headers: Mapping[str, Any] | None = None,
     ) -> Any: ...
 
 class StepCounter:

@@ -101,8 +101,10 @@ _STATES = tuple(BackpressureState)
 ChangeCallback = Callable[[BackpressureState, BackpressureState, float], object]
 
 
-def _count_value(counter: itertools.count[int]) -> int:
-    """The next value ``counter`` would return, without advancing it (``count(5)`` -> 5)."""
+def _count_value(counter: itertools.count[int] | StepCounter) -> int:
+    """The next value ``counter`` would return, without advancing it (``count(5)`` -> 5).
+
+    A StepCounter's repr is ``count(N)`` too."""
     return int(repr(counter)[6:-1])
 
 

@@ -253,7 +253,7 @@ def _deque(n: int, scratch: str) -> float:
 def _mp_queue(n: int, scratch: str) -> float:
     import multiprocessing
 
-    q = multiprocessing.Queue()
+    q: multiprocessing.queues.Queue[int] = multiprocessing.Queue()
     try:
         return _queue_handoff(q, n)
     finally:
@@ -349,7 +349,7 @@ def _keyed_one(n: int, scratch: str) -> float:
 
 def _keyed_queues(n: int, scratch: str) -> float:
     workers = 2
-    qs = [queue.SimpleQueue() for _ in range(workers)]
+    qs: list[queue.SimpleQueue[Any]] = [queue.SimpleQueue() for _ in range(workers)]
     msgs = list(range(n))
     keys = (KEYS * (n // len(KEYS) + 1))[:n]
     count = itertools.count(1).__next__

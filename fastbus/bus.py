@@ -9,6 +9,7 @@ implementation: synchronous, thread-safe fan-out in the publisher's thread.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import threading
@@ -140,6 +141,9 @@ class _AsyncRunner:
                 # must not escape publish() and stop the handlers after it)
                 self._on_error(exc, context)
             return
+        # A Task on the running loop, or a concurrent Future for another loop's
+        # thread: both have what _done uses (cancelled, result, exception).
+        task: asyncio.Task[Any] | concurrent.futures.Future[Any]
         if target is running:
             task = target.create_task(coro)
         else:

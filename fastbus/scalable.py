@@ -42,7 +42,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from ._dispatch import BusCore, GroupCore, Message, PartitionSlot, TopicCore, deliver_groups
 from ._walcodec import check_keys
@@ -889,7 +889,7 @@ class ScalableBus(BusCore):
                     limit="max_subscribers_per_topic", value=limit, current=count)
             g = next((g for g in t.groups if group is not None and g.name == group), None)
             new_group = g is None
-            if new_group:
+            if g is None:
                 g = _Group(group)
             sub = Subscription(topic, handler, self._unsubscribe)
             member = _Member(sub, handler, self._make_call(handler), batch, g)
@@ -1291,6 +1291,9 @@ class ScalableBus(BusCore):
                     if t.wal_stop.is_set() or g.thread is not me:
                         return
                 if reader is None:
+                    # Only a named group's thread has a prev (t.leaving, a restart after
+                    # a stop: a joiner finds only named groups) and opens its reader here.
+                    assert g.name is not None
                     reader = t.wal.reader(g.name)
                     with t.lock:
                         handled = t.handled.pop(g.name, None)
@@ -1345,6 +1348,7 @@ class ScalableBus(BusCore):
     def _deliver_records(self, t: _Topic, g: _Group, records: list[Any]) -> dict[int, int]:
         """Hand ``records`` to their partitions' owners; returns, for each partition
         that had no owner, the first offset not delivered."""
+        # (Each Message's offset is its record's, never None: cast(int, ...) below.)
         by_partition: dict[int, list[Message]] = {}
         for r in records:
             by_partition.setdefault(r.partition, []).append(
@@ -1356,7 +1360,7 @@ class ScalableBus(BusCore):
         for p, msgs in by_partition.items():
             owners = g.owners
             if not owners:
-                undelivered[p] = msgs[0].offset
+                undelivered[p] = cast(int, msgs[0].offset)
                 continue
             m = owners[p % len(owners)]
             if m.batch:
@@ -1372,7 +1376,7 @@ class ScalableBus(BusCore):
                 # of the batch: the rest goes back to the reader, for the new owner.
                 owners = g.owners
                 if not owners or owners[p % len(owners)] is not m:
-                    undelivered[p] = msg.offset
+                    undelivered[p] = cast(int, msg.offset)
                     break
                 try:
                     m.call(msg)

@@ -62,7 +62,7 @@ import time
 import weakref
 from _thread import allocate_lock as _new_lock
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from .._partition import partition_for
 from .._segfile import MappedSegment, SyncWorker
@@ -177,9 +177,10 @@ class _DecodedRecord(Record):
     """A Record whose ``payload`` went through the queue's serializer."""
 
     __slots__ = ("_value",)
+    _value: Any
 
     @property
-    def payload(self) -> Any:  # type: ignore[override]
+    def payload(self) -> Any:
         return self._value
 
 
@@ -309,7 +310,8 @@ class WalMessageQueue:
         self._deletes_inflight = 0  # compactions deleting detached segments (close waits)
         self._syncer_idle = False
         self._groups: dict[str, dict[int, int]] = {}
-        self._m = dict.fromkeys((
+        # counters (int) and fsync_seconds (float)
+        self._m: dict[str, int | float] = dict.fromkeys((
             "bytes_written", "writes", "write_errors", "fsyncs", "fsync_errors",
             "group_commits", "group_commit_records", "group_commit_max", "segments_rolled",
             "retention_runs", "retention_deleted_segments", "retention_deleted_bytes",
@@ -1828,7 +1830,10 @@ class WalReader:
             out = []
             for r in records:
                 d = _DecodedRecord(r.offset, r.timestamp_ns, r.key, r.headers, r.payload, p)
-                d._value = ser.loads(r.payload)  # (may raise: the cursor has not moved yet)
+                # (may raise: the cursor has not moved yet.) bytes, as ser.dumps made
+                # them; only a record appended without a serializer (the log reopened
+                # with one) holds a str, which loads gets as it is, as before.
+                d._value = ser.loads(cast(bytes, r.payload))
                 out.append(d)
         cur.pos += res.end
         cur.offset += res.count
