@@ -312,6 +312,15 @@ def _mypy_run(tmp_path: pathlib.Path, source: str) -> subprocess.CompletedProces
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
+def test_mypy_finds_no_error_in_fastbus_itself(tmp_path: pathlib.Path) -> None:
+    # The user programs above see fastbus through --follow-imports=silent: an error
+    # inside the package (a wrong annotation, a stub out of step) would not show.
+    proc = subprocess.run(
+        [*_mypy(), "--cache-dir", str(tmp_path / "cache"), "fastbus"],
+        cwd=PKG.parent, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_mypy_strict_accepts_the_public_api(tmp_path: pathlib.Path) -> None:
     proc = _mypy_run(tmp_path, textwrap.dedent(USER_PROGRAM))
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
+import types
 from typing import Any
 
 from pubsub import pub
 from pubsub.core import Publisher
-from pubsub.core.topicobj import Topic
 
 from ..bus import Handler, Subscription, check_handler, check_topic, is_async_handler
 
@@ -47,7 +47,8 @@ class PubSubBus:
     uses pypubsub's default publisher (the one ``pub.sendMessage`` uses).
     """
 
-    def __init__(self, publisher: Publisher | None = None, *, arg: str = "msg") -> None:
+    def __init__(self, publisher: Publisher | types.ModuleType | None = None, *,
+                 arg: str = "msg") -> None:
         if publisher is None or publisher is pub:
             publisher = pub.getDefaultPublisher()
         if not isinstance(publisher, Publisher):
@@ -90,8 +91,10 @@ class PubSubBus:
             raise
         return sub
 
-    def _topic(self, name: str) -> Topic:
-        topic = self.publisher.getTopicMgr().getOrCreateTopic(name)
+    def _topic(self, name: str) -> Any:
+        # Any, not pubsub's Topic: pypubsub 4.0 defines that class twice and type
+        # checkers see the first, empty one (no hasMDS, getArgs, unsubscribe...).
+        topic: Any = self.publisher.getTopicMgr().getOrCreateTopic(name)
         if not topic.hasMDS():
             topic.setMsgArgSpec({self.arg: "the fastbus message"}, [self.arg])
             return topic
@@ -111,7 +114,7 @@ class PubSubBus:
             listener = self._listeners.pop(sub, None)
         if listener is None:
             return
-        topic = self.publisher.getTopicMgr().getTopic(sub.topic, okIfNone=True)
+        topic: Any = self.publisher.getTopicMgr().getTopic(sub.topic, okIfNone=True)
         if topic is not None and topic.hasListener(listener):
             topic.unsubscribe(listener)
 
