@@ -339,7 +339,9 @@ class ScalableBus(BusCore):
     on_error=None)``
 
     - ``inner``: the bus to decorate (an ``InProcessBus`` when None). Topics
-      that are not configured go straight to it.
+      that are not configured go straight to it. A blinker ``Namespace``, a pyee
+      ``EventEmitter`` or pypubsub's ``pub`` is wrapped first
+      (``fastbus.adapters.wrap``, default options; ``bus.inner`` is the adapter).
     - ``data_dir``/``store``: where durable topics keep their WAL; one of
       them is required before configuring a durable topic, and not both.
       ``data_dir``: one directory per topic under it (a ``FileStore`` each).
@@ -377,10 +379,16 @@ class ScalableBus(BusCore):
             inner = InProcessBus()
         elif not (callable(getattr(inner, "publish", None))
                   and callable(getattr(inner, "subscribe", None))):
-            raise TypeError(
-                f"inner must have publish(topic, message) and subscribe(topic, handler); "
-                f"got {type(inner).__name__} (wrap other buses with fastbus.adapters.wrap)"
-            )
+            from .adapters import wrap  # a blinker Namespace, a pyee emitter, pypubsub
+
+            try:
+                inner = wrap(inner)
+            except TypeError:
+                raise TypeError(
+                    f"inner must have publish(topic, message) and subscribe(topic, handler), "
+                    f"or be a bus fastbus.adapters can wrap (a blinker.Namespace, a pyee "
+                    f"EventEmitter, pypubsub's pub or a Publisher); got "
+                    f"{type(inner).__name__} (see fastbus.adapters)") from None
         limits = Limits() if limits is None else limits
         thresholds = Thresholds() if thresholds is None else thresholds
         if not isinstance(limits, Limits):
