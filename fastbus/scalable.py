@@ -614,25 +614,35 @@ class ScalableBus(BusCore):
             raise KeyError(f"topic {name!r} is not configured (configure_topic first)")
         return t.n
 
-    def reconfigure_limits(self, **changes: Any) -> Limits:
+    def reconfigure_limits(self, limits: Limits | None = None, /, **changes: Any) -> Limits:
         """Change limits at runtime; returns the new ``Limits``.
 
+        ``limits``: a whole new ``Limits`` (optional), then ``changes`` (keyword
+        arguments such as ``max_queue_size=...``) applied on top of it, or of the
+        limits in force, as ``backpressure.reconfigure`` does for ``Thresholds``.
         Takes effect for the next operation; nothing queued is lost. A limit
         lowered below current use keeps what exists and refuses what is new.
         Unknown names raise ``TypeError``, bad values ``ValueError``; nothing
         changes then.
         """
-        if not changes:
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"reconfigure_limits(limits): expected a fastbus.Limits, got "
+                            f"{type(limits).__name__} {limits!r}; or pass keyword changes, "
+                            f"e.g. reconfigure_limits(max_queue_size=10_000)")
+        if limits is None and not changes:
             return self._limits.current
         with self._limits_lock:  # the limits and the backpressure capacity change as one
-            new = self._limits.swap(lambda old: old.replace(**changes))
-            if "max_queue_size" in changes:
+            base = limits
+            new = self._limits.swap(
+                lambda old: (old if base is None else base).replace(**changes))
+            if new.max_queue_size != self._bp.capacity:
                 self._bp.set_capacity(new.max_queue_size)
         return new
 
-    async def reconfigure_limits_async(self, **changes: Any) -> Limits:
+    async def reconfigure_limits_async(self, limits: Limits | None = None, /,
+                                       **changes: Any) -> Limits:
         """``reconfigure_limits`` for asyncio code (it never blocks the loop for long)."""
-        return self.reconfigure_limits(**changes)
+        return self.reconfigure_limits(limits, **changes)
 
     # -- publishing -----------------------------------------------------------
 

@@ -12,6 +12,7 @@ import pytest
 
 from fastbus import (
     BackpressureState,
+    LimitExceeded,
     Limits,
     MessageBus,
     MessageBusBackpressure,
@@ -189,3 +190,33 @@ def test_scalable_bus_decorates_a_pyee_emitter_directly():
 def test_scalable_bus_still_refuses_what_is_not_a_bus():
     with pytest.raises(TypeError, match=r"publish\(topic, message\).*adapters"):
         ScalableBus(object())
+
+
+# ---------------------------------------------------------- reconfigure_limits(...)
+# DESIGN.md: reconfigure_limits(**changes) -> the new Limits, beside
+# backpressure.reconfigure(...), which takes a whole Thresholds or changes. A user who
+# builds a whole new Limits (Limits is what the constructor takes) and passes it got
+# "takes 1 positional argument but 2 were given". Both forms work now, as for reconfigure.
+
+
+def test_reconfigure_limits_takes_a_whole_limits_too():
+    with ScalableBus() as bus:
+        new = Limits(max_topics=3, max_subscribers_per_topic=2, max_queue_size=100)
+        assert bus.reconfigure_limits(new) == new
+        assert bus.limits == new and bus.backpressure.capacity == 100
+        assert bus.reconfigure_limits(Limits(), max_topics=5) == Limits(max_topics=5)
+        assert bus.backpressure.capacity == Limits().max_queue_size
+        assert bus.reconfigure_limits(max_queue_size=50).max_queue_size == 50
+        assert asyncio.run(bus.reconfigure_limits_async(new)) == new
+        with pytest.raises(TypeError, match="Limits"):
+            bus.reconfigure_limits({"max_topics": 3})
+        assert bus.limits == new
+
+
+def test_reconfigure_limits_with_a_whole_limits_still_refuses_a_lower_use():
+    with ScalableBus() as bus:
+        bus.configure_topic("a", TopicConfig())
+        bus.configure_topic("b", TopicConfig())
+        bus.reconfigure_limits(Limits(max_topics=1))  # keeps what exists
+        with pytest.raises(LimitExceeded):
+            bus.configure_topic("c", TopicConfig())
