@@ -56,7 +56,7 @@ from .backpressure import (
 from .bus import InProcessBus, MessageBus, Subscription, check_handler, check_topic
 from .bus import is_async_handler as _is_async
 from .config import ConfigRef, Limits, Thresholds, TopicConfig
-from .errors import BusClosed, BusOverloaded, LimitExceeded
+from .errors import BusClosed, BusOverloaded, LimitExceeded, UnknownTopicError
 from .metrics import RateMeter, RingMetrics, ScalingMetrics, TopicMetrics
 from .stores import Store, _make_dir
 
@@ -592,11 +592,13 @@ class ScalableBus(BusCore):
             return config
 
     def topic_config(self, name: str) -> TopicConfig:
-        """The config in force for ``name``; ``KeyError`` if it was never configured."""
+        """The config in force for ``name``; if it was never configured an
+        ``UnknownTopicError``, which is a ``ValueError`` and a ``KeyError``."""
         t = self._topics.get(check_topic(name))
         if t is None:
-            raise KeyError(f"topic {name!r} is not configured (it passes straight to the "
-                           f"inner bus); configure it with configure_topic")
+            raise UnknownTopicError(
+                f"topic {name!r} is not configured (it passes straight to the inner bus); "
+                f"configure it with configure_topic", topic=name)
         return t.config
 
     def is_configured(self, name: str) -> bool:
@@ -611,7 +613,8 @@ class ScalableBus(BusCore):
         """The partition count of a configured topic."""
         t = self._topics.get(check_topic(name))
         if t is None:
-            raise KeyError(f"topic {name!r} is not configured (configure_topic first)")
+            raise UnknownTopicError(
+                f"topic {name!r} is not configured (configure_topic first)", topic=name)
         return t.n
 
     def reconfigure_limits(self, limits: Limits | None = None, /, **changes: Any) -> Limits:

@@ -306,3 +306,21 @@ def test_kill9_sqlite_store_keeps_every_returned_append(tmp_path, policy, via):
         while batch := r.poll(max_records=1000, timeout=0):
             got.extend(int(x.payload[1:]) for x in batch)
     assert sorted(got) == list(range(400))
+
+
+# ---------------------------------------------------------- an unknown topic
+# DESIGN.md: "TypeError/ValueError for wrong arguments", and invariant 6: unknown topics
+# give a clear error. topic_config(name) and partitions(name) of a topic that was never
+# configured raised a bare KeyError: `except ValueError` (the documented kind for a wrong
+# argument) did not catch it. It is now both a KeyError (as before) and a ValueError.
+
+
+@pytest.mark.parametrize("call", ["topic_config", "partitions"])
+def test_an_unknown_topic_is_a_value_error_and_still_a_key_error(call):
+    with ScalableBus() as bus:
+        with pytest.raises(ValueError, match="'nope' is not configured") as info:
+            getattr(bus, call)("nope")
+        assert isinstance(info.value, KeyError)
+        assert str(info.value).startswith("topic 'nope'")  # not KeyError's quoted repr
+        with pytest.raises(KeyError):
+            getattr(bus, call)("nope")
