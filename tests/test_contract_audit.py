@@ -6,6 +6,10 @@ Every test is bounded in time.
 """
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -17,7 +21,9 @@ from fastbus import (
     MessageBus,
     MessageBusBackpressure,
     ScalableBus,
+    SQLiteStore,
     TopicConfig,
+    WalMessageQueue,
 )
 
 NORMAL = BackpressureState.NORMAL
@@ -266,18 +272,13 @@ threading.Event().wait(60)
 @pytest.mark.parametrize(("policy", "via"), [("every", "queue"), ("interval", "queue"),
                                              ("never", "queue"), ("every", "bus")])
 def test_kill9_sqlite_store_keeps_every_returned_append(tmp_path, policy, via):
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from fastbus import SQLiteStore, WalMessageQueue
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = str(tmp_path / "w.db")
     child = subprocess.Popen([sys.executable, "-c", _CHILD, path, policy, via, root],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     acked = []
+    watchdog = threading.Timer(60, child.kill)  # a child that hangs ends the read loop
+    watchdog.start()
     try:
         assert child.stdout is not None
         for line in child.stdout:
@@ -286,6 +287,7 @@ def test_kill9_sqlite_store_keeps_every_returned_append(tmp_path, policy, via):
             if line == "done\n":
                 break
     finally:
+        watchdog.cancel()
         child.send_signal(signal.SIGKILL)
         child.wait(10)
         err = child.stderr.read()
@@ -294,7 +296,6 @@ def test_kill9_sqlite_store_keeps_every_returned_append(tmp_path, policy, via):
     assert sorted(acked) == list(range(400)), err
     store = SQLiteStore(path)
     if via == "bus":
-        from fastbus import ScalableBus, TopicConfig
         with ScalableBus(store=store) as bus:
             bus.configure_topic("t", TopicConfig(durable=True, partitions=2))
             ends = bus.metrics().per_topic["t"].wal["records"]
