@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
+import inspect
 import itertools
 import logging
 import math
@@ -61,6 +63,7 @@ from itertools import islice
 from typing import Any
 
 from ._dispatch import StepCounter
+from .bus import _AsyncRunner, is_async_handler
 from .config import Thresholds
 from .errors import BusOverloaded
 
@@ -134,6 +137,34 @@ def _check_capacity(capacity: Any) -> int:
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1 (Limits.max_queue_size), got {capacity}")
     return capacity
+
+
+def _three_arguments(callback: Callable[..., object]) -> ChangeCallback:
+    """``callback``, which takes ``(old, new, utilisation)``, ``(old, new)`` or ``(new)``,
+    as a callable of the three; ``TypeError`` for any other shape."""
+    try:
+        sig = inspect.signature(callback)
+    except (TypeError, ValueError):  # no signature (some builtins): call it as documented
+        return callback
+    for nargs in (3, 2, 1):
+        try:
+            sig.bind(*(None,) * nargs)
+        except TypeError:
+            continue
+        if nargs == 3:
+            return callback
+        if nargs == 2:
+            def old_new(old: BackpressureState, new: BackpressureState, u: float) -> object:
+                return callback(old, new)
+
+            return functools.wraps(callback)(old_new)
+
+        def new_only(old: BackpressureState, new: BackpressureState, u: float) -> object:
+            return callback(new)
+
+        return functools.wraps(callback)(new_only)
+    raise TypeError(f"on_change(callback): callback must take (old, new, utilisation), "
+                    f"(old, new) or (new), got {callback!r} with signature {sig}")
 
 
 class MessageBusBackpressure:
@@ -328,27 +359,58 @@ class MessageBusBackpressure:
 
     # ------------------------------------------------------------------ signals
 
-    def on_change(self, callback: ChangeCallback) -> Callable[[], None]:
+    def on_change(self, callback: Callable[..., object]) -> Callable[[], None]:
         """Call ``callback(old, new, utilisation)`` on every state transition.
+
+        ``callback`` may also take ``(old, new)``, or only ``(new)`` (so
+        ``on_change(states.append)`` works); any other shape is a ``TypeError`` here,
+        not an error at every transition. A coroutine function is run on the event
+        loop that was running when it was registered (scheduled there, from any
+        thread), else on the loop of the thread that made the transition, else to
+        completion in that thread.
 
         Returns a function that unsubscribes it (idempotent). Callbacks run
         outside the state lock, in transition order; errors are logged and counted.
         """
         if not callable(callback):
             raise TypeError(f"on_change(callback): callback must be callable, got {callback!r}")
+        call = self._change_callback(callback)
         with self._lock:
-            self._callbacks = (*self._callbacks, callback)
+            self._callbacks = (*self._callbacks, call)
 
         def unsubscribe() -> None:
             with self._lock:
                 cbs = list(self._callbacks)
                 for i, cb in enumerate(cbs):
-                    if cb is callback:
+                    if cb is call:
                         del cbs[i]
                         self._callbacks = tuple(cbs)
                         return
 
         return unsubscribe
+
+    def _change_callback(self, callback: Callable[..., object]) -> ChangeCallback:
+        """``callback`` as a ``(old, new, utilisation)`` callable (see ``on_change``)."""
+        shaped = _three_arguments(callback)
+        if not is_async_handler(callback):
+            return shaped
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        runner = _AsyncRunner(self._async_callback_failed)
+
+        @functools.wraps(callback)
+        def scheduled(old: BackpressureState, new: BackpressureState, u: float) -> None:
+            runner.run(loop, shaped(old, new, u), (callback, old, new))
+
+        return scheduled
+
+    def _async_callback_failed(self, exc: BaseException, context: Any) -> None:
+        callback, old, new = context
+        self._count("callback_errors")
+        logger.error("backpressure on_change callback %r failed on %s -> %s", callback,
+                     old.name, new.name, exc_info=exc)
 
     # ------------------------------------------------------------------ admission
 

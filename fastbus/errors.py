@@ -11,6 +11,7 @@ __all__ = [
     "BusOverloaded",
     "FastbusError",
     "LimitExceeded",
+    "UnknownTopicError",
     "WalCorruptionError",
 ]
 
@@ -63,3 +64,26 @@ class WalCorruptionError(FastbusError):
         super().__init__(message)
         self.path = path
         self.position = position
+
+
+class UnknownTopicError(KeyError, ValueError):
+    """A topic that was never configured was named where a configured one is needed
+    (``ScalableBus.topic_config``, ``partitions``).
+
+    A wrong argument, so a ``ValueError`` as DESIGN.md says; also a ``KeyError``
+    (a lookup that found nothing), which it was first. ``topic`` names it.
+    """
+
+    def __init__(self, message: str, *, topic: str | None = None) -> None:
+        super().__init__(message)
+        self.topic = topic
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""  # (not KeyError's quoted repr)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_unknown_topic, (self.args[0] if self.args else "", self.topic))
+
+
+def _unknown_topic(message: str, topic: str | None) -> UnknownTopicError:
+    return UnknownTopicError(message, topic=topic)

@@ -56,7 +56,7 @@ from .backpressure import (
 from .bus import InProcessBus, MessageBus, Subscription, check_handler, check_topic
 from .bus import is_async_handler as _is_async
 from .config import ConfigRef, Limits, Thresholds, TopicConfig
-from .errors import BusClosed, BusOverloaded, LimitExceeded
+from .errors import BusClosed, BusOverloaded, LimitExceeded, UnknownTopicError
 from .metrics import RateMeter, RingMetrics, ScalingMetrics, TopicMetrics
 from .stores import Store, _make_dir
 
@@ -339,7 +339,9 @@ class ScalableBus(BusCore):
     on_error=None)``
 
     - ``inner``: the bus to decorate (an ``InProcessBus`` when None). Topics
-      that are not configured go straight to it.
+      that are not configured go straight to it. A blinker ``Namespace``, a pyee
+      ``EventEmitter`` or pypubsub's ``pub`` is wrapped first
+      (``fastbus.adapters.wrap``, default options; ``bus.inner`` is the adapter).
     - ``data_dir``/``store``: where durable topics keep their WAL; one of
       them is required before configuring a durable topic, and not both.
       ``data_dir``: one directory per topic under it (a ``FileStore`` each).
@@ -377,10 +379,16 @@ class ScalableBus(BusCore):
             inner = InProcessBus()
         elif not (callable(getattr(inner, "publish", None))
                   and callable(getattr(inner, "subscribe", None))):
-            raise TypeError(
-                f"inner must have publish(topic, message) and subscribe(topic, handler); "
-                f"got {type(inner).__name__} (wrap other buses with fastbus.adapters.wrap)"
-            )
+            from .adapters import wrap  # a blinker Namespace, a pyee emitter, pypubsub
+
+            try:
+                inner = wrap(inner)
+            except TypeError:
+                raise TypeError(
+                    f"inner must have publish(topic, message) and subscribe(topic, handler), "
+                    f"or be a bus fastbus.adapters can wrap (a blinker.Namespace, a pyee "
+                    f"EventEmitter, pypubsub's pub or a Publisher); got "
+                    f"{type(inner).__name__} (see fastbus.adapters)") from None
         limits = Limits() if limits is None else limits
         thresholds = Thresholds() if thresholds is None else thresholds
         if not isinstance(limits, Limits):
@@ -584,11 +592,13 @@ class ScalableBus(BusCore):
             return config
 
     def topic_config(self, name: str) -> TopicConfig:
-        """The config in force for ``name``; ``KeyError`` if it was never configured."""
+        """The config in force for ``name``; if it was never configured an
+        ``UnknownTopicError``, which is a ``ValueError`` and a ``KeyError``."""
         t = self._topics.get(check_topic(name))
         if t is None:
-            raise KeyError(f"topic {name!r} is not configured (it passes straight to the "
-                           f"inner bus); configure it with configure_topic")
+            raise UnknownTopicError(
+                f"topic {name!r} is not configured (it passes straight to the inner bus); "
+                f"configure it with configure_topic", topic=name)
         return t.config
 
     def is_configured(self, name: str) -> bool:
@@ -603,28 +613,39 @@ class ScalableBus(BusCore):
         """The partition count of a configured topic."""
         t = self._topics.get(check_topic(name))
         if t is None:
-            raise KeyError(f"topic {name!r} is not configured (configure_topic first)")
+            raise UnknownTopicError(
+                f"topic {name!r} is not configured (configure_topic first)", topic=name)
         return t.n
 
-    def reconfigure_limits(self, **changes: Any) -> Limits:
+    def reconfigure_limits(self, limits: Limits | None = None, /, **changes: Any) -> Limits:
         """Change limits at runtime; returns the new ``Limits``.
 
+        ``limits``: a whole new ``Limits`` (optional), then ``changes`` (keyword
+        arguments such as ``max_queue_size=...``) applied on top of it, or of the
+        limits in force, as ``backpressure.reconfigure`` does for ``Thresholds``.
         Takes effect for the next operation; nothing queued is lost. A limit
         lowered below current use keeps what exists and refuses what is new.
         Unknown names raise ``TypeError``, bad values ``ValueError``; nothing
         changes then.
         """
-        if not changes:
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"reconfigure_limits(limits): expected a fastbus.Limits, got "
+                            f"{type(limits).__name__} {limits!r}; or pass keyword changes, "
+                            f"e.g. reconfigure_limits(max_queue_size=10_000)")
+        if limits is None and not changes:
             return self._limits.current
         with self._limits_lock:  # the limits and the backpressure capacity change as one
-            new = self._limits.swap(lambda old: old.replace(**changes))
-            if "max_queue_size" in changes:
+            base = limits
+            new = self._limits.swap(
+                lambda old: (old if base is None else base).replace(**changes))
+            if new.max_queue_size != self._bp.capacity:
                 self._bp.set_capacity(new.max_queue_size)
         return new
 
-    async def reconfigure_limits_async(self, **changes: Any) -> Limits:
+    async def reconfigure_limits_async(self, limits: Limits | None = None, /,
+                                       **changes: Any) -> Limits:
         """``reconfigure_limits`` for asyncio code (it never blocks the loop for long)."""
-        return self.reconfigure_limits(**changes)
+        return self.reconfigure_limits(limits, **changes)
 
     # -- publishing -----------------------------------------------------------
 

@@ -155,7 +155,14 @@ class SegmentHandle(Protocol):
 
 @runtime_checkable
 class Store(Protocol):
-    """Where a queue keeps its meta document, segments and subscriber offsets."""
+    """Where a queue keeps its meta document, segments and subscriber offsets.
+
+    A store class may set ``persistent = True`` when what is written to it outlives
+    the process (a file, a database): a queue on it then writes every buffered
+    append out before the append returns (so it survives ``kill -9``), unless it
+    was given an explicit ``buffer_bytes``. Without the attribute a store is
+    taken as not persistent (``MemoryStore``): appends are buffered.
+    """
 
     location: str
 
@@ -342,6 +349,8 @@ class FileStore:
     ``.lock`` (the writer's exclusive ``flock``). Documents are replaced
     atomically (write temp, fsync, rename, fsync the directory).
     """
+
+    persistent = True  # (its active segment is mapped: appends are in the page cache)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
@@ -593,13 +602,17 @@ class SQLiteStore:
 
     Journal mode WAL; ``synchronous=FULL`` when the queue's fsync policy is
     ``always`` (each append's commit is durable), ``NORMAL`` otherwise (commits
-    survive a crash of the process; ``sync()`` checkpoints for power loss).
+    survive a crash of the process; ``sync()`` checkpoints for power loss). It is
+    ``persistent``: under a buffered policy a queue commits each append (or
+    ``append_many`` batch) before returning it, so it survives ``kill -9``.
     Each encoded WAL record is one row ``(part, seg, off, pos, blob)``: reading a
     segment back yields the same byte stream the FileStore would hold, and the
     same CRC checks apply. The writer's exclusive lock is an ``flock`` on
     ``<path>.lock``. The database is marked as fastbus's (``PRAGMA
     application_id``); one of something else is refused and left as it was.
     """
+
+    persistent = True  # a buffered policy's append is committed before it returns
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
@@ -861,6 +874,8 @@ class MemoryStore:
     - ``lose_unsynced()``: simulate power loss: every segment is cut back to
       what its last ``sync()`` covered.
     """
+
+    persistent = False  # nothing of it outlives the process: appends may stay buffered
 
     def __init__(self) -> None:
         self.location = f"memory:{id(self):x}"

@@ -33,9 +33,13 @@ Concurrency and durability in one page:
   (``every(n)``: the ``SyncWorker``, a thread that runs no Python, so it never
   waits for the GIL; ``interval``: the syncer thread); an appender waits only
   when the log is 2n records past the last completed sync.
-- The same policies on other stores (SQLite, memory): an append returns once
-  its record is in the buffer, which is written out when it reaches
-  ``buffer_bytes``, after ``linger`` seconds (by the syncer thread), when a
+- The same policies on an SQLiteStore (a ``persistent`` store that is not
+  mapped): ``buffer_bytes`` is 0 unless given, so each append writes its record
+  out (an SQLite commit) before it returns, after a running write if there is
+  one (``_write_accepted``): it survives ``kill -9`` too.
+- On a MemoryStore (not persistent), or with an explicit ``buffer_bytes``: an
+  append returns once its record is in the buffer, which is written out when it
+  reaches ``buffer_bytes``, after ``linger`` seconds (by the syncer thread), when a
   reader has caught up, and by ``flush()``. Only ``flush()`` (or ``close()``)
   guarantees that what was appended is in the store.
 - A failed write (ENOSPC, EIO) is rolled back: the segment is truncated to its
@@ -234,6 +238,12 @@ class WalMessageQueue:
     :class:`~fastbus.WalCorruptionError`. ``segment_bytes``/``segment_age``:
     roll the active segment when it reaches that size / age (seconds).
     ``clock``: seconds since the epoch, for timestamps, ages and retention.
+    ``buffer_bytes``/``linger`` (buffered policies, stores that are not mapped):
+    None (default) writes every append to a ``persistent`` store (SQLiteStore)
+    before it returns, so it survives ``kill -9`` as on a FileStore, and buffers up
+    to 64 KiB on others (MemoryStore); a number buffers up to that many bytes on
+    any store that is not mapped (faster on SQLite; a kill then loses what is
+    buffered), written out after at most ``linger`` seconds.
 
     Opening takes the store's exclusive lock (:class:`~fastbus.stores.WalLockedError`
     if another writer has it) and recovers every partition (torn tails are
@@ -259,7 +269,7 @@ class WalMessageQueue:
         segment_age: float | None = 7 * 86400.0,
         clock: Callable[[], float] = time.time,
         compaction_interval: float | None = 60.0,
-        buffer_bytes: int = 64 << 10,
+        buffer_bytes: int | None = None,
         linger: float = 0.005,
     ) -> None:
         if isinstance(path_or_store, str | os.PathLike):
@@ -285,6 +295,8 @@ class WalMessageQueue:
                 f"compaction_interval must be > 0 seconds or None, got {compaction_interval!r}")
         if not linger > 0:
             raise ValueError(f"linger must be > 0 seconds, got {linger!r}")
+        if buffer_bytes is not None:
+            _check_int("buffer_bytes", buffer_bytes, "an int >= 0 or None", 0)
         self._serializer = _make_serializer(serializer)
         self._store = store
         self._fsync = fsync
@@ -297,7 +309,8 @@ class WalMessageQueue:
         self._clock = clock
         self._ts: Callable[[], int] = (time.time_ns if clock is time.time
                                        else lambda: int(clock() * 1e9))
-        self._buffer_bytes = int(buffer_bytes)
+        self._buffer_bytes = 64 << 10 if buffer_bytes is None else buffer_bytes
+        self._write_through = False  # (decided once the partitions are open)
         self._linger = float(linger)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # I/O done, data visible, closed
@@ -334,6 +347,18 @@ class WalMessageQueue:
             self._close_handles()
             store.close()
             raise
+
+        if buffer_bytes is None and not self._always and getattr(store, "persistent", False) \
+                and any(p.mapped is None for p in self._parts):
+            # A persistent store that is not mapped (SQLiteStore): every append is
+            # written to it before it returns, so it survives kill -9 (DESIGN invariant
+            # 3) whatever the policy, as a FileStore's appends go into its mapped
+            # segment. Only a store that dies with the process (MemoryStore), or an
+            # explicit buffer_bytes, keeps appends in the buffer.
+            self._buffer_bytes = 0
+        # No buffer, buffered policy: each append writes itself out before it returns
+        # (waiting for a running write first), as on a mapped segment.
+        self._write_through = self._buffer_bytes == 0 and not self._always
 
         # The per-record hot path, compiled (fastbus/_walappend.pyx). It shares the
         # round-robin cursor, the count of waiting readers and the closed flag.
@@ -553,7 +578,7 @@ class WalMessageQueue:
         """
         now = time.monotonic()
         part.buffered_since = now
-        wake = part.mapped is None
+        wake = part.mapped is None and not self._write_through
         if part.unsynced_since == 0.0:
             part.unsynced_since = now
             wake = True
@@ -661,7 +686,7 @@ class WalMessageQueue:
         and the next append or ``flush()`` reports it.
         """
         try:
-            if part.mapped is not None:
+            if part.mapped is not None or self._write_through:
                 self._write_out(part)
             elif not part.io_busy:  # else the running writer or the next append does it
                 self._do_write(part)
