@@ -5,14 +5,21 @@ Start with ``ScalableBus`` (see README.md); everything public is listed in ``__a
 
 from ._version import __version__
 
+# Every compiled module first, so that a missing one (nothing built, or a partial build)
+# fails here, saying how to build, rather than later with a bare ImportError.
 try:
-    from . import _partition as _partition_check  # noqa: F401
-except ImportError as exc:  # pragma: no cover - exercised by the packaging test
+    import importlib as _importlib
+
+    for _name in ("_partition", "_ring", "_dispatch", "_walcodec", "_walappend", "_segfile"):
+        _importlib.import_module(f"{__name__}.{_name}")
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
-        "fastbus's compiled extensions are not built or do not load "
-        f"({exc}). Build them with `make build` (or `pip install .`, or "
+        f"fastbus's compiled extension fastbus.{_name} is not built or does not load "
+        f"({exc}). Build the extensions with `make build` (or `pip install .`, or "
         "`python setup.py build_ext --inplace` with Cython, numpy and cysignals installed)."
     ) from exc
+finally:
+    del _importlib, _name
 
 from ._partition import murmur2, partition_for, partition_many
 from ._ring import RecordConsumer, RecordRing, RecordView, RingBuffer, RingConsumer
