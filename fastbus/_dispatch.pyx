@@ -13,7 +13,7 @@ from libc.stdint cimport int32_t, int64_t, uint32_t
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 from fastbus._atomic cimport fb_cas, fb_fetch_add, fb_load_acquire, fb_store_release
-from fastbus._partition cimport murmur2_c, partition_c
+from fastbus._partition cimport is_number_buffer, key_type_message, murmur2_c, partition_c
 
 
 cdef inline int64_t _now_ns() noexcept nogil:
@@ -103,15 +103,15 @@ cdef inline bytes _key_bytes(object key):
     if isinstance(key, str):
         return (<str>key).encode("utf-8")
     if isinstance(key, (int, float)) or key is None:
-        raise TypeError(
-            f"a partition key must be bytes, bytearray, memoryview or str, got "
-            f"{type(key).__name__}")
+        raise TypeError(key_type_message(key))
+    cdef object mv
     try:
-        return memoryview(key).cast("B").tobytes()
+        mv = memoryview(key)
+        if not is_number_buffer(mv):  # (not a numpy int or float scalar)
+            return mv.cast("B").tobytes()
     except (TypeError, ValueError):
-        raise TypeError(
-            f"a partition key must be bytes, bytearray, memoryview or str, got "
-            f"{type(key).__name__}") from None
+        pass
+    raise TypeError(key_type_message(key))
 
 
 cpdef int32_t key_partition(object key, int32_t n) except -1:

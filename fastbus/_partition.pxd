@@ -2,6 +2,8 @@ from libc.stdint cimport int32_t, int64_t, uint32_t
 
 
 cdef uint32_t murmur2_c(const unsigned char *data, Py_ssize_t length) noexcept nogil
+cdef bint is_number_buffer(object mv) except -1
+cdef str key_type_message(object key)
 cdef inline int32_t partition_c(uint32_t h, int32_t num_partitions) noexcept nogil:
     return <int32_t>((h & 0x7fffffffu) % <uint32_t>num_partitions)
 

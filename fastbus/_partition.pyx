@@ -64,15 +64,38 @@ cdef object _key_bytes(object key):
         return key
     if isinstance(key, str):
         return PyUnicode_AsUTF8String(key)
+    cdef object mv
     if not isinstance(key, (int, float)):  # ints would make bytes(n) zero-filled
         try:
-            return memoryview(key).cast("B").tobytes()
+            mv = memoryview(key)
+            if not is_number_buffer(mv):
+                return mv.cast("B").tobytes()
         except (TypeError, ValueError):
             pass
-    raise TypeError(
-        f"a partition key must be bytes, bytearray, memoryview or str, "
-        f"got {type(key).__name__}"
-    )
+    raise TypeError(key_type_message(key))
+
+
+cdef bint is_number_buffer(object mv) except -1:
+    """A 0-d buffer of a number (a numpy int or float scalar, a 0-d numeric array).
+
+    Hashing its machine bytes would match no Kafka serializer (they are big-endian),
+    so it is refused like a Python int. A 0-d buffer of bytes (``np.array(b"ab")``)
+    is a key.
+    """
+    return mv.ndim == 0 and not mv.format.endswith(("s", "c"))
+
+
+cdef str key_type_message(object key):
+    msg = (f"a partition key must be bytes, bytearray, memoryview or str, "
+           f"got {type(key).__name__}")
+    try:
+        number = isinstance(key, (int, float)) or is_number_buffer(memoryview(key))
+    except (TypeError, ValueError):
+        number = False
+    if number:
+        msg += (" (encode a number first: str(n), or int(n).to_bytes(4, 'big') as Kafka's "
+                "IntegerSerializer does)")
+    return msg
 
 
 cdef int _check_partitions(object num_partitions) except -1:
@@ -130,7 +153,15 @@ def partition_many(keys, num_partitions):
     if isinstance(keys, (str, bytes, bytearray, memoryview)):
         raise TypeError("partition_many takes a sequence of keys; for one key use partition_for")
     import numpy as np
-    cdef list held = [_key_bytes(k) for k in keys]
+    try:
+        it = iter(keys)
+    except TypeError:
+        raise TypeError(
+            f"partition_many takes a sequence of keys (bytes, bytearray, memoryview or "
+            f"str) or a numpy array of keys (dtype S<n>, or 2-D uint8 a key a row), "
+            f"got {type(keys).__name__}"
+        ) from None
+    cdef list held = [_key_bytes(k) for k in it]
     cdef Py_ssize_t count = len(held)
     out = np.empty(count, dtype=np.int32)
     if count == 0:

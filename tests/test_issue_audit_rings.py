@@ -29,6 +29,13 @@ import numpy as np
 import pytest
 
 import fastbus
+from fastbus import (
+    ScalableBus,
+    TopicConfig,
+    murmur2,
+    partition_for,
+    partition_many,
+)
 
 PKG = pathlib.Path(fastbus.__file__).resolve().parent
 COMPILED = sorted(p.stem for p in PKG.glob("*.pyx"))
@@ -76,3 +83,43 @@ def test_import_says_how_to_build_when_one_compiled_module_is_missing(tmp_path, 
     assert "make build" in last and "build_ext --inplace" in last, last
     assert f"fastbus.{missing}" in last, last
     assert "circular import" not in last, last
+
+
+# ------------------------------------------------------ issue 2: wrong key types
+
+
+NUMPY_SCALARS = [np.int64(3), np.int32(3), np.uint8(7), np.float64(1.5), np.bool_(True)]
+
+
+@pytest.mark.parametrize("key", NUMPY_SCALARS, ids=lambda k: type(k).__name__)
+def test_numpy_number_keys_are_refused_like_python_numbers(key):
+    accepted = "bytes, bytearray, memoryview or str"
+    with pytest.raises(TypeError, match=accepted):
+        murmur2(key)
+    with pytest.raises(TypeError, match=accepted):
+        partition_for(key, 8)
+    with pytest.raises(TypeError, match=accepted):
+        partition_many([b"a", key], 8)
+
+
+def test_bytes_like_numpy_keys_still_hash_as_their_bytes():
+    assert murmur2(np.frombuffer(b"abcd", dtype=np.uint8)) == murmur2(b"abcd")
+    assert murmur2(np.bytes_(b"foobar")) == -790332482  # Kafka's vector
+    assert murmur2(np.str_("foobar")) == -790332482
+    assert partition_for(np.array([1, 2], dtype="<i4"), 7) == partition_for(
+        b"\x01\x00\x00\x00\x02\x00\x00\x00", 7)
+
+
+@pytest.mark.parametrize("key", [np.int64(3), np.float64(1.5)], ids=lambda k: type(k).__name__)
+def test_scalable_bus_refuses_numpy_number_keys(key):
+    with ScalableBus() as bus:
+        bus.configure_topic("orders", TopicConfig(partitions=4))
+        with pytest.raises(TypeError, match="bytes, bytearray, memoryview or str"):
+            bus.publish("orders", 1, key=key)
+        assert bus.flush(timeout=5)
+
+
+@pytest.mark.parametrize("keys", [5, None, 1.5])
+def test_partition_many_says_what_it_takes(keys):
+    with pytest.raises(TypeError, match=r"partition_many takes a sequence of keys.*got "):
+        partition_many(keys, 4)
