@@ -208,16 +208,25 @@ class InProcessBus:
         without subscribers returns 0. ``TypeError``/``ValueError`` for a topic
         that is not a non-empty str.
         """
-        subs = self._subs.get(topic)
-        if subs is None:
-            check_topic(topic)
-            return 0
-        for sub, call in subs:
-            try:
-                call(message)
-            except Exception as exc:
-                self._handler_failed(exc, topic, message, sub.handler)
-        return len(subs)
+        # (One try around it all: on 3.11 its only cost is a NOP, where a try around
+        # the lookup alone also adds a jump over its handler.)
+        try:
+            subs = self._subs.get(topic)
+            if subs is None:
+                check_topic(topic)
+                return 0
+            for sub, call in subs:
+                try:
+                    call(message)
+                except Exception as exc:
+                    self._handler_failed(exc, topic, message, sub.handler)
+            return len(subs)
+        except TypeError:
+            if isinstance(topic, str):
+                raise
+            # (also an unhashable topic, which dict.get refused before check_topic ran)
+            raise TypeError(f"topic must be a str, got {type(topic).__name__} {topic!r}") \
+                from None
 
     def subscribe(self, topic: str, handler: Handler) -> Subscription:
         """Add ``handler`` (a function or a coroutine function) to ``topic``.

@@ -30,6 +30,7 @@ import pytest
 
 import fastbus
 from fastbus import (
+    InProcessBus,
     ScalableBus,
     TopicConfig,
     murmur2,
@@ -123,3 +124,15 @@ def test_scalable_bus_refuses_numpy_number_keys(key):
 def test_partition_many_says_what_it_takes(keys):
     with pytest.raises(TypeError, match=r"partition_many takes a sequence of keys.*got "):
         partition_many(keys, 4)
+
+
+# ------------------------------------------------------ issue 2: the reference bus
+
+
+@pytest.mark.parametrize("topic", [["t"], {"t": 1}, {"t"}])
+def test_inprocess_publish_with_an_unhashable_topic_says_what_is_right(topic):
+    bus = InProcessBus()
+    bus.subscribe("t", lambda m: None)
+    with pytest.raises(TypeError, match="topic must be a str, got"):
+        bus.publish(topic, 1)
+    assert bus.publish("t", 1) == 1
