@@ -1132,6 +1132,11 @@ cdef class RingConsumer(_ConsumerBase):
         cdef int64_t lo, hi, s, j
         cdef PyObject *o
         cdef list out
+        if not callable(handler):  # (before any message is taken: none is consumed)
+            raise TypeError(
+                f"handler must be callable: handler(message, end_of_batch), or "
+                f"handler(list) with batch=True; got {type(handler).__name__} {handler!r}"
+            )
         self._enter()
         try:
             lo = self.cc.seq.value + 1

@@ -31,6 +31,7 @@ import pytest
 import fastbus
 from fastbus import (
     InProcessBus,
+    RingBuffer,
     ScalableBus,
     TopicConfig,
     murmur2,
@@ -136,3 +137,21 @@ def test_inprocess_publish_with_an_unhashable_topic_says_what_is_right(topic):
     with pytest.raises(TypeError, match="topic must be a str, got"):
         bus.publish(topic, 1)
     assert bus.publish("t", 1) == 1
+
+
+# ------------------------------------------------------------ issue 3: process()
+
+
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("handler", [None, 5, "handler"])
+def test_process_refuses_a_handler_that_is_not_callable_and_consumes_nothing(handler, batch):
+    ring = RingBuffer(8)
+    c = ring.add_consumer()
+    ring.publish_many([1, 2, 3])
+    with pytest.raises(TypeError, match="handler must be callable"):
+        c.process(handler, timeout=0, batch=batch)
+    assert c.sequence == -1
+    assert c.poll(timeout=0) == [1, 2, 3]
+    # also on an empty ring: the wrong argument is refused, not ignored
+    with pytest.raises(TypeError, match="handler must be callable"):
+        c.process(handler, timeout=0, batch=batch)
