@@ -166,6 +166,21 @@ cdef Py_ssize_t _max_batch(object max_batch) except -1:
     return min(<object>max_batch, 1 << 40)
 
 
+cdef tuple _after_tuple(object after, type cls):
+    """``add_consumer``'s ``after``: one consumer or an iterable of them, as a tuple
+    (an iterator is read once, here; the consumer reports the tuple as ``after``)."""
+    if isinstance(after, _ConsumerBase):
+        return (after,)
+    try:
+        it = iter(after)
+    except TypeError:
+        raise TypeError(
+            f"after= takes a {cls.__name__} or an iterable of them (the consumers this "
+            f"one trails; () for none), got {type(after).__name__}"
+        ) from None
+    return tuple(it)
+
+
 cdef inline bint _in_main_thread() noexcept:
     return PyThread_get_thread_ident() == _main_ident
 
@@ -1013,11 +1028,12 @@ cdef class RingBuffer(_RingBase):
         ``after``: consumers this one trails (it reads a message only once each
         of them is done with it), for pipelines.
         """
+        cdef tuple deps = _after_tuple(after, RingConsumer)
         cdef RingConsumer c = RingConsumer.__new__(RingConsumer)
-        c.cc = self._make_consumer_core(after, RingConsumer)
+        c.cc = self._make_consumer_core(deps, RingConsumer)
         c._base = self
         c.ring = self
-        c._after = tuple(after) if not isinstance(after, _ConsumerBase) else (after,)
+        c._after = deps
         return c
 
     def remove_consumer(self, RingConsumer consumer not None):
@@ -1299,12 +1315,13 @@ cdef class RecordRing(_RingBase):
 
         ``after``: consumers this one trails (pipelines).
         """
+        cdef tuple deps = _after_tuple(after, RecordConsumer)
         cdef RecordConsumer c = RecordConsumer.__new__(RecordConsumer)
-        c.cc = self._make_consumer_core(after, RecordConsumer)
+        c.cc = self._make_consumer_core(deps, RecordConsumer)
         c._base = self
         c.ring = self
         c._view = None
-        c._after = tuple(after) if not isinstance(after, _ConsumerBase) else (after,)
+        c._after = deps
         return c
 
     def remove_consumer(self, RecordConsumer consumer not None):

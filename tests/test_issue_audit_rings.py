@@ -31,6 +31,7 @@ import pytest
 import fastbus
 from fastbus import (
     InProcessBus,
+    RecordRing,
     RingBuffer,
     ScalableBus,
     TopicConfig,
@@ -155,3 +156,41 @@ def test_process_refuses_a_handler_that_is_not_callable_and_consumes_nothing(han
     # also on an empty ring: the wrong argument is refused, not ignored
     with pytest.raises(TypeError, match="handler must be callable"):
         c.process(handler, timeout=0, batch=batch)
+
+
+# ------------------------------------------------------------- issue 3: after=
+
+
+@pytest.mark.parametrize("make_ring", [lambda: RingBuffer(8), lambda: RecordRing(8, 8)],
+                         ids=["RingBuffer", "RecordRing"])
+def test_after_given_an_iterator_is_what_consumer_after_reports(make_ring):
+    ring = make_ring()
+    a = ring.add_consumer()
+    b = ring.add_consumer()
+    c = ring.add_consumer(after=iter([a, b]))
+    d = ring.add_consumer(after=(x for x in [a]))
+    e = ring.add_consumer(after=a)
+    assert c.after == (a, b)
+    assert d.after == (a,)
+    assert e.after == (a,)
+
+
+def test_after_trails_the_consumers_of_an_iterator():
+    ring = RingBuffer(8)
+    a = ring.add_consumer()
+    b = ring.add_consumer(after=(x for x in [a]))
+    ring.publish_many([1, 2, 3])
+    assert b.poll(timeout=0) == []
+    assert a.poll(max_batch=2) == [1, 2]
+    assert b.poll(timeout=0) == [1, 2]
+
+
+@pytest.mark.parametrize("after", [None, 5, 1.5])
+@pytest.mark.parametrize("make_ring", [lambda: RingBuffer(8), lambda: RecordRing(8, 8)],
+                         ids=["RingBuffer", "RecordRing"])
+def test_after_that_is_not_consumers_says_what_is_right(make_ring, after):
+    ring = make_ring()
+    kind = "RingConsumer" if isinstance(ring, RingBuffer) else "RecordConsumer"
+    with pytest.raises(TypeError, match=rf"after= takes a {kind} or an iterable of them"):
+        ring.add_consumer(after=after)
+    assert ring.consumers == 0
