@@ -166,6 +166,15 @@ cdef Py_ssize_t _max_batch(object max_batch) except -1:
     return min(<object>max_batch, 1 << 40)
 
 
+cdef Py_ssize_t _max_records(object max_records) except -1:
+    """``_max_batch`` for ``view(max_records)``: its errors name max_records."""
+    if isinstance(max_records, bool) or not isinstance(max_records, int):
+        raise TypeError(f"max_records must be an int, got {type(max_records).__name__}")
+    if max_records < 1:
+        raise ValueError(f"max_records must be >= 1, got {max_records}")
+    return min(<object>max_records, 1 << 40)
+
+
 cdef tuple _after_tuple(object after, type cls):
     """``add_consumer``'s ``after``: one consumer or an iterable of them, as a tuple
     (an iterator is read once, here; the consumer reports the tuple as ``after``)."""
@@ -1422,7 +1431,7 @@ cdef class RecordConsumer(_ConsumerBase):
         While open, this consumer refuses other reads, and committing while a
         buffer taken from the view is still alive raises ``BufferError``.
         """
-        cdef Py_ssize_t mb = _max_batch(max_records)
+        cdef Py_ssize_t mb = _max_records(max_records)
         cdef double t = _timeout(timeout)
         cdef RecordRing ring = self.ring
         cdef Core *c = ring.core

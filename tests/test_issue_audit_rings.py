@@ -194,3 +194,17 @@ def test_after_that_is_not_consumers_says_what_is_right(make_ring, after):
     with pytest.raises(TypeError, match=rf"after= takes a {kind} or an iterable of them"):
         ring.add_consumer(after=after)
     assert ring.consumers == 0
+
+
+# -------------------------------------------------------------- issue 3: view()
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_view_max_records_error_names_max_records(bad):
+    ring = RecordRing(8, 4)
+    c = ring.add_consumer()
+    with pytest.raises(ValueError, match=rf"max_records must be >= 1, got {bad}"):
+        c.view(bad, timeout=0)
+    with pytest.raises(TypeError, match="max_records must be an int"):
+        c.view(max_records=1.5, timeout=0)
+    assert c.current_view is None
