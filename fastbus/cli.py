@@ -111,7 +111,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             findings = v.findings
             for p, f in findings:
                 kind = "TORN TAIL" if f.kind == "torn_tail" else "CORRUPT"
-                print(f"{kind}: {f.location} at byte {f.position} (partition {p}, {f.reason})")
+                where = (f"{f.location} is missing or holds no segment file" if
+                         f.kind == "missing" else f"{f.location} at byte {f.position}")
+                print(f"{kind}: {where} (partition {p}, {f.reason})")
                 status = max(status, 2) if f.kind == "torn_tail" else 1
             for g, offs in v.groups.items():
                 if isinstance(offs, str):

@@ -1,0 +1,139 @@
+"""Requirements audit of issue 5 (durable topics): the gaps it found, each as a test
+written as a new user calls the library (public names, documented behaviour).
+
+- a missing partition directory is damage (WalCorruptionError), not a partition
+  silently made anew and empty (invariant 6: a damaged data directory gives a
+  clear error and leaves the data as it was);
+- the directories a queue makes, parents included, are 0700 and durable (each one
+  fsync'ed into its parent), as "directories 0700" and `always` promise;
+- `fastbus wal` reads a data_dir whose durable topic is named "meta.json";
+- `fastbus wal dump` says where it stopped at damage instead of ending quietly;
+- an offsets document with a digit int() refuses is damaged, not a crash.
+"""
+
+import os
+import shutil
+
+import pytest
+
+from fastbus import (
+    FsyncPolicy,
+    ScalableBus,
+    SQLiteStore,
+    TopicConfig,
+    WalCorruptionError,
+    WalMessageQueue,
+)
+from fastbus.cli import main as cli_main
+from tests.crashkit import tree_digest as _tree
+
+
+def _make(queue_dir, *, partitions=2, n=10, group="g", read=4):
+    """A closed queue with ``n`` records round robin and ``group`` committed at ``read``."""
+    with WalMessageQueue(queue_dir, partitions=partitions, fsync=FsyncPolicy.never(),
+                         compaction_interval=None) as q:
+        for i in range(n):
+            q.append(b"m%d" % i, partition=i % partitions)
+        if group is not None:
+            r = q.reader(group)
+            assert len(r.poll(max_records=read, timeout=0)) == read
+            r.commit()
+
+
+# ------------------------------------------------------- a missing partition directory
+
+
+def test_missing_partition_directory_is_corruption_and_nothing_changes(tmp_path):
+    d = tmp_path / "q"
+    _make(d)
+    shutil.rmtree(d / "p-0001")
+    before = _tree(d)
+    with pytest.raises(WalCorruptionError) as info:
+        WalMessageQueue(d, partitions=2)
+    assert info.value.path == str(d / "p-0001")
+    assert "repair=True" in str(info.value)
+    assert _tree(d) == before, "the failed open changed the directory"
+    assert not (d / "p-0001").exists()
+
+
+def test_missing_partition_directory_without_subscribers_is_corruption_too(tmp_path):
+    d = tmp_path / "q"
+    _make(d, group=None)
+    shutil.rmtree(d / "p-0000")
+    with pytest.raises(WalCorruptionError) as info:
+        WalMessageQueue(d, partitions=None)
+    assert info.value.path == str(d / "p-0000")
+
+
+def test_emptied_partition_directory_is_corruption(tmp_path):
+    d = tmp_path / "q"
+    _make(d)
+    for name in os.listdir(d / "p-0001"):
+        os.unlink(d / "p-0001" / name)
+    with pytest.raises(WalCorruptionError):
+        WalMessageQueue(d, partitions=2)
+
+
+def test_missing_partition_of_an_sqlite_store_is_corruption(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "wal.db"
+    with WalMessageQueue(SQLiteStore(db), partitions=2, compaction_interval=None) as q:
+        for i in range(4):
+            q.append(b"x%d" % i, partition=i % 2)
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM segments WHERE part = 1")
+    conn.close()
+    with pytest.raises(WalCorruptionError):
+        WalMessageQueue(SQLiteStore(db), partitions=2)
+
+
+def test_missing_partition_with_repair_starts_it_again_empty(tmp_path):
+    d = tmp_path / "q"
+    _make(d, read=10)  # g committed p0=5, p1=5
+    shutil.rmtree(d / "p-0001")
+    with WalMessageQueue(d, partitions=2, repair=True, compaction_interval=None) as q:
+        assert q.end_offsets() == {0: 5, 1: 0}
+        assert q.groups()["g"] == {0: 5, 1: 0}  # clamped to the new end
+        m = q.metrics()
+        assert m["corruption_reports"] == 1 and m["offsets_clamped"] == 1
+        assert any("p-0001" in line for line in q.recovery_report())
+        assert q.append(b"new", partition=1) == (1, 0)
+        assert [r.payload for r in q.reader("g").poll(timeout=0)] == [b"new"]
+    with WalMessageQueue(d, partitions=2) as q:  # repaired: opens without repair now
+        assert q.end_offsets() == {0: 5, 1: 1}
+
+
+def test_first_open_cut_short_before_its_partitions_is_not_damage(tmp_path):
+    """meta.json written, the partitions' first segments not all made (a crash in the
+    very first open): no records, no subscribers, so the next open makes them."""
+    d = tmp_path / "q"
+    WalMessageQueue(d, partitions=3).close()
+    shutil.rmtree(d / "p-0001")
+    shutil.rmtree(d / "p-0002")
+    with WalMessageQueue(d, partitions=3) as q:
+        assert q.end_offsets() == {0: 0, 1: 0, 2: 0}
+        assert q.append(b"x", partition=2) == (2, 0)
+
+
+def test_missing_partition_inside_a_bus_data_dir(tmp_path):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", TopicConfig(durable=True, partitions=2))
+        for i in range(6):
+            bus.publish("t", b"m%d" % i)
+    shutil.rmtree(tmp_path / "t" / "p-0001")
+    with ScalableBus(data_dir=tmp_path) as bus, pytest.raises(WalCorruptionError):
+        bus.configure_topic("t", TopicConfig(durable=True, partitions=2))
+
+
+def test_verify_reports_a_missing_partition_as_corruption(tmp_path, capsys):
+    d = tmp_path / "q"
+    _make(d)
+    shutil.rmtree(d / "p-0001")
+    before = _tree(d)
+    assert cli_main(["wal", "verify", str(d)]) == 1
+    out = capsys.readouterr().out
+    assert f"CORRUPT: {d / 'p-0001'}" in out and "partition 1" in out
+    assert cli_main(["wal", "inspect", str(d)]) == 0
+    assert str(d / "p-0001") in capsys.readouterr().out
+    assert _tree(d) == before
