@@ -13,6 +13,7 @@ written as a new user calls the library (public names, documented behaviour).
 
 import os
 import shutil
+import stat
 
 import pytest
 
@@ -24,6 +25,7 @@ from fastbus import (
     WalCorruptionError,
     WalMessageQueue,
 )
+from fastbus import stores as stores_module
 from fastbus.cli import main as cli_main
 from tests.crashkit import tree_digest as _tree
 
@@ -137,3 +139,70 @@ def test_verify_reports_a_missing_partition_as_corruption(tmp_path, capsys):
     assert cli_main(["wal", "inspect", str(d)]) == 0
     assert str(d / "p-0001") in capsys.readouterr().out
     assert _tree(d) == before
+
+
+# ------------------------------------------------------ directories: 0700 and durable
+
+
+def _modes(top, leaf):
+    out = {}
+    path = leaf
+    while True:
+        out[os.path.relpath(path, top)] = stat.S_IMODE(os.stat(path).st_mode)
+        if os.path.samefile(path, top):
+            return out
+        path = os.path.dirname(path)
+
+
+def test_queue_directory_and_the_parents_it_makes_are_0700(tmp_path):
+    old = os.umask(0o022)
+    try:
+        leaf = tmp_path / "a" / "b" / "q"
+        WalMessageQueue(leaf).close()
+    finally:
+        os.umask(old)
+    modes = _modes(tmp_path, leaf)
+    del modes["."]  # (pytest's, not ours)
+    assert modes == {"a": 0o700, os.path.join("a", "b"): 0o700,
+                     os.path.join("a", "b", "q"): 0o700}
+
+
+def test_bus_data_dir_parents_are_0700(tmp_path):
+    data = tmp_path / "var" / "bus"
+    old = os.umask(0o022)
+    try:
+        with ScalableBus(data_dir=data) as bus:
+            bus.configure_topic("t", TopicConfig(durable=True))
+            bus.publish("t", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "var").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(data).st_mode) == 0o700
+
+
+def test_a_new_queue_directory_is_synced_into_its_parent(tmp_path, monkeypatch):
+    """Under always() an append returns once its record is durable: after a power loss
+    the queue's directory entry must be there too, so the directory that gained it is
+    fsync'ed (as the partition and offsets directories already were)."""
+    synced = []
+    real = stores_module._fsync_dir
+
+    def spy(path):
+        synced.append(os.path.realpath(path))
+        real(path)
+
+    monkeypatch.setattr(stores_module, "_fsync_dir", spy)
+    leaf = tmp_path / "a" / "q"
+    with WalMessageQueue(leaf, fsync=FsyncPolicy.always()) as q:
+        q.append(b"x")
+    for parent in (tmp_path, tmp_path / "a"):
+        assert os.path.realpath(parent) in synced, (parent, synced)
+
+
+def test_a_file_in_the_way_of_the_queue_directory_is_still_a_clear_error(tmp_path):
+    (tmp_path / "a").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError) as info:
+        WalMessageQueue(tmp_path / "a")
+    assert str(tmp_path / "a") in str(info.value)
+    with pytest.raises(NotADirectoryError):
+        WalMessageQueue(tmp_path / "a" / "q")
