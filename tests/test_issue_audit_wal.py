@@ -206,3 +206,18 @@ def test_a_file_in_the_way_of_the_queue_directory_is_still_a_clear_error(tmp_pat
     assert str(tmp_path / "a") in str(info.value)
     with pytest.raises(NotADirectoryError):
         WalMessageQueue(tmp_path / "a" / "q")
+
+
+# ----------------------------------------------------------------------- the CLI
+
+
+def test_cli_reads_a_data_dir_with_a_topic_named_meta_json(tmp_path, capsys):
+    with ScalableBus(data_dir=tmp_path) as bus:
+        for topic in ("meta.json", "orders"):
+            bus.configure_topic(topic, TopicConfig(durable=True))
+            bus.publish(topic, b"x")
+    assert cli_main(["wal", "verify", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "topic 'meta.json'" in out and "topic 'orders'" in out
+    assert cli_main(["wal", "dump", str(tmp_path), "--topic", "orders"]) == 0
+    assert "offset=0" in capsys.readouterr().out

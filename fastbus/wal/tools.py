@@ -39,7 +39,10 @@ def find_queues(path: str) -> list[tuple[str, str]]:
         return [("", path)]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no WAL at {path}: no such file or directory")
-    if os.path.exists(os.path.join(path, "meta.json")):
+    meta = os.path.join(path, "meta.json")
+    # (a ScalableBus data_dir may have a durable topic named "meta.json": a directory
+    # that holds a queue of its own; a queue's own meta.json is a file, or damage)
+    if os.path.exists(meta) and not os.path.exists(os.path.join(meta, "meta.json")):
         return [("", path)]
     out = []
     for name in sorted(os.listdir(path)):
