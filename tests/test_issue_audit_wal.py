@@ -221,3 +221,23 @@ def test_cli_reads_a_data_dir_with_a_topic_named_meta_json(tmp_path, capsys):
     assert "topic 'meta.json'" in out and "topic 'orders'" in out
     assert cli_main(["wal", "dump", str(tmp_path), "--topic", "orders"]) == 0
     assert "offset=0" in capsys.readouterr().out
+
+
+def test_dump_says_where_it_stops_at_corruption(tmp_path, capsys):
+    d = tmp_path / "q"
+    _make(d, partitions=1, n=6)
+    seg = d / "p-0000" / f"{0:020d}.log"
+    data = bytearray(seg.read_bytes())
+    data[40 + 12] ^= 0x01  # inside the second record (the first is 38 bytes)
+    seg.write_bytes(bytes(data))
+    assert cli_main(["wal", "dump", str(d)]) == 1
+    cap = capsys.readouterr()
+    assert [line.split()[1] for line in cap.out.splitlines()] == ["offset=0"]
+    assert f"{seg} at byte 38" in cap.err
+
+
+def test_dump_of_a_clean_queue_still_exits_0(tmp_path, capsys):
+    d = tmp_path / "q"
+    _make(d, partitions=2, n=4)
+    assert cli_main(["wal", "dump", str(d)]) == 0
+    assert capsys.readouterr().err == ""
