@@ -11,6 +11,7 @@ written as a new user calls the library (public names, documented behaviour).
 - an offsets document with a digit int() refuses is damaged, not a crash.
 """
 
+import json
 import os
 import shutil
 import stat
@@ -24,6 +25,7 @@ from fastbus import (
     TopicConfig,
     WalCorruptionError,
     WalMessageQueue,
+    crc32c,
 )
 from fastbus import stores as stores_module
 from fastbus.cli import main as cli_main
@@ -241,3 +243,19 @@ def test_dump_of_a_clean_queue_still_exits_0(tmp_path, capsys):
     _make(d, partitions=2, n=4)
     assert cli_main(["wal", "dump", str(d)]) == 0
     assert capsys.readouterr().err == ""
+
+
+# -------------------------------------------------------------- a garbage offsets file
+
+
+def test_offsets_document_with_a_digit_int_refuses_restarts_the_group(tmp_path, capsys):
+    d = tmp_path / "q"
+    _make(d, partitions=1, n=3, read=2)
+    body = {"format": 1, "subscriber": "g", "offsets": {"\u00b2": 1}}  # "²".isdigit()
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    (d / "offsets" / "g.json").write_text(json.dumps(dict(body, crc32c=crc32c(canonical))))
+    assert cli_main(["wal", "verify", str(d)]) == 2
+    assert "DAMAGED OFFSETS" in capsys.readouterr().out
+    with WalMessageQueue(d) as q:
+        assert q.metrics()["offsets_damaged"] == 1
+        assert len(q.reader("g").poll(timeout=0)) == 3
