@@ -111,7 +111,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             findings = v.findings
             for p, f in findings:
                 kind = "TORN TAIL" if f.kind == "torn_tail" else "CORRUPT"
-                print(f"{kind}: {f.location} at byte {f.position} (partition {p}, {f.reason})")
+                where = (f"{f.location} is missing or holds no segment file" if
+                         f.kind == "missing" else f"{f.location} at byte {f.position}")
+                print(f"{kind}: {where} (partition {p}, {f.reason})")
                 status = max(status, 2) if f.kind == "torn_tail" else 1
             for g, offs in v.groups.items():
                 if isinstance(offs, str):
@@ -137,15 +139,20 @@ def _cmd_dump(args: argparse.Namespace) -> int:
     from .wal.tools import iter_records
     views = _views(args.dir, args.topic)
     left = args.limit
+    status = 0
     try:
         for v in views:
             parts = range(v.partitions) if args.partition is None else [args.partition]
             for p in parts:
                 if not 0 <= p < v.partitions:
                     raise ValueError(f"partition must be in 0..{v.partitions - 1}, got {p}")
+                # Records past damage cannot be read: say where the dump stops instead
+                # of ending as if the partition ended there (a torn tail is only the
+                # end of what was written, and is not reported).
+                damage = [f for f in v.recoveries[p].findings if f.kind != "torn_tail"]
                 for r in iter_records(v, p, args.from_offset):
                     if left is not None and left <= 0:
-                        return 0
+                        return status
                     if args.json:
                         print(json.dumps(_record_json(v.topic, r)))
                     else:
@@ -158,10 +165,15 @@ def _cmd_dump(args: argparse.Namespace) -> int:
                               f"key={r.key!r}{hdrs} payload={shown}")
                     if left is not None:
                         left -= 1
+                for f in damage:
+                    topic = f"topic {v.topic!r} " if v.topic else ""
+                    print(f"fastbus wal dump: {topic}partition {p} stops before damage: "
+                          f"{f.describe()} (see `fastbus wal verify`)", file=sys.stderr)
+                    status = 1
     finally:
         for v in views:
             v.close()
-    return 0
+    return status
 
 
 def _record_json(topic: str, r: Any) -> dict[str, Any]:

@@ -874,8 +874,10 @@ class ScalableBus(BusCore):
         list of them with ``batch=True``). ``group``: subscribers of one group
         share the topic's partitions, each partition owned by one member and
         rebalanced on join and leave; without a group the subscriber receives
-        every message. On a pass-through topic the subscription is made on the
-        inner bus (``group``/``batch`` are then refused with ``ValueError``).
+        every message (on a durable topic: from now on, committing nothing, so it
+        does not resume after a restart as a group does). On a pass-through topic
+        the subscription is made on the inner bus (``group``/``batch`` are then
+        refused with ``ValueError``).
 
         A coroutine function handler runs on the event loop that was running when
         it subscribed (or, with none, or once that loop no longer runs, in a fresh

@@ -227,11 +227,35 @@ def _mkdir(path: str) -> bool:
     return True
 
 
-def _make_dir(path: str, why: str) -> None:
-    """``os.makedirs(path, 0o700)``; a file in the way is a ``NotADirectoryError``
-    saying so (makedirs says only "File exists")."""
+def _make_dirs(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)``, except that every directory it makes is
+    ``0700`` (``makedirs`` gives that mode to the last one only) and the directory
+    that gained it as an entry is fsync'ed, so that a new queue's directory, and
+    with it the records appended to it, survives a power loss."""
+    head, tail = os.path.split(path)
+    if not tail:
+        head, tail = os.path.split(head)
+    if head and tail and not os.path.exists(head):
+        _make_dirs(head)
+        if tail == os.curdir:
+            return
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    # (a parent this process may not read cannot be opened to be synced: best effort)
+    with contextlib.suppress(PermissionError):
+        _fsync_dir(head or os.curdir)
+
+
+def _make_dir(path: str, why: str) -> None:
+    """Make ``path`` and its missing parents (``0700``, each one durable: see
+    ``_make_dirs``); a file in the way is a ``NotADirectoryError`` saying so
+    (``os.mkdir`` says only "File exists")."""
+    try:
+        _make_dirs(path)
     except FileExistsError:
         raise NotADirectoryError(errno.ENOTDIR, f"Not a directory; {why}", path) from None
 

@@ -64,7 +64,9 @@ def decode_offsets(data: bytes, subscriber: str) -> dict[int, int]:
     if not isinstance(offsets, dict):
         raise OffsetsDamaged("offsets is not an object")
     for p, o in offsets.items():
-        if not p.isdigit() or isinstance(o, bool) or not isinstance(o, int) or o < 0:
+        # (isascii: str.isdigit() is true of digits int() refuses, such as "²")
+        if not (p.isascii() and p.isdigit()) or isinstance(o, bool) \
+                or not isinstance(o, int) or o < 0:
             raise OffsetsDamaged(f"bad entry {p!r}: {o!r}")
         out[int(p)] = o
     return out

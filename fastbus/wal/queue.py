@@ -88,6 +88,8 @@ from .recovery import (
     PartitionRecovery,
     SegmentState,
     apply_cuts,
+    corruption_error,
+    missing_partitions,
     recover_partition,
 )
 from .retention import SegmentSummary, plan_retention
@@ -458,6 +460,14 @@ class WalMessageQueue:
         # (read before any change too: _load_groups decodes them; the cuts the
         # recoveries listed are made by __init__, last)
         self._group_docs = {name: store.read_offsets(name) for name in store.list_groups()}
+        # A partition without a segment lost its records (its directory went): raise,
+        # or with repair start it again empty (below) and clamp its groups' offsets.
+        for f in missing_partitions(store, self._recoveries,
+                                    has_groups=bool(self._group_docs)):
+            if not repair:
+                raise corruption_error(f)
+            log.error("fastbus WAL repair: %s; the partition starts again, empty, at "
+                      "offset 0", f.describe())
         for p, rec in enumerate(self._recoveries):
             if not rec.segments:
                 base = 0

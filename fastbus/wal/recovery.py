@@ -22,6 +22,10 @@ Python objects, and returns the valid prefix plus a sparse index. Then:
   naming the file and byte offset, unless mode is ``"repair"``, which truncates
   there and drops every later segment, reporting what went (deferred too, see below).
 
+A partition with no segment at all (its directory missing or emptied) in a queue
+that has been used is damage too (:func:`missing_partitions`): an open never
+leaves a partition without its active segment, so its records were lost.
+
 Mode ``"check"`` changes nothing and raises nothing: it only reports (used by
 ``fastbus wal verify``). In modes ``"open"``/``"repair"`` the cuts of torn tails
 and zeros, and ``repair``'s cuts and dropped segments, are not made here but
@@ -41,7 +45,7 @@ from ..errors import WalCorruptionError
 from ..stores import Store
 
 __all__ = ["INDEX_INTERVAL", "Finding", "PartitionRecovery", "SegmentState", "apply_cuts",
-           "recover_partition"]
+           "corruption_error", "missing_partitions", "recover_partition"]
 
 log = logging.getLogger("fastbus.wal")
 
@@ -53,13 +57,16 @@ _CRC_VALID_REASONS = frozenset(("bad_version", "bad_attributes", "bad_field"))
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    kind: str  # "torn_tail" | "corruption" | "gap"
+    kind: str  # "torn_tail" | "corruption" | "gap" | "missing"
     location: str
     position: int
     reason: str
     bytes_after: int  # bytes from position to the end of that segment
 
     def describe(self) -> str:
+        if self.kind == "missing":
+            return (f"no segment in {self.location} (the partition's directory is missing "
+                    "or holds no segment file) although the queue holds data")
         if self.kind == "torn_tail":
             return (f"torn tail in {self.location} at byte {self.position} ({self.reason}, "
                     f"{self.bytes_after} bytes after the last valid record)")
@@ -84,6 +91,13 @@ class PartitionRecovery:
 
 
 def _corrupt(f: Finding) -> WalCorruptionError:
+    if f.kind == "missing":
+        return WalCorruptionError(
+            f"WAL {f.describe()}: the partition's records are gone (deleted, or moved "
+            "away). Nothing was changed. Put the directory back if it was moved, restore "
+            "it from a replica, or open with repair=True to start the partition again "
+            "empty (its subscribers resume at its new end)",
+            path=f.location, position=f.position)
     why = ("a damaged record is followed by data, so this is not a torn tail"
            if f.reason in _TORN_REASONS else
            "the record's CRC matches, so this is not a torn write: it was written by a "
@@ -95,6 +109,37 @@ def _corrupt(f: Finding) -> WalCorruptionError:
         "repair=True to truncate the partition at this point (later records are lost), "
         "or restore from a replica",
         path=f.location, position=f.position)
+
+
+corruption_error = _corrupt
+
+
+def missing_partitions(store: Store, recoveries: list[PartitionRecovery], *,
+                       has_groups: bool) -> list[Finding]:
+    """Partitions of ``recoveries`` with no segment at all, in a queue that was used.
+
+    An open makes every partition's first segment before it returns, and
+    retention never deletes a partition's last one, so a partition without a
+    segment lost its directory (or its files), unless the very first open was cut
+    short after writing the meta document: then no partition holds a record or
+    starts past offset 0, and no subscriber has an offsets document. In that case
+    nothing is reported (the open makes the missing segments); otherwise each such
+    partition gets a ``"missing"`` finding (added to its ``findings`` too)."""
+    empty = [r for r in recoveries if not r.segments]
+    if not empty:
+        return []
+    used = has_groups or any(s.base > 0 or s.next_offset > s.base
+                             for r in recoveries for s in r.segments)
+    if not used:
+        return []
+    out = []
+    for r in empty:
+        # (the partition's directory: FileStore "DIR/p-0001", SQLiteStore "DB#p-0001")
+        location = store.segment_location(r.partition, 0).rsplit("/", 1)[0]
+        f = Finding("missing", location, 0, "no segment", 0)
+        r.findings.append(f)
+        out.append(f)
+    return out
 
 
 def recover_partition(store: Store, partition: int, *, mode: str, clock_now: float,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .._walcodec import Record, scan
 from ..stores import FileStore, SQLiteStore, Store
 from .offsets import OffsetsDamaged, decode_meta, decode_offsets
-from .recovery import Finding, PartitionRecovery, recover_partition
+from .recovery import Finding, PartitionRecovery, missing_partitions, recover_partition
 
 __all__ = ["QueueView", "find_queues", "iter_records", "open_view"]
 
@@ -39,7 +39,10 @@ def find_queues(path: str) -> list[tuple[str, str]]:
         return [("", path)]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no WAL at {path}: no such file or directory")
-    if os.path.exists(os.path.join(path, "meta.json")):
+    meta = os.path.join(path, "meta.json")
+    # (a ScalableBus data_dir may have a durable topic named "meta.json": a directory
+    # that holds a queue of its own; a queue's own meta.json is a file, or damage)
+    if os.path.exists(meta) and not os.path.exists(os.path.join(meta, "meta.json")):
         return [("", path)]
     out = []
     for name in sorted(os.listdir(path)):
@@ -96,7 +99,9 @@ def open_view(topic: str, location: str) -> QueueView:
     now = time.time()
     for p in range(view.partitions):
         view.recoveries.append(recover_partition(store, p, mode="check", clock_now=now))
-    for g in store.list_groups():
+    groups = store.list_groups()
+    missing_partitions(store, view.recoveries, has_groups=bool(groups))  # (into findings)
+    for g in groups:
         raw_offsets = store.read_offsets(g)
         try:
             view.groups[g] = decode_offsets(raw_offsets or b"", g)
