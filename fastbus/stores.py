@@ -670,6 +670,10 @@ class SQLiteStore:
         if os.path.isdir(self.path):
             raise IsADirectoryError(errno.EISDIR, "an SQLiteStore needs a database file, not a "
                                     "directory (a directory is a FileStore)", self.path)
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):  # as a FileStore makes its directory (0700)
+            _make_dir(parent, f"the directory of WAL database {self.path} has a file in "
+                              f"its place")
         self._lock_fd = _take_writer_lock(self.path + ".lock", f"WAL database {self.path}",
                                           self.path, "")
         _LOCK_HOLDERS.add(self)

@@ -336,3 +336,20 @@ def test_sqlite_deletes_a_segment_in_chunks_and_an_interrupted_delete_at_the_nex
         assert again.open_segment(0, 10, writable=False).read(0, 10**6) == records(10, 2)
     finally:
         again.close()
+
+
+def test_sqlite_makes_the_directories_of_its_database_as_a_file_store_does(tmp_path):
+    """SQLiteStore("data/wal.db") with no data/ failed with a FileNotFoundError on the
+    lock file's path, while FileStore("data/wal") makes its directories."""
+    path = tmp_path / "data" / "wal" / "q.db"
+    s = SQLiteStore(path)
+    s.open()
+    try:
+        s.create_segment(0, 0).append(records(0, 1))
+    finally:
+        s.close()
+    for d in (tmp_path / "data", tmp_path / "data" / "wal"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="has a file in its place"):
+        SQLiteStore(tmp_path / "file" / "q.db").open()
