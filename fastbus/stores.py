@@ -896,7 +896,10 @@ class MemoryStore:
     - ``fail_after(n, errno_=errno.ENOSPC, torn=True)``: the next ``n`` bytes
       written succeed; the write that crosses the limit writes the part that
       fits when ``torn`` (a torn write), else nothing, then raises
-      ``OSError(errno_)``; every later write fails the same way.
+      ``OSError(errno_)``; every later write fails the same way. Offsets and
+      meta documents take from the same budget, whole or not at all (as a
+      FileStore replaces them by rename): one that does not fit fails and
+      leaves the old document.
     - ``enospc()``: every write fails with ENOSPC before writing anything
       (``fail_after(0, torn=False)``).
     - ``lose_unsynced()``: simulate power loss: every segment is cut back to
@@ -971,6 +974,7 @@ class MemoryStore:
         return self._meta
 
     def write_meta(self, data: bytes) -> None:
+        self._take_document_budget(len(data), f"{self.location}/meta.json")
         self._meta = bytes(data)
 
     def list_partitions(self) -> list[int]:
@@ -1019,7 +1023,21 @@ class MemoryStore:
         return self._offsets.get(check_subscriber_name(group))
 
     def write_offsets(self, group: str, data: bytes) -> None:
-        self._offsets[check_subscriber_name(group)] = bytes(data)
+        name = check_subscriber_name(group)
+        self._take_document_budget(len(data), f"{self.location}/offsets/{name}")
+        self._offsets[name] = bytes(data)
+
+    def _take_document_budget(self, n: int, where: str) -> None:
+        """A document (offsets, meta) is replaced whole or not at all, as a FileStore's
+        atomic rename does: a write the fault budget cannot cover fails and changes
+        nothing."""
+        with self._mutex:
+            if self._budget is not None and self._budget < n:
+                raise OSError(self.fail_errno, os.strerror(self.fail_errno)
+                              + " (MemoryStore fault)", where)
+            if self._budget is not None:
+                self._budget -= n
+            self.bytes_written += n
 
     def delete_offsets(self, group: str) -> None:
         self._offsets.pop(check_subscriber_name(group), None)

@@ -353,3 +353,35 @@ def test_sqlite_makes_the_directories_of_its_database_as_a_file_store_does(tmp_p
     (tmp_path / "file").write_bytes(b"x")
     with pytest.raises(NotADirectoryError, match="has a file in its place"):
         SQLiteStore(tmp_path / "file" / "q.db").open()
+
+
+def test_memory_store_faults_fail_offsets_and_meta_writes_whole():
+    """enospc()/fail_after() failed segment writes only: a reader's commit still
+    succeeded on a 'full disk', so a test of a program's ENOSPC handling never met the
+    commit's error. A document is replaced whole or not at all, as FileStore's rename."""
+    from fastbus import FsyncPolicy, WalMessageQueue
+
+    store = MemoryStore()
+    q = WalMessageQueue(store, fsync=FsyncPolicy.always(), compaction_interval=None)
+    try:
+        q.append(b"a")
+        r = q.reader("g")
+        assert [x.payload for x in r.poll(10)] == [b"a"]
+        store.enospc()
+        with pytest.raises(OSError) as info:
+            r.commit()
+        assert info.value.errno == errno.ENOSPC and "offsets/g" in info.value.filename
+        assert q.groups()["g"] == {0: 0}
+        store.clear_faults()
+        r.commit()
+        assert q.groups()["g"] == {0: 1}
+    finally:
+        q.close()
+    fresh = MemoryStore()
+    fresh.fail_after(3)  # less than the meta document: it is not written at all
+    with pytest.raises(OSError, match="meta"):
+        WalMessageQueue(fresh)
+    assert fresh.read_meta() is None
+    fresh.clear_faults()  # space returns: the failed open let the store go
+    WalMessageQueue(fresh).close()
+    assert fresh.read_meta() is not None
