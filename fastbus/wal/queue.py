@@ -477,8 +477,9 @@ class WalMessageQueue:
             part = _Part(p, rec.segments, self._always)
             self._map_active(part)
             parts.append(part)
-            if rec.findings:
-                for f in rec.findings:
+            for f in rec.findings:
+                # (a torn tail, or corruption repair cut off, was logged when it was cut)
+                if f.kind not in ("torn_tail", "corruption"):
                     log.warning("fastbus WAL %s partition %d: %s", store.location, p,
                                 f.describe())
         self._parts = parts
