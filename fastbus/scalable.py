@@ -20,7 +20,8 @@ subscriber group. Handlers therefore run on fastbus threads, except coroutine
 handlers, which run on the event loop they were subscribed from.
 
 Errors: a handler that raises does not stop delivery; the exception goes to
-``on_error(exc, message, handler)`` (default: logged) and is counted.
+``on_error(exc, message, handler)`` (or ``InProcessBus``'s ``(exc, topic, message,
+handler)``; default: logged) and is counted.
 
 Durable topics are at-least-once: a group's offsets are committed after its
 handlers for a polled batch returned (or raised: the record counts as handled,
@@ -53,7 +54,14 @@ from .backpressure import (
     _count_value,
     _first_depth_at,
 )
-from .bus import InProcessBus, MessageBus, Subscription, check_handler, check_topic
+from .bus import (
+    InProcessBus,
+    MessageBus,
+    Subscription,
+    check_handler,
+    check_topic,
+    error_callback,
+)
 from .bus import is_async_handler as _is_async
 from .config import ConfigRef, Limits, Thresholds, TopicConfig
 from .errors import BusClosed, BusOverloaded, LimitExceeded, UnknownTopicError
@@ -159,10 +167,16 @@ def _call_on_loop(loop: asyncio.AbstractEventLoop, handler: Any, arg: Any) -> An
         return value
     raise value
 
-def _log_error(exc: BaseException, message: Any, handler: Any) -> None:
+def _log_error(exc: BaseException, topic: str | None, message: Any, handler: Any) -> None:
     name = getattr(handler, "__qualname__", repr(handler))
-    topic = getattr(message, "topic", "?")
-    log.error("fastbus: handler %s for topic %r raised", name, topic, exc_info=exc)
+    log.error("fastbus: handler %s for topic %r raised", name, topic or "?", exc_info=exc)
+
+
+def _topic_of(message: Any) -> str | None:
+    """The topic of what a handler was given: a ``Message``, or a batch of them."""
+    if type(message) is list:
+        message = message[0] if message else None
+    return message.topic if isinstance(message, Message) else None
 
 
 # -- carriers: what holds a partition's messages between publish and dispatch --
@@ -355,6 +369,11 @@ class ScalableBus(BusCore):
       may wait to fill a batch while the bus is not under pressure (0 = deliver
       at once); in CRITICAL and SHEDDING workers do not linger, and one that
       is lingering when the state rises delivers at once.
+    - ``on_error``: called as ``on_error(exc, message, handler)`` when a handler
+      of a configured topic raises (``message``: what the handler was given).
+      ``InProcessBus``'s shape ``(exc, topic, message, handler)`` works too, as
+      do ``(exc, message)`` and ``(exc)``; any other is a ``TypeError`` here.
+      Handlers of pass-through topics are the inner bus's: its ``on_error``.
 
     Publishing never blocks on subscribers, except through backpressure: a
     publish in CRITICAL state is delayed, and in SHEDDING a publish to a topic
@@ -374,7 +393,7 @@ class ScalableBus(BusCore):
                  thresholds: Thresholds | None = None, data_dir: str | os.PathLike[str] | None
                  = None, store: Any = None, workers: int | None = None, max_batch: int = 512,
                  linger: float = 0.0,
-                 on_error: Callable[[BaseException, Any, Any], Any] | None = None) -> None:
+                 on_error: Callable[..., Any] | None = None) -> None:
         if inner is None:
             inner = InProcessBus()
         elif not (callable(getattr(inner, "publish", None))
@@ -396,9 +415,7 @@ class ScalableBus(BusCore):
         if not isinstance(thresholds, Thresholds):
             raise TypeError(
                 f"thresholds must be a fastbus.Thresholds, got {type(thresholds).__name__}")
-        if on_error is not None and not callable(on_error):
-            raise TypeError(f"on_error must be callable (exc, message, handler) or None, "
-                            f"got {type(on_error).__name__} {on_error!r}")
+        report = _log_error if on_error is None else error_callback(on_error, 3)
         if workers is None:
             workers = min(8, max(2, 2 * (os.cpu_count() or 1)))
         for name, value in (("workers", workers), ("max_batch", max_batch)):
@@ -444,7 +461,7 @@ class ScalableBus(BusCore):
         self._store_topic: str | None = None  # the durable topic a Store instance carries
         self._topics: dict[str, _Topic] = {}
         self._lock = threading.RLock()  # topic table and subscriptions
-        self._on_error = on_error or _log_error
+        self._on_error: Callable[..., Any] = report  # (exc, topic, message, handler)
         self._max_batch = max_batch
         self._linger = float(linger)
         self._closed = False
@@ -616,6 +633,29 @@ class ScalableBus(BusCore):
             raise UnknownTopicError(
                 f"topic {name!r} is not configured (configure_topic first)", topic=name)
         return t.n
+
+    def subscriber_count(self, topic: str) -> int:
+        """Subscriptions on ``topic`` now, as ``InProcessBus.subscriber_count`` says.
+
+        A configured topic: this bus's subscriptions (every member of every group);
+        a pass-through topic: the inner bus's ``subscriber_count(topic)`` (0 if the
+        inner bus cannot tell).
+        """
+        t = self._topics.get(check_topic(topic))
+        if t is not None:
+            return sum(len(g.members) for g in t.groups)
+        count = getattr(self._inner, "subscriber_count", None)
+        return int(count(topic)) if callable(count) else 0
+
+    @property
+    def handler_errors(self) -> int:
+        """Handler calls that raised, as ``InProcessBus.handler_errors`` counts them:
+        those of configured topics (``metrics().handler_errors``) plus the inner bus's
+        own count, if it keeps one (its pass-through topics and its direct
+        subscribers)."""
+        own = sum(t.errors for t in list(self._topics.values()))
+        inner = getattr(self._inner, "handler_errors", 0)
+        return own + (inner if type(inner) is int else 0)
 
     def reconfigure_limits(self, limits: Limits | None = None, /, **changes: Any) -> Limits:
         """Change limits at runtime; returns the new ``Limits``.
@@ -1071,14 +1111,15 @@ class ScalableBus(BusCore):
                     publish(name, msg.payload)
                 except Exception as exc:
                     errors += 1
-                    self._handler_error(exc, msg, publish)
+                    self._handler_error(exc, msg, publish, name)
         with t.lock:  # (workers of other partitions of the topic count here too)
             t.delivered += len(batch)
             t.errors += errors
 
-    def _handler_error(self, exc: BaseException, message: Any, handler: Any) -> None:
+    def _handler_error(self, exc: BaseException, message: Any, handler: Any,
+                       topic: str | None = None) -> None:
         try:
-            self._on_error(exc, message, handler)
+            self._on_error(exc, topic or _topic_of(message), message, handler)
         except Exception as inner:
             log.error("fastbus: on_error raised while reporting a handler error",
                       exc_info=inner)
@@ -1225,7 +1266,7 @@ class ScalableBus(BusCore):
             except Exception as exc:
                 with t.lock:
                     t.errors += 1
-                self._handler_error(exc, message, self._inner_publish)
+                self._handler_error(exc, message, self._inner_publish, t.name)
 
     def _open_durable_group(self, t: _Topic, g: _Group) -> None:
         """Give ``g`` its WAL reader and its (not yet started) delivery thread."""
@@ -1390,7 +1431,7 @@ class ScalableBus(BusCore):
                     m.call(msgs)
                 except BaseException as exc:  # on our thread: nobody else would see it
                     errors += 1
-                    self._handler_error(exc, msgs, m.handler)
+                    self._handler_error(exc, msgs, m.handler, t.name)
                 continue
             for msg in msgs:
                 # A member that left (or lost the partition to a rebalance) gets no more
@@ -1403,7 +1444,7 @@ class ScalableBus(BusCore):
                     m.call(msg)
                 except BaseException as exc:  # on our thread: nobody else would see it
                     errors += 1
-                    self._handler_error(exc, msg, m.handler)
+                    self._handler_error(exc, msg, m.handler, t.name)
                 delivered += 1
         with t.lock:
             t.delivered += delivered
