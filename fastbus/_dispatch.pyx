@@ -414,6 +414,23 @@ cdef class TopicCore:
         return fb_load_acquire(&self._rr)
 
 
+cdef object _fan_out(tuple subs, object topic, object message, object failed):
+    """``InProcessBus.publish`` once its handler tuple was found, compiled: each
+    ``(subscription, call)`` of ``subs`` in order, in this thread; an ``Exception``
+    goes to ``failed(exc, topic, message, subscription.handler)`` (the bus's
+    ``_handler_failed``: counted, then its ``on_error``) and the others still run.
+    Returns how many handlers were called, as it does."""
+    cdef Py_ssize_t i, n = PyTuple_GET_SIZE(subs)
+    cdef tuple entry
+    for i in range(n):
+        entry = <tuple>PyTuple_GET_ITEM(subs, i)
+        try:
+            (<object>PyTuple_GET_ITEM(entry, 1))(message)
+        except Exception as exc:
+            failed(exc, topic, message, (<object>PyTuple_GET_ITEM(entry, 0)).handler)
+    return n
+
+
 cdef class BusCore:
     """The compiled base of ScalableBus: the first step of every publish.
 
@@ -421,6 +438,13 @@ cdef class BusCore:
     (one dict look-up and one call: the pass-through costs almost nothing); a
     configured one goes to ``self._publish_topic``, written in Python by the
     subclass, where the policy lives.
+
+    When the inner bus is a plain ``InProcessBus`` (its own ``publish``, not an
+    override), ``_fanout`` is its handler table and ``_fanout_failed`` its
+    ``_handler_failed``: a pass-through topic that has handlers is then published
+    here, by ``_fan_out``, which does what ``InProcessBus.publish`` does (same
+    thread, order, errors and return value) without the call into its Python
+    frame; a topic without handlers still goes to ``inner.publish``.
     """
 
     @cython.binding(False)
@@ -446,6 +470,10 @@ cdef class BusCore:
                     f"topic {topic!r} is not configured, so it passes straight to the inner "
                     f"bus, which takes no key or headers; configure it first with "
                     f"bus.configure_topic({topic!r}, TopicConfig(...))")
+            if self._fanout is not None:
+                subs = (<dict>self._fanout).get(topic)
+                if subs is not None:
+                    return _fan_out(<tuple>subs, topic, message, self._fanout_failed)
             return self._inner_publish(topic, message)
         core = t.core
         if core is not None and headers is None and self._bp._state is self._normal:

@@ -338,6 +338,11 @@ class InProcessBus:
         return f"<InProcessBus topics={len(self._subs)} errors={self._errors}>"
 
 
+# InProcessBus.publish as written here: ScalableBus compiles its fan-out only while the
+# class's publish is still this one (not replaced, e.g. by a test's spy).
+_PUBLISH = InProcessBus.publish
+
+
 def message_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     """A fresh dict of headers; validates that names are str."""
     if headers is None:

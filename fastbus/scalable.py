@@ -54,6 +54,7 @@ from .backpressure import (
     _count_value,
     _first_depth_at,
 )
+from .bus import _PUBLISH as _INPROCESS_PUBLISH
 from .bus import (
     InProcessBus,
     MessageBus,
@@ -435,6 +436,12 @@ class ScalableBus(BusCore):
         self._inner = inner
         self._inner_publish = inner.publish
         self._inner_subs = inner._subs if type(inner) is InProcessBus else None
+        if (isinstance(inner, InProcessBus) and self._inner_subs is not None
+                and "publish" not in vars(inner) and InProcessBus.publish is _INPROCESS_PUBLISH):
+            # BusCore.publish does InProcessBus.publish's fan-out itself, compiled
+            # (the pass-through then costs no more than calling the inner bus).
+            self._fanout = self._inner_subs
+            self._fanout_failed = inner._handler_failed
         self._limits: ConfigRef[Limits] = ConfigRef(limits)
         self._limits_lock = threading.Lock()  # reconfigure_limits, one at a time
         # An in-memory batch's room check and enqueue, one batch at a time (re-entrant:
