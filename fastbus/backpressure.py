@@ -65,7 +65,11 @@ from typing import Any
 from ._dispatch import StepCounter
 from .bus import _AsyncRunner, is_async_handler
 from .config import Thresholds
-from .errors import BusOverloaded
+from .errors import overloaded
+
+# Said of a refusal at a depth that has reached the capacity (a QueueLimitExceeded).
+_FULL = (": the bus holds max_queue_size messages or more (LimitExceeded: max_queue_size; "
+         "what is queued stays and is delivered)")
 
 __all__ = ["BACKPRESSURE_HEADER", "BackpressureState", "MessageBusBackpressure"]
 
@@ -722,11 +726,12 @@ class MessageBusBackpressure:
             depth, capacity = self._depth_locked(), self._capacity
         self._count_rejection(topic)
         shedding = self._thresholds.shedding
-        raise BusOverloaded(
+        raise overloaded(
             f"bus overloaded: backpressure state SHEDDING, depth {depth} of capacity "
-            f"{capacity} ({depth / capacity:.1%}, shedding from {shedding:.0%}); topic "
-            f"{topic!r} is not critical, so the message was refused and not queued. "
-            f"Retry later, or mark the topic critical in its TopicConfig",
+            f"{capacity} ({depth / capacity:.1%} of Limits.max_queue_size, shedding from "
+            f"{shedding:.0%}){_FULL if depth >= capacity else ''}; topic {topic!r} is not "
+            f"critical, so the message was refused and not queued. Retry later, or mark "
+            f"the topic critical in its TopicConfig",
             topic=topic, state=SHEDDING, depth=depth, capacity=capacity,
         )
 
@@ -735,9 +740,10 @@ class MessageBusBackpressure:
             depth, capacity, state = self._depth_locked(), self._capacity, self._state
         self._count("critical_timeouts")
         self._count_rejection(topic)
-        raise BusOverloaded(
+        raise overloaded(
             f"bus overloaded: backpressure state {state.name}, depth {depth} of capacity "
-            f"{capacity}; critical topic {topic!r} waited {timeout} s for room and none "
+            f"{capacity} (Limits.max_queue_size){_FULL if depth >= capacity else ''}; "
+            f"critical topic {topic!r} waited {timeout} s for room and none "
             f"appeared, so the message was refused and not queued. Consumers are not "
             f"keeping up: speed them up, raise Limits.max_queue_size or "
             f"Thresholds.critical_timeout",

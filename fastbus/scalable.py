@@ -65,7 +65,7 @@ from .bus import (
 )
 from .bus import is_async_handler as _is_async
 from .config import ConfigRef, Limits, Thresholds, TopicConfig
-from .errors import BusClosed, BusOverloaded, LimitExceeded, UnknownTopicError
+from .errors import BusClosed, LimitExceeded, UnknownTopicError, overloaded
 from .metrics import RateMeter, RingMetrics, ScalingMetrics, TopicMetrics
 from .stores import Store, _make_dir
 
@@ -898,18 +898,20 @@ class ScalableBus(BusCore):
                     continue
                 bp._count("critical_timeouts")  # a critical publisher that gave up
                 bp._count_rejection(t.name)
-                raise BusOverloaded(
+                depth = bp.depth
+                raise overloaded(
                     f"bus full: a batch of {n} messages for critical topic {t.name!r} found "
-                    f"no room within {bp.thresholds.critical_timeout} s (depth {bp.depth} of "
-                    f"{capacity}); nothing of it was queued",
-                    topic=t.name, state=bp.state, depth=bp.depth, capacity=capacity)
+                    f"no room within {bp.thresholds.critical_timeout} s (depth {depth} of "
+                    f"{capacity}, Limits.max_queue_size); nothing of it was queued",
+                    topic=t.name, state=bp.state, depth=depth, capacity=capacity)
             bp._count_rejection(t.name)
-            raise BusOverloaded(
+            depth = bp.depth
+            raise overloaded(
                 f"bus overloaded: a batch of {n} messages would take the in-memory depth "
-                f"from {bp.depth} past the shedding level ({limit} of capacity {capacity}); "
-                f"topic {t.name!r} is not critical, so the batch was refused and nothing of it "
-                f"queued. Retry later or in smaller batches",
-                topic=t.name, state=bp.state, depth=bp.depth, capacity=capacity)
+                f"from {depth} past the shedding level ({limit} of capacity {capacity}, "
+                f"Limits.max_queue_size); topic {t.name!r} is not critical, so the batch was "
+                f"refused and nothing of it queued. Retry later or in smaller batches",
+                topic=t.name, state=bp.state, depth=depth, capacity=capacity)
 
     # -- subscribing --------------------------------------------------------
 

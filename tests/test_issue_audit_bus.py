@@ -282,3 +282,83 @@ def test_pass_through_still_calls_a_publish_the_inner_bus_was_given():
             bus.publish("t", 1)
     assert spied == [("instance", "t"), ("subclass", "t")]
     assert got == [1, 1]
+
+
+# -- issue 4: "Lowering a limit below current use keeps what exists and refuses what is
+#    new (LimitExceeded, saying which limit)", for max_queue_size too ----------------------
+
+
+@pytest.mark.parametrize("publish", ["publish", "publish_many", "publish_async"])
+def test_max_queue_size_lowered_below_use_keeps_the_queue_and_refuses_with_limit_exceeded(
+        publish):
+    """Lowering max_queue_size below what is queued kept the messages but refused a new
+    publish with a plain BusOverloaded: not the LimitExceeded naming the limit that issue
+    4 asks for. The refusal is now both (backpressure's and the limit's error)."""
+    import asyncio
+
+    from fastbus import LimitExceeded
+
+    with ScalableBus(limits=Limits(max_queue_size=100), thresholds=NO_DELAY, workers=1) as bus:
+        bus.configure_topic("t", TopicConfig(partitions=1))
+        gate = Gate()
+        bus.subscribe("t", gate)
+        try:
+            for i in range(10):
+                bus.publish("t", i)
+            assert bus.reconfigure_limits(max_queue_size=5).max_queue_size == 5
+            call = {"publish": lambda: bus.publish("t", "new"),
+                    "publish_many": lambda: bus.publish_many("t", ["new"]),
+                    "publish_async": lambda: asyncio.run(bus.publish_async("t", "new"))}[publish]
+            with pytest.raises(LimitExceeded, match="max_queue_size") as refused:
+                call()
+            assert refused.value.limit == "max_queue_size"
+            assert isinstance(refused.value, BusOverloaded)  # what backpressure raises
+            assert (refused.value.depth, refused.value.capacity) == (10, 5)
+            assert bus.backpressure.depth == 10  # kept: the handler holds them
+        finally:
+            gate.release.set()
+        assert bus.flush(5)
+        assert [m.payload for m in gate.got] == list(range(10))
+        bus.publish("t", "fits again")  # the queue drained below the new limit
+        assert bus.flush(5)
+
+
+def test_shedding_below_the_queue_limit_is_not_a_limit_exceeded():
+    """Between the shedding threshold and max_queue_size the refusal is backpressure's
+    alone: the limit itself is not reached."""
+    from fastbus import LimitExceeded
+
+    with ScalableBus(limits=Limits(max_queue_size=20), thresholds=NO_DELAY, workers=1) as bus:
+        bus.configure_topic("t", TopicConfig(partitions=1))
+        gate = Gate()
+        bus.subscribe("t", gate)
+        try:
+            while bus.backpressure.state is not BackpressureState.SHEDDING:
+                bus.publish("t", 0)
+            with pytest.raises(BusOverloaded, match="max_queue_size") as refused:
+                bus.publish("t", 1)
+            assert not isinstance(refused.value, LimitExceeded)
+            assert refused.value.depth == 19
+        finally:
+            gate.release.set()
+        assert bus.flush(5)
+
+
+def test_a_critical_publisher_that_found_the_bus_full_gives_up_with_the_limit_named():
+    from fastbus import LimitExceeded
+
+    th = Thresholds(min_delay=0.0, max_delay=0.0, critical_timeout=0.05)
+    with ScalableBus(limits=Limits(max_queue_size=4), thresholds=th, workers=1) as bus:
+        bus.configure_topic("c", TopicConfig(partitions=1, critical=True))
+        gate = Gate()
+        bus.subscribe("c", gate)
+        try:
+            for i in range(4):
+                bus.publish("c", i)
+            with pytest.raises(LimitExceeded, match="max_queue_size") as refused:
+                bus.publish("c", "late")
+            assert isinstance(refused.value, BusOverloaded)
+            assert refused.value.limit == "max_queue_size"
+        finally:
+            gate.release.set()
+        assert bus.flush(5)
