@@ -123,7 +123,10 @@ class ScalingMetrics:
     Bus-wide totals: ``topics`` (configured), ``published``, ``delivered``,
     ``rate_1s``/``rate_10s`` (published per second), ``depth`` (messages held in
     memory) out of ``capacity`` (``Limits.max_queue_size``), ``handler_errors``,
-    ``drops`` (by reason, e.g. ``wal_read_errors``), ``rejections`` (by cause),
+    ``drops`` (by reason, e.g. ``wal_read_errors``), ``rejections`` (by cause:
+    ``backpressure``, every ``BusOverloaded``; and, once any were refused, the
+    topics and subscriptions refused with ``LimitExceeded``, under the limit's name,
+    ``max_topics`` or ``max_subscribers_per_topic``),
     ``spills``, ``rebalances``; ``limits`` in force; ``backpressure``: the
     ``MessageBusBackpressure.snapshot()``; ``per_topic``: a ``TopicMetrics`` per
     configured topic; ``taken_at``: ``time.time()`` of the snapshot.

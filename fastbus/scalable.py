@@ -479,6 +479,8 @@ class ScalableBus(BusCore):
         self._turns_started = itertools.count()
         self._turns_done = itertools.count()
         self._drops: dict[str, int] = {}
+        # topics and subscriptions refused with LimitExceeded, by limit (under self._lock)
+        self._limit_refusals: dict[str, int] = {}
         self._totals = RateMeter()
         # every durable delivery thread this bus made (a handler may still be running
         # on one that a group no longer names: its last member left, another joined)
@@ -564,6 +566,7 @@ class ScalableBus(BusCore):
             if t is None:
                 limit = self._limits.current.max_topics
                 if len(self._topics) >= limit:
+                    self._count_limit_refusal("max_topics")
                     raise LimitExceeded(
                         f"cannot configure topic {name!r}: max_topics is {limit} and "
                         f"{len(self._topics)} topics are configured; raise it with "
@@ -663,6 +666,10 @@ class ScalableBus(BusCore):
         own = sum(t.errors for t in list(self._topics.values()))
         inner = getattr(self._inner, "handler_errors", 0)
         return own + (inner if type(inner) is int else 0)
+
+    def _count_limit_refusal(self, limit: str) -> None:
+        """``self._lock`` held: a topic or subscription refused by ``limit``."""
+        self._limit_refusals[limit] = self._limit_refusals.get(limit, 0) + 1
 
     def reconfigure_limits(self, limits: Limits | None = None, /, **changes: Any) -> Limits:
         """Change limits at runtime; returns the new ``Limits``.
@@ -953,6 +960,7 @@ class ScalableBus(BusCore):
             limit = self._limits.current.max_subscribers_per_topic
             count = sum(len(g.members) for g in t.groups)
             if count >= limit:
+                self._count_limit_refusal("max_subscribers_per_topic")
                 raise LimitExceeded(
                     f"topic {topic!r} has {count} subscribers and max_subscribers_per_topic "
                     f"is {limit}; raise it with reconfigure_limits(max_subscribers_per_topic=...)",
@@ -1721,7 +1729,8 @@ class ScalableBus(BusCore):
             depth=self._bp.depth, capacity=lim.max_queue_size,
             handler_errors=sum(t.handler_errors for t in per_topic.values()),
             drops=dict(self._drops),
-            rejections={"backpressure": sum(rejections_by_topic.values())},
+            rejections={"backpressure": sum(rejections_by_topic.values()),
+                        **self._limit_refusals},
             spills=spills_total,
             rebalances=sum(t.rebalances for t in per_topic.values()),
             limits={"max_topics": lim.max_topics,

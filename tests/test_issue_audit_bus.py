@@ -362,3 +362,31 @@ def test_a_critical_publisher_that_found_the_bus_full_gives_up_with_the_limit_na
         finally:
             gate.release.set()
         assert bus.flush(5)
+
+
+# -- issue 4: metrics "rejections by cause"; invariant 4: every rejection is counted ---------
+
+
+def test_limit_refusals_are_counted_in_metrics_rejections_by_cause():
+    """A topic or a subscription refused with LimitExceeded was counted nowhere:
+    ``metrics().rejections`` only ever had the backpressure cause."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from fastbus import LimitExceeded
+    from fastbus.metrics import PrometheusCollector
+
+    with ScalableBus(limits=Limits(max_topics=1, max_subscribers_per_topic=1)) as bus:
+        registry = prometheus_client.CollectorRegistry()
+        registry.register(PrometheusCollector(bus))
+        bus.configure_topic("a", TopicConfig(partitions=1))
+        assert bus.metrics().rejections == {"backpressure": 0}  # (nothing refused yet)
+        for name in ("b", "c"):
+            with pytest.raises(LimitExceeded):
+                bus.configure_topic(name, TopicConfig())
+        bus.subscribe("a", lambda m: None)
+        with pytest.raises(LimitExceeded):
+            bus.subscribe("a", lambda m: None, group="g")
+        bus.configure_topic("a", TopicConfig(partitions=2))  # not new: not refused
+        assert bus.metrics().rejections == {
+            "backpressure": 0, "max_topics": 2, "max_subscribers_per_topic": 1}
+        assert registry.get_sample_value("fastbus_rejections_total", {"cause": "max_topics"}) == 2
+        assert "rejections 3" in bus.metrics().table()
