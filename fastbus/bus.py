@@ -235,7 +235,7 @@ class InProcessBus:
       cancelled counts as one: ``CancelledError``).
     """
 
-    def __init__(self, *, on_error: ErrorHandler | None = None) -> None:
+    def __init__(self, *, on_error: Callable[..., Any] | None = None) -> None:
         self._on_error: ErrorHandler = (
             _log_error if on_error is None else error_callback(on_error, 4))
         self._lock = threading.Lock()
