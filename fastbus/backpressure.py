@@ -171,13 +171,27 @@ def _three_arguments(callback: Callable[..., object]) -> ChangeCallback:
                     f"(old, new) or (new), got {callback!r} with signature {sig}")
 
 
+_TIME_SLEEP = time.sleep
+_ASYNCIO_SLEEP = asyncio.sleep
+
+
+def _time_sleep(seconds: float) -> None:
+    time.sleep(seconds)  # (time.sleep as it is now, patched or not)
+
+
+async def _asyncio_sleep(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
 class MessageBusBackpressure:
     """The backpressure state machine of one bus, and the producer signalling it drives.
 
     ``capacity`` is ``Limits.max_queue_size``; ``thresholds`` the initial
     :class:`~fastbus.config.Thresholds`. ``clock`` (seconds, monotonic) times
     the states and the async wait for room; ``sleep`` and ``async_sleep`` carry
-    out the CRITICAL delay (injectable for tests). The sync wait for room
+    out the CRITICAL delay (injectable for tests; by default ``time.sleep`` and
+    ``asyncio.sleep``, looked up when the delay is taken, so patching them works
+    for a bus's backpressure too). The sync wait for room
     (:meth:`wait_for_room`) waits on a condition variable in real time.
     """
 
@@ -224,8 +238,10 @@ class MessageBusBackpressure:
         self._capacity = _check_capacity(capacity)
         self._thresholds = thresholds
         self._clock = clock
-        self._sleep = sleep
-        self._async_sleep = async_sleep
+        # The defaults look time.sleep / asyncio.sleep up at each call, not once here:
+        # a test that patches them sees the CRITICAL delay instead of waiting it out.
+        self._sleep = _time_sleep if sleep is _TIME_SLEEP else sleep
+        self._async_sleep = _asyncio_sleep if async_sleep is _ASYNCIO_SLEEP else async_sleep
 
         # Depth = ins - outs + bulk. ins/outs: add(1)/remove(1), lock-free; bulk: the rest.
         # add() counts in a StepCounter (an itertools.count work-alike) whose trigger

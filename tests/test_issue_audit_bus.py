@@ -390,3 +390,56 @@ def test_limit_refusals_are_counted_in_metrics_rejections_by_cause():
             "backpressure": 0, "max_topics": 2, "max_subscribers_per_topic": 1}
         assert registry.get_sample_value("fastbus_rejections_total", {"cause": "max_topics"}) == 2
         assert "rejections 3" in bus.metrics().table()
+
+
+# -- issue 6: "`publish` sleeps, `publish_async` awaits `asyncio.sleep`" ------------------
+
+
+def test_the_critical_delay_is_slept_with_time_sleep_and_awaited_with_asyncio_sleep(
+        monkeypatch):
+    """The delay was slept with the ``time.sleep`` and ``asyncio.sleep`` bound when
+    backpressure.py was imported (default arguments): a test that patches them, the
+    way to check the 10 ms .. 1 s delay of a ScalableBus without waiting for it, saw
+    no call and the publisher really slept."""
+    import asyncio
+    import time
+
+    slept: list[tuple[str, float]] = []
+    real_sleep = time.sleep
+    publisher = threading.current_thread()
+
+    def fake_sleep(seconds):
+        if threading.current_thread() is publisher:
+            slept.append(("sleep", seconds))
+        else:
+            real_sleep(seconds)  # the bus's own threads (none sleep a delay)
+
+    async def fake_async_sleep(seconds, result=None):
+        slept.append(("asyncio.sleep", seconds))
+        return result
+
+    with ScalableBus(limits=Limits(max_queue_size=100), workers=1) as bus:
+        bus.configure_topic("t", TopicConfig(partitions=1))
+        gate = Gate()
+        bus.subscribe("t", gate)
+        try:
+            for i in range(85):
+                bus.publish("t", i)
+            assert gate.entered.wait(5)
+            assert bus.backpressure.state is BackpressureState.CRITICAL
+            monkeypatch.setattr(time, "sleep", fake_sleep)
+            monkeypatch.setattr(asyncio, "sleep", fake_async_sleep)
+            t0 = time.monotonic()
+            bus.publish("t", "at 85%")
+            asyncio.run(bus.publish_async("t", "at 86%"))
+            for i in range(3):
+                bus.publish("t", i)  # at 87, 88, 89 %
+            bus.publish("t", "at 90%")
+            assert time.monotonic() - t0 < 0.5, "the delays were really slept"
+            monkeypatch.undo()
+        finally:
+            gate.release.set()
+        assert bus.flush(5)
+    assert slept[0] == ("sleep", pytest.approx(0.010))
+    assert slept[1] == ("asyncio.sleep", pytest.approx(0.010 + 0.99 * 0.1))
+    assert slept[-1] == ("sleep", pytest.approx(0.010 + 0.99 * 0.5))
