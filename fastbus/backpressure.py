@@ -22,9 +22,11 @@ How the hot path stays cheap
 ----------------------------
 ``admit`` in NORMAL is one identity comparison against the cached state.
 
-``add(1)`` / ``remove(1)`` take no lock: each is one ``next()`` on an
-``itertools.count`` (a single C call, atomic under the GIL) and one integer
-comparison against a precomputed trigger. The exact depth is
+``add(1)`` / ``remove(1)`` take no lock: each is one ``next()`` on a counter (a
+``StepCounter``, an ``itertools.count`` work-alike: a single C call, atomic under
+the GIL) and one integer comparison against a precomputed trigger, which the
+counter carries so that compiled code (a ``ScalableBus``'s publish path and its
+dispatch workers) does the same step and compare in C. The exact depth is
 ``ins - outs + bulk`` (``bulk``: the net of ``add(n)``/``remove(n)`` for n != 1,
 changed under the lock). A trigger is computed under the lock from a snapshot of
 the *other* counter, which can only have moved in the direction that makes the
@@ -247,11 +249,15 @@ class MessageBusBackpressure:
         # add() counts in a StepCounter (an itertools.count work-alike) whose trigger
         # mirrors _add_at, so the compiled publish path can do add(1) in C.
         self._in = StepCounter()
-        self._out = itertools.count()
+        # remove() counts in one too: its trigger mirrors _rem_at, so the dispatch
+        # workers' compiled delivery takes each message off the depth in C as it is
+        # delivered (deliver_groups, forward_batch).
+        self._out = StepCounter()
         self._bulk = 0
         self._add_at = _NEVER  # add(1) whose count value reaches this takes the slow path
         self._in.trigger = _NEVER
         self._rem_at = _NEVER  # likewise for remove(1)
+        self._out.trigger = _NEVER
         self._state = NORMAL
         self._batching = True
         self._enter = [0, 0, 0, 0]  # depth at which state k is entered
@@ -634,6 +640,7 @@ class MessageBusBackpressure:
             self._in.trigger = self._add_at
             # remove(1) returns w (outs before it): depth after = ins + bulk - w - 1.
             self._rem_at = _NEVER if lo is None else ins + bulk - lo
+            self._out.trigger = self._rem_at
             # An add/remove that ran between our read and the new triggers compared
             # itself with the old state's triggers: read again and settle.
             ins2, outs2 = _count_value(self._in), _count_value(self._out)
@@ -679,6 +686,7 @@ class MessageBusBackpressure:
                 self._in.trigger = self._add_at
             if self._rem_at != _NEVER:
                 self._rem_at += sign * n
+                self._out.trigger = self._rem_at
             # Read the counter only after the shift: an add(1)/remove(1) that ran before
             # this read is seen by it; one that ran after it compares with the new triggers.
             if sign > 0:

@@ -45,7 +45,14 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
-from ._dispatch import BusCore, GroupCore, Message, PartitionSlot, TopicCore, deliver_groups
+from ._dispatch import (
+    BusCore,
+    GroupCore,
+    Message,
+    PartitionSlot,
+    TopicCore,
+    deliver_groups,
+)
 from ._walcodec import check_keys
 from .backpressure import (
     BackpressureState,
@@ -74,7 +81,6 @@ __all__ = ["ScalableBus"]
 log = logging.getLogger("fastbus")
 
 _NORMAL = BackpressureState.NORMAL
-_OWED_MAX = 256  # delivered messages a worker may owe the depth before it settles them
 _CRITICAL = BackpressureState.CRITICAL
 _SHEDDING = BackpressureState.SHEDDING
 _STOP = object()
@@ -1052,34 +1058,15 @@ class ScalableBus(BusCore):
     def _worker(self) -> None:
         runq = self._runq
         started, done = self._turns_started, self._turns_done
-        # Delivered messages not yet taken off the backpressure depth: settled in one
-        # remove() every _OWED_MAX messages and before the worker blocks for work (so
-        # flush() and critical publishers waiting for room see them promptly). Not
-        # "if runq.empty()" then get(): another worker can take the item in between,
-        # and this one would sleep owing them, leaving the depth (and the state) up.
-        owed = [0]
         while True:
-            if owed[0]:
-                try:
-                    part = runq.get_nowait()
-                except queue.Empty:
-                    self._bp.remove(owed[0])
-                    owed[0] = 0
-                    part = runq.get()
-            else:
-                part = runq.get()
+            part = runq.get()
             if part is _STOP:
-                if owed[0]:
-                    self._bp.remove(owed[0])
                 return
             if self._stop.is_set():
                 continue  # close() gave up on flushing: no new turn (it counts what is left)
             next(started)
             try:
-                self._run_partition(part, owed)
-                if owed[0] >= _OWED_MAX:
-                    self._bp.remove(owed[0])
-                    owed[0] = 0
+                self._run_partition(part)
             except BaseException:  # a bug of ours: keep the worker alive, say so loudly
                 log.exception("fastbus: dispatch worker failed on %s/%d",
                               part.topic.name, part.index)
@@ -1087,11 +1074,11 @@ class ScalableBus(BusCore):
             finally:
                 next(done)
 
-    def _run_partition(self, part: PartitionSlot, owed: list[int]) -> None:
+    def _run_partition(self, part: PartitionSlot) -> None:
         """Dispatch one turn of ``part``; the caller won its ``try_schedule``.
 
-        Adds the number of messages taken to ``owed[0]`` (also when a handler
-        call escapes with a BaseException): the worker settles the depth.
+        Every message taken is taken off the backpressure depth as it is
+        delivered (see ``_deliver``), also when a handler call escapes.
         """
         carrier = part.carrier
         bp = self._bp
@@ -1103,10 +1090,7 @@ class ScalableBus(BusCore):
                 return  # close() gave up meanwhile: what is queued stays (it counts it)
         batch = carrier.take(self._max_batch)
         if batch:
-            try:
-                self._deliver(part, batch)
-            finally:
-                owed[0] += len(batch)
+            self._deliver(part, batch)
             if carrier.depth():
                 self._runq.put(part)  # more to do: requeue behind the others (fairness)
                 return
@@ -1116,19 +1100,16 @@ class ScalableBus(BusCore):
             self._runq.put(part)
 
     def _deliver(self, part: PartitionSlot, batch: list[Any]) -> None:
+        """Hand ``batch`` to the groups; as the last group is done with each message,
+        forward it to the inner bus's subscribers and take it off the backpressure
+        depth (in C: so the depth, the state and critical publishers waiting for room
+        follow a slow handler message by message, not batch by batch)."""
         t = part.topic
-        # (a member that leaves mid-batch gets no more of it: see deliver_groups)
-        errors = deliver_groups(t.groups, batch, part.index, self._handler_error)
         inner_subs = self._inner_subs
-        if inner_subs is None or t.name in inner_subs:
-            publish = self._inner_publish
-            name = t.name
-            for msg in batch:
-                try:
-                    publish(name, msg.payload)
-                except Exception as exc:
-                    errors += 1
-                    self._handler_error(exc, msg, publish, name)
+        forward = self._inner_publish if inner_subs is None or t.name in inner_subs else None
+        # (a member that leaves mid-batch gets no more of it: see deliver_groups)
+        errors = deliver_groups(t.groups, batch, part.index, self._handler_error, self._bp,
+                                forward, t.name)
         with t.lock:  # (workers of other partitions of the topic count here too)
             t.delivered += len(batch)
             t.errors += errors

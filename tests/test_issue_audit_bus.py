@@ -443,3 +443,134 @@ def test_the_critical_delay_is_slept_with_time_sleep_and_awaited_with_asyncio_sl
     assert slept[0] == ("sleep", pytest.approx(0.010))
     assert slept[1] == ("asyncio.sleep", pytest.approx(0.010 + 0.99 * 0.1))
     assert slept[-1] == ("sleep", pytest.approx(0.010 + 0.99 * 0.5))
+
+
+# -- issue 6: the depth is "kept up to date"; hysteresis and critical publishers waiting
+#    for room, with "a consumer the test holds and releases" ------------------------------
+
+
+class Stepper:
+    """A handler the test releases one message at a time."""
+
+    def __init__(self) -> None:
+        self.permits = threading.Semaphore(0)
+        self.got: list = []
+
+    def __call__(self, m) -> None:
+        assert self.permits.acquire(timeout=30), "the test never released the handler"
+        self.got.append(m.payload if not isinstance(m, list) else [x.payload for x in m])
+
+    def release(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.permits.release()
+
+
+def _wait(predicate, what: str) -> None:
+    from tests.waiting import wait_for
+
+    wait_for(predicate, what, timeout=10)
+
+
+@pytest.mark.parametrize("inner_subscriber", [False, True], ids=["groups", "inner-bus-too"])
+@pytest.mark.parametrize("hot", [False, True], ids=["queue", "hot"])
+def test_the_depth_and_the_state_fall_message_by_message_under_a_slow_consumer(
+        hot, inner_subscriber):
+    """A dispatch worker took delivered messages off the depth only once it had no
+    other partition to run, or every 256 messages: under a slow consumer the depth
+    stayed at its peak until the queue was empty, so the state never came down
+    (WARNING at 1 message in memory) and the hysteresis band was never seen."""
+    with ScalableBus(limits=Limits(max_queue_size=100), thresholds=NO_DELAY,
+                     workers=1) as bus:
+        bus.configure_topic("t", TopicConfig(partitions=1, hot=hot, ring_size=16))
+        slow = Stepper()
+        bus.subscribe("t", slow)
+        if inner_subscriber:
+            forwarded = []
+            bus.inner.subscribe("t", forwarded.append)
+        bp = bus.backpressure
+        try:
+            for i in range(80):
+                bus.publish("t", i)
+            assert bp.state is BackpressureState.WARNING and bp.depth == 80
+            for delivered, state in ((10, "WARNING"), (15, "WARNING"),  # 65: in the band
+                                     (16, "NORMAL"), (79, "NORMAL")):
+                slow.release(delivered - len(slow.got))
+                _wait(lambda d=delivered: bp.depth == 80 - d,
+                      f"the depth to follow {delivered} deliveries (it is {bp.depth})")
+                assert bp.state.name == state, (delivered, bp.depth)
+        finally:
+            slow.release(100)
+        assert bus.flush(5)
+        assert bp.depth == 0 and slow.got == list(range(80))
+        if inner_subscriber:
+            assert forwarded == list(range(80))
+
+
+def test_a_critical_publisher_waiting_for_room_proceeds_when_one_message_is_delivered():
+    """Issue 6's test list: "critical publishers waiting, then proceeding when room
+    appears". The room one delivery made was not seen until the whole queue had been
+    delivered: the publisher waited out its timeout and got BusOverloaded."""
+    th = Thresholds(min_delay=0.0, max_delay=0.0, critical_timeout=10.0)
+    with ScalableBus(limits=Limits(max_queue_size=10), thresholds=th, workers=1) as bus:
+        bus.configure_topic("c", TopicConfig(partitions=1, critical=True))
+        slow = Stepper()
+        bus.subscribe("c", slow)
+        outcome: list = []
+        try:
+            for i in range(10):
+                bus.publish("c", i)
+            waiting = threading.Thread(
+                target=lambda: outcome.append(bus.publish("c", "waited") or "published"))
+            waiting.start()
+            _wait(lambda: bus.backpressure.snapshot()["critical_waits"] == 1,
+                  "the critical publisher to wait for room")
+            assert not outcome
+            slow.release(1)  # one message delivered: room for one
+            waiting.join(5)
+            assert outcome == ["published"]
+        finally:
+            slow.release(20)
+        assert bus.flush(5)
+        assert slow.got == [*range(10), "waited"]
+
+
+def test_shedding_ends_once_the_slow_consumer_has_worked_the_queue_down():
+    with ScalableBus(limits=Limits(max_queue_size=100), thresholds=NO_DELAY,
+                     workers=1) as bus:
+        bus.configure_topic("t", TopicConfig(partitions=1))
+        slow = Stepper()
+        bus.subscribe("t", slow)
+        try:
+            for i in range(95):
+                bus.publish("t", i)
+            with pytest.raises(BusOverloaded):
+                bus.publish("t", "refused")
+            slow.release(60)
+            _wait(lambda: len(slow.got) == 60 and bus.backpressure.depth == 35,
+                  "60 deliveries")
+            assert bus.backpressure.state is BackpressureState.NORMAL
+            bus.publish("t", "accepted")  # 35 of 100 in memory: no reason to refuse
+        finally:
+            slow.release(100)
+        assert bus.flush(5)
+        assert slow.got == [*range(95), "accepted"]
+
+
+def test_every_delivered_message_leaves_the_depth_once_with_batches_and_several_groups():
+    """The depth comes back to exactly 0: batch members, per-message members, a group
+    whose member leaves mid-batch, a handler that raises, no subscriber at all."""
+    with ScalableBus(limits=Limits(max_queue_size=10_000), workers=2, max_batch=7) as bus:
+        bus.configure_topic("t", TopicConfig(partitions=3))
+        bus.configure_topic("nobody", TopicConfig(partitions=2, hot=True, ring_size=4))
+        seen = []
+        bus.subscribe("t", lambda batch: seen.extend(batch), group="a", batch=True)
+        leaving = bus.subscribe("t", lambda m: leaving.unsubscribe(), group="b")
+        bus.subscribe("t", lambda m: 1 / 0 if m.payload % 5 == 0 else None, group="b")
+        for i in range(500):
+            bus.publish("t", i, key=str(i % 11))
+            bus.publish("nobody", i)
+        bus.publish_many("t", list(range(300)))
+        assert bus.flush(10)
+        assert bus.backpressure.depth == 0
+        assert len(seen) == 800
+        assert bus.metrics().depth == 0
