@@ -1,7 +1,8 @@
 """Requirements audit of issues 4 (ScalableBus) and 6 (backpressure), as a new user.
 
-Each test calls the library the most literal way the issue text or DESIGN.md suggests
-and failed before the fix it names.
+Each test calls the library the most literal way the issue text or DESIGN.md suggests.
+Those whose docstring says what the code did failed before the fix they name; the
+others guard what those fixes must keep (the documented shapes, exact semantics).
 """
 
 from __future__ import annotations
