@@ -56,6 +56,8 @@ cdef class TopicCore:
 cdef class BusCore:
     cdef public dict _topics
     cdef public object _inner_publish
+    cdef public object _fanout
+    cdef public object _fanout_failed
     cdef public bint _closed
     cdef public object _bp
     cdef public object _normal

@@ -37,6 +37,9 @@ def deliver_groups(
     batch: list[Any],
     partition: int,
     on_error: Callable[[BaseException, Any, Any], Any],
+    settle: Any = None,
+    forward: Callable[[str, Any], Any] | None = None,
+    name: str | None = None,
 ) -> int: ...
 
 class GroupCore:

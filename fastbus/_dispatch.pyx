@@ -177,10 +177,55 @@ def route(topic, list payloads, keys, int32_t n, int64_t rr_start, headers):
     return out
 
 
+cdef inline int _settle(object backpressure, StepCounter out, Py_ssize_t k) except -1:
+    """``backpressure.remove(k)``, inlined: ``k`` steps of its removal counter in one
+    add, its slow path only when the last of them reaches the trigger (a level
+    crossed, or a critical publisher waiting for room)."""
+    cdef int64_t last
+    if k <= 0:
+        return 0
+    last = out.value + k - 1
+    out.value = last + 1
+    if last >= out.trigger:
+        backpressure._refresh()
+    return 0
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
-def deliver_groups(tuple groups, list batch, Py_ssize_t partition, on_error):
-    """deliver_groups(groups, batch, partition, on_error) -> int
+cdef Py_ssize_t _done_with(list batch, Py_ssize_t *done, Py_ssize_t hi, object forward,
+                           object name, object on_error, object settle,
+                           StepCounter out) except -1:
+    """Messages ``done[0]`` to ``hi`` of ``batch`` are done with every group: forward
+    each to the inner bus (``forward(name, message.payload)``; an ``Exception`` goes
+    to ``on_error(exc, message, forward)``), then take it off the depth; ``done[0]``
+    follows (also if something escapes). Returns how many forwards raised."""
+    cdef Py_ssize_t i, errors = 0
+    cdef object msg
+    if forward is not None:
+        for i in range(done[0], hi):
+            msg = <object>PyList_GET_ITEM(batch, i)
+            try:
+                forward(name, (<Message?>msg).payload)
+            except Exception as exc:
+                errors += 1
+                on_error(exc, msg, forward)
+            done[0] = i + 1  # (before the step: a failing refresh after it counts once)
+            if out is not None:
+                _settle(settle, out, 1)
+    else:
+        i = hi - done[0]
+        done[0] = hi
+        if out is not None:
+            _settle(settle, out, i)
+    return errors
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def deliver_groups(tuple groups, list batch, Py_ssize_t partition, on_error, settle=None,
+                   forward=None, name=None):
+    """deliver_groups(groups, batch, partition, on_error, settle=None, forward=None, name=None) -> int
 
     Hands ``batch`` (one partition's messages, in order) to each group's owner of
     ``partition``: ``member.call(copy)`` for a batch member (a new list, which the
@@ -196,40 +241,68 @@ def deliver_groups(tuple groups, list batch, Py_ssize_t partition, on_error):
     ``group.owners`` (the tuple is replaced on every change: one pointer compare)
     sends the rest of the batch to the partition's owner after the change, in
     order, or to nobody if the group's last member left.
+
+    Once the last group is done with a message (after its handler call; after the
+    call of a batch member, its whole list), it is forwarded with
+    ``forward(name, message.payload)`` when ``forward`` is given (the inner bus's
+    subscribers; an ``Exception`` goes to ``on_error(exc, message, forward)`` and
+    counts in the returned number), and then, when ``settle`` (the
+    ``MessageBusBackpressure`` whose depth counts the batch) is given, taken off
+    that depth: the depth falls message by message while a slow handler works
+    through a batch. Every message of the batch is taken off exactly once, also
+    when something escapes (then without being forwarded).
     """
-    cdef Py_ssize_t i, n = PyList_GET_SIZE(batch), errors = 0
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(batch), errors = 0, done = 0
+    cdef Py_ssize_t g_index, last_group = PyTuple_GET_SIZE(groups) - 1
     cdef GroupCore g
     cdef tuple owners
     cdef object member, call, msg
-    for g in groups:
-        i = 0
-        while i < n:
-            owners = g.owners
-            if owners is None or partition >= PyTuple_GET_SIZE(owners):
-                break  # no member: the group's last one left
-            member = <object>PyTuple_GET_ITEM(owners, partition)
-            call = member.call
-            if member.batch:
-                # A list of its own: a batch handler may change the list it gets
-                # (clear it, pop from it), and the other groups read ``batch``
-                # after it (up to ``n``, item pointers taken without a check).
-                msg = batch[i:]
-                try:
-                    call(msg)
-                except BaseException as exc:
-                    errors += 1
-                    on_error(exc, msg, member.handler)
-                break
+    # (a settle whose ``_out`` is None counts nothing: the benchmark's stand-in)
+    cdef StepCounter out = None if settle is None else settle._out
+    cdef bint last, tracking = out is not None or forward is not None
+    try:
+        for g_index in range(last_group + 1):
+            g = groups[g_index]
+            last = tracking and g_index == last_group
+            i = 0
             while i < n:
-                msg = <object>PyList_GET_ITEM(batch, i)
-                i += 1
-                try:
-                    call(msg)
-                except BaseException as exc:
-                    errors += 1
-                    on_error(exc, msg, member.handler)
-                if g.owners is not owners:
-                    break  # membership changed: look up the owner again
+                owners = g.owners
+                if owners is None or partition >= PyTuple_GET_SIZE(owners):
+                    break  # no member: the group's last one left
+                member = <object>PyTuple_GET_ITEM(owners, partition)
+                call = member.call
+                if member.batch:
+                    # A list of its own: a batch handler may change the list it gets
+                    # (clear it, pop from it), and the other groups read ``batch``
+                    # after it (up to ``n``, item pointers taken without a check).
+                    msg = batch[i:]
+                    try:
+                        call(msg)
+                    except BaseException as exc:
+                        errors += 1
+                        on_error(exc, msg, member.handler)
+                    if last:
+                        errors += _done_with(batch, &done, n, forward, name, on_error,
+                                             settle, out)
+                    break
+                while i < n:
+                    msg = <object>PyList_GET_ITEM(batch, i)
+                    i += 1
+                    try:
+                        call(msg)
+                    except BaseException as exc:
+                        errors += 1
+                        on_error(exc, msg, member.handler)
+                    if last:
+                        errors += _done_with(batch, &done, i, forward, name, on_error,
+                                             settle, out)
+                    if g.owners is not owners:
+                        break  # membership changed: look up the owner again
+        if done < n:  # no group, or none had a member for the rest
+            errors += _done_with(batch, &done, n, forward, name, on_error, settle, out)
+    finally:
+        if out is not None and done < n:
+            _settle(settle, out, n - done)  # something escaped: they are done with
     return errors
 
 
@@ -414,6 +487,23 @@ cdef class TopicCore:
         return fb_load_acquire(&self._rr)
 
 
+cdef object _fan_out(tuple subs, object topic, object message, object failed):
+    """``InProcessBus.publish`` once its handler tuple was found, compiled: each
+    ``(subscription, call)`` of ``subs`` in order, in this thread; an ``Exception``
+    goes to ``failed(exc, topic, message, subscription.handler)`` (the bus's
+    ``_handler_failed``: counted, then its ``on_error``) and the others still run.
+    Returns how many handlers were called, as it does."""
+    cdef Py_ssize_t i, n = PyTuple_GET_SIZE(subs)
+    cdef tuple entry
+    for i in range(n):
+        entry = <tuple>PyTuple_GET_ITEM(subs, i)
+        try:
+            (<object>PyTuple_GET_ITEM(entry, 1))(message)
+        except Exception as exc:
+            failed(exc, topic, message, (<object>PyTuple_GET_ITEM(entry, 0)).handler)
+    return n
+
+
 cdef class BusCore:
     """The compiled base of ScalableBus: the first step of every publish.
 
@@ -421,6 +511,13 @@ cdef class BusCore:
     (one dict look-up and one call: the pass-through costs almost nothing); a
     configured one goes to ``self._publish_topic``, written in Python by the
     subclass, where the policy lives.
+
+    When the inner bus is a plain ``InProcessBus`` (its own ``publish``, not an
+    override), ``_fanout`` is its handler table and ``_fanout_failed`` its
+    ``_handler_failed``: a pass-through topic that has handlers is then published
+    here, by ``_fan_out``, which does what ``InProcessBus.publish`` does (same
+    thread, order, errors and return value) without the call into its Python
+    frame; a topic without handlers still goes to ``inner.publish``.
     """
 
     @cython.binding(False)
@@ -446,6 +543,10 @@ cdef class BusCore:
                     f"topic {topic!r} is not configured, so it passes straight to the inner "
                     f"bus, which takes no key or headers; configure it first with "
                     f"bus.configure_topic({topic!r}, TopicConfig(...))")
+            if self._fanout is not None:
+                subs = (<dict>self._fanout).get(topic)
+                if subs is not None:
+                    return _fan_out(<tuple>subs, topic, message, self._fanout_failed)
             return self._inner_publish(topic, message)
         core = t.core
         if core is not None and headers is None and self._bp._state is self._normal:

@@ -22,9 +22,11 @@ How the hot path stays cheap
 ----------------------------
 ``admit`` in NORMAL is one identity comparison against the cached state.
 
-``add(1)`` / ``remove(1)`` take no lock: each is one ``next()`` on an
-``itertools.count`` (a single C call, atomic under the GIL) and one integer
-comparison against a precomputed trigger. The exact depth is
+``add(1)`` / ``remove(1)`` take no lock: each is one ``next()`` on a counter (a
+``StepCounter``, an ``itertools.count`` work-alike: a single C call, atomic under
+the GIL) and one integer comparison against a precomputed trigger, which the
+counter carries so that compiled code (a ``ScalableBus``'s publish path and its
+dispatch workers) does the same step and compare in C. The exact depth is
 ``ins - outs + bulk`` (``bulk``: the net of ``add(n)``/``remove(n)`` for n != 1,
 changed under the lock). A trigger is computed under the lock from a snapshot of
 the *other* counter, which can only have moved in the direction that makes the
@@ -65,7 +67,11 @@ from typing import Any
 from ._dispatch import StepCounter
 from .bus import _AsyncRunner, is_async_handler
 from .config import Thresholds
-from .errors import BusOverloaded
+from .errors import overloaded
+
+# Said of a refusal at a depth that has reached the capacity (a QueueLimitExceeded).
+_FULL = (": the bus holds max_queue_size messages or more (LimitExceeded: max_queue_size; "
+         "what is queued stays and is delivered)")
 
 __all__ = ["BACKPRESSURE_HEADER", "BackpressureState", "MessageBusBackpressure"]
 
@@ -167,13 +173,27 @@ def _three_arguments(callback: Callable[..., object]) -> ChangeCallback:
                     f"(old, new) or (new), got {callback!r} with signature {sig}")
 
 
+_TIME_SLEEP = time.sleep
+_ASYNCIO_SLEEP = asyncio.sleep
+
+
+def _time_sleep(seconds: float) -> None:
+    time.sleep(seconds)  # (time.sleep as it is now, patched or not)
+
+
+async def _asyncio_sleep(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
 class MessageBusBackpressure:
     """The backpressure state machine of one bus, and the producer signalling it drives.
 
     ``capacity`` is ``Limits.max_queue_size``; ``thresholds`` the initial
     :class:`~fastbus.config.Thresholds`. ``clock`` (seconds, monotonic) times
     the states and the async wait for room; ``sleep`` and ``async_sleep`` carry
-    out the CRITICAL delay (injectable for tests). The sync wait for room
+    out the CRITICAL delay (injectable for tests; by default ``time.sleep`` and
+    ``asyncio.sleep``, looked up when the delay is taken, so patching them works
+    for a bus's backpressure too). The sync wait for room
     (:meth:`wait_for_room`) waits on a condition variable in real time.
     """
 
@@ -220,18 +240,24 @@ class MessageBusBackpressure:
         self._capacity = _check_capacity(capacity)
         self._thresholds = thresholds
         self._clock = clock
-        self._sleep = sleep
-        self._async_sleep = async_sleep
+        # The defaults look time.sleep / asyncio.sleep up at each call, not once here:
+        # a test that patches them sees the CRITICAL delay instead of waiting it out.
+        self._sleep = _time_sleep if sleep is _TIME_SLEEP else sleep
+        self._async_sleep = _asyncio_sleep if async_sleep is _ASYNCIO_SLEEP else async_sleep
 
         # Depth = ins - outs + bulk. ins/outs: add(1)/remove(1), lock-free; bulk: the rest.
         # add() counts in a StepCounter (an itertools.count work-alike) whose trigger
         # mirrors _add_at, so the compiled publish path can do add(1) in C.
         self._in = StepCounter()
-        self._out = itertools.count()
+        # remove() counts in one too: its trigger mirrors _rem_at, so the dispatch
+        # workers' compiled delivery takes each message off the depth in C as it is
+        # delivered (deliver_groups, forward_batch).
+        self._out = StepCounter()
         self._bulk = 0
         self._add_at = _NEVER  # add(1) whose count value reaches this takes the slow path
         self._in.trigger = _NEVER
         self._rem_at = _NEVER  # likewise for remove(1)
+        self._out.trigger = _NEVER
         self._state = NORMAL
         self._batching = True
         self._enter = [0, 0, 0, 0]  # depth at which state k is entered
@@ -614,6 +640,7 @@ class MessageBusBackpressure:
             self._in.trigger = self._add_at
             # remove(1) returns w (outs before it): depth after = ins + bulk - w - 1.
             self._rem_at = _NEVER if lo is None else ins + bulk - lo
+            self._out.trigger = self._rem_at
             # An add/remove that ran between our read and the new triggers compared
             # itself with the old state's triggers: read again and settle.
             ins2, outs2 = _count_value(self._in), _count_value(self._out)
@@ -659,6 +686,7 @@ class MessageBusBackpressure:
                 self._in.trigger = self._add_at
             if self._rem_at != _NEVER:
                 self._rem_at += sign * n
+                self._out.trigger = self._rem_at
             # Read the counter only after the shift: an add(1)/remove(1) that ran before
             # this read is seen by it; one that ran after it compares with the new triggers.
             if sign > 0:
@@ -722,11 +750,12 @@ class MessageBusBackpressure:
             depth, capacity = self._depth_locked(), self._capacity
         self._count_rejection(topic)
         shedding = self._thresholds.shedding
-        raise BusOverloaded(
+        raise overloaded(
             f"bus overloaded: backpressure state SHEDDING, depth {depth} of capacity "
-            f"{capacity} ({depth / capacity:.1%}, shedding from {shedding:.0%}); topic "
-            f"{topic!r} is not critical, so the message was refused and not queued. "
-            f"Retry later, or mark the topic critical in its TopicConfig",
+            f"{capacity} ({depth / capacity:.1%} of Limits.max_queue_size, shedding from "
+            f"{shedding:.0%}){_FULL if depth >= capacity else ''}; topic {topic!r} is not "
+            f"critical, so the message was refused and not queued. Retry later, or mark "
+            f"the topic critical in its TopicConfig",
             topic=topic, state=SHEDDING, depth=depth, capacity=capacity,
         )
 
@@ -735,9 +764,10 @@ class MessageBusBackpressure:
             depth, capacity, state = self._depth_locked(), self._capacity, self._state
         self._count("critical_timeouts")
         self._count_rejection(topic)
-        raise BusOverloaded(
+        raise overloaded(
             f"bus overloaded: backpressure state {state.name}, depth {depth} of capacity "
-            f"{capacity}; critical topic {topic!r} waited {timeout} s for room and none "
+            f"{capacity} (Limits.max_queue_size){_FULL if depth >= capacity else ''}; "
+            f"critical topic {topic!r} waited {timeout} s for room and none "
             f"appeared, so the message was refused and not queued. Consumers are not "
             f"keeping up: speed them up, raise Limits.max_queue_size or "
             f"Thresholds.critical_timeout",

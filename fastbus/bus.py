@@ -109,6 +109,51 @@ def _log_error(exc: BaseException, topic: str, message: Any, handler: Handler) -
     log.error("fastbus: handler %s for topic %r raised", name, topic, exc_info=exc)
 
 
+_ERROR_SHAPES = {
+    4: "(exc, topic, message, handler)",
+    3: "(exc, message, handler)",
+    2: "(exc, message)",
+    1: "(exc)",
+}
+
+
+def error_callback(on_error: Callable[..., Any], documented: int) -> ErrorHandler:
+    """``on_error`` as an ``(exc, topic, message, handler)`` callable.
+
+    ``InProcessBus`` documents ``on_error(exc, topic, message, handler)`` and
+    ``ScalableBus`` ``on_error(exc, message, handler)``: either bus takes either
+    shape (one is a drop-in for the other), and also ``(exc, message)`` or
+    ``(exc)`` alone (``on_error=errors.append``). The ``documented`` number of
+    arguments is tried first, so a callable taking ``*args`` gets that shape. Any
+    other shape is a ``TypeError`` here, not a failure at every handler error.
+    """
+    if not callable(on_error):
+        raise TypeError(f"on_error must be callable {_ERROR_SHAPES[documented]} or None, "
+                        f"got {type(on_error).__name__} {on_error!r}")
+    try:
+        sig = inspect.signature(on_error)
+    except (TypeError, ValueError):  # no signature (some builtins): call it as documented
+        sig = None
+    order = (documented, *(n for n in (4, 3, 2, 1) if n != documented))
+    for nargs in order:
+        if sig is not None:
+            try:
+                sig.bind(*(None,) * nargs)
+            except TypeError:
+                continue
+        cb = on_error
+        if nargs == 4:
+            return cb
+        if nargs == 3:
+            return lambda exc, topic, message, handler: cb(exc, message, handler)
+        if nargs == 2:
+            return lambda exc, topic, message, handler: cb(exc, message)
+        return lambda exc, topic, message, handler: cb(exc)
+    raise TypeError(f"on_error must take {_ERROR_SHAPES[documented]} (or "
+                    f"{', '.join(v for k, v in _ERROR_SHAPES.items() if k != documented)}), "
+                    f"got {on_error!r} with signature {sig}")
+
+
 class _AsyncRunner:
     """Runs coroutine handlers on the event loop they were subscribed from.
 
@@ -180,6 +225,8 @@ class InProcessBus:
       ``on_error(exc, topic, message, handler)`` (default: logged on the
       ``fastbus`` logger) and is counted in ``handler_errors``. An exception
       raised by ``on_error`` itself is logged and counted, never propagated.
+      ``on_error`` may also take ``ScalableBus``'s ``(exc, message, handler)``,
+      or ``(exc, message)``, or ``(exc)``; any other shape is a ``TypeError``.
     - Coroutine functions are accepted as handlers. One subscribed while an
       event loop runs in the subscribing thread is scheduled on that loop
       (thread-safe from any publisher thread); otherwise it runs on the
@@ -188,13 +235,11 @@ class InProcessBus:
       cancelled counts as one: ``CancelledError``).
     """
 
-    def __init__(self, *, on_error: ErrorHandler | None = None) -> None:
-        if on_error is not None and not callable(on_error):
-            raise TypeError(f"on_error must be callable (exc, topic, message, handler) or None, "
-                            f"got {type(on_error).__name__} {on_error!r}")
+    def __init__(self, *, on_error: Callable[..., Any] | None = None) -> None:
+        self._on_error: ErrorHandler = (
+            _log_error if on_error is None else error_callback(on_error, 4))
         self._lock = threading.Lock()
         self._subs: dict[str, tuple[tuple[Subscription, Handler], ...]] = {}
-        self._on_error: ErrorHandler = on_error or _log_error
         self._errors = 0
         self._errors_lock = threading.Lock()
         self._runner = _AsyncRunner(self._async_error)
@@ -300,6 +345,11 @@ class InProcessBus:
 
     def __repr__(self) -> str:
         return f"<InProcessBus topics={len(self._subs)} errors={self._errors}>"
+
+
+# InProcessBus.publish as written here: ScalableBus compiles its fan-out only while the
+# class's publish is still this one (not replaced, e.g. by a test's spy).
+_PUBLISH = InProcessBus.publish
 
 
 def message_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:

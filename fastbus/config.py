@@ -71,7 +71,9 @@ class Limits:
     a topic or a subscription with ``LimitExceeded``; for ``max_queue_size``,
     queued messages stay and are delivered, and backpressure takes the new
     capacity at once (non-critical publishes get ``BusOverloaded`` in SHEDDING,
-    critical ones wait for room).
+    critical ones wait for room). A publish refused while the depth is at or above
+    ``max_queue_size`` raises ``fastbus.errors.QueueLimitExceeded``: both a
+    ``BusOverloaded`` and a ``LimitExceeded`` whose ``limit`` is ``"max_queue_size"``.
     """
 
     max_topics: int = 1024

@@ -11,6 +11,7 @@ __all__ = [
     "BusOverloaded",
     "FastbusError",
     "LimitExceeded",
+    "QueueLimitExceeded",
     "UnknownTopicError",
     "WalCorruptionError",
 ]
@@ -25,7 +26,9 @@ class BusOverloaded(FastbusError):
 
     Raised in the SHEDDING backpressure state for topics not marked ``critical``,
     and for critical topics whose publisher waited past its timeout for room.
-    The message was *not* accepted: nothing of it is queued.
+    The message was *not* accepted: nothing of it is queued. Refused while the
+    depth is at or above ``Limits.max_queue_size``, it is a
+    :class:`QueueLimitExceeded`, a ``LimitExceeded`` as well.
     """
 
     def __init__(self, message: str, *, topic: str | None = None, state: object = None,
@@ -46,6 +49,33 @@ class LimitExceeded(FastbusError):
         self.limit = limit
         self.value = value
         self.current = current
+
+
+class QueueLimitExceeded(BusOverloaded, LimitExceeded):
+    """A publish refused while the bus holds ``Limits.max_queue_size`` messages or more.
+
+    The bus is full: for instance the limit was lowered below what is queued (the
+    queued messages stay and are delivered; what is new is refused), or critical
+    publishers filled it. Both a :class:`BusOverloaded` (backpressure refused it:
+    ``topic``, ``state``, ``depth``, ``capacity``) and a :class:`LimitExceeded`
+    (``limit`` is ``"max_queue_size"``, ``value`` the limit, ``current`` the depth).
+    """
+
+    def __init__(self, message: str, *, topic: str | None = None, state: object = None,
+                 depth: int | None = None, capacity: int | None = None) -> None:
+        BusOverloaded.__init__(self, message, topic=topic, state=state, depth=depth,
+                               capacity=capacity)
+        self.limit = "max_queue_size"
+        self.value = capacity
+        self.current = depth
+
+
+def overloaded(message: str, *, topic: str | None, state: object, depth: int,
+               capacity: int) -> BusOverloaded:
+    """The ``BusOverloaded`` for a refusal at ``depth`` of ``capacity``: a
+    :class:`QueueLimitExceeded` once the depth has reached the capacity."""
+    cls = QueueLimitExceeded if depth >= capacity else BusOverloaded
+    return cls(message, topic=topic, state=state, depth=depth, capacity=capacity)
 
 
 class BusClosed(FastbusError):

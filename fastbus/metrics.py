@@ -123,7 +123,10 @@ class ScalingMetrics:
     Bus-wide totals: ``topics`` (configured), ``published``, ``delivered``,
     ``rate_1s``/``rate_10s`` (published per second), ``depth`` (messages held in
     memory) out of ``capacity`` (``Limits.max_queue_size``), ``handler_errors``,
-    ``drops`` (by reason, e.g. ``wal_read_errors``), ``rejections`` (by cause),
+    ``drops`` (by reason, e.g. ``wal_read_errors``), ``rejections`` (by cause:
+    ``backpressure``, every ``BusOverloaded``; and, once any were refused, the
+    topics and subscriptions refused with ``LimitExceeded``, under the limit's name,
+    ``max_topics`` or ``max_subscribers_per_topic``),
     ``spills``, ``rebalances``; ``limits`` in force; ``backpressure``: the
     ``MessageBusBackpressure.snapshot()``; ``per_topic``: a ``TopicMetrics`` per
     configured topic; ``taken_at``: ``time.time()`` of the snapshot.
@@ -177,10 +180,15 @@ class PrometheusCollector:
     Register it with ``REGISTRY.register(PrometheusCollector(bus))``. Each scrape
     takes one ``metrics()`` snapshot. Families (prefix ``namespace``): ``topics``,
     ``queue_depth`` (topic, partition), ``published``, ``delivered``,
-    ``publish_rate``, ``subscribers``, ``handler_errors``, ``ring_spills`` (topic),
-    ``ring_cursor`` (topic, partition), ``rejections`` (cause), ``drops`` (reason),
-    ``wal_group_lag`` (topic, group), ``backpressure_state`` (0-3) and
-    ``utilisation``; counters get prometheus_client's ``_total`` suffix.
+    ``publish_rate`` (10 s window), ``subscribers``, ``handler_errors``,
+    ``ring_spills``, ``rebalances``, ``topic_rejections`` (topic),
+    ``group_subscribers`` (topic, group), ``ring_cursor`` and
+    ``ring_slowest_consumer`` (topic, partition), ``rejections`` (cause), ``drops``
+    (reason), ``wal_group_lag`` (topic, group), ``backpressure_state`` (0-3),
+    ``backpressure_time_in_state_seconds`` (state), ``backpressure_transitions``,
+    ``backpressure_delayed_publishes``, ``backpressure_delay_seconds``,
+    ``backpressure_critical_timeouts`` and ``utilisation``; counters get
+    prometheus_client's ``_total`` suffix.
     Needs ``prometheus_client`` (the ``fastbus[prometheus]`` extra);
     constructing it without raises ImportError saying so.
     """
@@ -221,6 +229,16 @@ class PrometheusCollector:
                                      labels=["topic"])
         cursor = GaugeMetricFamily(f"{ns}_ring_cursor", "Ring producer cursor",
                                    labels=["topic", "partition"])
+        slowest = GaugeMetricFamily(f"{ns}_ring_slowest_consumer",
+                                    "Sequence of the ring's slowest consumer",
+                                    labels=["topic", "partition"])
+        groups = GaugeMetricFamily(f"{ns}_group_subscribers", "Members of a subscriber group",
+                                   labels=["topic", "group"])
+        rebalances = CounterMetricFamily(f"{ns}_rebalances", "Partition reassignments",
+                                         labels=["topic"])
+        topic_rej = CounterMetricFamily(f"{ns}_topic_rejections",
+                                        "Publishes refused with BusOverloaded",
+                                        labels=["topic"])
         for t in m.per_topic.values():
             published.add_metric([t.name], t.published)
             delivered.add_metric([t.name], t.delivered)
@@ -228,11 +246,17 @@ class PrometheusCollector:
             subs.add_metric([t.name], t.subscribers)
             errors.add_metric([t.name], t.handler_errors)
             spills.add_metric([t.name], t.spills)
+            rebalances.add_metric([t.name], t.rebalances)
+            topic_rej.add_metric([t.name], t.rejections)
             for p, d in enumerate(t.depth):
                 depth.add_metric([t.name, str(p)], d)
             for p, r in t.rings.items():
                 cursor.add_metric([t.name, str(p)], r.cursor)
-        yield from (depth, published, delivered, rate, subs, errors, spills, cursor)
+                slowest.add_metric([t.name, str(p)], r.slowest_consumer)
+            for group, members in t.groups.items():
+                groups.add_metric([t.name, str(group)], members)
+        yield from (depth, published, delivered, rate, subs, errors, spills, cursor, slowest,
+                    groups, rebalances, topic_rej)
         rej = CounterMetricFamily(f"{ns}_rejections", "Publishes refused", labels=["cause"])
         for cause, n in m.rejections.items():
             rej.add_metric([cause], n)
@@ -255,6 +279,24 @@ class PrometheusCollector:
         # The snapshot names the state ("WARNING"); the gauge wants its number.
         state.add_metric([], BackpressureState[m.backpressure.get("state", "NORMAL")].value)
         yield state
+        bp = m.backpressure
+        time_in = CounterMetricFamily(f"{ns}_backpressure_time_in_state_seconds",
+                                      "Seconds spent in each backpressure state",
+                                      labels=["state"])
+        for name, seconds in bp.get("time_in_state", {}).items():
+            time_in.add_metric([name], seconds)
+        yield time_in
+        for key, name, doc in (
+                ("transitions", "backpressure_transitions", "Backpressure state changes"),
+                ("delayed_publishes", "backpressure_delayed_publishes",
+                 "Publishes delayed in CRITICAL"),
+                ("total_delay_seconds", "backpressure_delay_seconds",
+                 "Delay given to publishes in CRITICAL"),
+                ("critical_timeouts", "backpressure_critical_timeouts",
+                 "Critical publishers that found no room in time")):
+            c = CounterMetricFamily(f"{ns}_{name}", doc)
+            c.add_metric([], bp.get(key, 0))
+            yield c
         util = GaugeMetricFamily(f"{ns}_utilisation", "In-memory depth over max_queue_size")
         util.add_metric([], m.depth / m.capacity if m.capacity else 0.0)
         yield util

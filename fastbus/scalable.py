@@ -20,7 +20,8 @@ subscriber group. Handlers therefore run on fastbus threads, except coroutine
 handlers, which run on the event loop they were subscribed from.
 
 Errors: a handler that raises does not stop delivery; the exception goes to
-``on_error(exc, message, handler)`` (default: logged) and is counted.
+``on_error(exc, message, handler)`` (or ``InProcessBus``'s ``(exc, topic, message,
+handler)``; default: logged) and is counted.
 
 Durable topics are at-least-once: a group's offsets are committed after its
 handlers for a polled batch returned (or raised: the record counts as handled,
@@ -44,7 +45,14 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
-from ._dispatch import BusCore, GroupCore, Message, PartitionSlot, TopicCore, deliver_groups
+from ._dispatch import (
+    BusCore,
+    GroupCore,
+    Message,
+    PartitionSlot,
+    TopicCore,
+    deliver_groups,
+)
 from ._walcodec import check_keys
 from .backpressure import (
     BackpressureState,
@@ -53,10 +61,18 @@ from .backpressure import (
     _count_value,
     _first_depth_at,
 )
-from .bus import InProcessBus, MessageBus, Subscription, check_handler, check_topic
+from .bus import _PUBLISH as _INPROCESS_PUBLISH
+from .bus import (
+    InProcessBus,
+    MessageBus,
+    Subscription,
+    check_handler,
+    check_topic,
+    error_callback,
+)
 from .bus import is_async_handler as _is_async
 from .config import ConfigRef, Limits, Thresholds, TopicConfig
-from .errors import BusClosed, BusOverloaded, LimitExceeded, UnknownTopicError
+from .errors import BusClosed, LimitExceeded, UnknownTopicError, overloaded
 from .metrics import RateMeter, RingMetrics, ScalingMetrics, TopicMetrics
 from .stores import Store, _make_dir
 
@@ -65,7 +81,6 @@ __all__ = ["ScalableBus"]
 log = logging.getLogger("fastbus")
 
 _NORMAL = BackpressureState.NORMAL
-_OWED_MAX = 256  # delivered messages a worker may owe the depth before it settles them
 _CRITICAL = BackpressureState.CRITICAL
 _SHEDDING = BackpressureState.SHEDDING
 _STOP = object()
@@ -159,10 +174,16 @@ def _call_on_loop(loop: asyncio.AbstractEventLoop, handler: Any, arg: Any) -> An
         return value
     raise value
 
-def _log_error(exc: BaseException, message: Any, handler: Any) -> None:
+def _log_error(exc: BaseException, topic: str | None, message: Any, handler: Any) -> None:
     name = getattr(handler, "__qualname__", repr(handler))
-    topic = getattr(message, "topic", "?")
-    log.error("fastbus: handler %s for topic %r raised", name, topic, exc_info=exc)
+    log.error("fastbus: handler %s for topic %r raised", name, topic or "?", exc_info=exc)
+
+
+def _topic_of(message: Any) -> str | None:
+    """The topic of what a handler was given: a ``Message``, or a batch of them."""
+    if type(message) is list:
+        message = message[0] if message else None
+    return message.topic if isinstance(message, Message) else None
 
 
 # -- carriers: what holds a partition's messages between publish and dispatch --
@@ -355,6 +376,11 @@ class ScalableBus(BusCore):
       may wait to fill a batch while the bus is not under pressure (0 = deliver
       at once); in CRITICAL and SHEDDING workers do not linger, and one that
       is lingering when the state rises delivers at once.
+    - ``on_error``: called as ``on_error(exc, message, handler)`` when a handler
+      of a configured topic raises (``message``: what the handler was given).
+      ``InProcessBus``'s shape ``(exc, topic, message, handler)`` works too, as
+      do ``(exc, message)`` and ``(exc)``; any other is a ``TypeError`` here.
+      Handlers of pass-through topics are the inner bus's: its ``on_error``.
 
     Publishing never blocks on subscribers, except through backpressure: a
     publish in CRITICAL state is delayed, and in SHEDDING a publish to a topic
@@ -374,7 +400,7 @@ class ScalableBus(BusCore):
                  thresholds: Thresholds | None = None, data_dir: str | os.PathLike[str] | None
                  = None, store: Any = None, workers: int | None = None, max_batch: int = 512,
                  linger: float = 0.0,
-                 on_error: Callable[[BaseException, Any, Any], Any] | None = None) -> None:
+                 on_error: Callable[..., Any] | None = None) -> None:
         if inner is None:
             inner = InProcessBus()
         elif not (callable(getattr(inner, "publish", None))
@@ -396,9 +422,7 @@ class ScalableBus(BusCore):
         if not isinstance(thresholds, Thresholds):
             raise TypeError(
                 f"thresholds must be a fastbus.Thresholds, got {type(thresholds).__name__}")
-        if on_error is not None and not callable(on_error):
-            raise TypeError(f"on_error must be callable (exc, message, handler) or None, "
-                            f"got {type(on_error).__name__} {on_error!r}")
+        report = _log_error if on_error is None else error_callback(on_error, 3)
         if workers is None:
             workers = min(8, max(2, 2 * (os.cpu_count() or 1)))
         for name, value in (("workers", workers), ("max_batch", max_batch)):
@@ -418,6 +442,12 @@ class ScalableBus(BusCore):
         self._inner = inner
         self._inner_publish = inner.publish
         self._inner_subs = inner._subs if type(inner) is InProcessBus else None
+        if (isinstance(inner, InProcessBus) and self._inner_subs is not None
+                and "publish" not in vars(inner) and InProcessBus.publish is _INPROCESS_PUBLISH):
+            # BusCore.publish does InProcessBus.publish's fan-out itself, compiled
+            # (the pass-through then costs no more than calling the inner bus).
+            self._fanout = self._inner_subs
+            self._fanout_failed = inner._handler_failed
         self._limits: ConfigRef[Limits] = ConfigRef(limits)
         self._limits_lock = threading.Lock()  # reconfigure_limits, one at a time
         # An in-memory batch's room check and enqueue, one batch at a time (re-entrant:
@@ -444,7 +474,7 @@ class ScalableBus(BusCore):
         self._store_topic: str | None = None  # the durable topic a Store instance carries
         self._topics: dict[str, _Topic] = {}
         self._lock = threading.RLock()  # topic table and subscriptions
-        self._on_error = on_error or _log_error
+        self._on_error: Callable[..., Any] = report  # (exc, topic, message, handler)
         self._max_batch = max_batch
         self._linger = float(linger)
         self._closed = False
@@ -455,6 +485,8 @@ class ScalableBus(BusCore):
         self._turns_started = itertools.count()
         self._turns_done = itertools.count()
         self._drops: dict[str, int] = {}
+        # topics and subscriptions refused with LimitExceeded, by limit (under self._lock)
+        self._limit_refusals: dict[str, int] = {}
         self._totals = RateMeter()
         # every durable delivery thread this bus made (a handler may still be running
         # on one that a group no longer names: its last member left, another joined)
@@ -540,6 +572,7 @@ class ScalableBus(BusCore):
             if t is None:
                 limit = self._limits.current.max_topics
                 if len(self._topics) >= limit:
+                    self._count_limit_refusal("max_topics")
                     raise LimitExceeded(
                         f"cannot configure topic {name!r}: max_topics is {limit} and "
                         f"{len(self._topics)} topics are configured; raise it with "
@@ -616,6 +649,33 @@ class ScalableBus(BusCore):
             raise UnknownTopicError(
                 f"topic {name!r} is not configured (configure_topic first)", topic=name)
         return t.n
+
+    def subscriber_count(self, topic: str) -> int:
+        """Subscriptions on ``topic`` now, as ``InProcessBus.subscriber_count`` says.
+
+        A configured topic: this bus's subscriptions (every member of every group);
+        a pass-through topic: the inner bus's ``subscriber_count(topic)`` (0 if the
+        inner bus cannot tell).
+        """
+        t = self._topics.get(check_topic(topic))
+        if t is not None:
+            return sum(len(g.members) for g in t.groups)
+        count = getattr(self._inner, "subscriber_count", None)
+        return int(count(topic)) if callable(count) else 0
+
+    @property
+    def handler_errors(self) -> int:
+        """Handler calls that raised, as ``InProcessBus.handler_errors`` counts them:
+        those of configured topics (``metrics().handler_errors``) plus the inner bus's
+        own count, if it keeps one (its pass-through topics and its direct
+        subscribers)."""
+        own = sum(t.errors for t in list(self._topics.values()))
+        inner = getattr(self._inner, "handler_errors", 0)
+        return own + (inner if type(inner) is int else 0)
+
+    def _count_limit_refusal(self, limit: str) -> None:
+        """``self._lock`` held: a topic or subscription refused by ``limit``."""
+        self._limit_refusals[limit] = self._limit_refusals.get(limit, 0) + 1
 
     def reconfigure_limits(self, limits: Limits | None = None, /, **changes: Any) -> Limits:
         """Change limits at runtime; returns the new ``Limits``.
@@ -851,18 +911,20 @@ class ScalableBus(BusCore):
                     continue
                 bp._count("critical_timeouts")  # a critical publisher that gave up
                 bp._count_rejection(t.name)
-                raise BusOverloaded(
+                depth = bp.depth
+                raise overloaded(
                     f"bus full: a batch of {n} messages for critical topic {t.name!r} found "
-                    f"no room within {bp.thresholds.critical_timeout} s (depth {bp.depth} of "
-                    f"{capacity}); nothing of it was queued",
-                    topic=t.name, state=bp.state, depth=bp.depth, capacity=capacity)
+                    f"no room within {bp.thresholds.critical_timeout} s (depth {depth} of "
+                    f"{capacity}, Limits.max_queue_size); nothing of it was queued",
+                    topic=t.name, state=bp.state, depth=depth, capacity=capacity)
             bp._count_rejection(t.name)
-            raise BusOverloaded(
+            depth = bp.depth
+            raise overloaded(
                 f"bus overloaded: a batch of {n} messages would take the in-memory depth "
-                f"from {bp.depth} past the shedding level ({limit} of capacity {capacity}); "
-                f"topic {t.name!r} is not critical, so the batch was refused and nothing of it "
-                f"queued. Retry later or in smaller batches",
-                topic=t.name, state=bp.state, depth=bp.depth, capacity=capacity)
+                f"from {depth} past the shedding level ({limit} of capacity {capacity}, "
+                f"Limits.max_queue_size); topic {t.name!r} is not critical, so the batch was "
+                f"refused and nothing of it queued. Retry later or in smaller batches",
+                topic=t.name, state=bp.state, depth=depth, capacity=capacity)
 
     # -- subscribing --------------------------------------------------------
 
@@ -906,6 +968,7 @@ class ScalableBus(BusCore):
             limit = self._limits.current.max_subscribers_per_topic
             count = sum(len(g.members) for g in t.groups)
             if count >= limit:
+                self._count_limit_refusal("max_subscribers_per_topic")
                 raise LimitExceeded(
                     f"topic {topic!r} has {count} subscribers and max_subscribers_per_topic "
                     f"is {limit}; raise it with reconfigure_limits(max_subscribers_per_topic=...)",
@@ -997,34 +1060,15 @@ class ScalableBus(BusCore):
     def _worker(self) -> None:
         runq = self._runq
         started, done = self._turns_started, self._turns_done
-        # Delivered messages not yet taken off the backpressure depth: settled in one
-        # remove() every _OWED_MAX messages and before the worker blocks for work (so
-        # flush() and critical publishers waiting for room see them promptly). Not
-        # "if runq.empty()" then get(): another worker can take the item in between,
-        # and this one would sleep owing them, leaving the depth (and the state) up.
-        owed = [0]
         while True:
-            if owed[0]:
-                try:
-                    part = runq.get_nowait()
-                except queue.Empty:
-                    self._bp.remove(owed[0])
-                    owed[0] = 0
-                    part = runq.get()
-            else:
-                part = runq.get()
+            part = runq.get()
             if part is _STOP:
-                if owed[0]:
-                    self._bp.remove(owed[0])
                 return
             if self._stop.is_set():
                 continue  # close() gave up on flushing: no new turn (it counts what is left)
             next(started)
             try:
-                self._run_partition(part, owed)
-                if owed[0] >= _OWED_MAX:
-                    self._bp.remove(owed[0])
-                    owed[0] = 0
+                self._run_partition(part)
             except BaseException:  # a bug of ours: keep the worker alive, say so loudly
                 log.exception("fastbus: dispatch worker failed on %s/%d",
                               part.topic.name, part.index)
@@ -1032,11 +1076,11 @@ class ScalableBus(BusCore):
             finally:
                 next(done)
 
-    def _run_partition(self, part: PartitionSlot, owed: list[int]) -> None:
+    def _run_partition(self, part: PartitionSlot) -> None:
         """Dispatch one turn of ``part``; the caller won its ``try_schedule``.
 
-        Adds the number of messages taken to ``owed[0]`` (also when a handler
-        call escapes with a BaseException): the worker settles the depth.
+        Every message taken is taken off the backpressure depth as it is
+        delivered (see ``_deliver``), also when a handler call escapes.
         """
         carrier = part.carrier
         bp = self._bp
@@ -1048,10 +1092,7 @@ class ScalableBus(BusCore):
                 return  # close() gave up meanwhile: what is queued stays (it counts it)
         batch = carrier.take(self._max_batch)
         if batch:
-            try:
-                self._deliver(part, batch)
-            finally:
-                owed[0] += len(batch)
+            self._deliver(part, batch)
             if carrier.depth():
                 self._runq.put(part)  # more to do: requeue behind the others (fairness)
                 return
@@ -1061,26 +1102,24 @@ class ScalableBus(BusCore):
             self._runq.put(part)
 
     def _deliver(self, part: PartitionSlot, batch: list[Any]) -> None:
+        """Hand ``batch`` to the groups; as the last group is done with each message,
+        forward it to the inner bus's subscribers and take it off the backpressure
+        depth (in C: so the depth, the state and critical publishers waiting for room
+        follow a slow handler message by message, not batch by batch)."""
         t = part.topic
-        # (a member that leaves mid-batch gets no more of it: see deliver_groups)
-        errors = deliver_groups(t.groups, batch, part.index, self._handler_error)
         inner_subs = self._inner_subs
-        if inner_subs is None or t.name in inner_subs:
-            publish = self._inner_publish
-            name = t.name
-            for msg in batch:
-                try:
-                    publish(name, msg.payload)
-                except Exception as exc:
-                    errors += 1
-                    self._handler_error(exc, msg, publish)
+        forward = self._inner_publish if inner_subs is None or t.name in inner_subs else None
+        # (a member that leaves mid-batch gets no more of it: see deliver_groups)
+        errors = deliver_groups(t.groups, batch, part.index, self._handler_error, self._bp,
+                                forward, t.name)
         with t.lock:  # (workers of other partitions of the topic count here too)
             t.delivered += len(batch)
             t.errors += errors
 
-    def _handler_error(self, exc: BaseException, message: Any, handler: Any) -> None:
+    def _handler_error(self, exc: BaseException, message: Any, handler: Any,
+                       topic: str | None = None) -> None:
         try:
-            self._on_error(exc, message, handler)
+            self._on_error(exc, topic or _topic_of(message), message, handler)
         except Exception as inner:
             log.error("fastbus: on_error raised while reporting a handler error",
                       exc_info=inner)
@@ -1227,7 +1266,7 @@ class ScalableBus(BusCore):
             except Exception as exc:
                 with t.lock:
                     t.errors += 1
-                self._handler_error(exc, message, self._inner_publish)
+                self._handler_error(exc, message, self._inner_publish, t.name)
 
     def _open_durable_group(self, t: _Topic, g: _Group) -> None:
         """Give ``g`` its WAL reader and its (not yet started) delivery thread."""
@@ -1392,7 +1431,7 @@ class ScalableBus(BusCore):
                     m.call(msgs)
                 except BaseException as exc:  # on our thread: nobody else would see it
                     errors += 1
-                    self._handler_error(exc, msgs, m.handler)
+                    self._handler_error(exc, msgs, m.handler, t.name)
                 continue
             for msg in msgs:
                 # A member that left (or lost the partition to a rebalance) gets no more
@@ -1405,7 +1444,7 @@ class ScalableBus(BusCore):
                     m.call(msg)
                 except BaseException as exc:  # on our thread: nobody else would see it
                     errors += 1
-                    self._handler_error(exc, msg, m.handler)
+                    self._handler_error(exc, msg, m.handler, t.name)
                 delivered += 1
         with t.lock:
             t.delivered += delivered
@@ -1673,7 +1712,8 @@ class ScalableBus(BusCore):
             depth=self._bp.depth, capacity=lim.max_queue_size,
             handler_errors=sum(t.handler_errors for t in per_topic.values()),
             drops=dict(self._drops),
-            rejections={"backpressure": sum(rejections_by_topic.values())},
+            rejections={"backpressure": sum(rejections_by_topic.values()),
+                        **self._limit_refusals},
             spills=spills_total,
             rebalances=sum(t.rebalances for t in per_topic.values()),
             limits={"max_topics": lim.max_topics,

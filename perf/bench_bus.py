@@ -46,6 +46,9 @@ class _Counter:
 class _NoAccounting:
     """A stand-in for the bus's backpressure that counts nothing (benchmark only)."""
 
+    # The dispatch side's accounting (deliver_groups steps this counter in C): none.
+    _out = None
+
     def __init__(self, real: object) -> None:
         self._state = real._state  # NORMAL
         self.batching_allowed = True
