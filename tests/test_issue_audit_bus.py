@@ -7,7 +7,9 @@ others guard what those fixes must keep (the documented shapes, exact semantics)
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -36,6 +38,25 @@ class Gate:
         self.entered.set()
         assert self.release.wait(30), "the test never released the handler"
         self.got.append(m)
+
+
+@contextlib.contextmanager
+def held(bus: ScalableBus, topic: str, **config: object) -> Iterator[Gate]:
+    """``topic`` (one partition) with a subscriber held at the first message until the
+    block ends; then everything published is delivered (``flush``)."""
+    bus.configure_topic(topic, TopicConfig(partitions=1, **config))
+    gate = Gate()
+    bus.subscribe(topic, gate)
+    try:
+        yield gate
+    finally:
+        gate.release.set()
+    assert bus.flush(5)
+
+
+def publish_until(bus: ScalableBus, topic: str, state: BackpressureState) -> None:
+    while bus.backpressure.state is not state:
+        bus.publish(topic, 0)
 
 
 # -- issue 4: "an optional Prometheus collector" of the ScalingMetrics figures ----------
@@ -83,12 +104,8 @@ def test_prometheus_exports_the_backpressure_figures_of_issue_6():
     with ScalableBus(limits=Limits(max_queue_size=20), thresholds=NO_DELAY) as bus:
         registry = prometheus_client.CollectorRegistry()
         registry.register(PrometheusCollector(bus))
-        bus.configure_topic("bulk", TopicConfig(partitions=1))
-        gate = Gate()
-        bus.subscribe("bulk", gate)
-        try:
-            while bus.backpressure.state is not BackpressureState.SHEDDING:
-                bus.publish("bulk", 0)
+        with held(bus, "bulk"):
+            publish_until(bus, "bulk", BackpressureState.SHEDDING)
             for _ in range(3):
                 with pytest.raises(BusOverloaded):
                     bus.publish("bulk", 1)
@@ -106,9 +123,6 @@ def test_prometheus_exports_the_backpressure_figures_of_issue_6():
                 assert registry.get_sample_value(
                     "fastbus_backpressure_time_in_state_seconds_total",
                     {"state": state.name}) >= 0
-        finally:
-            gate.release.set()
-        assert bus.flush(5)
 
 
 # -- issue 4: a drop-in for an InProcessBus: on_error and error counts -------------------
@@ -275,10 +289,7 @@ def test_max_queue_size_lowered_below_use_keeps_the_queue_and_refuses_with_limit
     from fastbus import LimitExceeded
 
     with ScalableBus(limits=Limits(max_queue_size=100), thresholds=NO_DELAY, workers=1) as bus:
-        bus.configure_topic("t", TopicConfig(partitions=1))
-        gate = Gate()
-        bus.subscribe("t", gate)
-        try:
+        with held(bus, "t") as gate:
             for i in range(10):
                 bus.publish("t", i)
             assert bus.reconfigure_limits(max_queue_size=5).max_queue_size == 5
@@ -291,9 +302,6 @@ def test_max_queue_size_lowered_below_use_keeps_the_queue_and_refuses_with_limit
             assert isinstance(refused.value, BusOverloaded)  # what backpressure raises
             assert (refused.value.depth, refused.value.capacity) == (10, 5)
             assert bus.backpressure.depth == 10  # kept: the handler holds them
-        finally:
-            gate.release.set()
-        assert bus.flush(5)
         assert [m.payload for m in gate.got] == list(range(10))
         bus.publish("t", "fits again")  # the queue drained below the new limit
         assert bus.flush(5)
@@ -305,19 +313,12 @@ def test_shedding_below_the_queue_limit_is_not_a_limit_exceeded():
     from fastbus import LimitExceeded
 
     with ScalableBus(limits=Limits(max_queue_size=20), thresholds=NO_DELAY, workers=1) as bus:
-        bus.configure_topic("t", TopicConfig(partitions=1))
-        gate = Gate()
-        bus.subscribe("t", gate)
-        try:
-            while bus.backpressure.state is not BackpressureState.SHEDDING:
-                bus.publish("t", 0)
+        with held(bus, "t"):
+            publish_until(bus, "t", BackpressureState.SHEDDING)
             with pytest.raises(BusOverloaded, match="max_queue_size") as refused:
                 bus.publish("t", 1)
             assert not isinstance(refused.value, LimitExceeded)
             assert refused.value.depth == 19
-        finally:
-            gate.release.set()
-        assert bus.flush(5)
 
 
 def test_a_critical_publisher_that_found_the_bus_full_gives_up_with_the_limit_named():
@@ -325,19 +326,13 @@ def test_a_critical_publisher_that_found_the_bus_full_gives_up_with_the_limit_na
 
     th = Thresholds(min_delay=0.0, max_delay=0.0, critical_timeout=0.05)
     with ScalableBus(limits=Limits(max_queue_size=4), thresholds=th, workers=1) as bus:
-        bus.configure_topic("c", TopicConfig(partitions=1, critical=True))
-        gate = Gate()
-        bus.subscribe("c", gate)
-        try:
+        with held(bus, "c", critical=True):
             for i in range(4):
                 bus.publish("c", i)
             with pytest.raises(LimitExceeded, match="max_queue_size") as refused:
                 bus.publish("c", "late")
             assert isinstance(refused.value, BusOverloaded)
             assert refused.value.limit == "max_queue_size"
-        finally:
-            gate.release.set()
-        assert bus.flush(5)
 
 
 # -- issue 4: metrics "rejections by cause"; invariant 4: every rejection is counted ---------
@@ -395,10 +390,7 @@ def test_the_critical_delay_is_slept_with_time_sleep_and_awaited_with_asyncio_sl
         return result
 
     with ScalableBus(limits=Limits(max_queue_size=100), workers=1) as bus:
-        bus.configure_topic("t", TopicConfig(partitions=1))
-        gate = Gate()
-        bus.subscribe("t", gate)
-        try:
+        with held(bus, "t") as gate:
             for i in range(85):
                 bus.publish("t", i)
             assert gate.entered.wait(5)
@@ -413,9 +405,6 @@ def test_the_critical_delay_is_slept_with_time_sleep_and_awaited_with_asyncio_sl
             bus.publish("t", "at 90%")
             assert time.monotonic() - t0 < 0.5, "the delays were really slept"
             monkeypatch.undo()
-        finally:
-            gate.release.set()
-        assert bus.flush(5)
     assert slept[0] == ("sleep", pytest.approx(0.010))
     assert slept[1] == ("asyncio.sleep", pytest.approx(0.010 + 0.99 * 0.1))
     assert slept[-1] == ("sleep", pytest.approx(0.010 + 0.99 * 0.5))
