@@ -221,6 +221,18 @@ cdef Py_ssize_t _done_with(list batch, Py_ssize_t *done, Py_ssize_t hi, object f
     return errors
 
 
+cdef inline Py_ssize_t _call_member(object call, object msg, object on_error,
+                                    object member) except -1:
+    """``call(msg)``; what it raises goes to ``on_error(exc, msg, member.handler)``.
+    Returns 1 if it raised, else 0."""
+    try:
+        call(msg)
+    except BaseException as exc:
+        on_error(exc, msg, member.handler)
+        return 1
+    return 0
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def deliver_groups(tuple groups, list batch, Py_ssize_t partition, on_error, settle=None,
@@ -275,12 +287,7 @@ def deliver_groups(tuple groups, list batch, Py_ssize_t partition, on_error, set
                     # A list of its own: a batch handler may change the list it gets
                     # (clear it, pop from it), and the other groups read ``batch``
                     # after it (up to ``n``, item pointers taken without a check).
-                    msg = batch[i:]
-                    try:
-                        call(msg)
-                    except BaseException as exc:
-                        errors += 1
-                        on_error(exc, msg, member.handler)
+                    errors += _call_member(call, batch[i:], on_error, member)
                     if last:
                         errors += _done_with(batch, &done, n, forward, name, on_error,
                                              settle, out)
@@ -288,11 +295,7 @@ def deliver_groups(tuple groups, list batch, Py_ssize_t partition, on_error, set
                 while i < n:
                     msg = <object>PyList_GET_ITEM(batch, i)
                     i += 1
-                    try:
-                        call(msg)
-                    except BaseException as exc:
-                        errors += 1
-                        on_error(exc, msg, member.handler)
+                    errors += _call_member(call, msg, on_error, member)
                     if last:
                         errors += _done_with(batch, &done, i, forward, name, on_error,
                                              settle, out)
