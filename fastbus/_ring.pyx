@@ -158,21 +158,22 @@ cdef double _timeout(object timeout) except? -2.0:
     return t
 
 
-cdef Py_ssize_t _max_batch(object max_batch) except -1:
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int):
-        raise TypeError(f"max_batch must be an int, got {type(max_batch).__name__}")
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    return min(<object>max_batch, 1 << 40)
+cdef Py_ssize_t _count_arg(object value, str name) except -1:
+    """A count argument (``max_batch``, ``max_records``): an int >= 1, capped at 2**40;
+    the errors name it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return min(<object>value, 1 << 40)
 
 
-cdef Py_ssize_t _max_records(object max_records) except -1:
-    """``_max_batch`` for ``view(max_records)``: its errors name max_records."""
-    if isinstance(max_records, bool) or not isinstance(max_records, int):
-        raise TypeError(f"max_records must be an int, got {type(max_records).__name__}")
-    if max_records < 1:
-        raise ValueError(f"max_records must be >= 1, got {max_records}")
-    return min(<object>max_records, 1 << 40)
+cdef inline Py_ssize_t _max_batch(object max_batch) except -1:
+    return _count_arg(max_batch, "max_batch")
+
+
+cdef inline Py_ssize_t _max_records(object max_records) except -1:
+    return _count_arg(max_records, "max_records")
 
 
 cdef tuple _after_tuple(object after, type cls):

@@ -65,7 +65,7 @@ from itertools import islice
 from typing import Any
 
 from ._dispatch import StepCounter
-from .bus import _AsyncRunner, is_async_handler
+from .bus import _AsyncRunner, is_async_handler, running_loop
 from .config import Thresholds
 from .errors import overloaded
 
@@ -420,10 +420,7 @@ class MessageBusBackpressure:
         shaped = _three_arguments(callback)
         if not is_async_handler(callback):
             return shaped
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = running_loop()
         runner = _AsyncRunner(self._async_callback_failed)
 
         @functools.wraps(callback)

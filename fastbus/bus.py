@@ -104,6 +104,15 @@ def is_async_handler(handler: Any) -> bool:
     )
 
 
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, or None: where a coroutine handler or
+    callback registered from here is run later (see ``_AsyncRunner``)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def _log_error(exc: BaseException, topic: str, message: Any, handler: Handler) -> None:
     name = getattr(handler, "__qualname__", repr(handler))
     log.error("fastbus: handler %s for topic %r raised", name, topic, exc_info=exc)
@@ -284,11 +293,7 @@ class InProcessBus:
         sub = Subscription(topic, handler, self._remove)
         call: Handler = handler
         if is_async_handler(handler):
-            try:
-                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
-            call = self._async_call(topic, sub, loop)
+            call = self._async_call(topic, sub, running_loop())
         with self._lock:
             self._subs[topic] = (*self._subs.get(topic, ()), (sub, call))
         return sub

@@ -69,6 +69,7 @@ from .bus import (
     check_handler,
     check_topic,
     error_callback,
+    running_loop,
 )
 from .bus import is_async_handler as _is_async
 from .config import ConfigRef, Limits, Thresholds, TopicConfig
@@ -101,15 +102,6 @@ os.register_at_fork(after_in_child=_close_inherited_buses)
 # must not wait for that fastbus thread (a join or a flush would deadlock).
 _handler_caller: contextvars.ContextVar[Sequence[threading.Thread | None]] = \
     contextvars.ContextVar("fastbus_handler_caller", default=(None,))
-
-
-def _on_event_loop() -> bool:
-    """Whether this thread is running an asyncio event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 _NOT_STARTED = object()
@@ -1032,16 +1024,13 @@ class ScalableBus(BusCore):
         # handler on that loop, which the join would freeze (for the 10 s). The
         # thread stays in t.leaving; it starts no handler call after this (owners).
         if thread is not None and thread is not threading.current_thread() \
-                and thread is not _handler_caller.get()[0] and not _on_event_loop():
+                and thread is not _handler_caller.get()[0] and running_loop() is None:
             thread.join(timeout=10)
 
     def _make_call(self, handler: Any) -> Any:
         if not _is_async(handler):
             return handler
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = running_loop()
 
         def call(arg: Any) -> Any:
             # Dispatch threads never run an event loop: wait for the coroutine on
