@@ -694,7 +694,11 @@ class WalMessageQueue:
         is one, so the append returns with its record in the page cache; on
         other stores when the buffer is full. The record is already accepted,
         so a failure is not raised here: the data stays buffered (``unwritten``)
-        and the next append or ``flush()`` reports it.
+        and the next append or ``flush()`` reports it. Except under write-through
+        (``_write_through``: an SQLiteStore's append returns only once committed):
+        there returning would acknowledge a record that is not in the store (a
+        ``kill -9`` then loses it), so the ``OSError`` is raised; the record stays
+        buffered and is written when the store takes writes again, as it says.
         """
         try:
             if part.mapped is not None or self._write_through:
@@ -704,6 +708,8 @@ class WalMessageQueue:
         except OSError:
             if self._syncer_idle:  # it retries the write-out (after backing off)
                 self._syncer_cond.notify()
+            if self._write_through:
+                raise
 
     def append_many(self, payloads: Sequence[Any], *,
                     keys: Sequence[bytes | str | None] | None = None,
