@@ -1,7 +1,8 @@
 """Review of the day's changes (deliver_groups' per-message settle, the compiled
 pass-through fan-out, SQLite write-through, chunked segment deletes).
 
-Each test pins one bug found in review: it failed before its fix.
+Each test pins one bug found in review and failed before its fix, unless its
+docstring says it is a guard.
 """
 
 from __future__ import annotations
@@ -54,5 +55,43 @@ def test_sqlite_write_through_failed_commit_is_not_acknowledged(tmp_path, monkey
         assert q.flush(5)
         r = q.reader("g")
         assert [rec.payload for rec in r.poll(10)] == [b"a", b"b"]
+    finally:
+        q.close()
+
+
+def test_file_store_append_whose_roll_failed_is_not_acknowledged(tmp_path, monkeypatch):
+    """A guard (it passed before too): on the default FileStore an append returns once
+    its record is in the page cache (mapped segment). One whose write-out fails
+    (ENOSPC creating the next segment at a roll) must raise, not return an offset for
+    a record only in the process's buffer, and every acknowledged one is kept."""
+    from fastbus import FileStore
+
+    q = WalMessageQueue(tmp_path / "q", fsync=FsyncPolicy.never(), segment_bytes=4096,
+                        compaction_interval=None)
+    real = FileStore.create_segment
+    full = [False]
+
+    def create_segment(self, partition, base):
+        if full[0]:
+            raise OSError(28, "No space left on device", f"{self.path}/p-{partition:04d}")
+        return real(self, partition, base)
+
+    monkeypatch.setattr(FileStore, "create_segment", create_segment)
+    acked = []
+    try:
+        full[0] = True
+        with pytest.raises(OSError) as info:
+            for i in range(200):  # 200 x ~130 bytes: a roll is due well before the end
+                acked.append(q.append(b"%03d" % i + b"." * 100)[1])
+        assert info.value.errno == 28
+        assert 0 < len(acked) < 200
+        full[0] = False
+        assert q.flush(5)
+    finally:
+        q.close()
+    q = WalMessageQueue(tmp_path / "q", fsync=FsyncPolicy.never(), compaction_interval=None)
+    try:
+        offsets = [r.offset for r in q.reader("g").poll(1000)]
+        assert offsets[:len(acked)] == acked  # every acknowledged record is there
     finally:
         q.close()
