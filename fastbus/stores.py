@@ -951,7 +951,9 @@ class MemoryStore:
             allowed = min(n, self._budget)
             if allowed < n and not self._torn:
                 allowed = 0
-            self._budget -= allowed
+            # A write that does not fit fails, and so does every later one ("the
+            # disk is full"), however small: nothing of the budget is left.
+            self._budget = self._budget - allowed if allowed == n else 0
             self.bytes_written += allowed
             return allowed
 
@@ -1033,6 +1035,7 @@ class MemoryStore:
         nothing."""
         with self._mutex:
             if self._budget is not None and self._budget < n:
+                self._budget = 0  # every later write fails too
                 raise OSError(self.fail_errno, os.strerror(self.fail_errno)
                               + " (MemoryStore fault)", where)
             if self._budget is not None:

@@ -385,3 +385,25 @@ def test_memory_store_faults_fail_offsets_and_meta_writes_whole():
     fresh.clear_faults()  # space returns: the failed open let the store go
     WalMessageQueue(fresh).close()
     assert fresh.read_meta() is not None
+
+
+@pytest.mark.parametrize("torn", [True, False])
+def test_memory_fail_after_fails_every_later_write_however_small(torn):
+    """fail_after(n, torn=False) left the budget as it was when a write did not fit:
+    a later, smaller write succeeded, though the docstring (and a full disk) say that
+    every later write fails the same way."""
+    store = MemoryStore()
+    store.open()
+    seg = store.create_segment(0, 0)
+    store.fail_after(10, torn=torn)
+    with pytest.raises(OSError):
+        seg.append(b"x" * 20)
+    for small in (b"y", b"z"):
+        with pytest.raises(OSError):
+            seg.append(small)
+    with pytest.raises(OSError):
+        store.write_offsets("g", b"{}")
+    assert bytes(store.segment_bytes(0, 0)) == (b"x" * 10 if torn else b"")
+    store.clear_faults()
+    seg.append(b"ok")
+    store.close()
