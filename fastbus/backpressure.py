@@ -52,7 +52,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-import inspect
 import itertools
 import logging
 import math
@@ -65,7 +64,7 @@ from itertools import islice
 from typing import Any
 
 from ._dispatch import StepCounter
-from .bus import _AsyncRunner, is_async_handler, running_loop
+from .bus import _AsyncRunner, fit_arguments, is_async_handler, running_loop
 from .config import Thresholds
 from .errors import overloaded
 
@@ -143,34 +142,6 @@ def _check_capacity(capacity: Any) -> int:
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1 (Limits.max_queue_size), got {capacity}")
     return capacity
-
-
-def _three_arguments(callback: Callable[..., object]) -> ChangeCallback:
-    """``callback``, which takes ``(old, new, utilisation)``, ``(old, new)`` or ``(new)``,
-    as a callable of the three; ``TypeError`` for any other shape."""
-    try:
-        sig = inspect.signature(callback)
-    except (TypeError, ValueError):  # no signature (some builtins): call it as documented
-        return callback
-    for nargs in (3, 2, 1):
-        try:
-            sig.bind(*(None,) * nargs)
-        except TypeError:
-            continue
-        if nargs == 3:
-            return callback
-        if nargs == 2:
-            def old_new(old: BackpressureState, new: BackpressureState, u: float) -> object:
-                return callback(old, new)
-
-            return functools.wraps(callback)(old_new)
-
-        def new_only(old: BackpressureState, new: BackpressureState, u: float) -> object:
-            return callback(new)
-
-        return functools.wraps(callback)(new_only)
-    raise TypeError(f"on_change(callback): callback must take (old, new, utilisation), "
-                    f"(old, new) or (new), got {callback!r} with signature {sig}")
 
 
 _TIME_SLEEP = time.sleep
@@ -417,7 +388,10 @@ class MessageBusBackpressure:
 
     def _change_callback(self, callback: Callable[..., object]) -> ChangeCallback:
         """``callback`` as a ``(old, new, utilisation)`` callable (see ``on_change``)."""
-        shaped = _three_arguments(callback)
+        shaped = fit_arguments(
+            callback, {3: (0, 1, 2), 2: (0, 1), 1: (1,)}, 3,
+            "on_change(callback): callback must take (old, new, utilisation), "
+            "(old, new) or (new)")
         if not is_async_handler(callback):
             return shaped
         loop = running_loop()

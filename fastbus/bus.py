@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import inspect
 import logging
 import threading
@@ -118,12 +119,46 @@ def _log_error(exc: BaseException, topic: str, message: Any, handler: Handler) -
     log.error("fastbus: handler %s for topic %r raised", name, topic, exc_info=exc)
 
 
-_ERROR_SHAPES = {
-    4: "(exc, topic, message, handler)",
-    3: "(exc, message, handler)",
-    2: "(exc, message)",
-    1: "(exc)",
-}
+def fit_arguments(callback: Callable[..., Any], shapes: dict[int, tuple[int, ...]],
+                  first: int, what: str) -> Callable[..., Any]:
+    """``callback`` as a callable of the full argument list, when it takes one of
+    ``shapes`` (its argument count -> the positions of the full list it gets).
+
+    The shape with ``first`` arguments is tried first (a ``*args`` callable gets
+    it), then the longest. A callable of the full list comes back as it is. Any
+    other shape is a ``TypeError`` naming ``what`` (the documented call, then the
+    others), at registration rather than at every call.
+    """
+    try:
+        sig: inspect.Signature | None = inspect.signature(callback)
+    except (TypeError, ValueError):  # no signature (some builtins): call it as documented
+        sig = None
+    full = max(shapes)
+    for nargs in (first, *sorted((n for n in shapes if n != first), reverse=True)):
+        if sig is not None:
+            try:
+                sig.bind(*(None,) * nargs)
+            except TypeError:
+                continue
+        if nargs == full:
+            return callback
+        return _picking(callback, shapes[nargs])
+    raise TypeError(f"{what}; got {callback!r} with signature {sig}")
+
+
+def _picking(callback: Callable[..., Any], picks: tuple[int, ...]) -> Callable[..., Any]:
+    """``callback`` called with the arguments at ``picks`` of the full list."""
+    @functools.wraps(callback)
+    def call(*args: Any) -> Any:
+        return callback(*[args[i] for i in picks])
+
+    return call
+
+
+# on_error: (exc, topic, message, handler), or a shorter shape of it
+_ERROR_SHAPES = {4: (0, 1, 2, 3), 3: (0, 2, 3), 2: (0, 2), 1: (0,)}
+_ERROR_NAMES = {4: "(exc, topic, message, handler)", 3: "(exc, message, handler)",
+                2: "(exc, message)", 1: "(exc)"}
 
 
 def error_callback(on_error: Callable[..., Any], documented: int) -> ErrorHandler:
@@ -137,30 +172,11 @@ def error_callback(on_error: Callable[..., Any], documented: int) -> ErrorHandle
     other shape is a ``TypeError`` here, not a failure at every handler error.
     """
     if not callable(on_error):
-        raise TypeError(f"on_error must be callable {_ERROR_SHAPES[documented]} or None, "
+        raise TypeError(f"on_error must be callable {_ERROR_NAMES[documented]} or None, "
                         f"got {type(on_error).__name__} {on_error!r}")
-    try:
-        sig = inspect.signature(on_error)
-    except (TypeError, ValueError):  # no signature (some builtins): call it as documented
-        sig = None
-    order = (documented, *(n for n in (4, 3, 2, 1) if n != documented))
-    for nargs in order:
-        if sig is not None:
-            try:
-                sig.bind(*(None,) * nargs)
-            except TypeError:
-                continue
-        cb = on_error
-        if nargs == 4:
-            return cb
-        if nargs == 3:
-            return lambda exc, topic, message, handler: cb(exc, message, handler)
-        if nargs == 2:
-            return lambda exc, topic, message, handler: cb(exc, message)
-        return lambda exc, topic, message, handler: cb(exc)
-    raise TypeError(f"on_error must take {_ERROR_SHAPES[documented]} (or "
-                    f"{', '.join(v for k, v in _ERROR_SHAPES.items() if k != documented)}), "
-                    f"got {on_error!r} with signature {sig}")
+    others = ", ".join(v for k, v in _ERROR_NAMES.items() if k != documented)
+    return fit_arguments(on_error, _ERROR_SHAPES, documented,
+                         f"on_error must take {_ERROR_NAMES[documented]} (or {others})")
 
 
 class _AsyncRunner:
