@@ -1430,12 +1430,14 @@ class WalMessageQueue:
 
     # ------------------------------------------------------------------ readers
 
-    def reader(self, subscriber: str) -> WalReader:
+    def reader(self, subscriber: str, *, decode: bool = True) -> WalReader:
         """A reader for ``subscriber`` (a group name, used as a file name).
 
         It starts at the subscriber's committed offsets (from a previous run or
         another reader), or at the start of the log for a new subscriber, which
-        then becomes known to ``Retention.until_acked`` at once.
+        then becomes known to ``Retention.until_acked`` at once. With
+        ``decode=False`` its records carry the payloads as stored (the bytes the
+        queue's ``serializer`` made), not what ``serializer.loads`` makes of them.
         """
         name = check_subscriber_name(subscriber)
         with self._lock:
@@ -1455,6 +1457,7 @@ class WalMessageQueue:
                 o = part.next_offset
             start[part.index] = o
         r = WalReader(self, name, start)
+        r._decode = bool(decode)
         if not known:
             r.commit()
         return r
@@ -1519,6 +1522,12 @@ class WalMessageQueue:
         """The next offset to be assigned in each partition."""
         with self._lock:
             return {p.index: p.next_offset for p in self._parts}
+
+    def durable_offsets(self) -> dict[int, int]:
+        """Per partition, the offset before which every record is synced (survives
+        power loss, not only ``kill -9``); ``flush()`` brings it to the end."""
+        with self._lock:
+            return {p.index: p.durable for p in self._parts}
 
     def start_offsets(self) -> dict[int, int]:
         """The first offset still kept in each partition."""
@@ -1672,6 +1681,7 @@ class WalReader:
         self._committed = dict(start)
         self._lock = threading.Lock()
         self._next_part = 0
+        self._decode = True
 
     def __repr__(self) -> str:
         return f"<WalReader {self.subscriber!r} positions={self.position}>"
@@ -1863,7 +1873,7 @@ class WalReader:
             # Deliver the good records before the damage; the next poll raises.
             pass
         records = res.records
-        ser = self._q._serializer
+        ser = self._q._serializer if self._decode else None
         if ser is None:
             for r in records:
                 r.partition = p
