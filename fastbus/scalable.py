@@ -483,6 +483,8 @@ class ScalableBus(BusCore):
         # every durable delivery thread this bus made (a handler may still be running
         # on one that a group no longer names: its last member left, another joined)
         self._wal_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        # durable topics' mirrors, by (topic, subscriber); closed before their WAL
+        self._mirrors: dict[tuple[str, str], Any] = {}
         self._workers = [
             threading.Thread(target=self._worker, name=f"fastbus-dispatch-{i}", daemon=True)
             for i in range(workers)
@@ -641,6 +643,50 @@ class ScalableBus(BusCore):
             raise UnknownTopicError(
                 f"topic {name!r} is not configured (configure_topic first)", topic=name)
         return t.n
+
+    def mirror(self, topic: str, target: Any, *, subscriber: str = "mirror",
+               batch: int = 1000) -> Any:
+        """Copy durable ``topic`` to ``target`` (say ``fastbus.mirror.RedisStreams``),
+        one stream per partition, on a thread of its own; returns the
+        :class:`fastbus.mirror.WalMirror` (``flush()``, ``lag``, ``metrics()``, ``close()``).
+
+        Every record is copied once and in order, from the WAL: the mirror is the
+        WAL subscriber ``subscriber``, which commits only what the target holds,
+        so it resumes after a restart or an outage of the target (retried with
+        backoff) without a gap or a duplicate. ``close()`` of the bus closes it
+        before the WAL. A topic that is not durable raises ``ValueError``; one not
+        configured, ``UnknownTopicError``; a second mirror with the same
+        ``subscriber``, ``ValueError``.
+        """
+        from .mirror import WalMirror
+
+        t = self._topics.get(check_topic(topic))
+        if t is None:
+            raise UnknownTopicError(
+                f"topic {topic!r} is not configured; configure it with "
+                f"configure_topic(name, TopicConfig(durable=True)) first", topic=topic)
+        if t.wal is None:
+            raise ValueError(f"topic {topic!r} is not durable: a mirror copies a WAL, so "
+                             f"configure the topic with TopicConfig(durable=True)")
+        def refuse() -> None:  # (lock held)
+            self._check_open()
+            old = self._mirrors.get((topic, subscriber))
+            if old is not None and not old.closed:
+                raise ValueError(f"topic {topic!r} already has a mirror as subscriber "
+                                 f"{subscriber!r}; close it or give this one another name")
+
+        with self._lock:
+            refuse()
+        # (not under the lock: it asks the target, over the network, where it stands)
+        m = WalMirror(t.wal, target, topic=topic, subscriber=subscriber, batch=batch)
+        with self._lock:
+            try:
+                refuse()
+            except BaseException:
+                m.close()
+                raise
+            self._mirrors[(topic, subscriber)] = m
+        return m
 
     def subscriber_count(self, topic: str) -> int:
         """Subscriptions on ``topic`` now, as ``InProcessBus.subscriber_count`` says.
@@ -1593,6 +1639,8 @@ class ScalableBus(BusCore):
                 self._drops.get("undelivered_at_close", 0) + left)
             log.warning("fastbus: close() timed out after %s s; %d accepted messages were "
                         "not delivered", timeout, left)
+        for m in list(self._mirrors.values()):
+            m.close()
         for t in self._topics.values():
             if t.wal is not None:
                 t.wal_stop.set()
@@ -1683,6 +1731,10 @@ class ScalableBus(BusCore):
                 wal = dict(t.wal.metrics())
                 wal["group_lag"] = {g.name: sum(g.reader.lag.values()) for g in t.groups
                                     if g.reader is not None and g.name is not None}
+                mirrors = {sub: m.metrics() for (name, sub), m in list(self._mirrors.items())
+                           if name == t.name and not m.closed}
+                if mirrors:
+                    wal["mirrors"] = mirrors
             spills_total += spills
             groups = {g.name: len(g.members) for g in t.groups if g.name is not None}
             per_topic[t.name] = TopicMetrics(

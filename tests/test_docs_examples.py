@@ -26,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 DOC_PAGES = ("quickstart.md", "architecture.md", "tuning.md", "operations.md", "ring.md",
-             "operations-wal.md", "backpressure.md")
+             "operations-wal.md", "backpressure.md", "mirror.md")
 TIMEOUT = 60.0
 
 # A fenced block, possibly indented (inside a list item): indent, language, body.

@@ -1,0 +1,393 @@
+"""Mirror a durable topic to a distributed log (Redis Streams), so the bus scales out.
+
+A :class:`WalMirror` is a subscriber of a WAL (a durable topic's, or any
+:class:`~fastbus.WalMessageQueue`) that copies every record, in order, to a
+*target*: one stream per partition, with the partition the bus chose (Kafka's
+key -> partition mapping), so a consumer on another machine finds a key's
+records in the partition ``fastbus.partition_for(key, n)`` names.
+
+How nothing is lost and nothing is written twice:
+
+- The mirror's reader is a WAL subscriber like any group: it commits its offsets
+  only after the target holds the records, so a crash, a restart or an outage of
+  the target resumes where the target stopped, and ``Retention.until_acked``
+  keeps what the target does not have yet.
+- A record is copied only once it is synced (``durable_offsets()``; the mirror
+  calls ``flush()`` when it is not): the target never holds a record that a power
+  loss could take from the WAL, whose offset a new record would then reuse.
+- Each entry is written under an id made of its WAL offset (``<offset>-1`` on
+  Redis). Before writing to a partition, after a start and after every failure,
+  the mirror asks the target for the last offset it holds and skips what is
+  there: a write cut short by a crash or an error is resumed, not repeated.
+- A target must apply a batch in order and stop at the first entry it cannot
+  write (a prefix), which :class:`RedisStreams` does with one Lua script per batch.
+
+A failing target (a connection error, a full Redis) is retried with backoff
+(50 ms doubling to 5 s) for as long as it fails; the error is logged once per
+outage and shown in :meth:`WalMirror.metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from ._walcodec import Record
+from .errors import BusClosed, FastbusError
+
+__all__ = ["MirrorConflict", "MirrorTarget", "RedisStreams", "WalMirror"]
+
+log = logging.getLogger("fastbus.mirror")
+
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 5.0
+
+
+class MirrorConflict(FastbusError):
+    """The target holds records this WAL did not give it: another writer uses the
+    same stream, or the WAL was replaced by a new one. Mirror to a stream of its own."""
+
+
+class MirrorTarget(Protocol):
+    """Where a :class:`WalMirror` writes. Offsets are the WAL's."""
+
+    def last_offset(self, topic: str, partition: int) -> int | None:
+        """The highest offset the target holds for this partition (None: none)."""
+
+    def write(self, topic: str, partition: int, records: Sequence[Record]) -> None:
+        """Append ``records`` (ascending offsets, all after ``last_offset``) in order.
+        On an error, what was written must be a prefix of ``records``."""
+
+
+# One batch, in order, stopping at the first XADD that fails (a script is not rolled
+# back, so what was added before the error stays: a prefix). ARGV: maxlen (0: none),
+# then per entry: id, number of field/value pairs, the pairs.
+_XADD_BATCH = """
+local maxlen = tonumber(ARGV[1])
+local i = 2
+local n = 0
+while i <= #ARGV do
+  local last = i + 1 + 2 * tonumber(ARGV[i + 1])
+  if maxlen > 0 then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, ARGV[i], unpack(ARGV, i + 2, last))
+  else
+    redis.call('XADD', KEYS[1], ARGV[i], unpack(ARGV, i + 2, last))
+  end
+  n = n + 1
+  i = last + 1
+end
+return n
+"""
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+class RedisStreams:
+    """A :class:`MirrorTarget` on Redis Streams, through a redis-py client.
+
+    ``client`` is a ``redis.Redis`` (or ``RedisCluster``; anything with
+    ``register_script`` and ``xrevrange``). fastbus does not depend on redis-py:
+    pass the client your application already configured (address, TLS,
+    timeouts: a ``socket_timeout`` makes a hung server an error the mirror retries).
+
+    ``stream`` names the stream of each partition (``{topic}`` and ``{partition}``
+    are filled in); ``maxlen`` trims each stream to about that many entries
+    (``XADD MAXLEN ~``; None: no trimming, Redis keeps everything).
+
+    Each entry's id is ``<offset>-1`` (so ``XRANGE key <offset> +`` reads from a WAL
+    offset on) and its fields are ``payload``, ``offset``, ``timestamp_ns``,
+    ``partition``, ``key`` (when the record has one), ``h:<name>`` per header and,
+    when any of those was a str rather than bytes, ``text``: their field names,
+    comma-separated. :meth:`decode` turns an entry back into a ``Record``.
+    """
+
+    def __init__(self, client: Any, *, stream: str = "fastbus:{topic}:{partition}",
+                 maxlen: int | None = None) -> None:
+        for attr in ("register_script", "xrevrange"):
+            if not callable(getattr(client, attr, None)):
+                raise TypeError(f"client must be a redis-py client (redis.Redis or "
+                                f"RedisCluster); {type(client).__name__} has no {attr}()")
+        if not isinstance(stream, str) or "{partition}" not in stream:
+            raise ValueError(f"stream must be a str naming '{{partition}}' (one stream per "
+                             f"partition), got {stream!r}")
+        try:
+            stream.format(topic="t", partition=0)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"stream {stream!r} may name only {{topic}} and {{partition}}: "
+                             f"{exc!r}") from None
+        if maxlen is not None and (isinstance(maxlen, bool) or not isinstance(maxlen, int)
+                                   or maxlen < 1):
+            raise ValueError(f"maxlen must be None or an int >= 1, got {maxlen!r}")
+        self.client = client
+        self.stream = stream
+        self.maxlen = maxlen
+        self._script = client.register_script(_XADD_BATCH)
+
+    def __repr__(self) -> str:
+        return f"<RedisStreams stream={self.stream!r} maxlen={self.maxlen}>"
+
+    def stream_name(self, topic: str, partition: int) -> str:
+        return self.stream.format(topic=topic, partition=partition)
+
+    def last_offset(self, topic: str, partition: int) -> int | None:
+        name = self.stream_name(topic, partition)
+        top = self.client.xrevrange(name, max="+", min="-", count=1)
+        if not top:
+            return None
+        entry_id, fields = top[0]
+        raw = _as_bytes(entry_id)
+        ms, _, seq = raw.partition(b"-")
+        if seq != b"1" or not ms.isdigit() or b"offset" not in _field_keys(fields):
+            raise MirrorConflict(
+                f"stream {name!r} ends with entry {raw.decode(errors='replace')}, which a "
+                "fastbus mirror did not write; mirror to a stream of its own")
+        return int(ms)
+
+    def write(self, topic: str, partition: int, records: Sequence[Record]) -> None:
+        args: list[Any] = [self.maxlen or 0]
+        for r in records:
+            fields = self.fields(r)
+            args.append(f"{r.offset}-1")
+            args.append(len(fields) // 2)
+            args.extend(fields)
+        self._script(keys=[self.stream_name(topic, partition)], args=args)
+
+    @staticmethod
+    def fields(record: Record) -> list[bytes | str | int]:
+        """The entry's fields of ``record``, as a flat name, value, ... list."""
+        text: list[str] = []
+        payload = record.payload
+        if isinstance(payload, str):
+            text.append("payload")
+        out: list[bytes | str | int] = [
+            "payload", _as_bytes(payload), "offset", record.offset,
+            "timestamp_ns", record.timestamp_ns, "partition", record.partition]
+        key = record.key
+        if key is not None:
+            if isinstance(key, str):
+                text.append("key")
+            out += ["key", _as_bytes(key)]
+        for name, value in record.headers.items():
+            if isinstance(value, str):
+                text.append(f"h:{name}")
+            out += [f"h:{name}", _as_bytes(value)]
+        if text:
+            out += ["text", ",".join(text)]
+        return out
+
+    @staticmethod
+    def decode(entry_id: bytes | str, fields: dict[Any, Any]) -> Record:
+        """The ``Record`` an entry read from the stream (``XRANGE``, ``XREAD``,
+        ``XREADGROUP``) was made of: offset, timestamp, key, headers and payload as
+        they were appended (str stays str), and its partition."""
+        f = {_as_bytes(k).decode(): _as_bytes(v) for k, v in fields.items()}
+        try:
+            text = set(f.pop("text").decode().split(",")) if "text" in f else set()
+
+            def value(name: str) -> bytes | str:
+                raw = f[name]
+                return raw.decode() if name in text else raw
+
+            headers = {k[2:]: value(k) for k in f if k.startswith("h:")}
+            return Record(int(f["offset"]), int(f["timestamp_ns"]),
+                          value("key") if "key" in f else None, headers or None,
+                          value("payload"), int(f["partition"]))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"entry {_as_bytes(entry_id).decode(errors='replace')} is not "
+                             f"one a fastbus mirror wrote ({exc!r})") from None
+
+
+def _field_keys(fields: Any) -> set[bytes]:
+    return {_as_bytes(k) for k in fields}
+
+
+class WalMirror:
+    """Copies every record of ``wal`` to ``target`` on a thread of its own.
+
+    ``topic`` names the topic to the target (its streams' names); ``subscriber``
+    is the mirror's WAL subscriber name (its committed offsets); ``batch`` the
+    most records read and written at once. Use :meth:`ScalableBus.mirror` for a
+    bus's durable topic: the bus then closes the mirror before its WAL.
+
+    Raises :class:`MirrorConflict` at once if the target already holds records
+    past the WAL's end (another writer, or a new WAL). An unreachable target is
+    no error here: the mirror retries it in the background.
+    """
+
+    def __init__(self, wal: Any, target: MirrorTarget, *, topic: str,
+                 subscriber: str = "mirror", batch: int = 1000) -> None:
+        from .wal import WalMessageQueue
+
+        if not isinstance(wal, WalMessageQueue):
+            raise TypeError(f"wal must be a WalMessageQueue, got {type(wal).__name__}")
+        for attr in ("last_offset", "write"):
+            if not callable(getattr(target, attr, None)):
+                raise TypeError(f"target must have last_offset() and write() (a "
+                                f"MirrorTarget such as RedisStreams), got {target!r}")
+        if not isinstance(topic, str) or not topic:
+            raise TypeError(f"topic must be a non-empty str, got {topic!r}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        self.wal = wal
+        self.target = target
+        self.topic = topic
+        self.batch = batch
+        self._reader = wal.reader(subscriber, decode=False)
+        self.subscriber = self._reader.subscriber
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._last: dict[int, int] | None = None  # target's last offset +1, per partition
+        self._m: dict[str, Any] = {"mirrored": 0, "batches": 0, "skipped": 0, "errors": 0,
+                                   "flushes": 0, "last_error": None}
+        self._failing_since: float | None = None
+        try:
+            self._last = self._ask_target()
+        except MirrorConflict:
+            raise
+        except Exception as exc:  # unreachable now: the thread retries
+            self._failed(exc)
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"fastbus-mirror-{topic}")
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return (f"<WalMirror topic={self.topic!r} target={self.target!r} "
+                f"{'closed' if self.closed else 'running'}>")
+
+    # ------------------------------------------------------------------ loop
+
+    def _ask_target(self) -> dict[int, int]:
+        """Per partition, the first offset the target does not hold; checks it
+        against the WAL's end (MirrorConflict when the target is ahead)."""
+        ends = self.wal.end_offsets()
+        out: dict[int, int] = {}
+        for p, end in ends.items():
+            last = self.target.last_offset(self.topic, p)
+            nxt = 0 if last is None else last + 1
+            if nxt > end:
+                raise MirrorConflict(
+                    f"the target of topic {self.topic!r} holds offset {last} of partition "
+                    f"{p}, but this WAL ends before {end}: another writer uses it, or the WAL "
+                    "is a new one; mirror to a stream of its own")
+            out[p] = nxt
+        return out
+
+    def _run(self) -> None:
+        pending: list[Record] = []
+        delay = _BACKOFF_FIRST
+        while not self._stop.is_set():
+            try:
+                if self._last is None:
+                    self._last = self._ask_target()
+                if not pending:
+                    pending = self._reader.poll(self.batch, timeout=0.2)
+                    if not pending:
+                        continue
+                self._copy(pending)
+                self._reader.commit()
+                pending = []
+                if self._failing_since is not None:
+                    log.warning("fastbus mirror of %r: the target works again after %.1f s",
+                                self.topic, time.monotonic() - self._failing_since)
+                    self._failing_since = None
+                delay = _BACKOFF_FIRST
+                with self._cond:
+                    self._cond.notify_all()
+            except BusClosed:
+                break
+            except Exception as exc:
+                self._last = None  # ask the target again: what did it keep?
+                self._failed(exc)
+                self._stop.wait(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _copy(self, records: list[Record]) -> None:
+        durable = self.wal.durable_offsets()
+        if any(r.offset >= durable[r.partition] for r in records):
+            self.wal.flush()  # (raises the OSError of a failed write: retried)
+            self._m["flushes"] += 1
+        by_part: dict[int, list[Record]] = {}
+        for r in records:
+            by_part.setdefault(r.partition, []).append(r)
+        assert self._last is not None
+        for p, rs in by_part.items():
+            start = self._last[p]
+            fresh = [r for r in rs if r.offset >= start]
+            self._m["skipped"] += len(rs) - len(fresh)
+            if fresh:
+                self.target.write(self.topic, p, fresh)
+                self._last[p] = fresh[-1].offset + 1
+                self._m["mirrored"] += len(fresh)
+        self._m["batches"] += 1
+
+    def _failed(self, exc: BaseException) -> None:
+        self._m["errors"] += 1
+        self._m["last_error"] = f"{type(exc).__name__}: {exc}"
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            level = logging.ERROR if isinstance(exc, MirrorConflict | FastbusError) \
+                else logging.WARNING
+            log.log(level, "fastbus mirror of %r to %r failed (%s: %s); retrying with "
+                    "backoff, nothing is lost", self.topic, self.target, type(exc).__name__, exc)
+
+    # ------------------------------------------------------------------ API
+
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def lag(self) -> dict[int, int]:
+        """Per partition, records appended that the target does not hold yet."""
+        return self._reader.lag
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the target holds every record appended before the call.
+        False if ``timeout`` seconds passed first (or the mirror is closed)."""
+        ends = self.wal.end_offsets()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                done = self._reader.committed
+                if all(done.get(p, 0) >= e for p, e in ends.items()):
+                    return True
+                if self._stop.is_set():
+                    return False
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(0.2 if left is None else min(left, 0.2))
+
+    def metrics(self) -> dict[str, Any]:
+        """``mirrored`` (entries written), ``batches``, ``skipped`` (already in the
+        target), ``errors``, ``flushes`` (syncs the mirror asked for),
+        ``last_error``, ``failing_for`` (seconds; 0.0 while it works), ``lag``."""
+        out = dict(self._m)
+        since = self._failing_since
+        out["failing_for"] = 0.0 if since is None else time.monotonic() - since
+        try:
+            out["lag"] = sum(self.lag.values())
+        except BusClosed:
+            out["lag"] = None
+        return out
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop after the batch under way (its records are committed if the
+        target took them; if not, they are copied after a restart). Idempotent."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def __enter__(self) -> WalMirror:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
