@@ -106,8 +106,9 @@ bench-report: $(STAMP)
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]" --no-build-isolation
 	$(PY) perf/report.py perf/results --md docs/benchmarks.md --png docs/benchmarks.png
 
+# The sdist, then the wheel built from it (not from this tree: what the sdist forgot fails here).
 wheel: $(STAMP)
-	$(PY) -m pip wheel --no-deps -w dist .
+	$(PY) -m build -o dist .
 
 clean:
 	rm -rf build dist *.egg-info fastbus/*.c fastbus/*.so fastbus/*.html
