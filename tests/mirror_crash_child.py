@@ -18,8 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastbus import FsyncPolicy, WalMessageQueue  # noqa: E402
-from fastbus.mirror import WalMirror  # noqa: E402
+from fastbus import FsyncPolicy, WalMessageQueue
+from fastbus.mirror import WalMirror
 
 PARTITIONS = 2
 
