@@ -231,6 +231,7 @@ class WalMirror:
 
     def __init__(self, wal: Any, target: MirrorTarget, *, topic: str,
                  subscriber: str = "mirror", batch: int = 1000) -> None:
+        from .stores import check_subscriber_name
         from .wal import WalMessageQueue
 
         if not isinstance(wal, WalMessageQueue):
@@ -247,8 +248,6 @@ class WalMirror:
         self.target = target
         self.topic = topic
         self.batch = batch
-        self._reader = wal.reader(subscriber, decode=False)
-        self.subscriber = self._reader.subscriber
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._stop = threading.Event()
@@ -259,14 +258,25 @@ class WalMirror:
         self._failing_since: float | None = None
         self._ended = False  # the thread returned (closed, or ended by a BaseException)
         self._pid = os.getpid()
+        check_subscriber_name(subscriber)
+        # The target first: a new subscriber is known to Retention.until_acked from
+        # its reader on, and a refused mirror must not hold the WAL's records.
         try:
-            self._last = self._ask_target()
-            self._reconcile()
+            last: dict[int, int] | None = self._ask_target()
         except MirrorConflict:
             raise
         except Exception as exc:  # unreachable now: the thread retries
-            self._last = None
+            last = None
             self._failed(exc)
+        self._reader = wal.reader(subscriber, decode=False)
+        self.subscriber = self._reader.subscriber
+        self._last = last
+        if last is not None:
+            try:
+                self._reconcile()
+            except Exception as exc:  # (start_offsets: the thread asks again)
+                self._last = None
+                self._failed(exc)
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"fastbus-mirror-{topic}")
         self._thread.start()

@@ -565,3 +565,14 @@ class TestMirrorAdversarial:
             assert got["mirrored"] <= 300 and got["lag"] is not None
         assert m.flush(10)
         assert m.metrics()["mirrored"] == 300
+
+    def test_a_refused_mirror_leaves_no_subscriber_holding_the_wal(self, tmp_path):
+        # until_acked keeps every record for a known subscriber: a mirror refused
+        # with MirrorConflict must not become one.
+        fake = FakeRedis()
+        fake.xadd("fastbus:t:0", {"payload": b"x", "offset": 5}, "5-1")
+        with WalMessageQueue(tmp_path / "w") as wal:
+            wal.append(b"a")
+            with pytest.raises(MirrorConflict):
+                WalMirror(wal, RedisStreams(fake), topic="t")
+            assert wal.groups() == {}
