@@ -381,6 +381,23 @@ class TestRealRedis:
             assert 100 <= n < 1000  # MAXLEN ~ trims whole nodes: about 100
             assert target.last_offset("w", 0) == 999
 
+    def test_a_stream_that_lost_its_entries_is_filled_again(self, real_redis, tmp_path):
+        # (DEL resets the stream's last id, as a replica that never got the entries
+        # has it lower; XDEL would not: Redis then refuses the old ids, an error the
+        # mirror reports and retries)
+        real_redis.flushall()
+        with WalMessageQueue(tmp_path / "w") as wal:
+            for i in range(300):
+                wal.append(b"%d" % i)
+            with WalMirror(wal, RedisStreams(real_redis), topic="f", batch=64) as m:
+                assert m.flush(20)
+            real_redis.delete("fastbus:f:0")
+            with WalMirror(wal, RedisStreams(real_redis), topic="f", batch=64) as m:
+                assert m.flush(20)
+                assert m.metrics()["rewound"] == 1
+        got = [RedisStreams.decode(e, f) for e, f in real_redis.xrange("fastbus:f:0")]
+        assert [(r.offset, r.payload) for r in got] == [(i, b"%d" % i) for i in range(300)]
+
 
 def test_the_fake_and_redis_agree_on_the_id_rule():
     """The fake refuses an id at or below the top, as Redis does."""
