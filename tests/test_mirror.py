@@ -450,7 +450,15 @@ class TestMirrorAdversarial:
             for p in range(2):
                 del fake.streams[f"fastbus:t:{p}"][20:]
             del fake.streams["fastbus:t:1"][:]  # (and one stream is gone altogether)
+            gate = threading.Event()
+            fake.on_batch = lambda keys, args: gate.wait(10)
             with WalMirror(wal, RedisStreams(fake), topic="t") as m:
+                per_part = {p: sum(partition_for(f"k{i}", 2) == p for i in range(100))
+                            for p in range(2)}
+                held = {p: len(fake.streams[f"fastbus:t:{p}"]) for p in range(2)}
+                assert m.lag == {p: per_part[p] - held[p] for p in range(2)}
+                assert not m.flush(0)
+                gate.set()
                 assert m.flush(10)
                 got = m.metrics()
                 assert got["rewound"] >= 1 and got["lost"] == 0
