@@ -21,6 +21,9 @@ How nothing is lost and nothing is written twice:
   there: a write cut short by a crash or an error is resumed, not repeated.
 - A target must apply a batch in order and stop at the first entry it cannot
   write (a prefix), which :class:`RedisStreams` does with one Lua script per batch.
+- A target found holding less than the mirror committed (a Redis failover lost
+  its newest entries) is given again what the WAL still holds; records retention
+  deleted before the target had them are logged and counted (``lost``).
 
 A failing target (a connection error, a full Redis) is retried with backoff
 (50 ms doubling to 5 s) for as long as it fails; the error is logged once per
