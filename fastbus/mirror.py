@@ -21,6 +21,9 @@ How nothing is lost and nothing is written twice:
   there: a write cut short by a crash or an error is resumed, not repeated.
 - A target must apply a batch in order and stop at the first entry it cannot
   write (a prefix), which :class:`RedisStreams` does with one Lua script per batch.
+- A target found holding less than the mirror committed (a Redis failover lost
+  its newest entries) is given again what the WAL still holds; records retention
+  deleted before the target had them are logged and counted (``lost``).
 
 A failing target (a connection error, a full Redis) is retried with backoff
 (50 ms doubling to 5 s) for as long as it fails; the error is logged once per
@@ -30,6 +33,7 @@ outage and shown in :meth:`WalMirror.metrics`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -202,6 +206,15 @@ class RedisStreams:
                              f"one a fastbus mirror wrote ({exc!r})") from None
 
 
+def same_target(a: Any, b: Any) -> bool:
+    """Would ``a`` and ``b`` write the same streams (one object, or RedisStreams on
+    one client with one stream name)?"""
+    if a is b:
+        return True
+    return (isinstance(a, RedisStreams) and isinstance(b, RedisStreams)
+            and a.client is b.client and a.stream == b.stream)
+
+
 def _field_keys(fields: Any) -> set[bytes]:
     return {_as_bytes(k) for k in fields}
 
@@ -221,6 +234,7 @@ class WalMirror:
 
     def __init__(self, wal: Any, target: MirrorTarget, *, topic: str,
                  subscriber: str = "mirror", batch: int = 1000) -> None:
+        from .stores import check_subscriber_name
         from .wal import WalMessageQueue
 
         if not isinstance(wal, WalMessageQueue):
@@ -237,21 +251,35 @@ class WalMirror:
         self.target = target
         self.topic = topic
         self.batch = batch
-        self._reader = wal.reader(subscriber, decode=False)
-        self.subscriber = self._reader.subscriber
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._last: dict[int, int] | None = None  # target's last offset +1, per partition
+        # (written under self._lock by the thread, read under it by metrics())
         self._m: dict[str, Any] = {"mirrored": 0, "batches": 0, "skipped": 0, "errors": 0,
-                                   "flushes": 0, "last_error": None}
+                                   "flushes": 0, "rewound": 0, "lost": 0, "last_error": None}
         self._failing_since: float | None = None
+        self._ended = False  # the thread returned (closed, or ended by a BaseException)
+        self._pid = os.getpid()
+        check_subscriber_name(subscriber)
+        # The target first: a new subscriber is known to Retention.until_acked from
+        # its reader on, and a refused mirror must not hold the WAL's records.
         try:
-            self._last = self._ask_target()
+            last: dict[int, int] | None = self._ask_target()
         except MirrorConflict:
             raise
         except Exception as exc:  # unreachable now: the thread retries
+            last = None
             self._failed(exc)
+        self._reader = wal.reader(subscriber, decode=False)
+        self.subscriber = self._reader.subscriber
+        self._last = last
+        if last is not None:
+            try:
+                self._reconcile()
+            except Exception as exc:  # (start_offsets: the thread asks again)
+                self._last = None
+                self._failed(exc)
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"fastbus-mirror-{topic}")
         self._thread.start()
@@ -278,13 +306,68 @@ class WalMirror:
             out[p] = nxt
         return out
 
+    def _reconcile(self) -> set[int]:
+        """After asking the target: the partitions where it holds less than the
+        mirror committed (a failover lost its newest entries, or the stream was
+        deleted). Their reader goes back to what the target lacks and the WAL still
+        holds; what retention deleted meanwhile is reported (``lost``)."""
+        assert self._last is not None
+        committed = self._reader.committed
+        again: set[int] = set()
+        starts: dict[int, int] | None = None
+        for p, nxt in self._last.items():
+            if nxt >= committed.get(p, 0):
+                continue
+            if starts is None:
+                starts = self.wal.start_offsets()
+            kept = max(nxt, min(starts[p], committed[p]))
+            if kept > nxt:
+                self._lost(p, nxt, kept)
+                self._last[p] = kept
+            if kept < committed[p]:
+                log.warning("fastbus mirror of %r: the target holds partition %d only up "
+                            "to offset %d, though the mirror had copied up to %d (a "
+                            "failover lost entries?); copying from offset %d again",
+                            self.topic, p, nxt - 1, committed[p] - 1, kept)
+                with self._lock:
+                    self._m["rewound"] += 1
+            self._reader.seek(kept, p)
+            again.add(p)
+        if again:
+            # The committed offsets go back too (only these partitions': the others'
+            # cursors may be past records not written yet), so lag and flush() see it.
+            r = self._reader
+            with r._lock:
+                offsets = dict(r._committed)
+                offsets.update({p: r._cursors[p].offset for p in again})
+                self.wal._commit(self.subscriber, offsets)
+                r._committed = offsets
+        return again
+
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # (not an Exception: SystemExit, a gevent Timeout...)
+            # The mirror ends here: flush() must not wait for it, and closed says so.
+            # What the target took and was not committed is skipped after a restart.
+            self._failed(exc)
+            log.error("fastbus mirror of %r to %r stopped: the target raised %s, which is "
+                      "no Exception; make a new mirror to go on", self.topic, self.target,
+                      type(exc).__name__, exc_info=True)
+        finally:
+            with self._cond:
+                self._ended = True
+                self._cond.notify_all()
+
+    def _loop(self) -> None:
         pending: list[Record] = []
         delay = _BACKOFF_FIRST
         while not self._stop.is_set():
             try:
                 if self._last is None:
                     self._last = self._ask_target()
+                    again = self._reconcile()
+                    pending = [r for r in pending if r.partition not in again]
                 if not pending:
                     pending = self._reader.poll(self.batch, timeout=0.2)
                     if not pending:
@@ -306,31 +389,73 @@ class WalMirror:
                 self._failed(exc)
                 self._stop.wait(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
-        with self._cond:
-            self._cond.notify_all()
 
     def _copy(self, records: list[Record]) -> None:
         durable = self.wal.durable_offsets()
         if any(r.offset >= durable[r.partition] for r in records):
             self.wal.flush()  # (raises the OSError of a failed write: retried)
-            self._m["flushes"] += 1
+            with self._lock:
+                self._m["flushes"] += 1
+            # A closed WAL's flush() returns True at once (its close() flushed, or
+            # failed to): copy only what is synced, whatever flush() said.
+            durable = self.wal.durable_offsets()
+            short = {r.partition for r in records if r.offset >= durable[r.partition]}
+            if short:
+                raise FastbusError(f"records of partitions {sorted(short)} are not synced "
+                                   "after flush(); they are not copied")
         by_part: dict[int, list[Record]] = {}
         for r in records:
             by_part.setdefault(r.partition, []).append(r)
         assert self._last is not None
+        starts: dict[int, int] | None = None
         for p, rs in by_part.items():
             start = self._last[p]
+            first = rs[0].offset
+            if first > start:
+                # The target lacks records before these: it lost entries the mirror
+                # had committed (a failover), or another subscriber committed under
+                # this name, or retention deleted them before the target had them.
+                if starts is None:
+                    starts = self.wal.start_offsets()
+                kept = max(start, min(starts[p], first))
+                if kept > start:
+                    self._lost(p, start, kept)
+                    start = self._last[p] = kept
+                if first > start:  # the WAL still holds them: copy them again
+                    log.warning("fastbus mirror of %r: the target holds partition %d only "
+                                "up to offset %d, before offset %d it was given; copying "
+                                "from there again", self.topic, p, start - 1, first)
+                    self._reader.seek(start, p)
+                    with self._lock:
+                        self._m["rewound"] += 1
+                    continue  # (this partition's records come again, from ``start`` on)
             fresh = [r for r in rs if r.offset >= start]
-            self._m["skipped"] += len(rs) - len(fresh)
+            with self._lock:
+                self._m["skipped"] += len(rs) - len(fresh)
             if fresh:
                 self.target.write(self.topic, p, fresh)
                 self._last[p] = fresh[-1].offset + 1
-                self._m["mirrored"] += len(fresh)
-        self._m["batches"] += 1
+                with self._lock:
+                    self._m["mirrored"] += len(fresh)
+        with self._lock:
+            self._m["batches"] += 1
+
+    def _lost(self, p: int, start: int, kept: int) -> None:
+        """Offsets ``start`` up to ``kept`` of partition ``p`` were deleted by retention
+        before the target had them: it never will. Said, and counted (``lost``)."""
+        with self._lock:
+            self._m["lost"] += kept - start
+        # (an empty stream of a mirror added late: its stream starts where the WAL does)
+        level = logging.WARNING if start == 0 else logging.ERROR
+        log.log(level, "fastbus mirror of %r: retention deleted offsets %d to %d of "
+                "partition %d before the target had them; it goes on from %d without them "
+                "(keep records for the mirror: Retention(until_acked=True))",
+                self.topic, start, kept - 1, p, kept)
 
     def _failed(self, exc: BaseException) -> None:
-        self._m["errors"] += 1
-        self._m["last_error"] = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self._m["errors"] += 1
+            self._m["last_error"] = f"{type(exc).__name__}: {exc}"
         if self._failing_since is None:
             self._failing_since = time.monotonic()
             level = logging.ERROR if isinstance(exc, MirrorConflict | FastbusError) \
@@ -342,7 +467,9 @@ class WalMirror:
 
     @property
     def closed(self) -> bool:
-        return self._stop.is_set()
+        """True once closed, once the thread ended (a target raised what is no
+        Exception), and in a forked child (the thread is the parent's)."""
+        return self._stop.is_set() or self._ended or not self._thread.is_alive()
 
     @property
     def lag(self) -> dict[int, int]:
@@ -359,7 +486,7 @@ class WalMirror:
                 done = self._reader.committed
                 if all(done.get(p, 0) >= e for p, e in ends.items()):
                     return True
-                if self._stop.is_set():
+                if self.closed:  # (no thread would ever get there)
                     return False
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -368,9 +495,13 @@ class WalMirror:
 
     def metrics(self) -> dict[str, Any]:
         """``mirrored`` (entries written), ``batches``, ``skipped`` (already in the
-        target), ``errors``, ``flushes`` (syncs the mirror asked for),
-        ``last_error``, ``failing_for`` (seconds; 0.0 while it works), ``lag``."""
-        out = dict(self._m)
+        target), ``errors``, ``flushes`` (syncs the mirror asked for), ``rewound``
+        (times the target held less than the mirror had committed, so it copied
+        from there again), ``lost`` (records retention deleted before the target
+        had them), ``last_error``, ``failing_for`` (seconds; 0.0 while it works),
+        ``lag``."""
+        with self._lock:
+            out = dict(self._m)
         since = self._failing_since
         out["failing_for"] = 0.0 if since is None else time.monotonic() - since
         try:
@@ -382,6 +513,8 @@ class WalMirror:
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop after the batch under way (its records are committed if the
         target took them; if not, they are copied after a restart). Idempotent."""
+        if os.getpid() != self._pid:
+            return  # a forked child's copy: no thread here, and a lock may be held
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)

@@ -485,6 +485,8 @@ class ScalableBus(BusCore):
         self._wal_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         # durable topics' mirrors, by (topic, subscriber); closed before their WAL
         self._mirrors: dict[tuple[str, str], Any] = {}
+        # (topic, subscriber, target) of the mirrors mirror() is making right now
+        self._mirrors_starting: list[tuple[str, str, Any]] = []
         self._workers = [
             threading.Thread(target=self._worker, name=f"fastbus-dispatch-{i}", daemon=True)
             for i in range(workers)
@@ -656,9 +658,11 @@ class ScalableBus(BusCore):
         backoff) without a gap or a duplicate. ``close()`` of the bus closes it
         before the WAL. A topic that is not durable raises ``ValueError``; one not
         configured, ``UnknownTopicError``; a second mirror with the same
-        ``subscriber``, ``ValueError``.
+        ``subscriber`` or to the same target (the same object, or a RedisStreams
+        on the same client with the same stream names), or a ``subscriber`` that
+        is one of the topic's groups, ``ValueError``.
         """
-        from .mirror import WalMirror
+        from .mirror import WalMirror, same_target
 
         t = self._topics.get(check_topic(topic))
         if t is None:
@@ -670,18 +674,37 @@ class ScalableBus(BusCore):
                              f"configure the topic with TopicConfig(durable=True)")
         def refuse() -> None:  # (lock held)
             self._check_open()
-            old = self._mirrors.get((topic, subscriber))
-            if old is not None and not old.closed:
-                raise ValueError(f"topic {topic!r} already has a mirror as subscriber "
-                                 f"{subscriber!r}; close it or give this one another name")
+            others = [(name, sub, m.target) for (name, sub), m in self._mirrors.items()
+                      if not m.closed] + self._mirrors_starting
+            for name, sub, other in others:
+                if name != topic:
+                    continue
+                if sub == subscriber:
+                    raise ValueError(f"topic {topic!r} already has a mirror as subscriber "
+                                     f"{subscriber!r}; close it or give this one another name")
+                if same_target(other, target):
+                    # Two writers of one stream: each copies every record (a target
+                    # without Redis's id rule would hold each twice).
+                    raise ValueError(f"topic {topic!r} already has a mirror to the same target "
+                                     f"{target!r} (subscriber {sub!r}); one mirror per target")
+            if any(g.name == subscriber for g in t.groups):
+                raise ValueError(f"topic {topic!r} has a subscriber group {subscriber!r}: the "
+                                 "mirror's committed offsets would be that group's; give the "
+                                 "mirror another subscriber name")
 
         with self._lock:
             refuse()
-        # (not under the lock: it asks the target, over the network, where it stands)
-        m = WalMirror(t.wal, target, topic=topic, subscriber=subscriber, batch=batch)
+            starting = (topic, subscriber, target)
+            self._mirrors_starting.append(starting)
+        try:
+            # (not under the lock: it asks the target, over the network, where it stands)
+            m = WalMirror(t.wal, target, topic=topic, subscriber=subscriber, batch=batch)
+        finally:
+            with self._lock:
+                self._mirrors_starting.remove(starting)
         with self._lock:
             try:
-                refuse()
+                self._check_open()
             except BaseException:
                 m.close()
                 raise
@@ -1640,7 +1663,8 @@ class ScalableBus(BusCore):
             log.warning("fastbus: close() timed out after %s s; %d accepted messages were "
                         "not delivered", timeout, left)
         for m in list(self._mirrors.values()):
-            m.close()
+            # (within the caller's timeout: a target's write() may hang)
+            m.close(10.0 if deadline is None else max(0.05, deadline - time.monotonic()))
         for t in self._topics.values():
             if t.wal is not None:
                 t.wal_stop.set()

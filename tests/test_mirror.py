@@ -300,7 +300,7 @@ class TestMirror:
         bus.mirror("d", RedisStreams(fake))
         with pytest.raises(ValueError, match="already has a mirror"):
             bus.mirror("d", RedisStreams(fake))
-        bus.mirror("d", RedisStreams(fake), subscriber="second")
+        bus.mirror("d", RedisStreams(fake, stream="b:{partition}"), subscriber="second")
 
 
 # ------------------------------------------------------------ against a real Redis
@@ -381,6 +381,23 @@ class TestRealRedis:
             assert 100 <= n < 1000  # MAXLEN ~ trims whole nodes: about 100
             assert target.last_offset("w", 0) == 999
 
+    def test_a_stream_that_lost_its_entries_is_filled_again(self, real_redis, tmp_path):
+        # (DEL resets the stream's last id, as a replica that never got the entries
+        # has it lower; XDEL would not: Redis then refuses the old ids, an error the
+        # mirror reports and retries)
+        real_redis.flushall()
+        with WalMessageQueue(tmp_path / "w") as wal:
+            for i in range(300):
+                wal.append(b"%d" % i)
+            with WalMirror(wal, RedisStreams(real_redis), topic="f", batch=64) as m:
+                assert m.flush(20)
+            real_redis.delete("fastbus:f:0")
+            with WalMirror(wal, RedisStreams(real_redis), topic="f", batch=64) as m:
+                assert m.flush(20)
+                assert m.metrics()["rewound"] == 1
+        got = [RedisStreams.decode(e, f) for e, f in real_redis.xrange("fastbus:f:0")]
+        assert [(r.offset, r.payload) for r in got] == [(i, b"%d" % i) for i in range(300)]
+
 
 def test_the_fake_and_redis_agree_on_the_id_rule():
     """The fake refuses an id at or below the top, as Redis does."""
@@ -390,3 +407,197 @@ def test_the_fake_and_redis_agree_on_the_id_rule():
         f.xadd("s", {"a": 1}, "3-1")
     f.xadd("s", {"a": 1}, "4-1")
     assert [e for e, _ in f.streams["s"]] == ["3-1", "4-1"]
+
+
+class ListTarget:
+    """A MirrorTarget in memory (as docs/mirror.md shows it): no id rule of its own."""
+
+    def __init__(self) -> None:
+        self.parts: dict[tuple[str, int], list[Record]] = {}
+
+    def last_offset(self, topic, partition):
+        got = self.parts.get((topic, partition))
+        return got[-1].offset if got else None
+
+    def write(self, topic, partition, records):
+        self.parts.setdefault((topic, partition), []).extend(records)
+
+
+class Stop(BaseException):
+    """Not an Exception: what a target may raise (SystemExit, a gevent Timeout)."""
+
+
+def _returns_within(fn, timeout=10.0):
+    """fn()'s result, asserting it returned within ``timeout`` seconds (it hung)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "hung"
+    return out[0]
+
+
+class TestMirrorAdversarial:
+    def test_a_target_that_lost_entries_gets_them_again_after_a_restart(self, tmp_path):
+        # A Redis failover lost the newest entries the mirror had committed: what the
+        # WAL still holds is copied again, with no gap in the stream.
+        fake = FakeRedis()
+        with WalMessageQueue(tmp_path / "w", partitions=2) as wal:
+            for i in range(100):
+                wal.append(b"%d" % i, key=f"k{i}")
+            with WalMirror(wal, RedisStreams(fake), topic="t") as m:
+                assert m.flush(10)
+            for p in range(2):
+                del fake.streams[f"fastbus:t:{p}"][20:]
+            del fake.streams["fastbus:t:1"][:]  # (and one stream is gone altogether)
+            gate = threading.Event()
+            fake.on_batch = lambda keys, args: gate.wait(10)
+            with WalMirror(wal, RedisStreams(fake), topic="t") as m:
+                per_part = {p: sum(partition_for(f"k{i}", 2) == p for i in range(100))
+                            for p in range(2)}
+                held = {p: len(fake.streams[f"fastbus:t:{p}"]) for p in range(2)}
+                assert m.lag == {p: per_part[p] - held[p] for p in range(2)}
+                assert not m.flush(0)
+                gate.set()
+                assert m.flush(10)
+                got = m.metrics()
+                assert got["rewound"] >= 1 and got["lost"] == 0
+        sent = [(f"k{i}", b"%d" % i) for i in range(100)]
+        _check_complete(lambda p: fake.entries(f"fastbus:t:{p}"), 2, sent)
+
+    def test_a_target_that_lost_entries_while_running_gets_them_again(self, bus):
+        bus.configure_topic("t", TopicConfig(durable=True))
+        fake = FakeRedis()
+        m = bus.mirror("t", RedisStreams(fake))
+        sent = [("k", b"%d" % i) for i in range(50)]
+        for k, v in sent[:30]:
+            bus.publish("t", v, key=k)
+        assert m.flush(10)
+        with fake.lock:  # a failover: the connection drops, the replica lacks the tail
+            fake.down = True
+            del fake.streams["fastbus:t:0"][10:]
+        for k, v in sent[30:]:
+            bus.publish("t", v, key=k)
+        _wait(lambda: m.metrics()["errors"] >= 1)
+        fake.down = False
+        assert m.flush(15)
+        _check_complete(lambda p: fake.entries(f"fastbus:t:{p}"), 1, sent)
+
+    def test_records_retention_deleted_before_the_target_had_them_are_reported(
+            self, tmp_path, caplog):
+        fake = FakeRedis()
+        fake.down = True
+        with WalMessageQueue(tmp_path / "w", segment_bytes=4096, retention=Retention(
+                max_age=None, max_bytes=8192, until_acked=False)) as wal:
+            with WalMirror(wal, RedisStreams(fake), topic="t") as m:
+                for i in range(400):
+                    wal.append(b"%04d" % i + b"." * 60)
+                wal.compact()
+                start = wal.start_offsets()[0]
+                assert start > 0
+                fake.down = False
+                assert m.flush(10)
+                got = m.metrics()
+                assert got["lost"] == start and got["mirrored"] == 400 - start
+        offsets = [r.offset for r in fake.entries("fastbus:t:0")]
+        assert offsets == list(range(start, 400))
+        assert any("retention deleted" in r.getMessage() for r in caplog.records)
+
+    def test_a_target_raising_a_base_exception_ends_the_mirror_and_flush_says_so(
+            self, tmp_path):
+        class Raising(ListTarget):
+            def write(self, topic, partition, records):
+                raise Stop("stop")
+
+        with WalMessageQueue(tmp_path / "w") as wal:
+            wal.append(b"x")
+            m = WalMirror(wal, Raising(), topic="t")
+            try:
+                assert _returns_within(lambda: m.flush(None)) is False
+                assert m.closed
+                assert "Stop" in m.metrics()["last_error"]
+            finally:
+                m.close()
+
+    def test_flush_in_a_forked_child_does_not_wait_for_a_thread_it_lacks(self, tmp_path):
+        from tests.crashkit import run_in_fork
+
+        gate, writing = threading.Event(), threading.Event()
+
+        class Slow(ListTarget):
+            def write(self, topic, partition, records):
+                writing.set()
+                assert gate.wait(10)
+                super().write(topic, partition, records)
+
+        target = Slow()
+        with WalMessageQueue(tmp_path / "w") as wal:
+            with WalMirror(wal, target, topic="t") as m:
+                wal.append(b"x")
+                assert writing.wait(10)  # the parent's thread is in write(): lag 1
+
+                def child():
+                    return (m.closed, m.flush(), m.flush(0.1), m.close())
+
+                try:
+                    assert run_in_fork(child) == "(True, False, False, None)"
+                finally:
+                    gate.set()
+                assert m.flush(10) and not m.closed  # the parent's mirror goes on
+        assert [r.payload for r in target.parts["t", 0]] == [b"x"]
+
+    def test_a_record_is_not_copied_while_a_flush_left_it_unsynced(self, tmp_path):
+        # wal.flush() returns True without syncing once the WAL is closed (say, by a
+        # close() whose own flush failed): the mirror checks durable_offsets() again.
+        target = ListTarget()
+        with WalMessageQueue(tmp_path / "w", fsync=FsyncPolicy.never()) as wal:
+            wal.flush = lambda timeout=None: True  # syncs nothing
+            with WalMirror(wal, target, topic="t") as m:
+                wal.append(b"x")
+                _wait(lambda: m.metrics()["errors"] >= 1)
+                assert "not synced" in m.metrics()["last_error"]
+                assert target.parts == {}
+                del wal.flush
+                assert m.flush(10)
+        assert [r.payload for r in target.parts["t", 0]] == [b"x"]
+
+    def test_two_mirrors_of_a_topic_to_one_target_are_refused(self, bus):
+        bus.configure_topic("t", TopicConfig(durable=True))
+        fake = FakeRedis()
+        target = ListTarget()
+        bus.mirror("t", target)
+        with pytest.raises(ValueError, match="same target"):
+            bus.mirror("t", target, subscriber="other")
+        bus.mirror("t", ListTarget(), subscriber="other")  # another target: fine
+        bus.mirror("t", RedisStreams(fake), subscriber="r1")
+        with pytest.raises(ValueError, match="same target"):
+            bus.mirror("t", RedisStreams(fake), subscriber="r2")
+        bus.mirror("t", RedisStreams(fake, stream="copy:{topic}:{partition}"), subscriber="r3")
+
+    def test_a_mirror_named_as_a_group_of_the_topic_is_refused(self, bus):
+        bus.configure_topic("t", TopicConfig(durable=True))
+        bus.subscribe("t", lambda m: None, group="mirror")
+        with pytest.raises(ValueError, match="subscriber group 'mirror'"):
+            bus.mirror("t", ListTarget())
+        bus.mirror("t", ListTarget(), subscriber="mirror-1")
+
+    def test_metrics_while_the_mirror_copies(self, bus):
+        bus.configure_topic("t", TopicConfig(partitions=2, durable=True))
+        m = bus.mirror("t", ListTarget(), batch=7)
+        for i in range(300):
+            bus.publish("t", b"%d" % i, key=f"k{i}")
+            got = m.metrics()
+            assert got["mirrored"] <= 300 and got["lag"] is not None
+        assert m.flush(10)
+        assert m.metrics()["mirrored"] == 300
+
+    def test_a_refused_mirror_leaves_no_subscriber_holding_the_wal(self, tmp_path):
+        # until_acked keeps every record for a known subscriber: a mirror refused
+        # with MirrorConflict must not become one.
+        fake = FakeRedis()
+        fake.xadd("fastbus:t:0", {"payload": b"x", "offset": 5}, "5-1")
+        with WalMessageQueue(tmp_path / "w") as wal:
+            wal.append(b"a")
+            with pytest.raises(MirrorConflict):
+                WalMirror(wal, RedisStreams(fake), topic="t")
+            assert wal.groups() == {}
