@@ -336,12 +336,7 @@ class WalMirror:
         if again:
             # The committed offsets go back too (only these partitions': the others'
             # cursors may be past records not written yet), so lag and flush() see it.
-            r = self._reader
-            with r._lock:
-                offsets = dict(r._committed)
-                offsets.update({p: r._cursors[p].offset for p in again})
-                self.wal._commit(self.subscriber, offsets)
-                r._committed = offsets
+            self._reader._commit_partitions(again)
         return again
 
     def _run(self) -> None:

@@ -1904,6 +1904,16 @@ class WalReader:
             self._q._commit(self.subscriber, offsets)
             self._committed = offsets
 
+    def _commit_partitions(self, partitions: Iterable[int]) -> None:
+        """Commit the positions of ``partitions`` only (the others keep their commit):
+        a mirror that went back in them, whose other cursors may be past records
+        it has not copied yet."""
+        with self._lock:
+            offsets = dict(self._committed)
+            offsets.update({p: self._cursors[p].offset for p in partitions})
+            self._q._commit(self.subscriber, offsets)
+            self._committed = offsets
+
     def seek(self, offset: int, partition: int | None = None) -> None:
         """Make ``poll`` continue at ``offset`` (in ``partition``, or in every partition).
 
