@@ -112,6 +112,18 @@ def _b(v) -> bytes:
     return str(v).encode() if isinstance(v, int) else v.encode()
 
 
+def _append_numbered(wal, n: int) -> None:
+    """Append b"0".. b"n-1" with keys "k0".. "k<n-1>"."""
+    for i in range(n):
+        wal.append(b"%d" % i, key=f"k{i}")
+
+
+def _mirror_until_caught_up(wal, fake) -> None:
+    """A mirror of ``wal`` as topic "t" to ``fake``, closed once it copied everything."""
+    with WalMirror(wal, RedisStreams(fake), topic="t") as m:
+        assert m.flush(10)
+
+
 def _wait(cond, timeout=10.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -202,10 +214,8 @@ class TestMirror:
     def test_a_restart_after_the_target_took_records_but_before_the_commit(self, tmp_path):
         fake = FakeRedis()
         with WalMessageQueue(tmp_path / "w", partitions=3) as wal:
-            for i in range(90):
-                wal.append(b"%d" % i, key=f"k{i}")
-            with WalMirror(wal, RedisStreams(fake), topic="t") as m:
-                assert m.flush(10)
+            _append_numbered(wal, 90)
+            _mirror_until_caught_up(wal, fake)
             # as if the process died between write() and commit(): rewind the mirror
             r = wal.reader("mirror")
             r.seek(0)
@@ -443,10 +453,8 @@ class TestMirrorAdversarial:
         # WAL still holds is copied again, with no gap in the stream.
         fake = FakeRedis()
         with WalMessageQueue(tmp_path / "w", partitions=2) as wal:
-            for i in range(100):
-                wal.append(b"%d" % i, key=f"k{i}")
-            with WalMirror(wal, RedisStreams(fake), topic="t") as m:
-                assert m.flush(10)
+            _append_numbered(wal, 100)
+            _mirror_until_caught_up(wal, fake)
             for p in range(2):
                 del fake.streams[f"fastbus:t:{p}"][20:]
             del fake.streams["fastbus:t:1"][:]  # (and one stream is gone altogether)
