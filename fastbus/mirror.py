@@ -67,11 +67,25 @@ class MirrorTarget(Protocol):
 
 
 # One batch, in order, stopping at the first XADD that fails (a script is not rolled
-# back, so what was added before the error stays: a prefix). ARGV: maxlen (0: none),
-# then per entry: id, number of field/value pairs, the pairs.
+# back, so what was added before the error stays: a prefix). First it checks that the
+# stream still ends where the mirror last saw it end, so entries lost without an error
+# (a failover that kept the connection) or written by another writer meanwhile are
+# noticed before anything is added. ARGV: maxlen (0: none), the id the stream must end
+# with ("": no entry; "*": no check), then per entry: id, number of field/value pairs,
+# the pairs.
 _XADD_BATCH = """
+local expected = ARGV[2]
+if expected ~= '*' then
+  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  local have = ''
+  if #top > 0 then have = top[1][1] end
+  if have ~= expected then
+    return redis.error_reply('FASTBUS_STALE stream ' .. KEYS[1] .. ' ends with entry "' ..
+      have .. '", not "' .. expected .. '" as the mirror last saw it: its entries changed')
+  end
+end
 local maxlen = tonumber(ARGV[1])
-local i = 2
+local i = 3
 local n = 0
 while i <= #ARGV do
   local last = i + 1 + 2 * tonumber(ARGV[i + 1])
@@ -131,6 +145,8 @@ class RedisStreams:
         self.stream = stream
         self.maxlen = maxlen
         self._script = client.register_script(_XADD_BATCH)
+        # the id each stream ended with when last seen ("": none), checked by write()
+        self._ends: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<RedisStreams stream={self.stream!r} maxlen={self.maxlen}>"
@@ -140,8 +156,10 @@ class RedisStreams:
 
     def last_offset(self, topic: str, partition: int) -> int | None:
         name = self.stream_name(topic, partition)
+        self._ends.pop(name, None)
         top = self.client.xrevrange(name, max="+", min="-", count=1)
         if not top:
+            self._ends[name] = ""
             return None
         entry_id, fields = top[0]
         raw = _as_bytes(entry_id)
@@ -150,16 +168,24 @@ class RedisStreams:
             raise MirrorConflict(
                 f"stream {name!r} ends with entry {raw.decode(errors='replace')}, which a "
                 "fastbus mirror did not write; mirror to a stream of its own")
+        self._ends[name] = raw.decode()
         return int(ms)
 
     def write(self, topic: str, partition: int, records: Sequence[Record]) -> None:
-        args: list[Any] = [self.maxlen or 0]
+        """Add ``records`` in one script. If the stream no longer ends where
+        :meth:`last_offset` or the previous write left it, nothing is added and
+        a ``FASTBUS_STALE`` error is raised (the mirror then asks again)."""
+        if not records:
+            return
+        name = self.stream_name(topic, partition)
+        args: list[Any] = [self.maxlen or 0, self._ends.pop(name, "*")]
         for r in records:
             fields = self.fields(r)
             args.append(f"{r.offset}-1")
             args.append(len(fields) // 2)
             args.extend(fields)
-        self._script(keys=[self.stream_name(topic, partition)], args=args)
+        self._script(keys=[name], args=args)
+        self._ends[name] = f"{records[-1].offset}-1"  # (after a failure: unknown, no entry)
 
     @staticmethod
     def fields(record: Record) -> list[bytes | str | int]:

@@ -79,7 +79,13 @@ class FakeRedis:
                 if self.on_batch is not None:
                     self.on_batch(keys, args)
                 args = list(args)
-                maxlen, i = int(args[0]), 1
+                maxlen, expected, i = int(args[0]), args[1], 2
+                if expected != "*":
+                    s = self.streams.get(keys[0])
+                    have = s[-1][0] if s else ""
+                    if have != expected:
+                        raise FakeResponseError(f"FASTBUS_STALE stream {keys[0]} ends with "
+                                                f"entry {have!r}, not {expected!r}")
                 written = 0
                 while i < len(args):
                     entry_id, nf = args[i], int(args[i + 1])
@@ -409,6 +415,25 @@ class TestRealRedis:
         assert [(r.offset, r.payload) for r in got] == [(i, b"%d" % i) for i in range(300)]
 
 
+    def test_a_stream_that_lost_its_tail_while_mirrored_is_filled_again(self, real_redis,
+                                                                          tmp_path):
+        real_redis.flushall()
+        with WalMessageQueue(tmp_path / "w") as wal:
+            _append_numbered(wal, 100)
+            with WalMirror(wal, RedisStreams(real_redis), topic="g", batch=32) as m:
+                assert m.flush(20)
+                # a replica that had only the first 40 entries became the primary
+                kept = real_redis.xrange("fastbus:g:0", count=40)
+                real_redis.delete("fastbus:g:0")
+                for entry_id, fields in kept:
+                    real_redis.xadd("fastbus:g:0", fields, id=entry_id)
+                wal.append(b"100", key="k100")
+                assert m.flush(20)
+                assert "FASTBUS_STALE" in m.metrics()["last_error"]
+        got = [RedisStreams.decode(e, f) for e, f in real_redis.xrange("fastbus:g:0")]
+        assert [(r.offset, r.payload) for r in got] == [(i, b"%d" % i) for i in range(101)]
+
+
 def test_the_fake_and_redis_agree_on_the_id_rule():
     """The fake refuses an id at or below the top, as Redis does."""
     f = FakeRedis()
@@ -490,6 +515,39 @@ class TestMirrorAdversarial:
         fake.down = False
         assert m.flush(15)
         _check_complete(lambda p: fake.entries(f"fastbus:t:{p}"), 1, sent)
+
+    def test_entries_lost_without_an_error_are_noticed_by_the_next_write(self, bus):
+        # The stream lost its tail and the connection never dropped: the next batch's
+        # script finds the stream ending elsewhere than it was left, adds nothing, and
+        # the mirror asks again and copies from there.
+        bus.configure_topic("t", TopicConfig(durable=True))
+        fake = FakeRedis()
+        m = bus.mirror("t", RedisStreams(fake))
+        sent = [("k", b"%d" % i) for i in range(50)]
+        for k, v in sent[:30]:
+            bus.publish("t", v, key=k)
+        assert m.flush(10)
+        with fake.lock:
+            del fake.streams["fastbus:t:0"][10:]
+        for k, v in sent[30:]:
+            bus.publish("t", v, key=k)
+        assert m.flush(15)
+        _check_complete(lambda p: fake.entries(f"fastbus:t:{p}"), 1, sent)
+        got = m.metrics()
+        assert "FASTBUS_STALE" in got["last_error"] and got["rewound"] == 1
+
+    def test_a_second_writer_appearing_mid_run_stops_the_copy(self, bus):
+        bus.configure_topic("t", TopicConfig(durable=True))
+        fake = FakeRedis()
+        m = bus.mirror("t", RedisStreams(fake))
+        bus.publish("t", b"0")
+        assert m.flush(10)
+        with fake.lock:
+            fake.xadd("fastbus:t:0", {"payload": b"theirs"}, "1700000000000-0")
+        bus.publish("t", b"1")
+        _wait(lambda: "MirrorConflict" in (m.metrics()["last_error"] or ""))
+        assert [e for e, _ in fake.streams["fastbus:t:0"]] == ["0-1", "1700000000000-0"]
+        assert m.lag == {0: 1}
 
     def test_records_retention_deleted_before_the_target_had_them_are_reported(
             self, tmp_path, caplog):
