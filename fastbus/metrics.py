@@ -184,7 +184,9 @@ class PrometheusCollector:
     ``ring_spills``, ``rebalances``, ``topic_rejections`` (topic),
     ``group_subscribers`` (topic, group), ``ring_cursor`` and
     ``ring_slowest_consumer`` (topic, partition), ``rejections`` (cause), ``drops``
-    (reason), ``wal_group_lag`` (topic, group), ``backpressure_state`` (0-3),
+    (reason), ``wal_group_lag`` (topic, group), ``mirror_lag``,
+    ``mirror_failing_seconds``, ``mirror_copied``, ``mirror_errors`` and
+    ``mirror_lost`` (topic, subscriber), ``backpressure_state`` (0-3),
     ``backpressure_time_in_state_seconds`` (state), ``backpressure_transitions``,
     ``backpressure_delayed_publishes``, ``backpressure_delay_seconds``,
     ``backpressure_critical_timeouts`` and ``utilisation``; counters get
@@ -274,6 +276,28 @@ class PrometheusCollector:
             for group, behind in t.wal.get("group_lag", {}).items():
                 lag.add_metric([t.name, str(group)], behind)
         yield lag
+        # Mirrors (ScalableBus.mirror): what the target lacks, and whether it fails.
+        mirror = {
+            "lag": GaugeMetricFamily(f"{ns}_mirror_lag", "Durable records a mirror's target "
+                                     "does not hold yet", labels=["topic", "subscriber"]),
+            "failing_for": GaugeMetricFamily(
+                f"{ns}_mirror_failing_seconds", "Seconds a mirror's target has been failing "
+                "(0 while it works)", labels=["topic", "subscriber"]),
+            "mirrored": CounterMetricFamily(f"{ns}_mirror_copied", "Records a mirror wrote "
+                                            "to its target", labels=["topic", "subscriber"]),
+            "errors": CounterMetricFamily(f"{ns}_mirror_errors", "Failed attempts of a "
+                                          "mirror (each retried)",
+                                          labels=["topic", "subscriber"]),
+            "lost": CounterMetricFamily(f"{ns}_mirror_lost", "Records retention deleted "
+                                        "before a mirror's target had them",
+                                        labels=["topic", "subscriber"]),
+        }
+        for t in m.per_topic.values():
+            for sub, figures in t.wal.get("mirrors", {}).items():
+                for key, family in mirror.items():
+                    if figures.get(key) is not None:
+                        family.add_metric([t.name, sub], figures[key])
+        yield from mirror.values()
         state = GaugeMetricFamily(f"{ns}_backpressure_state",
                                   "0 normal, 1 warning, 2 critical, 3 shedding")
         # The snapshot names the state ("WARNING"); the gauge wants its number.

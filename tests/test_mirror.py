@@ -667,3 +667,27 @@ class TestMirrorAdversarial:
             with pytest.raises(MirrorConflict):
                 WalMirror(wal, RedisStreams(fake), topic="t")
             assert wal.groups() == {}
+
+
+def test_prometheus_exports_the_mirror_figures(bus):
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from fastbus.metrics import PrometheusCollector
+
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(PrometheusCollector(bus))
+    bus.configure_topic("t", TopicConfig(durable=True))
+    fake = FakeRedis()
+    fake.down = True
+    m = bus.mirror("t", RedisStreams(fake))
+    for i in range(3):
+        bus.publish("t", b"%d" % i)
+    labels = {"topic": "t", "subscriber": "mirror"}
+    _wait(lambda: registry.get_sample_value("fastbus_mirror_errors_total", labels) >= 1)
+    assert registry.get_sample_value("fastbus_mirror_lag", labels) == 3
+    assert registry.get_sample_value("fastbus_mirror_failing_seconds", labels) > 0
+    fake.down = False
+    assert m.flush(15)
+    assert registry.get_sample_value("fastbus_mirror_lag", labels) == 0
+    assert registry.get_sample_value("fastbus_mirror_copied_total", labels) == 3
+    assert registry.get_sample_value("fastbus_mirror_failing_seconds", labels) == 0
+    assert registry.get_sample_value("fastbus_mirror_lost_total", labels) == 0
