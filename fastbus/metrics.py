@@ -277,7 +277,7 @@ class PrometheusCollector:
                 lag.add_metric([t.name, str(group)], behind)
         yield lag
         # Mirrors (ScalableBus.mirror): what the target lacks, and whether it fails.
-        mirror = {
+        mirror: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "lag": GaugeMetricFamily(f"{ns}_mirror_lag", "Durable records a mirror's target "
                                      "does not hold yet", labels=["topic", "subscriber"]),
             "failing_for": GaugeMetricFamily(
