@@ -269,9 +269,13 @@ class WalMirror:
             if not callable(getattr(target, attr, None)):
                 raise TypeError(f"target must have last_offset() and write() (a "
                                 f"MirrorTarget such as RedisStreams), got {target!r}")
-        if not isinstance(topic, str) or not topic:
+        if not isinstance(topic, str):
             raise TypeError(f"topic must be a non-empty str, got {topic!r}")
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        if not topic:
+            raise ValueError("topic must be a non-empty str, got ''")
+        if isinstance(batch, bool) or not isinstance(batch, int):
+            raise TypeError(f"batch must be an int >= 1, got {batch!r}")
+        if batch < 1:
             raise ValueError(f"batch must be an int >= 1, got {batch!r}")
         self.wal = wal
         self.target = target

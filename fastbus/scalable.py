@@ -1013,8 +1013,10 @@ class ScalableBus(BusCore):
         """
         check_topic(topic)
         check_handler(handler)
-        if group is not None and (not isinstance(group, str) or not group):
+        if group is not None and not isinstance(group, str):
             raise TypeError(f"group must be a non-empty str or None, got {group!r}")
+        if group == "":
+            raise ValueError("group must be a non-empty str (or None for no group), got ''")
         if not isinstance(batch, bool):
             raise TypeError(f"batch must be a bool, got {batch!r}")
         self._check_open()
