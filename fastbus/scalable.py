@@ -55,6 +55,7 @@ from ._dispatch import (
 )
 from ._walcodec import check_keys
 from .backpressure import (
+    BACKPRESSURE_HEADER,
     BackpressureState,
     MessageBusBackpressure,
     _check_timeout,
@@ -781,12 +782,31 @@ class ScalableBus(BusCore):
         hdrs = None if headers is None else _check_headers(headers)
         bp = self._bp
         if bp._state is not _NORMAL:
+            if self._fills_up(t):
+                return self._admit_batch(t, 1, self._put_one(t, message, key, hdrs))
             extra = bp.admit(topic, critical=t.config.critical)
             if bp._state is _SHEDDING and not t.config.critical:
                 extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
             if extra:
                 hdrs = {**hdrs, **extra} if hdrs else dict(extra)
+            if self._fills_up(t):  # (rose during the CRITICAL delay)
+                return self._admit_batch(t, 1, self._put_one(t, message, key, hdrs))
         return self._enqueue(t, message, key, hdrs)
+
+    def _fills_up(self, t: _Topic) -> bool:
+        """A publish to ``t`` now may take the in-memory depth up to the capacity (a
+        critical in-memory topic in SHEDDING): it is checked and enqueued in one
+        locked step (``_admit_batch``), as the room a delivery frees is not reserved
+        for the publisher it wakes: several must not each take the same room."""
+        return self._bp._state is _SHEDDING and t.config.critical and t.core is not None
+
+    @staticmethod
+    def _put_one(t: _Topic, message: Any, key: Any,
+                 hdrs: dict[str, Any] | None) -> Callable[[], None]:
+        hdrs = {BACKPRESSURE_HEADER: "shedding", **(hdrs or {})}
+        core = t.core
+        assert core is not None
+        return lambda: core.publish(message, key, hdrs)
 
     async def publish_async(self, topic: str, message: Any, *, key: Any = None,
                             headers: Mapping[str, Any] | None = None) -> int | None:
@@ -812,13 +832,16 @@ class ScalableBus(BusCore):
         hdrs = None if headers is None else _check_headers(headers)
         bp = self._bp
         if bp._state is not _NORMAL:
-            extra = await bp.admit_async(topic, critical=t.config.critical)
-            if bp._state is _SHEDDING and not t.config.critical:
-                # Rose during the delay: refused. (Not bp.admit, which would sleep on
-                # the loop if the state fell back to CRITICAL meanwhile.)
-                bp._reject(topic)
-            if extra:
-                hdrs = {**hdrs, **extra} if hdrs else dict(extra)
+            if not self._fills_up(t):
+                extra = await bp.admit_async(topic, critical=t.config.critical)
+                if bp._state is _SHEDDING and not t.config.critical:
+                    # Rose during the delay: refused. (Not bp.admit, which would sleep on
+                    # the loop if the state fell back to CRITICAL meanwhile.)
+                    bp._reject(topic)
+                if extra:
+                    hdrs = {**hdrs, **extra} if hdrs else dict(extra)
+            if self._fills_up(t):
+                return await self._admit_batch_async(t, 1, self._put_one(t, message, key, hdrs))
         if t.wal is not None and t.wal._may_wait(message, key, hdrs):
             # Past admission the message is published, cancelled or not: a cancel
             # could not take back an append already under way in the thread, so one
@@ -934,7 +957,7 @@ class ScalableBus(BusCore):
                 f"publish it in smaller batches or raise the limit")
         return limit
 
-    def _admit_batch(self, t: _Topic, n: int, enqueue: Callable[[], int]) -> int:
+    def _admit_batch(self, t: _Topic, n: int, enqueue: Callable[[], Any]) -> Any:
         """Keep a batch within bounded memory (DESIGN invariant 5), all or nothing.
 
         A batch that would take a non-critical topic's bus past the shedding level
@@ -943,49 +966,89 @@ class ScalableBus(BusCore):
         under ``max_queue_size``. A batch larger than that (the shedding level, or the
         capacity for a critical topic) never fits: ``ValueError``.
         ``enqueue()`` runs once the batch fits, in the same locked step as the check:
-        concurrent batches must not each find the same room.
+        concurrent batches must not each find the same room. (A single critical
+        publish in SHEDDING comes here too, as a batch of one: ``_fills_up``.)
         """
         bp = self._bp
         deadline = time.monotonic() + bp.thresholds.critical_timeout
         pause = 0.0005
+        first = True
         while True:
-            with self._batch_lock:
-                # Read again each time (during admission and while a critical batch
-                # waits, reconfigure_limits may lower the capacity and configure_topic
-                # may turn critical off): a batch that can no longer fit at all is a
-                # ValueError at once, not a wait for room that never comes.
-                critical = t.config.critical
-                capacity = bp.capacity
-                limit = self._batch_limit(t, n)
-                if bp.depth + n <= limit:
-                    return enqueue()
-            if critical:
-                left = deadline - time.monotonic()
-                if left > 0:
-                    if bp.depth < capacity:
-                        # Room for a message but not for the batch: wait_for_room would
-                        # return at once (a busy loop). Deliveries free room; look again.
-                        time.sleep(min(left, pause))
-                        pause = min(pause * 2, 0.005)
-                    else:
-                        bp.wait_for_room(min(left, 0.05))
-                    continue
-                bp._count("critical_timeouts")  # a critical publisher that gave up
-                bp._count_rejection(t.name)
-                depth = bp.depth
-                raise overloaded(
-                    f"bus full: a batch of {n} messages for critical topic {t.name!r} found "
-                    f"no room within {bp.thresholds.critical_timeout} s (depth {depth} of "
-                    f"{capacity}, Limits.max_queue_size); nothing of it was queued",
-                    topic=t.name, state=bp.state, depth=depth, capacity=capacity)
+            done, out, capacity = self._try_batch(t, n, enqueue)
+            if done:
+                return out
+            left = self._batch_waits(t, n, deadline, capacity, first)
+            first = False
+            if bp.depth < capacity:
+                # Room for a message but not for the batch: wait_for_room would
+                # return at once (a busy loop). Deliveries free room; look again.
+                time.sleep(min(left, pause))
+                pause = min(pause * 2, 0.005)
+            else:
+                bp.wait_for_room(min(left, 0.05))
+
+    async def _admit_batch_async(self, t: _Topic, n: int, enqueue: Callable[[], Any]) -> Any:
+        """:meth:`_admit_batch` for coroutines: every wait is awaited."""
+        bp = self._bp
+        deadline = time.monotonic() + bp.thresholds.critical_timeout
+        pause = 0.0005
+        first = True
+        while True:
+            done, out, capacity = self._try_batch(t, n, enqueue)
+            if done:
+                return out
+            left = self._batch_waits(t, n, deadline, capacity, first)
+            first = False
+            if bp.depth < capacity:
+                await asyncio.sleep(min(left, pause))
+                pause = min(pause * 2, 0.005)
+            else:
+                await bp.wait_for_room_async(min(left, 0.05))
+
+    def _try_batch(self, t: _Topic, n: int, enqueue: Callable[[], Any]) -> tuple[bool, Any, int]:
+        """(True, what enqueue() returned, capacity) if the batch fits now, checked
+        and enqueued under one lock; else (False, None, capacity)."""
+        bp = self._bp
+        with self._batch_lock:
+            # Read again each time (during admission and while a critical batch
+            # waits, reconfigure_limits may lower the capacity and configure_topic
+            # may turn critical off): a batch that can no longer fit at all is a
+            # ValueError at once, not a wait for room that never comes.
+            capacity = bp.capacity
+            if bp.depth + n <= self._batch_limit(t, n):
+                return True, enqueue(), capacity
+        return False, None, capacity
+
+    def _batch_waits(self, t: _Topic, n: int, deadline: float, capacity: int,
+                     first: bool) -> float:
+        """A batch that did not fit: the seconds a critical one may still wait (its
+        first wait counted in ``critical_waits``), else ``BusOverloaded``."""
+        bp = self._bp
+        what = "a message" if n == 1 else f"a batch of {n} messages"
+        depth = bp.depth
+        if t.config.critical:
+            left = deadline - time.monotonic()
+            if left > 0:
+                if first:
+                    bp._count("critical_waits")
+                return left
+            if n == 1:  # a single publish: the error admit() gives
+                bp._reject_timeout(t.name, bp.thresholds.critical_timeout)
+            bp._count("critical_timeouts")  # a critical publisher that gave up
             bp._count_rejection(t.name)
-            depth = bp.depth
             raise overloaded(
-                f"bus overloaded: a batch of {n} messages would take the in-memory depth "
-                f"from {depth} past the shedding level ({limit} of capacity {capacity}, "
-                f"Limits.max_queue_size); topic {t.name!r} is not critical, so the batch was "
-                f"refused and nothing of it queued. Retry later or in smaller batches",
+                f"bus full: {what} for critical topic {t.name!r} found no room within "
+                f"{bp.thresholds.critical_timeout} s (depth {depth} of {capacity}, "
+                f"Limits.max_queue_size); nothing of it was queued",
                 topic=t.name, state=bp.state, depth=depth, capacity=capacity)
+        bp._count_rejection(t.name)
+        limit = _first_depth_at(bp.thresholds.shedding, capacity)
+        raise overloaded(
+            f"bus overloaded: {what} would take the in-memory depth from {depth} past the "
+            f"shedding level ({limit} of capacity {capacity}, Limits.max_queue_size); topic "
+            f"{t.name!r} is not critical, so the batch was refused and nothing of it "
+            f"queued. Retry later or in smaller batches",
+            topic=t.name, state=bp.state, depth=depth, capacity=capacity)
 
     # -- subscribing --------------------------------------------------------
 

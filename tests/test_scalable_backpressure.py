@@ -439,3 +439,69 @@ def test_publish_many_keeps_bounded_memory_all_or_nothing():
         release.set()
         assert bus.flush(10)
     assert got == list(range(90))
+
+
+class _PeakDepth:
+    """Samples the bus's in-memory depth on a thread of its own; ``peak`` is the most seen."""
+
+    def __init__(self, bus: ScalableBus) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._bp = bus.backpressure
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._bp.depth)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return self.peak
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["threads", "asyncio"])
+def test_critical_publishers_woken_by_one_free_slot_do_not_overfill_the_bus(use_async):
+    # DESIGN invariant 5: no more than max_queue_size messages in memory. Room a
+    # delivery frees is not reserved for the publisher it wakes: several critical
+    # publishers waiting for room each put a message in, past the capacity.
+    with ScalableBus(limits=Limits(max_queue_size=CAP),
+                     thresholds=Thresholds(critical_timeout=30)) as bus:
+        bus.configure_topic("c", TopicConfig(critical=True))
+        slots = threading.Semaphore(0)
+        got = []
+        bus.subscribe("c", lambda m: (slots.acquire(), got.append(m)))
+        peak = _PeakDepth(bus)
+        publishers, each = 8, 10
+
+        def publish_from_a_thread(i: int) -> None:
+            for j in range(each):
+                bus.publish("c", (i, j))
+
+        def publish_from_asyncio(i: int) -> None:
+            async def one(k: int) -> None:
+                for j in range(each // 2):
+                    await bus.publish_async("c", (i, k, j))
+            async def both() -> None:
+                await asyncio.gather(one(0), one(1))
+            asyncio.run(both())
+
+        work = publish_from_asyncio if use_async else publish_from_a_thread
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(publishers)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while bus.backpressure.depth < CAP:
+            assert time.monotonic() < deadline, "the bus never filled"
+            time.sleep(0.001)
+        for _ in range(publishers * each):  # free one slot at a time
+            slots.release()
+            time.sleep(0.0005)
+        for t in threads:
+            t.join(30)
+            assert not t.is_alive()
+        assert bus.flush(10)
+        assert peak.stop() <= CAP
+        assert len(got) == publishers * each
+        assert bus.backpressure.snapshot()["critical_waits"] >= 1
