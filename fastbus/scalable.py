@@ -85,6 +85,9 @@ log = logging.getLogger("fastbus")
 _NORMAL = BackpressureState.NORMAL
 _CRITICAL = BackpressureState.CRITICAL
 _SHEDDING = BackpressureState.SHEDDING
+_SHEDDING_HEADER = {BACKPRESSURE_HEADER: "shedding"}
+# In-memory publishes in these states are checked and enqueued in one locked step
+_NEAR_FULL = frozenset((_CRITICAL, _SHEDDING))
 _STOP = object()
 _OPEN_BUSES: weakref.WeakSet[ScalableBus] = weakref.WeakSet()
 
@@ -782,28 +785,33 @@ class ScalableBus(BusCore):
         hdrs = None if headers is None else _check_headers(headers)
         bp = self._bp
         if bp._state is not _NORMAL:
-            if self._fills_up(t):
-                return self._admit_batch(t, 1, self._put_one(t, message, key, hdrs))
-            extra = bp.admit(topic, critical=t.config.critical)
-            if bp._state is _SHEDDING and not t.config.critical:
-                extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
-            if extra:
-                hdrs = {**hdrs, **extra} if hdrs else dict(extra)
-            if self._fills_up(t):  # (rose during the CRITICAL delay)
+            if self._waits_for_room(t):
+                hdrs = {**hdrs, **_SHEDDING_HEADER} if hdrs else dict(_SHEDDING_HEADER)
+            else:
+                extra = bp.admit(topic, critical=t.config.critical)
+                if bp._state is _SHEDDING and not t.config.critical:
+                    extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
+                if extra:
+                    hdrs = {**hdrs, **extra} if hdrs else dict(extra)
+            if t.core is not None and bp._state in _NEAR_FULL:
                 return self._admit_batch(t, 1, self._put_one(t, message, key, hdrs))
         return self._enqueue(t, message, key, hdrs)
 
-    def _fills_up(self, t: _Topic) -> bool:
-        """A publish to ``t`` now may take the in-memory depth up to the capacity (a
-        critical in-memory topic in SHEDDING): it is checked and enqueued in one
-        locked step (``_admit_batch``), as the room a delivery frees is not reserved
-        for the publisher it wakes: several must not each take the same room."""
+    def _waits_for_room(self, t: _Topic) -> bool:
+        """A publish to critical in-memory ``t`` in SHEDDING: not ``admit``'s wait for
+        room but ``_admit_batch``'s. In CRITICAL and SHEDDING every in-memory publish
+        is checked against the depth and enqueued in one locked step
+        (``_admit_batch``, as a batch of one): publishers that passed admission
+        together (CRITICAL delays ending, critical ones woken by one delivery: room
+        is not reserved) must not each take the same room. Below CRITICAL the depth
+        is under the critical level, 15% of ``max_queue_size`` below the capacity by
+        default, which is more than the publishers in flight can add (and the lock
+        would make WARNING publishes 3-4x slower)."""
         return self._bp._state is _SHEDDING and t.config.critical and t.core is not None
 
     @staticmethod
     def _put_one(t: _Topic, message: Any, key: Any,
                  hdrs: dict[str, Any] | None) -> Callable[[], None]:
-        hdrs = {BACKPRESSURE_HEADER: "shedding", **(hdrs or {})}
         core = t.core
         assert core is not None
         return lambda: core.publish(message, key, hdrs)
@@ -832,7 +840,9 @@ class ScalableBus(BusCore):
         hdrs = None if headers is None else _check_headers(headers)
         bp = self._bp
         if bp._state is not _NORMAL:
-            if not self._fills_up(t):
+            if self._waits_for_room(t):
+                hdrs = {**hdrs, **_SHEDDING_HEADER} if hdrs else dict(_SHEDDING_HEADER)
+            else:
                 extra = await bp.admit_async(topic, critical=t.config.critical)
                 if bp._state is _SHEDDING and not t.config.critical:
                     # Rose during the delay: refused. (Not bp.admit, which would sleep on
@@ -840,7 +850,7 @@ class ScalableBus(BusCore):
                     bp._reject(topic)
                 if extra:
                     hdrs = {**hdrs, **extra} if hdrs else dict(extra)
-            if self._fills_up(t):
+            if t.core is not None and bp._state in _NEAR_FULL:
                 return await self._admit_batch_async(t, 1, self._put_one(t, message, key, hdrs))
         if t.wal is not None and t.wal._may_wait(message, key, hdrs):
             # Past admission the message is published, cancelled or not: a cancel
@@ -966,8 +976,8 @@ class ScalableBus(BusCore):
         under ``max_queue_size``. A batch larger than that (the shedding level, or the
         capacity for a critical topic) never fits: ``ValueError``.
         ``enqueue()`` runs once the batch fits, in the same locked step as the check:
-        concurrent batches must not each find the same room. (A single critical
-        publish in SHEDDING comes here too, as a batch of one: ``_fills_up``.)
+        concurrent batches must not each find the same room. (A single
+        in-memory publish in CRITICAL or SHEDDING comes here too, as a batch of one.)
         """
         bp = self._bp
         deadline = time.monotonic() + bp.thresholds.critical_timeout
