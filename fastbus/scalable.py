@@ -715,6 +715,9 @@ class ScalableBus(BusCore):
             except BaseException:
                 m.close()
                 raise
+            # Only the mirrors still open: one its caller closed (or that a target
+            # ended) needs no closing, and would keep its target and reader alive.
+            self._mirrors = {k: v for k, v in self._mirrors.items() if not v.closed}
             self._mirrors[(topic, subscriber)] = m
         return m
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import weakref
 from collections import defaultdict
 
 from fastbus import ScalableBus, TopicConfig
@@ -100,3 +101,26 @@ def test_a_durable_group_that_leaves_and_rejoins_resumes_at_its_commit(tmp_path)
             holder[0].unsubscribe()
         wait_for(lambda: not bus._topics["dur"].leaving, "the parked threads to go")
     assert sorted(got) == sorted(sent)
+
+
+def test_closed_mirrors_are_not_kept_by_a_live_bus(tmp_path):
+    """``bus.mirror()`` keeps each mirror so that ``close()`` closes it before the WAL.
+    One the caller closed was kept too, with its target (a client, its connection
+    pool) and its reader, for the life of the bus: a plugin that mirrors a topic for
+    a while under a subscriber name of its own left one behind per name."""
+    with ScalableBus(data_dir=str(tmp_path)) as bus:
+        bus.configure_topic("dur", TopicConfig(partitions=2, durable=True))
+        refs = []
+        for i in range(10):
+            target = ListTarget()
+            m = bus.mirror("dur", target, subscriber=f"export-{i}")
+            bus.publish("dur", b"x", key=str(i))
+            assert m.flush(timeout=10)
+            m.close()
+            refs += [weakref.ref(m), weakref.ref(target)]
+            del m, target
+        live = bus.mirror("dur", ListTarget(), subscriber="live")
+        gc.collect()
+        assert sum(r() is not None for r in refs) == 0
+        assert live.flush(timeout=10)
+    assert live.closed
