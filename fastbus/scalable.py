@@ -490,6 +490,8 @@ class ScalableBus(BusCore):
         # every durable delivery thread this bus made (a handler may still be running
         # on one that a group no longer names: its last member left, another joined)
         self._wal_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        # the threads that release new partitions once the old ones drained (close joins)
+        self._repartition_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         # durable topics' mirrors, by (topic, subscriber); closed before their WAL
         self._mirrors: dict[tuple[str, str], Any] = {}
         # (topic, subscriber, target) of the mirrors mirror() is making right now
@@ -1220,14 +1222,20 @@ class ScalableBus(BusCore):
             g.assign(n)
         t.rebalances += 1
         t.draining.append(old)
-        threading.Thread(target=self._release_after_drain, args=(t, old, new),
-                         name=f"fastbus-repartition-{t.name}", daemon=True).start()
+        th = threading.Thread(target=self._release_after_drain, args=(t, old, new),
+                              name=f"fastbus-repartition-{t.name}", daemon=True)
+        self._repartition_threads.add(th)
+        th.start()
 
     def _release_after_drain(self, t: _Topic, old: tuple[PartitionSlot, ...],
                              new: tuple[PartitionSlot, ...]) -> None:
         assert t.core is not None
         delay = 0.0001
         while t.core.inflight or any(p.scheduled or p.carrier.depth() for p in old):
+            if self._stop.is_set():
+                # close() gave up on flushing (its timeout): no worker drains the old
+                # partitions any more, so this would wait (and wake) for ever.
+                return
             time.sleep(delay)
             delay = min(delay * 2, 0.005)
         with t.lock:
@@ -1697,6 +1705,10 @@ class ScalableBus(BusCore):
             self._runq.put(_STOP)
         for th in self._workers:
             join(th)
+        # (they end at once now: the stop is set, and the housekeeper runs no handler)
+        for th in [self._housekeeper, *self._repartition_threads]:
+            if th is not threading.current_thread():
+                join(th)
         left = sum(part.carrier.depth() for t in self._topics.values()
                    for parts in (t.parts, *t.draining) for part in parts)
         if left:

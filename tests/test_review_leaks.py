@@ -124,3 +124,39 @@ def test_closed_mirrors_are_not_kept_by_a_live_bus(tmp_path):
         assert sum(r() is not None for r in refs) == 0
         assert live.flush(timeout=10)
     assert live.closed
+
+
+# ----------------------------------------------------------- open and close
+
+
+def test_a_close_that_timed_out_after_a_partition_raise_leaves_no_thread():
+    """Raising a topic's partitions starts a thread that releases the new partitions
+    once the old ones drained. When close() gave up on a handler (its timeout) with
+    messages still in the old partitions, no worker would ever drain them: that thread
+    waited, waking every 5 ms, for the life of the process, holding the bus."""
+    release = threading.Event()
+    bus = ScalableBus(workers=1, max_batch=1)
+    bus.configure_topic("t", TopicConfig(partitions=1))
+    bus.subscribe("t", lambda m: release.wait(10), group="g")
+    for i in range(5):
+        bus.publish("t", i)
+    bus.configure_topic("t", TopicConfig(partitions=2))
+    bus.close(timeout=0.2)
+    assert "fastbus-repartition-t" not in [t.name for t in threading.enumerate()]
+    release.set()
+    wait_for(lambda: not fastbus_threads(), "the dispatch worker to return")
+    assert bus.metrics().drops["undelivered_at_close"] >= 3
+
+
+def test_close_joins_every_thread_it_started():
+    """close() "stops and joins" the bus's threads (docs/architecture.md): when it
+    returns none is left, so a process that opens and closes buses sees its thread
+    count back at once (the housekeeping thread was told to stop but not joined)."""
+    for _ in range(60):
+        bus = ScalableBus(workers=2)
+        bus.configure_topic("t", TopicConfig(partitions=1))
+        bus.subscribe("t", lambda m: None, group="g")
+        bus.configure_topic("t", TopicConfig(partitions=3))
+        bus.publish("t", 1)
+        bus.close()
+        assert fastbus_threads() == []
