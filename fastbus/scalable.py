@@ -258,6 +258,13 @@ class _RingCarrier:
 # -- partitions, groups, topics ------------------------------------------------
 
 
+class _DeliveryThread(threading.Thread):
+    """A durable group's delivery thread; ``ended`` (set under its topic's lock) once
+    it will commit nothing more."""
+
+    ended = False
+
+
 class _Member:
     __slots__ = ("batch", "call", "group", "handler", "sub")
 
@@ -487,6 +494,8 @@ class ScalableBus(BusCore):
         # every durable delivery thread this bus made (a handler may still be running
         # on one that a group no longer names: its last member left, another joined)
         self._wal_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        # the threads that release new partitions once the old ones drained (close joins)
+        self._repartition_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         # durable topics' mirrors, by (topic, subscriber); closed before their WAL
         self._mirrors: dict[tuple[str, str], Any] = {}
         # (topic, subscriber, target) of the mirrors mirror() is making right now
@@ -712,6 +721,9 @@ class ScalableBus(BusCore):
             except BaseException:
                 m.close()
                 raise
+            # Only the mirrors still open: one its caller closed (or that a target
+            # ended) needs no closing, and would keep its target and reader alive.
+            self._mirrors = {k: v for k, v in self._mirrors.items() if not v.closed}
             self._mirrors[(topic, subscriber)] = m
         return m
 
@@ -1285,14 +1297,20 @@ class ScalableBus(BusCore):
             g.assign(n)
         t.rebalances += 1
         t.draining.append(old)
-        threading.Thread(target=self._release_after_drain, args=(t, old, new),
-                         name=f"fastbus-repartition-{t.name}", daemon=True).start()
+        th = threading.Thread(target=self._release_after_drain, args=(t, old, new),
+                              name=f"fastbus-repartition-{t.name}", daemon=True)
+        self._repartition_threads.add(th)
+        th.start()
 
     def _release_after_drain(self, t: _Topic, old: tuple[PartitionSlot, ...],
                              new: tuple[PartitionSlot, ...]) -> None:
         assert t.core is not None
         delay = 0.0001
         while t.core.inflight or any(p.scheduled or p.carrier.depth() for p in old):
+            if self._stop.is_set():
+                # close() gave up on flushing (its timeout): no worker drains the old
+                # partitions any more, so this would wait (and wake) for ever.
+                return
             time.sleep(delay)
             delay = min(delay * 2, 0.005)
         with t.lock:
@@ -1405,16 +1423,28 @@ class ScalableBus(BusCore):
         """Give ``g`` its WAL reader and its (not yet started) delivery thread."""
         from .wal import WalReader
 
+        prev = None
         if g.name is not None:
-            # A group resumes at its committed offsets (from a previous run too).
-            g.reader = t.wal.reader(g.name)
+            # The group's previous thread first, then the reader: that thread takes
+            # itself out of t.leaving once it will commit nothing more, so a reader
+            # opened after this look sees its last commit, and one opened before it
+            # would not (self._lock held too: _unsubscribe fills t.leaving under both).
+            with t.lock:
+                prev = t.leaving.pop(g.name, None)
+            try:
+                # A group resumes at its committed offsets (from a previous run too).
+                g.reader = t.wal.reader(g.name)
+            except BaseException:
+                if prev is not None:
+                    with t.lock:
+                        t.leaving.setdefault(g.name, prev)
+                raise
         else:
             # An ungrouped subscriber gets what is published from now on, and
             # commits nothing: it leaves no offsets file and holds no data back.
             g.reader = WalReader(t.wal, f"_anonymous-{id(g):x}", t.wal.end_offsets())
         g.done = g.reader.position
-        with t.lock:  # (self._lock held too: _unsubscribe fills t.leaving under both)
-            prev = t.leaving.pop(g.name, None) if g.name is not None else None
+        with t.lock:
             self._delivery_thread(t, g, prev)
 
     def _delivery_thread(self, t: _Topic, g: _Group, prev: threading.Thread | None
@@ -1422,9 +1452,9 @@ class ScalableBus(BusCore):
         """``t.lock`` held: make (not start) ``g``'s delivery thread; with ``prev``,
         it opens its reader at the group's commit once ``prev`` has ended."""
         g.stopped = False
-        g.thread = threading.Thread(target=self._durable_loop, args=(t, g, prev),
-                                    name=f"fastbus-wal-{t.name}-{g.name or 'anonymous'}",
-                                    daemon=True)
+        g.thread = _DeliveryThread(target=self._durable_loop, args=(t, g, prev),
+                                   name=f"fastbus-wal-{t.name}-{g.name or 'anonymous'}",
+                                   daemon=True)
         self._wal_threads.add(g.thread)
         return g.thread
 
@@ -1433,7 +1463,10 @@ class ScalableBus(BusCore):
         returns it (the caller joins it once the locks are let go)."""
         thread = g.thread
         g.thread = None
-        if thread is not None and g.name is not None:
+        if (thread is not None and g.name is not None
+                and not (getattr(thread, "ended", False) and g.name not in t.handled)):
+            # (a thread that already ended, with nothing handled uncommitted, holds
+            # nobody up: parked here it would stay until the group's name came back)
             # A member of this group that joins before the thread ended (from another
             # thread, from a handler, or after the join timed out) starts delivering
             # only after it, at the offsets it committed.
@@ -1448,6 +1481,24 @@ class ScalableBus(BusCore):
 
     def _durable_loop(self, t: _Topic, g: _Group, prev: threading.Thread | None = None
                       ) -> None:
+        try:
+            self._durable_rounds(t, g, prev)
+        finally:
+            me = threading.current_thread()
+            with t.lock:
+                # It commits nothing more: a member of its group that joins from now on
+                # may open its reader at the commit, with no thread to wait for. Out of
+                # t.leaving, or a group name that never comes back keeps it for the
+                # life of the bus (unless records it handled are still uncommitted:
+                # the group's next thread takes those over from it).
+                if isinstance(me, _DeliveryThread):
+                    me.ended = True
+                if g.name is not None and t.leaving.get(g.name) is me \
+                        and g.name not in t.handled:
+                    del t.leaving[g.name]
+
+    def _durable_rounds(self, t: _Topic, g: _Group, prev: threading.Thread | None = None
+                        ) -> None:
         """Deliver one group's records: poll, hand each to its partition's owner, commit.
 
         The commit follows the handlers, so delivery is at-least-once: records
@@ -1729,6 +1780,10 @@ class ScalableBus(BusCore):
             self._runq.put(_STOP)
         for th in self._workers:
             join(th)
+        # (they end at once now: the stop is set, and the housekeeper runs no handler)
+        for th in [self._housekeeper, *self._repartition_threads]:
+            if th is not threading.current_thread():
+                join(th)
         left = sum(part.carrier.depth() for t in self._topics.values()
                    for parts in (t.parts, *t.draining) for part in parts)
         if left:
