@@ -38,11 +38,13 @@ Consumers and barriers
     trail what it trailed.
 
 Object slots (RingBuffer)
-    A slot owns one reference. The producer stores the new object (INCREF) and
-    releases the object it replaces *after* publishing; consumers take their own
-    reference when they read. So every consumer may read a slot, none clears it,
+    A slot owns one reference (or none: NULL). The producer stores the new object
+    (INCREF) and releases the object it replaces *after* publishing. With several
+    consumers each takes a reference of its own when it reads, none clears a slot,
     and a message stays alive for at most one lap after the slowest consumer
-    passed it.
+    passed it. The ring's only consumer instead takes the slot's reference and
+    leaves it NULL (``_take``, for ``poll`` and ``process(batch=True)``): a quiet
+    ring keeps nothing it delivered alive.
 
 Waits
     ``blocking``: a short spin, then a condition variable that signallers touch
@@ -747,8 +749,10 @@ cdef class RingBuffer(_RingBase):
     A ring with no consumers never fills: publishes succeed and the messages are
     dropped when their slots are reused. Add consumers before publishing.
 
-    Slots hold references: a message stays referenced by its slot until a later
-    publish reuses the slot (at most one lap after the slowest consumer read it).
+    Slots hold references: with several consumers a message stays referenced by
+    its slot until a later publish reuses the slot (at most one lap after the
+    slowest consumer read it); the only consumer empties each slot it reads with
+    ``poll`` or ``process(batch=True)``.
     All methods are thread-safe; a consumer is read by one thread at a time.
     """
 
@@ -1079,6 +1083,32 @@ cdef class RingBuffer(_RingBase):
         return (cur - core_min_gating(c, cur)) + fb_load_acquire(&c.overflow_count.value)
 
 
+cdef list _take(RingBuffer ring, int64_t lo, int64_t hi):
+    """The messages of sequences ``lo`` to ``hi`` (published, not yet read by the
+    calling consumer), as a new list. The ring's only consumer takes the slots'
+    references and empties them: a delivered message is not kept alive until a
+    later lap reuses its slot (a quiet ring would hold up to ``size`` of them).
+    With other consumers (multicast, pipelines: one may read the slot later) it
+    takes references of its own and leaves the slots to the producers. (GIL held
+    throughout: a consumer added meanwhile starts at the cursor or at this one's
+    sequence, so it never reads a slot this loop empties.)"""
+    cdef Core *c = ring.core
+    cdef Py_ssize_t j, n = <Py_ssize_t>(hi - lo + 1)
+    cdef int64_t idx
+    cdef PyObject *o
+    cdef list out = PyList_New(n)
+    cdef bint sole = c.gating != NULL and c.gating.n == 1
+    for j in range(n):
+        idx = (lo + j) & c.mask
+        o = ring.slots[idx]
+        if sole:
+            ring.slots[idx] = NULL  # (its reference moves into the list)
+        else:
+            Py_XINCREF(o)
+        PyList_SET_ITEM_RAW(out, j, o)
+    return out
+
+
 cdef class RingConsumer(_ConsumerBase):
     """A reader of a RingBuffer (from ``ring.add_consumer()``). One thread at a time."""
 
@@ -1131,11 +1161,7 @@ cdef class RingConsumer(_ConsumerBase):
             hi = self._available(lo, mb, t)
             if hi < lo or self._closed:
                 return []
-            out = PyList_New(hi - lo + 1)
-            for j in range(hi - lo + 1):
-                o = ring.slots[(lo + j) & c.mask]
-                Py_XINCREF(o)
-                PyList_SET_ITEM_RAW(out, j, o)
+            out = _take(ring, lo, hi)
             ring._advance(self.cc, hi)
             return out
         finally:
@@ -1170,11 +1196,7 @@ cdef class RingConsumer(_ConsumerBase):
             if hi < lo or self._closed:
                 return 0
             if batch:
-                out = PyList_New(hi - lo + 1)
-                for j in range(hi - lo + 1):
-                    o = ring.slots[(lo + j) & c.mask]
-                    Py_XINCREF(o)
-                    PyList_SET_ITEM_RAW(out, j, o)
+                out = _take(ring, lo, hi)
                 try:
                     handler(out)
                 finally:

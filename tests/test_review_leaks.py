@@ -392,13 +392,6 @@ def test_hot_topics_with_spills_and_raised_partitions_settle_in_rss():
     assert grown < 8 << 20, grown
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A hot topic's ring keeps a reference in each slot until a later publish reuses "
-    "the slot (Disruptor semantics, docs/ring.md 'References'), so after delivery up to "
-    "ring_size Messages per partition (65536 by default), with their payloads, stay "
-    "alive while the topic is quiet. Bounded, but by ring_size x partitions x payload "
-    "size, not by max_queue_size. Releasing a slot once its only consumer read it needs "
-    "a change in the compiled ring (_ring.pyx)."))
 def test_a_hot_topic_does_not_keep_delivered_payloads_alive():
     class Payload:
         pass

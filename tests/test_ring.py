@@ -305,19 +305,52 @@ class Obj:
 
 
 @pytest.mark.parametrize("producer", ["single", "multi"])
-def test_slots_release_objects_after_one_lap(producer):
+def test_the_only_consumer_releases_what_it_read(producer):
+    # A quiet ring must not keep up to `size` delivered messages alive.
     ring = RingBuffer(4, producer=producer)
     c = ring.add_consumer()
+    objs = [Obj(), Obj()]
+    refs = [weakref.ref(o) for o in objs]
+    ring.publish_many(objs)
+    assert c.poll(max_batch=1) == objs[:1]
+    assert c.process(lambda batch: None, batch=True) == 1
+    del objs
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    ring.publish_many([1, 2, 3, 4])  # (the emptied slots are reused as before)
+    assert c.poll() == [1, 2, 3, 4]
+    ring.publish_many([5, 6])
+    assert c.poll() == [5, 6]
+
+
+@pytest.mark.parametrize("producer", ["single", "multi"])
+def test_with_two_consumers_slots_release_objects_after_one_lap(producer):
+    ring = RingBuffer(4, producer=producer)
+    c = ring.add_consumer()
+    d = ring.add_consumer(after=c)  # d reads each slot after c
     o = Obj()
     ref = weakref.ref(o)
     ring.publish(o)
     assert c.poll() == [o]
+    assert d.poll() == [o]
     del o
     gc.collect()
     assert ref() is not None  # still in its slot
     ring.publish_many([None] * 4)
     c.poll()
+    d.poll()
     assert ref() is None  # the slot was reused and let go of it
+
+
+def test_a_consumer_added_after_the_only_one_read_sees_every_later_message():
+    ring = RingBuffer(8)
+    c = ring.add_consumer()
+    ring.publish_many(["a", "b", "c"])
+    assert c.poll(max_batch=2) == ["a", "b"]  # sole: "a", "b" emptied
+    d = ring.add_consumer(after=c)  # starts where c is: "c" is still in its slot
+    assert c.poll() == ["c"] and d.poll() == ["c"]
+    ring.publish("e")
+    assert c.poll() == ["e"] and d.poll() == ["e"]
 
 
 def test_ring_dealloc_releases_everything():
