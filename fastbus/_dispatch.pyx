@@ -530,8 +530,9 @@ cdef class BusCore:
         topics, None for other configured topics, and whatever
         ``inner.publish`` returns for a pass-through topic. Raises
         ``BusOverloaded`` when shedding (topics not marked critical),
-        ``BusClosed`` after ``close()``, and ``TypeError`` for a bad topic, key
-        or headers (nothing is published then).
+        ``BusClosed`` after ``close()``, ``TypeError`` for a topic, key or headers
+        of a wrong type and ``ValueError`` for a bad value (an empty topic, a key
+        on a pass-through topic); nothing is published then.
         """
         t = self._topics.get(topic) if type(topic) is str else None
         if t is None:

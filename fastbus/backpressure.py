@@ -747,8 +747,10 @@ class MessageBusBackpressure:
 
 
 def _check_timeout(timeout: Any) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or math.isnan(timeout):
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise TypeError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+    if math.isnan(timeout):  # (a float, so the right type: a bad value)
+        raise ValueError("timeout must be a number of seconds >= 0 or None, got nan")
     if timeout < 0:
         raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout}")
     return float(timeout)
