@@ -42,7 +42,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 from ._dispatch import (
@@ -991,6 +991,35 @@ class ScalableBus(BusCore):
         concurrent batches must not each find the same room. (A single
         in-memory publish in CRITICAL or SHEDDING comes here too, as a batch of one.)
         """
+        steps = self._batch_steps(t, n, enqueue)
+        try:
+            while True:
+                room, seconds = next(steps)
+                if room:
+                    self._bp.wait_for_room(seconds)
+                else:
+                    time.sleep(seconds)
+        except StopIteration as done:
+            return done.value
+
+    async def _admit_batch_async(self, t: _Topic, n: int, enqueue: Callable[[], Any]) -> Any:
+        """:meth:`_admit_batch` for coroutines: every wait is awaited."""
+        steps = self._batch_steps(t, n, enqueue)
+        try:
+            while True:
+                room, seconds = next(steps)
+                if room:
+                    await self._bp.wait_for_room_async(seconds)
+                else:
+                    await asyncio.sleep(seconds)
+        except StopIteration as done:
+            return done.value
+
+    def _batch_steps(self, t: _Topic, n: int, enqueue: Callable[[], Any]
+                     ) -> Generator[tuple[bool, float], None, Any]:
+        """``_admit_batch``'s decisions, for its sync and async callers: yields the
+        waits to make, (True, s): for room, up to s seconds; (False, s): a sleep;
+        returns what ``enqueue()`` returned once the batch fit."""
         bp = self._bp
         deadline = time.monotonic() + bp.thresholds.critical_timeout
         pause = 0.0005
@@ -1004,28 +1033,10 @@ class ScalableBus(BusCore):
             if bp.depth < capacity:
                 # Room for a message but not for the batch: wait_for_room would
                 # return at once (a busy loop). Deliveries free room; look again.
-                time.sleep(min(left, pause))
+                yield False, min(left, pause)
                 pause = min(pause * 2, 0.005)
             else:
-                bp.wait_for_room(min(left, 0.05))
-
-    async def _admit_batch_async(self, t: _Topic, n: int, enqueue: Callable[[], Any]) -> Any:
-        """:meth:`_admit_batch` for coroutines: every wait is awaited."""
-        bp = self._bp
-        deadline = time.monotonic() + bp.thresholds.critical_timeout
-        pause = 0.0005
-        first = True
-        while True:
-            done, out, capacity = self._try_batch(t, n, enqueue)
-            if done:
-                return out
-            left = self._batch_waits(t, n, deadline, capacity, first)
-            first = False
-            if bp.depth < capacity:
-                await asyncio.sleep(min(left, pause))
-                pause = min(pause * 2, 0.005)
-            else:
-                await bp.wait_for_room_async(min(left, 0.05))
+                yield True, min(left, 0.05)
 
     def _try_batch(self, t: _Topic, n: int, enqueue: Callable[[], Any]) -> tuple[bool, Any, int]:
         """(True, what enqueue() returned, capacity) if the batch fits now, checked
