@@ -727,6 +727,73 @@ class ScalableBus(BusCore):
             self._mirrors[(topic, subscriber)] = m
         return m
 
+    def delete_group(self, topic: str, group: str, *, timeout: float = 10.0) -> bool:
+        """Forget subscriber group ``group`` of durable ``topic`` for good: delete its
+        committed offsets (``WalMessageQueue.delete_subscriber``). Returns whether
+        the WAL knew it.
+
+        A durable group's offsets outlive its members and the process: a group that
+        comes back resumes where it stopped, and ``Retention.until_acked`` waits
+        for it meanwhile. Delete a group that will not come back, so that it no
+        longer holds data back nor shows a growing lag. A group of the same name
+        subscribing afterwards starts at the start of the log. The group must have
+        no members (``ValueError`` otherwise, also for the subscriber name of an
+        open mirror); its last delivery thread is let finish first (up to
+        ``timeout`` seconds, ``TimeoutError`` after). A topic that is not
+        configured raises ``UnknownTopicError``; one that is not durable,
+        ``ValueError``.
+        """
+        check_topic(topic)
+        if not isinstance(group, str):
+            raise TypeError(f"group must be a non-empty str, got {group!r}")
+        if group == "":
+            raise ValueError("group must be a non-empty str, got ''")
+        timeout = _check_timeout(timeout)
+        t = self._topics.get(topic)
+        if t is None:
+            raise UnknownTopicError(f"topic {topic!r} is not configured, so it has no groups",
+                                    topic=topic)
+        if t.wal is None:
+            raise ValueError(f"topic {topic!r} is not durable: only a durable topic keeps a "
+                             "group's offsets, so there is nothing to delete")
+        with self._lock:
+            self._check_open()
+            self._check_no_members(t, group)
+            with t.lock:
+                prev = t.leaving.get(group)
+        if prev is threading.current_thread():
+            raise RuntimeError(f"group {group!r} of topic {topic!r} cannot be deleted from "
+                               "its own handler: its delivery thread commits after it")
+        if prev is not None:
+            # The group's last delivery thread may still commit: after that commit, the
+            # offsets would be back.
+            prev.join(timeout)
+            if prev.is_alive():
+                raise TimeoutError(f"group {group!r} of topic {topic!r} still has a delivery "
+                                   "thread committing (a handler is still running?); try again")
+        with self._lock:
+            self._check_open()
+            self._check_no_members(t, group)
+            with t.lock:
+                t.leaving.pop(group, None)
+                t.handled.pop(group, None)
+            # (under the bus lock: a member of this group cannot join meanwhile)
+            return bool(t.wal.delete_subscriber(group))
+
+    def _check_no_members(self, t: _Topic, group: str) -> None:
+        """``self._lock`` held: refuse to delete a group that is in use."""
+        g = next((g for g in t.groups if g.name == group), None)
+        if g is not None:
+            raise ValueError(f"group {group!r} of topic {t.name!r} has {len(g.members)} "
+                             "member(s); unsubscribe them before deleting the group")
+        for (name, sub), m in self._mirrors.items():
+            if name == t.name and sub == group and not m.closed:
+                raise ValueError(f"{group!r} is the subscriber of topic {t.name!r}'s open "
+                                 "mirror; close the mirror before deleting it")
+        if any(name == t.name and sub == group for name, sub, _ in self._mirrors_starting):
+            raise ValueError(f"{group!r} is the subscriber of a mirror of topic {t.name!r} "
+                             "being started")
+
     def subscriber_count(self, topic: str) -> int:
         """Subscriptions on ``topic`` now, as ``InProcessBus.subscriber_count`` says.
 

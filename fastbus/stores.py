@@ -495,8 +495,10 @@ class FileStore:
 
     def delete_offsets(self, group: str) -> None:
         self._check_writable()
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(os.path.join(self._odir(), check_subscriber_name(group) + ".json"))
+        except FileNotFoundError:
+            return  # (nothing to delete, nor to make durable: maybe no offsets directory)
         _fsync_dir(self._odir())
 
 

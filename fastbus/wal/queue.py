@@ -331,7 +331,8 @@ class WalMessageQueue:
             "group_commits", "group_commit_records", "group_commit_max", "segments_rolled",
             "retention_runs", "retention_deleted_segments", "retention_deleted_bytes",
             "retention_deleted_records", "readers_moved_forward", "records_skipped",
-            "offsets_damaged", "offsets_clamped", "polled_records", "commits"), 0)
+            "offsets_damaged", "offsets_clamped", "polled_records", "commits",
+            "subscribers_deleted"), 0)
         self._m["fsync_seconds"] = 0.0
 
         store.open(readonly=False, durable_commits=self._always)
@@ -1461,6 +1462,34 @@ class WalMessageQueue:
         if not known:
             r.commit()
         return r
+
+    def delete_subscriber(self, subscriber: str) -> bool:
+        """Forget ``subscriber``: delete its committed offsets. Returns whether it was known.
+
+        A subscriber is known from its first ``reader()`` on, for good: its offsets
+        stay on disk, ``Retention.until_acked`` waits for it, and ``groups()``,
+        ``metrics()`` and ``fastbus wal inspect`` show its lag. Delete the ones that
+        are gone for good (Kafka's "delete consumer group"). A later ``reader()`` for
+        the name starts at the start of the log, as a new subscriber does. Meant for
+        a subscriber nobody reads for: a reader still in use makes it known again at
+        its next ``commit()``, from that reader's position. The records are not
+        touched. Raises the store's ``OSError`` if the offsets cannot be deleted
+        (the subscriber then stays known).
+        """
+        name = check_subscriber_name(subscriber)
+        with self._lock:
+            if self._closed:
+                raise self._closed_error()
+            known = name in self._groups
+        # (not under the lock: a FileStore fsyncs the directory)
+        self._store.delete_offsets(name)
+        with self._lock:
+            if self._groups.pop(name, None) is not None:
+                known = True
+            self._m["subscribers_deleted"] += known
+        if known:
+            log.info("fastbus WAL %s: subscriber %r deleted", self._store.location, name)
+        return known
 
     def _commit(self, name: str, offsets: dict[int, int]) -> None:
         with self._lock:
