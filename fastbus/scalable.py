@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import itertools
 import logging
 import os
@@ -461,6 +462,11 @@ class ScalableBus(BusCore):
         # Set while the state is CRITICAL or above: wakes workers lingering for a
         # batch, so they deliver at once (the closure holds no reference to self).
         pressure = self._pressure = threading.Event()
+        # A wait for room (a critical topic on a full bus) ends with BusClosed once
+        # this bus is closed, instead of waiting out critical_timeout for room that a
+        # stuck handler may never free.
+        # (through a weak reference: the backpressure object must not keep the bus alive)
+        self._bp._abort = functools.partial(_check_open_ref, weakref.ref(self))
         self._bp.on_change(
             lambda old, new, u: pressure.set() if new >= _CRITICAL else pressure.clear())
         if store is not None:
@@ -1025,6 +1031,9 @@ class ScalableBus(BusCore):
         pause = 0.0005
         first = True
         while True:
+            # Closed meanwhile: the batch was not queued (and no room a stuck handler
+            # holds may ever come): BusClosed now, not after critical_timeout.
+            self._check_open()
             done, out, capacity = self._try_batch(t, n, enqueue)
             if done:
                 return out
@@ -1741,6 +1750,7 @@ class ScalableBus(BusCore):
                 return
             self._closed = True
             _OPEN_BUSES.discard(self)
+        self._bp._wake_room_waiters()  # they end with BusClosed (see _abort)
         if self._in_handler_thread():
             # Called from a handler: the rest waits for that handler to return (and
             # joins the threads, its own among them), so it goes on in a thread of its
@@ -1930,6 +1940,13 @@ class ScalableBus(BusCore):
     def __repr__(self) -> str:
         state = "closed" if self._closed else self._bp.state.name
         return f"<ScalableBus topics={len(self._topics)} {state} inner={self._inner!r}>"
+
+
+def _check_open_ref(ref: Any) -> None:
+    """``ScalableBus._check_open`` of the bus ``ref`` points to, if it still exists."""
+    bus = ref()
+    if bus is not None:
+        bus._check_open()
 
 
 def _as_list(values: Any, what: str) -> list[Any]:

@@ -1,0 +1,73 @@
+"""Review of ScalableBus features combined: close() with publishers waiting in
+backpressure, live topic changes with delivery under way, handlers that re-enter the
+bus. Each test failed before the fix committed with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from fastbus import (
+    BusClosed,
+    Limits,
+    ScalableBus,
+    Thresholds,
+    TopicConfig,
+)
+from tests.waiting import join_all, wait_for
+
+# No CRITICAL delays; a critical publisher waits for room far longer than the test runs.
+LONG_WAIT = Thresholds(min_delay=0.0, max_delay=0.0, critical_timeout=60.0)
+
+
+@pytest.mark.parametrize("how", ["publish", "publish_async", "publish_many", "durable"])
+def test_close_ends_a_critical_publishers_wait_for_room_with_bus_closed(tmp_path, how):
+    """A critical publisher waiting for room on a full bus whose handler is stuck was
+    left waiting out ``critical_timeout`` after ``close()`` (30 s by default, for ever
+    with ``math.inf``), and then got ``BusOverloaded`` counted as a rejection. It now
+    gets ``BusClosed`` as soon as the bus is closed, and its message is not queued."""
+    release = threading.Event()
+    bus = ScalableBus(limits=Limits(max_queue_size=10), thresholds=LONG_WAIT,
+                      data_dir=tmp_path)
+    try:
+        bus.configure_topic("c", TopicConfig(partitions=1, critical=True))
+        bus.configure_topic("d", TopicConfig(durable=True, critical=True))
+        got = []
+        bus.subscribe("c", lambda m: (release.wait(30), got.append(m.payload)))
+        for i in range(10):
+            bus.publish("c", i)
+        wait_for(lambda: bus.backpressure.depth == 10, "a full bus")
+        outcome: list = []
+
+        def publisher():
+            started = time.monotonic()
+            try:
+                if how == "publish":
+                    bus.publish("c", "late")
+                elif how == "publish_async":
+                    asyncio.run(bus.publish_async("c", "late"))
+                elif how == "publish_many":
+                    bus.publish_many("c", ["late"])
+                else:
+                    bus.publish("d", b"late")
+                outcome.append(("returned", time.monotonic() - started))
+            except Exception as exc:
+                outcome.append((type(exc), time.monotonic() - started))
+
+        th = threading.Thread(target=publisher, daemon=True)
+        th.start()
+        wait_for(lambda: bus.backpressure.snapshot()["critical_waits"] >= 1,
+                 "the publisher waiting for room")
+        bus.close(timeout=0.2)  # the handler is stuck: close gives up on it
+        join_all([th], timeout=10)
+        assert [kind for kind, _ in outcome] == [BusClosed]
+        assert bus.backpressure.snapshot()["critical_timeouts"] == 0
+    finally:
+        release.set()
+        bus.close()
+    wait_for(lambda: len(got) == 10, "the accepted messages delivered")
+    assert "late" not in got
