@@ -658,7 +658,23 @@ class MessageBusBackpressure:
             self._refresh_locked()
         self._deliver()
 
-    def _bulk_change(self, name: str, n: int, sign: int) -> None:
+    def _refresh_quiet(self) -> None:
+        """``_refresh`` without running the callbacks: the caller runs ``_deliver()``
+        later (a bus's publish path, once the publish is no longer under way: a
+        callback may close or flush the bus, which waits for publishes under way)."""
+        with self._lock:
+            self._refresh_locked()
+
+    def _add_quiet(self, n: int) -> None:
+        """``add(n)`` that leaves the callbacks of a transition queued (as
+        ``_refresh_quiet``); the caller runs ``_deliver()`` afterwards."""
+        if type(n) is int and 1 <= n <= _STEP_MAX:
+            if next(islice(self._in, n - 1, n)) >= self._add_at:
+                self._refresh_quiet()
+        else:
+            self._bulk_change("add", n, 1, deliver=False)
+
+    def _bulk_change(self, name: str, n: int, sign: int, *, deliver: bool = True) -> None:
         """add(n)/remove(n) for n != 1: change ``bulk`` under the lock, shift the triggers by
         the same amount, and take the slow path only if this change crossed one."""
         if _check_count(name, n) == 0:
@@ -681,7 +697,8 @@ class MessageBusBackpressure:
             if not crossed:
                 return
             self._refresh_locked()
-        self._deliver()
+        if deliver:
+            self._deliver()
 
     def _deliver(self) -> None:
         """Run queued transition callbacks, in order, outside the state lock.

@@ -71,3 +71,48 @@ def test_close_ends_a_critical_publishers_wait_for_room_with_bus_closed(tmp_path
         bus.close()
     wait_for(lambda: len(got) == 10, "the accepted messages delivered")
     assert "late" not in got
+
+
+@pytest.mark.parametrize("how", ["publish", "publish_many"])
+def test_close_from_an_on_change_callback_on_the_publishing_thread_returns(how):
+    """An ``on_change`` callback runs on the thread whose publish crossed a level; one
+    that closed the bus there (say on WARNING) hung for ever: the publish was still
+    under way (counted in ``inflight``, its message not yet queued) and ``close()``
+    waits for publishes under way, whatever its timeout. The callbacks now run once
+    the message is queued and the publish is over: ``close()`` delivers every
+    accepted message and returns, and the next publish gets ``BusClosed``."""
+    bus = ScalableBus(limits=Limits(max_queue_size=10),
+                      thresholds=Thresholds(min_delay=0.0, max_delay=0.0), workers=2)
+    bus.configure_topic("t", TopicConfig(partitions=1))
+    release = threading.Event()
+    got = []
+    bus.subscribe("t", lambda m: (release.wait(10), got.append(m.payload)))
+    publisher = threading.current_thread()
+    closed = []
+
+    def on_change(old, new):
+        if threading.current_thread() is publisher and not closed:
+            closed.append(new)
+            release.set()  # (the handler catches up while close() flushes)
+            bus.close(timeout=10)
+
+    bus.backpressure.on_change(on_change)
+    accepted = []
+    outcome = []
+
+    def run():
+        try:
+            for i in range(20):
+                if how == "publish":
+                    bus.publish("t", i)
+                else:
+                    bus.publish_many("t", [i])
+                accepted.append(i)
+        except BusClosed:
+            outcome.append("closed")
+
+    publisher = threading.Thread(target=run, daemon=True)
+    publisher.start()
+    join_all([publisher], timeout=15)
+    assert outcome == ["closed"] and closed
+    assert got == accepted and 7 <= len(accepted) < 20
