@@ -951,9 +951,14 @@ class ScalableBus(BusCore):
             # Before admission: no delay, no BusOverloaded for a batch no retry can fit.
             self._batch_limit(t, len(msgs))
         if bp._state is not _NORMAL:
-            extra = bp.admit(topic, critical=t.config.critical)
-            if bp._state is _SHEDDING and not t.config.critical:
-                extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
+            if self._waits_for_room(t):
+                # (_admit_batch below waits for room: not admit() too, which would
+                # wait on its own, count a second critical wait and reserve nothing)
+                extra = _SHEDDING_HEADER
+            else:
+                extra = bp.admit(topic, critical=t.config.critical)
+                if bp._state is _SHEDDING and not t.config.critical:
+                    extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
             if extra:
                 hdrs = {**hdrs, **extra} if hdrs else dict(extra)
         if not msgs:
@@ -1069,6 +1074,19 @@ class ScalableBus(BusCore):
         what = "a message" if n == 1 else f"a batch of {n} messages"
         depth = bp.depth
         if t.config.critical:
+            if self._on_dispatch_worker():
+                # A handler of an in-memory topic publishing to a full bus: room comes
+                # from the dispatch workers, this one among them, which would wait for
+                # itself (every worker so: until critical_timeout, for ever with inf).
+                bp._count("critical_timeouts")  # a critical publisher that gave up
+                bp._count_rejection(t.name)
+                raise overloaded(
+                    f"bus full: {what} for critical topic {t.name!r} was published from a "
+                    f"handler of this bus (a dispatch thread) while the bus is full (depth "
+                    f"{depth} of {capacity}, Limits.max_queue_size); it cannot wait for "
+                    f"room that its own delivery must make, so nothing of it was queued. "
+                    f"Publish from another thread, or raise max_queue_size",
+                    topic=t.name, state=bp.state, depth=depth, capacity=capacity)
             left = deadline - time.monotonic()
             if left > 0:
                 if first:
@@ -1769,6 +1787,12 @@ class ScalableBus(BusCore):
                 "handler itself to return (forever without a timeout). Flush from the "
                 "publishing code instead")
         return deadline
+
+    def _on_dispatch_worker(self) -> bool:
+        """True on one of this bus's dispatch workers, or in a coroutine handler one
+        of them is waiting for: delivery of in-memory topics waits for this thread."""
+        me = _handler_caller.get()[0] or threading.current_thread()
+        return me in self._workers
 
     def _in_handler_thread(self) -> bool:
         """True on one of this bus's dispatch workers or durable delivery threads, or

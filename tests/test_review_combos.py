@@ -116,3 +116,43 @@ def test_close_from_an_on_change_callback_on_the_publishing_thread_returns(how):
     join_all([publisher], timeout=15)
     assert outcome == ["closed"] and closed
     assert got == accepted and 7 <= len(accepted) < 20
+
+
+@pytest.mark.parametrize("how", ["publish", "publish_many", "publish_async"])
+def test_a_handler_republishing_to_a_full_critical_topic_does_not_wait_for_itself(how):
+    """A handler that publishes to its own critical in-memory topic while the bus is
+    full waited for room that only its own delivery could make: the partition stalled
+    for ``critical_timeout`` (30 s by default, for ever with ``math.inf``), every
+    publisher behind it too. From a dispatch thread such a publish now gets
+    ``BusOverloaded`` at once, counted as a rejection and a handler error."""
+    bus = ScalableBus(limits=Limits(max_queue_size=20), thresholds=LONG_WAIT, workers=2)
+    try:
+        bus.configure_topic("c", TopicConfig(partitions=1, critical=True))
+        got = []
+        gate = threading.Event()
+
+        def handler(m):
+            gate.wait(10)
+            got.append(m.payload)
+            if m.payload < 100:
+                if how == "publish":
+                    bus.publish("c", m.payload + 100)
+                elif how == "publish_many":
+                    bus.publish_many("c", [m.payload + 100])
+                else:
+                    async def republish():
+                        await bus.publish_async("c", m.payload + 100)
+                    asyncio.run(republish())
+
+        bus.subscribe("c", handler)
+        bus.publish_many("c", list(range(20)))  # the bus is full
+        gate.set()
+        assert bus.flush(10)
+        m = bus.metrics()
+        refused = m.rejections["backpressure"]
+        assert refused >= 1 and m.handler_errors == refused
+        assert len(got) == 20 + 20 - refused
+        assert m.published == m.delivered == len(got)
+    finally:
+        gate.set()
+        bus.close()
