@@ -806,7 +806,7 @@ class ScalableBus(BusCore):
             if self._waits_for_room(t):
                 hdrs = {**hdrs, **_SHEDDING_HEADER} if hdrs else dict(_SHEDDING_HEADER)
             else:
-                extra = bp.admit(topic, critical=t.config.critical)
+                extra = self._admit(t)
                 if bp._state is _SHEDDING and not t.config.critical:
                     extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
                 if extra:
@@ -861,6 +861,8 @@ class ScalableBus(BusCore):
             if self._waits_for_room(t):
                 hdrs = {**hdrs, **_SHEDDING_HEADER} if hdrs else dict(_SHEDDING_HEADER)
             else:
+                if bp._state is _SHEDDING and t.config.critical and bp._full():
+                    self._refuse_wait_on_worker(t)
                 extra = await bp.admit_async(topic, critical=t.config.critical)
                 if bp._state is _SHEDDING and not t.config.critical:
                     # Rose during the delay: refused. (Not bp.admit, which would sleep on
@@ -956,7 +958,7 @@ class ScalableBus(BusCore):
                 # wait on its own, count a second critical wait and reserve nothing)
                 extra = _SHEDDING_HEADER
             else:
-                extra = bp.admit(topic, critical=t.config.critical)
+                extra = self._admit(t)
                 if bp._state is _SHEDDING and not t.config.critical:
                     extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
             if extra:
@@ -1066,6 +1068,33 @@ class ScalableBus(BusCore):
                 return True, enqueue(), capacity
         return False, None, capacity
 
+    def _refuse_wait_on_worker(self, t: _Topic, what: str = "a message") -> None:
+        """``BusOverloaded`` (counted) if this is a dispatch worker, which must not wait
+        for room on a full bus: a handler of an in-memory topic publishing to critical
+        ``t``. Room comes from the dispatch workers, this one among them: it would wait
+        for itself (every worker so: until critical_timeout, for ever with inf)."""
+        if not self._on_dispatch_worker():
+            return
+        bp = self._bp
+        depth, capacity = bp.depth, bp.capacity
+        bp._count("critical_timeouts")  # a critical publisher that gave up
+        bp._count_rejection(t.name)
+        raise overloaded(
+            f"bus full: {what} for critical topic {t.name!r} was published from a handler "
+            f"of this bus (a dispatch thread) while the bus is full (depth {depth} of "
+            f"{capacity}, Limits.max_queue_size); it cannot wait for room that its own "
+            f"deliveries must make, so nothing of it was queued. Publish from another "
+            f"thread, or raise max_queue_size",
+            topic=t.name, state=bp.state, depth=depth, capacity=capacity)
+
+    def _admit(self, t: _Topic) -> dict[str, str] | None:
+        """``backpressure.admit`` for ``t`` (not in NORMAL), whose wait for room a
+        dispatch worker does not make (``_refuse_wait_on_worker``)."""
+        bp = self._bp
+        if bp._state is _SHEDDING and t.config.critical and bp._full():
+            self._refuse_wait_on_worker(t)
+        return bp.admit(t.name, critical=t.config.critical)
+
     def _batch_waits(self, t: _Topic, n: int, deadline: float, capacity: int,
                      first: bool) -> float:
         """A batch that did not fit: the seconds a critical one may still wait (its
@@ -1074,19 +1103,7 @@ class ScalableBus(BusCore):
         what = "a message" if n == 1 else f"a batch of {n} messages"
         depth = bp.depth
         if t.config.critical:
-            if self._on_dispatch_worker():
-                # A handler of an in-memory topic publishing to a full bus: room comes
-                # from the dispatch workers, this one among them, which would wait for
-                # itself (every worker so: until critical_timeout, for ever with inf).
-                bp._count("critical_timeouts")  # a critical publisher that gave up
-                bp._count_rejection(t.name)
-                raise overloaded(
-                    f"bus full: {what} for critical topic {t.name!r} was published from a "
-                    f"handler of this bus (a dispatch thread) while the bus is full (depth "
-                    f"{depth} of {capacity}, Limits.max_queue_size); it cannot wait for "
-                    f"room that its own delivery must make, so nothing of it was queued. "
-                    f"Publish from another thread, or raise max_queue_size",
-                    topic=t.name, state=bp.state, depth=depth, capacity=capacity)
+            self._refuse_wait_on_worker(t, what)
             left = deadline - time.monotonic()
             if left > 0:
                 if first:

@@ -156,3 +156,42 @@ def test_a_handler_republishing_to_a_full_critical_topic_does_not_wait_for_itsel
     finally:
         gate.set()
         bus.close()
+
+
+@pytest.mark.parametrize("how", ["publish", "publish_many", "publish_async"])
+def test_a_handler_publishing_to_a_durable_critical_topic_on_a_full_bus_does_not_wait(
+        tmp_path, how):
+    """The same through ``backpressure.admit``: a handler of a full in-memory topic
+    publishing to a critical durable topic waited there for room only its own
+    deliveries could make (``critical_timeout``). It is refused at once now."""
+    bus = ScalableBus(limits=Limits(max_queue_size=20), thresholds=LONG_WAIT, workers=2,
+                      data_dir=tmp_path)
+    gate = threading.Event()
+    try:
+        bus.configure_topic("m", TopicConfig(partitions=1, critical=True))
+        bus.configure_topic("d", TopicConfig(durable=True, critical=True))
+        outcomes = []
+
+        def handler(m):
+            gate.wait(10)
+            try:
+                if how == "publish":
+                    bus.publish("d", b"x")
+                elif how == "publish_many":
+                    bus.publish_many("d", [b"x"])
+                else:
+                    asyncio.run(bus.publish_async("d", b"x"))
+                outcomes.append("published")
+            except Exception as exc:
+                outcomes.append(type(exc).__name__)
+
+        bus.subscribe("m", handler)
+        bus.publish_many("m", list(range(20)))  # the bus is full
+        gate.set()
+        assert bus.flush(10)
+        refused = bus.metrics().rejections["backpressure"]
+        assert refused >= 1 and outcomes.count("QueueLimitExceeded") == refused
+        assert len(outcomes) == 20
+    finally:
+        gate.set()
+        bus.close()
