@@ -953,6 +953,7 @@ class ScalableBus(BusCore):
             # Before admission: no delay, no BusOverloaded for a batch no retry can fit.
             self._batch_limit(t, len(msgs))
         if bp._state is not _NORMAL:
+            extra: dict[str, str] | None
             if self._waits_for_room(t):
                 # (_admit_batch below waits for room: not admit() too, which would
                 # wait on its own, count a second critical wait and reserve nothing)
