@@ -409,31 +409,41 @@ cdef class TopicCore:
         cdef int32_t p
         cdef tuple parts
         cdef Message m
-        fb_fetch_add(&self._inflight, 1)
+        cdef bint crossed = False
         try:
-            if self.closed:
-                from fastbus.errors import BusClosed
-                raise BusClosed("publish on a closed ScalableBus")
-            parts = self.parts
-            if key is None:
-                p = <int32_t>(fb_fetch_add(&self._rr, 1) % len(parts))
-            else:
-                p = key_partition(key, <int32_t>len(parts))
-            part = <PartitionSlot>parts[p]
-            m = make_message(self.name, payload, key, headers, p, None)
-            if self._bp_in is not None:
-                # MessageBusBackpressure.add(1), inlined: one step and one compare in
-                # C on the hot path, its slow path only when a level is crossed.
-                if self._bp_in.step() >= self._bp_in.trigger:
-                    self._bp._refresh()
-            elif self.depth_add is not None:
-                self.depth_add(1)
-            part.put(m)
-            fb_fetch_add(&self._published, 1)
+            fb_fetch_add(&self._inflight, 1)
+            try:
+                if self.closed:
+                    from fastbus.errors import BusClosed
+                    raise BusClosed("publish on a closed ScalableBus")
+                parts = self.parts
+                if key is None:
+                    p = <int32_t>(fb_fetch_add(&self._rr, 1) % len(parts))
+                else:
+                    p = key_partition(key, <int32_t>len(parts))
+                part = <PartitionSlot>parts[p]
+                m = make_message(self.name, payload, key, headers, p, None)
+                if self._bp_in is not None:
+                    # MessageBusBackpressure.add(1), inlined: one step and one compare in
+                    # C on the hot path, its slow path only when a level is crossed.
+                    if self._bp_in.step() >= self._bp_in.trigger:
+                        crossed = True
+                        self._bp._refresh_quiet()
+                elif self.depth_add is not None:
+                    self.depth_add(1)
+                part.put(m)
+                fb_fetch_add(&self._published, 1)
+            finally:
+                fb_fetch_add(&self._inflight, -1)
+            if part.try_schedule():
+                self.schedule(part)
         finally:
-            fb_fetch_add(&self._inflight, -1)
-        if part.try_schedule():
-            self.schedule(part)
+            if crossed:
+                # The on_change callbacks of the transition run once the message is
+                # queued and scheduled and this publish no longer under way: one may
+                # close or flush the bus, which waits for publishes under way and for
+                # the message to be delivered.
+                self._bp._deliver()
         return 0
 
     def publish_many(self, list payloads, keys, headers):
@@ -445,36 +455,44 @@ cdef class TopicCore:
         cdef PartitionSlot part
         if count == 0:
             return 0
-        fb_fetch_add(&self._inflight, 1)
         try:
-            if self.closed:
-                from fastbus.errors import BusClosed
-                raise BusClosed("publish on a closed ScalableBus")
-            parts = self.parts
-            if keys is None:
-                unkeyed = count
-            else:
-                # (by identity: list.count(None) compares with ==, which a key such
-                # as a numpy array answers with an array, not a bool)
-                unkeyed = 0
-                for key in (keys if type(keys) is list else list(keys)):
-                    if key is None:
-                        unkeyed += 1
-            batches = route(self.name, payloads, keys, <int32_t>len(parts),
-                            fb_fetch_add(&self._rr, unkeyed), headers)
-            if self.depth_add is not None:
-                self.depth_add(count)
-            for i in range(len(parts)):
-                if batches[i]:
-                    part = <PartitionSlot>parts[i]
-                    part.carrier.put_many(batches[i])
-                    ready.append(part)
-            fb_fetch_add(&self._published, count)
+            fb_fetch_add(&self._inflight, 1)
+            try:
+                if self.closed:
+                    from fastbus.errors import BusClosed
+                    raise BusClosed("publish on a closed ScalableBus")
+                parts = self.parts
+                if keys is None:
+                    unkeyed = count
+                else:
+                    # (by identity: list.count(None) compares with ==, which a key such
+                    # as a numpy array answers with an array, not a bool)
+                    unkeyed = 0
+                    for key in (keys if type(keys) is list else list(keys)):
+                        if key is None:
+                            unkeyed += 1
+                batches = route(self.name, payloads, keys, <int32_t>len(parts),
+                                fb_fetch_add(&self._rr, unkeyed), headers)
+                if self._bp is not None:
+                    # (the callbacks of a transition run below, once the batch is queued
+                    # and scheduled and this publish no longer under way: see _publish)
+                    self._bp._add_quiet(count)
+                elif self.depth_add is not None:
+                    self.depth_add(count)
+                for i in range(len(parts)):
+                    if batches[i]:
+                        part = <PartitionSlot>parts[i]
+                        part.carrier.put_many(batches[i])
+                        ready.append(part)
+                fb_fetch_add(&self._published, count)
+            finally:
+                fb_fetch_add(&self._inflight, -1)
+            for part in ready:
+                if part.try_schedule():
+                    self.schedule(part)
         finally:
-            fb_fetch_add(&self._inflight, -1)
-        for part in ready:
-            if part.try_schedule():
-                self.schedule(part)
+            if self._bp is not None:
+                self._bp._deliver()
         return count
 
     @property

@@ -170,6 +170,7 @@ class MessageBusBackpressure:
 
     __slots__ = (
         "__weakref__",
+        "_abort",
         "_add_at",
         "_async_sleep",
         "_batching",
@@ -237,6 +238,10 @@ class MessageBusBackpressure:
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._room_waiters = 0
+        # Called by every wait for room as it looks again; raising ends the wait (the
+        # owning ScalableBus raises BusClosed once closed: a publisher waiting for room
+        # that a stuck handler never frees must not wait out critical_timeout).
+        self._abort: Callable[[], object] | None = None
 
         self._callbacks: tuple[ChangeCallback, ...] = ()
         self._events: deque[tuple[BackpressureState, BackpressureState, float]] = deque()
@@ -499,6 +504,8 @@ class MessageBusBackpressure:
                 try:
                     self._refresh_locked()  # arm remove() to wake us when room appears
                     while self._depth_locked() >= self._capacity:
+                        if self._abort is not None:
+                            self._abort()
                         wait = _ROOM_POLL
                         if deadline is not None:
                             remaining = deadline - time.monotonic()
@@ -514,6 +521,11 @@ class MessageBusBackpressure:
         finally:
             self._deliver()
 
+    def _wake_room_waiters(self) -> None:
+        """Wake every sync waiter for room now (they look at ``_abort`` again)."""
+        with self._lock:
+            self._room.notify_all()
+
     async def wait_for_room_async(self, timeout: float | None) -> bool:
         """:meth:`wait_for_room` for coroutines: polls with ``async_sleep`` (0.5 ms to 20 ms).
 
@@ -522,6 +534,8 @@ class MessageBusBackpressure:
         deadline = None if timeout is None else self._clock() + _check_timeout(timeout)
         interval = _ASYNC_POLL_MIN
         while self._full():
+            if self._abort is not None:
+                self._abort()
             wait = interval
             if deadline is not None:
                 remaining = deadline - self._clock()
@@ -644,7 +658,23 @@ class MessageBusBackpressure:
             self._refresh_locked()
         self._deliver()
 
-    def _bulk_change(self, name: str, n: int, sign: int) -> None:
+    def _refresh_quiet(self) -> None:
+        """``_refresh`` without running the callbacks: the caller runs ``_deliver()``
+        later (a bus's publish path, once the publish is no longer under way: a
+        callback may close or flush the bus, which waits for publishes under way)."""
+        with self._lock:
+            self._refresh_locked()
+
+    def _add_quiet(self, n: int) -> None:
+        """``add(n)`` that leaves the callbacks of a transition queued (as
+        ``_refresh_quiet``); the caller runs ``_deliver()`` afterwards."""
+        if type(n) is int and 1 <= n <= _STEP_MAX:
+            if next(islice(self._in, n - 1, n)) >= self._add_at:
+                self._refresh_quiet()
+        else:
+            self._bulk_change("add", n, 1, deliver=False)
+
+    def _bulk_change(self, name: str, n: int, sign: int, *, deliver: bool = True) -> None:
         """add(n)/remove(n) for n != 1: change ``bulk`` under the lock, shift the triggers by
         the same amount, and take the slow path only if this change crossed one."""
         if _check_count(name, n) == 0:
@@ -667,7 +697,8 @@ class MessageBusBackpressure:
             if not crossed:
                 return
             self._refresh_locked()
-        self._deliver()
+        if deliver:
+            self._deliver()
 
     def _deliver(self) -> None:
         """Run queued transition callbacks, in order, outside the state lock.

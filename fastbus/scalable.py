@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import itertools
 import logging
 import os
@@ -461,6 +462,11 @@ class ScalableBus(BusCore):
         # Set while the state is CRITICAL or above: wakes workers lingering for a
         # batch, so they deliver at once (the closure holds no reference to self).
         pressure = self._pressure = threading.Event()
+        # A wait for room (a critical topic on a full bus) ends with BusClosed once
+        # this bus is closed, instead of waiting out critical_timeout for room that a
+        # stuck handler may never free.
+        # (through a weak reference: the backpressure object must not keep the bus alive)
+        self._bp._abort = functools.partial(_check_open_ref, weakref.ref(self))
         self._bp.on_change(
             lambda old, new, u: pressure.set() if new >= _CRITICAL else pressure.clear())
         if store is not None:
@@ -867,7 +873,7 @@ class ScalableBus(BusCore):
             if self._waits_for_room(t):
                 hdrs = {**hdrs, **_SHEDDING_HEADER} if hdrs else dict(_SHEDDING_HEADER)
             else:
-                extra = bp.admit(topic, critical=t.config.critical)
+                extra = self._admit(t)
                 if bp._state is _SHEDDING and not t.config.critical:
                     extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
                 if extra:
@@ -922,6 +928,8 @@ class ScalableBus(BusCore):
             if self._waits_for_room(t):
                 hdrs = {**hdrs, **_SHEDDING_HEADER} if hdrs else dict(_SHEDDING_HEADER)
             else:
+                if bp._state is _SHEDDING and t.config.critical and bp._full():
+                    self._refuse_wait_on_worker(t)
                 extra = await bp.admit_async(topic, critical=t.config.critical)
                 if bp._state is _SHEDDING and not t.config.critical:
                     # Rose during the delay: refused. (Not bp.admit, which would sleep on
@@ -1012,9 +1020,15 @@ class ScalableBus(BusCore):
             # Before admission: no delay, no BusOverloaded for a batch no retry can fit.
             self._batch_limit(t, len(msgs))
         if bp._state is not _NORMAL:
-            extra = bp.admit(topic, critical=t.config.critical)
-            if bp._state is _SHEDDING and not t.config.critical:
-                extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
+            extra: dict[str, str] | None
+            if self._waits_for_room(t):
+                # (_admit_batch below waits for room: not admit() too, which would
+                # wait on its own, count a second critical wait and reserve nothing)
+                extra = _SHEDDING_HEADER
+            else:
+                extra = self._admit(t)
+                if bp._state is _SHEDDING and not t.config.critical:
+                    extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
             if extra:
                 hdrs = {**hdrs, **extra} if hdrs else dict(extra)
         if not msgs:
@@ -1092,6 +1106,9 @@ class ScalableBus(BusCore):
         pause = 0.0005
         first = True
         while True:
+            # Closed meanwhile: the batch was not queued (and no room a stuck handler
+            # holds may ever come): BusClosed now, not after critical_timeout.
+            self._check_open()
             done, out, capacity = self._try_batch(t, n, enqueue)
             if done:
                 return out
@@ -1119,6 +1136,33 @@ class ScalableBus(BusCore):
                 return True, enqueue(), capacity
         return False, None, capacity
 
+    def _refuse_wait_on_worker(self, t: _Topic, what: str = "a message") -> None:
+        """``BusOverloaded`` (counted) if this is a dispatch worker, which must not wait
+        for room on a full bus: a handler of an in-memory topic publishing to critical
+        ``t``. Room comes from the dispatch workers, this one among them: it would wait
+        for itself (every worker so: until critical_timeout, for ever with inf)."""
+        if not self._on_dispatch_worker():
+            return
+        bp = self._bp
+        depth, capacity = bp.depth, bp.capacity
+        bp._count("critical_timeouts")  # a critical publisher that gave up
+        bp._count_rejection(t.name)
+        raise overloaded(
+            f"bus full: {what} for critical topic {t.name!r} was published from a handler "
+            f"of this bus (a dispatch thread) while the bus is full (depth {depth} of "
+            f"{capacity}, Limits.max_queue_size); it cannot wait for room that its own "
+            f"deliveries must make, so nothing of it was queued. Publish from another "
+            f"thread, or raise max_queue_size",
+            topic=t.name, state=bp.state, depth=depth, capacity=capacity)
+
+    def _admit(self, t: _Topic) -> dict[str, str] | None:
+        """``backpressure.admit`` for ``t`` (not in NORMAL), whose wait for room a
+        dispatch worker does not make (``_refuse_wait_on_worker``)."""
+        bp = self._bp
+        if bp._state is _SHEDDING and t.config.critical and bp._full():
+            self._refuse_wait_on_worker(t)
+        return bp.admit(t.name, critical=t.config.critical)
+
     def _batch_waits(self, t: _Topic, n: int, deadline: float, capacity: int,
                      first: bool) -> float:
         """A batch that did not fit: the seconds a critical one may still wait (its
@@ -1127,6 +1171,7 @@ class ScalableBus(BusCore):
         what = "a message" if n == 1 else f"a batch of {n} messages"
         depth = bp.depth
         if t.config.critical:
+            self._refuse_wait_on_worker(t, what)
             left = deadline - time.monotonic()
             if left > 0:
                 if first:
@@ -1808,6 +1853,7 @@ class ScalableBus(BusCore):
                 return
             self._closed = True
             _OPEN_BUSES.discard(self)
+        self._bp._wake_room_waiters()  # they end with BusClosed (see _abort)
         if self._in_handler_thread():
             # Called from a handler: the rest waits for that handler to return (and
             # joins the threads, its own among them), so it goes on in a thread of its
@@ -1826,6 +1872,12 @@ class ScalableBus(BusCore):
                 "handler itself to return (forever without a timeout). Flush from the "
                 "publishing code instead")
         return deadline
+
+    def _on_dispatch_worker(self) -> bool:
+        """True on one of this bus's dispatch workers, or in a coroutine handler one
+        of them is waiting for: delivery of in-memory topics waits for this thread."""
+        me = _handler_caller.get()[0] or threading.current_thread()
+        return me in self._workers
 
     def _in_handler_thread(self) -> bool:
         """True on one of this bus's dispatch workers or durable delivery threads, or
@@ -1997,6 +2049,13 @@ class ScalableBus(BusCore):
     def __repr__(self) -> str:
         state = "closed" if self._closed else self._bp.state.name
         return f"<ScalableBus topics={len(self._topics)} {state} inner={self._inner!r}>"
+
+
+def _check_open_ref(ref: Any) -> None:
+    """``ScalableBus._check_open`` of the bus ``ref`` points to, if it still exists."""
+    bus = ref()
+    if bus is not None:
+        bus._check_open()
 
 
 def _as_list(values: Any, what: str) -> list[Any]:
