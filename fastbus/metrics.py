@@ -87,7 +87,10 @@ class TopicMetrics:
     """One configured topic in a ``ScalingMetrics`` snapshot.
 
     ``published``/``delivered``: messages since the topic was configured
-    (delivered: handed to the subscriber groups); ``rate_1s``/``rate_10s``:
+    (delivered: handed to the subscriber groups; an in-memory or hot topic's
+    dispatch hands a message to every group at once and counts it once, whereas a
+    durable topic's groups each read the WAL on their own, so each group's
+    deliveries count: a message counts once per group); ``rate_1s``/``rate_10s``:
     published per second; ``depth``: messages waiting, per partition (in-memory
     topics; zeros for durable ones); ``subscribers`` and ``groups`` (group name
     to member count); ``handler_errors``, ``rebalances``, ``spills`` (to ring

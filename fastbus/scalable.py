@@ -559,10 +559,11 @@ class ScalableBus(BusCore):
         old partitions drain before messages under the new mapping are
         delivered, so per-key order holds), and ``critical`` and ``retention``
         (applied from the WAL's next compaction) may change; changing
-        ``hot``/``durable``/``ring_size``, or a durable topic's ``fsync`` or
-        ``serializer``, raises ``ValueError`` (the WAL keeps the policy it was
-        opened with: close the bus and configure the topic anew on the next
-        one). A new topic beyond ``Limits.max_topics`` raises ``LimitExceeded``.
+        ``hot``/``durable``, a hot topic's ``ring_size`` (only hot topics use it),
+        or a durable topic's ``fsync`` or ``serializer``, raises ``ValueError``
+        (the WAL keeps the policy it was opened with: close the bus and configure
+        the topic anew on the next one). A new topic beyond ``Limits.max_topics``
+        raises ``LimitExceeded``.
 
         With ``partitions=None`` the count of an in-memory topic follows the
         subscribers: it starts at the size of the largest group (at least 1; on a
@@ -603,6 +604,8 @@ class ScalableBus(BusCore):
                 return config
             old = t.config
             for attr in ("hot", "durable", "ring_size"):
+                if attr == "ring_size" and not old.hot:
+                    continue  # (no ring: the size is not used)
                 if getattr(old, attr) != getattr(config, attr):
                     raise ValueError(
                         f"topic {name!r} is live with {attr}={getattr(old, attr)!r}; it cannot "
@@ -1236,6 +1239,7 @@ class ScalableBus(BusCore):
                     f"configure_topic({topic!r}, TopicConfig(...)) first")
             return self._inner.subscribe(topic, handler)
         with self._lock:
+            self._check_open()  # (again: close() may have begun meanwhile)
             limit = self._limits.current.max_subscribers_per_topic
             count = sum(len(g.members) for g in t.groups)
             if count >= limit:

@@ -195,3 +195,15 @@ def test_a_handler_publishing_to_a_durable_critical_topic_on_a_full_bus_does_not
     finally:
         gate.set()
         bus.close()
+
+
+def test_ring_size_of_a_topic_without_a_ring_does_not_block_a_partition_raise():
+    """ring_size is used by hot topics only: a plain topic configured with one must
+    still take a later config that differs only there (say a partition raise)."""
+    with ScalableBus() as bus:
+        bus.configure_topic("plain", TopicConfig(partitions=1, ring_size=8))
+        bus.configure_topic("plain", TopicConfig(partitions=3))
+        assert bus.partitions("plain") == 3
+        bus.configure_topic("hot", TopicConfig(partitions=1, hot=True, ring_size=8))
+        with pytest.raises(ValueError, match="ring_size"):
+            bus.configure_topic("hot", TopicConfig(partitions=3, hot=True))
