@@ -52,6 +52,7 @@ from ._dispatch import (
     PartitionSlot,
     TopicCore,
     deliver_groups,
+    key_partition,
 )
 from ._walcodec import check_keys
 from .backpressure import (
@@ -797,6 +798,7 @@ class ScalableBus(BusCore):
         hdrs = None if headers is None else _check_headers(headers)
         bp = self._bp
         if bp._state is not _NORMAL:
+            _check_early(t, (message,), None if key is None else (key,))
             if self._waits_for_room(t):
                 hdrs = {**hdrs, **_SHEDDING_HEADER} if hdrs else dict(_SHEDDING_HEADER)
             else:
@@ -852,6 +854,7 @@ class ScalableBus(BusCore):
         hdrs = None if headers is None else _check_headers(headers)
         bp = self._bp
         if bp._state is not _NORMAL:
+            _check_early(t, (message,), None if key is None else (key,))
             if self._waits_for_room(t):
                 hdrs = {**hdrs, **_SHEDDING_HEADER} if hdrs else dict(_SHEDDING_HEADER)
             else:
@@ -945,6 +948,7 @@ class ScalableBus(BusCore):
             # Before admission: no delay, no BusOverloaded for a batch no retry can fit.
             self._batch_limit(t, len(msgs))
         if bp._state is not _NORMAL:
+            _check_early(t, msgs, klist)
             extra = bp.admit(topic, critical=t.config.critical)
             if bp._state is _SHEDDING and not t.config.critical:
                 extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
@@ -1939,6 +1943,26 @@ def _as_list(values: Any, what: str) -> list[Any]:
     except TypeError:
         raise TypeError(f"{what}, got {type(values).__name__} {values!r}") from None
     return list(it)
+
+
+def _check_early(t: _Topic, payloads: Sequence[Any], keys: Sequence[Any] | None) -> None:
+    """Under backpressure, before admission: a key (or a durable payload) of a
+    wrong type is the ``TypeError`` it is in NORMAL, not a CRITICAL delay followed
+    by it, nor a ``BusOverloaded`` counted as a rejection. (In NORMAL the enqueue
+    checks them; these are the same checks, made earlier.)"""
+    wal = t.wal
+    if wal is not None:
+        if keys is not None:
+            check_keys(keys)  # the WAL's rule
+        if wal._serializer is None:  # (a serializer's dumps is tried by the append)
+            from ._walappend import check_payloads
+            from .wal.queue import _payload_type_error
+            check_payloads(payloads, _payload_type_error)
+        return
+    if keys is not None:
+        for key in keys:
+            if key is not None:
+                key_partition(key, 1)
 
 
 def _check_headers(headers: Any) -> dict[str, Any]:
