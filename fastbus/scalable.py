@@ -473,7 +473,7 @@ class ScalableBus(BusCore):
                 raise TypeError(f"store must be a fastbus.Store (FileStore, SQLiteStore, "
                                 f"MemoryStore) or a callable topic -> Store, got "
                                 f"{type(store).__name__}")
-        self._data_dir = os.fspath(data_dir) if data_dir is not None else None
+        self._data_dir = None if data_dir is None else _check_data_dir(data_dir)
         self._store = store
         self._store_topic: str | None = None  # the durable topic a Store instance carries
         self._topics: dict[str, _Topic] = {}
@@ -1963,6 +1963,19 @@ def _check_early(t: _Topic, payloads: Sequence[Any], keys: Sequence[Any] | None)
         for key in keys:
             if key is not None:
                 key_partition(key, 1)
+
+
+def _check_data_dir(data_dir: Any) -> str:
+    """``ScalableBus(data_dir=)`` as a str path (bytes paths decoded as the OS does)."""
+    if not isinstance(data_dir, str | bytes | os.PathLike):
+        raise TypeError(f"data_dir must be a directory path (a str or an os.PathLike such "
+                        f"as pathlib.Path), or None; got {type(data_dir).__name__} "
+                        f"{data_dir!r}")
+    path = os.fsdecode(data_dir)
+    if not path:
+        raise ValueError("data_dir must be a directory path, got an empty one; pass e.g. "
+                         "data_dir='bus-data' (created if missing), or None")
+    return path
 
 
 def _check_headers(headers: Any) -> dict[str, Any]:
