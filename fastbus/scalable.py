@@ -1213,7 +1213,18 @@ class ScalableBus(BusCore):
                     return result
             return asyncio.run(handler(arg))
 
+        call.loop = loop  # type: ignore[attr-defined]  # (_blocks_handler_loop)
         return call
+
+    def _blocks_handler_loop(self) -> bool:
+        """True on the thread of a running event loop that a coroutine handler of this
+        bus runs on: a blocking wait there for deliveries would wait for that loop."""
+        loop = running_loop()
+        if loop is None:
+            return False
+        return any(getattr(m.call, "loop", None) is loop
+                   for t in list(self._topics.values()) for g in t.groups
+                   for m in list(g.members))
 
     # -- dispatch (in-memory topics) ----------------------------------------
 
@@ -1662,11 +1673,18 @@ class ScalableBus(BusCore):
         an I/O error tries again, and flush waits for it). ``timeout``: seconds >= 0, or
         None to wait without limit (``TypeError``/``ValueError`` otherwise).
         Called from a handler of this bus it raises ``RuntimeError``: it would wait
-        for that handler itself.
+        for that handler itself. So it does on the event loop a coroutine handler of
+        this bus runs on (it would block the loop that handler needs): there, use
+        ``await bus.flush_async()``.
         """
         if self._forked:
             return True  # a forked child's copy: it accepted nothing, and delivers nothing
         deadline = self._flush_deadline("flush", timeout)
+        if self._blocks_handler_loop():
+            raise RuntimeError(
+                "flush() was called on the event loop that coroutine handlers of this bus "
+                "run on; it would block the loop they need (forever without a timeout). "
+                "Use `await bus.flush_async()` there")
         for t in list(self._topics.values()):
             if t.wal is not None:
                 t.wal.flush()
@@ -1729,9 +1747,11 @@ class ScalableBus(BusCore):
         committed, so it comes again on restart). If in-memory messages are still
         queued after ``timeout`` seconds, they are not delivered: they are counted
         in ``metrics().drops["undelivered_at_close"]`` and logged. Idempotent.
-        Publishing after close raises ``BusClosed``. Called from a handler, it
-        returns at once and the rest runs in a thread of its own once handlers
-        return. A bad ``timeout`` raises before anything is closed.
+        Publishing after close raises ``BusClosed``. Called from a handler, or on
+        the event loop a coroutine handler of this bus runs on (``with bus:`` in a
+        coroutine; ``async with bus`` waits without blocking the loop), it returns
+        at once and the rest runs in a thread of its own once handlers return. A
+        bad ``timeout`` raises before anything is closed.
         """
         if timeout is not None:
             _check_timeout(timeout)
@@ -1745,10 +1765,12 @@ class ScalableBus(BusCore):
                 return
             self._closed = True
             _OPEN_BUSES.discard(self)
-        if self._in_handler_thread():
+        if self._in_handler_thread() or self._blocks_handler_loop():
             # Called from a handler: the rest waits for that handler to return (and
             # joins the threads, its own among them), so it goes on in a thread of its
-            # own. Publishes are refused from now on.
+            # own. So on a loop coroutine handlers need: blocking it, the close would
+            # wait for them out its timeout and drop what is queued. Publishes are
+            # refused from now on.
             threading.Thread(target=self._finish_close, args=(timeout,),
                              name="fastbus-close").start()
             return

@@ -126,3 +126,64 @@ def test_data_dir_of_a_wrong_type_or_empty_is_refused_clearly(tmp_path):
         bus.configure_topic("d", TopicConfig(durable=True))
         assert bus.publish("d", b"x") == 0
     assert (tmp_path / "b" / "d").is_dir()
+
+
+# -- flush() / close() on the loop coroutine handlers run on -----------------------------------
+
+
+def test_blocking_flush_on_the_handlers_loop_raises_instead_of_hanging():
+    """flush() (no timeout) on the event loop a coroutine handler was subscribed from
+    used to hang forever: the dispatch thread waits for the loop, the loop for flush."""
+    async def main():
+        bus = ScalableBus()
+        try:
+            bus.configure_topic("e", TopicConfig(partitions=1))
+            seen = []
+
+            async def on_event(m):
+                seen.append(m.payload)
+
+            bus.subscribe("e", on_event)
+            bus.publish("e", 1)
+            with pytest.raises(RuntimeError, match="flush_async"):
+                bus.flush(timeout=1.0)  # (without the fix: False after 1 s)
+            assert await bus.flush_async(timeout=5)
+            assert seen == [1]
+        finally:
+            await asyncio.to_thread(bus.close)
+
+    asyncio.run(main())
+
+
+def test_close_on_the_handlers_loop_delivers_instead_of_timing_out():
+    """``with ScalableBus() as bus:`` inside a coroutine with coroutine handlers: close()
+    blocked the loop the handlers need, waited out its timeout (30 s by default) and
+    dropped every queued message (undelivered_at_close). Now it returns at once and
+    finishes in a thread, as from a handler."""
+    seen: list[int] = []
+
+    async def main():
+        bus = ScalableBus()
+        bus.configure_topic("e", TopicConfig(partitions=2))
+
+        async def on_event(m):
+            await asyncio.sleep(0)
+            seen.append(m.payload)
+
+        bus.subscribe("e", on_event)
+        for i in range(10):
+            bus.publish("e", i)
+        t0 = time.monotonic()
+        bus.close(timeout=2.0)
+        assert time.monotonic() - t0 < 1.0
+        deadline = time.monotonic() + 10
+        while len(seen) < 10 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return bus
+
+    bus = asyncio.run(main())
+    for th in threading.enumerate():
+        if th.name == "fastbus-close":
+            th.join(10)
+    assert sorted(seen) == list(range(10))
+    assert "undelivered_at_close" not in bus.metrics().drops
