@@ -755,7 +755,7 @@ class ScalableBus(BusCore):
         """``self._lock`` held: a topic or subscription refused by ``limit``."""
         self._limit_refusals[limit] = self._limit_refusals.get(limit, 0) + 1
 
-    def reconfigure_limits(self, limits: Limits | None = None, /, **changes: Any) -> Limits:
+    def reconfigure_limits(self, limits: Limits | None = None, **changes: Any) -> Limits:
         """Change limits at runtime; returns the new ``Limits``.
 
         ``limits``: a whole new ``Limits`` (optional), then ``changes`` (keyword
@@ -780,7 +780,7 @@ class ScalableBus(BusCore):
                 self._bp.set_capacity(new.max_queue_size)
         return new
 
-    async def reconfigure_limits_async(self, limits: Limits | None = None, /,
+    async def reconfigure_limits_async(self, limits: Limits | None = None,
                                        **changes: Any) -> Limits:
         """``reconfigure_limits`` for asyncio code (it never blocks the loop for long)."""
         return self.reconfigure_limits(limits, **changes)

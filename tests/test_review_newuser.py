@@ -187,3 +187,20 @@ def test_close_on_the_handlers_loop_delivers_instead_of_timing_out():
             th.join(10)
     assert sorted(seen) == list(range(10))
     assert "undelivered_at_close" not in bus.metrics().drops
+
+
+# -- reconfigure_limits(limits=...) --------------------------------------------------------
+
+
+def test_reconfigure_limits_takes_the_limits_argument_by_its_documented_name():
+    """The docstring names the argument ``limits`` (as backpressure.reconfigure names
+    ``thresholds``, which works as a keyword); ``limits=Limits(...)`` used to be refused
+    with "Limits has no option 'limits'"."""
+    with ScalableBus() as bus:
+        assert bus.reconfigure_limits(limits=Limits(max_queue_size=5)).max_queue_size == 5
+        new = bus.reconfigure_limits(limits=Limits(max_queue_size=6), max_topics=3)
+        assert (new.max_queue_size, new.max_topics) == (6, 3)
+        new = asyncio.run(bus.reconfigure_limits_async(limits=Limits(max_queue_size=7)))
+        assert new.max_queue_size == 7 == bus.backpressure.capacity
+        with pytest.raises(TypeError, match=r"expected a fastbus\.Limits"):
+            bus.reconfigure_limits(limits={"max_queue_size": 5})
