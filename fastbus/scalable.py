@@ -419,6 +419,12 @@ class ScalableBus(BusCore):
                     f"or be a bus fastbus.adapters can wrap (a blinker.Namespace, a pyee "
                     f"EventEmitter, pypubsub's pub or a Publisher); got "
                     f"{type(inner).__name__} (see fastbus.adapters)") from None
+        if _is_async(getattr(inner, "publish", None)):
+            raise TypeError(
+                f"inner.publish of {type(inner).__name__} is a coroutine function: fastbus "
+                f"calls inner.publish(topic, message) without awaiting it (pass-through "
+                f"topics, and the forwarding of configured ones), so nothing would ever be "
+                f"published on it; give an inner bus whose publish is a plain function")
         limits = Limits() if limits is None else limits
         thresholds = Thresholds() if thresholds is None else thresholds
         if not isinstance(limits, Limits):

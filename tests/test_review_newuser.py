@@ -204,3 +204,39 @@ def test_reconfigure_limits_takes_the_limits_argument_by_its_documented_name():
         assert new.max_queue_size == 7 == bus.backpressure.capacity
         with pytest.raises(TypeError, match=r"expected a fastbus\.Limits"):
             bus.reconfigure_limits(limits={"max_queue_size": 5})
+
+
+# -- an inner bus with an async publish ---------------------------------------------------------
+
+
+def test_an_inner_bus_whose_publish_is_a_coroutine_function_is_refused():
+    """ScalableBus(inner) and wrap() took it, then called inner.publish without awaiting:
+    every pass-through message and every forwarded one was lost with only a
+    'coroutine was never awaited' RuntimeWarning (DESIGN invariant 4: nothing dropped
+    silently)."""
+    from fastbus.adapters import wrap
+
+    class AsyncPublishBus:
+        def __init__(self):
+            self.published = []
+
+        async def publish(self, topic, message):
+            self.published.append((topic, message))
+
+        def subscribe(self, topic, handler):
+            return None
+
+    with pytest.raises(TypeError, match="coroutine function"):
+        wrap(AsyncPublishBus())
+    with pytest.raises(TypeError, match="coroutine function"):
+        ScalableBus(AsyncPublishBus())
+
+    class SyncBus(AsyncPublishBus):
+        def publish(self, topic, message):
+            self.published.append((topic, message))
+
+    inner = SyncBus()
+    assert wrap(inner) is inner
+    with ScalableBus(inner) as bus:
+        bus.publish("x", 1)
+    assert inner.published == [("x", 1)]
