@@ -240,3 +240,29 @@ def test_an_inner_bus_whose_publish_is_a_coroutine_function_is_refused():
     with ScalableBus(inner) as bus:
         bus.publish("x", 1)
     assert inner.published == [("x", 1)]
+
+
+# -- Message(...) built by hand ------------------------------------------------------------------
+
+
+def test_message_constructor_says_what_was_wrong():
+    """A handler's unit test builds Messages by hand. headers=[...] gave "cannot convert
+    dictionary update sequence element #0 to a sequence", timestamp_ns='x' "an integer
+    is required", and a topic or partition of any type was taken."""
+    from fastbus import Message
+
+    m = Message("t", b"p", "k", {"h": "v"}, 5, 0, 3)
+    assert (m.topic, m.key, m.headers, m.timestamp_ns, m.partition, m.offset) == (
+        "t", "k", {"h": "v"}, 5, 0, 3)
+    with pytest.raises(TypeError, match="Message topic must be a str"):
+        Message(1, b"p")
+    with pytest.raises(TypeError, match="Message headers must be a mapping"):
+        Message("t", b"p", headers=[("h", "v")])
+    with pytest.raises(TypeError, match="Message timestamp_ns must be an int"):
+        Message("t", b"p", timestamp_ns="now")
+    with pytest.raises(TypeError, match="Message partition must be an int"):
+        Message("t", b"p", partition="0")
+    with pytest.raises(ValueError, match="Message offset must be an int >= 0"):
+        Message("t", b"p", offset=-1)
+    with pytest.raises(TypeError, match="Message headers must be a mapping"):
+        m.headers = [("h", "v")]
