@@ -266,3 +266,32 @@ def test_message_constructor_says_what_was_wrong():
         Message("t", b"p", offset=-1)
     with pytest.raises(TypeError, match="Message headers must be a mapping"):
         m.headers = [("h", "v")]
+
+
+# -- a max_queue_size beyond 64 bits -------------------------------------------------------------
+
+
+def test_a_too_large_max_queue_size_is_a_value_error_and_changes_nothing():
+    """reconfigure_limits(max_queue_size=10**20) raised OverflowError from the compiled
+    counters after the new Limits were already in force (the docstring: bad values raise
+    ValueError and nothing changes); ScalableBus(limits=Limits(max_queue_size=10**20))
+    failed the same way."""
+    from fastbus import MessageBusBackpressure
+
+    with pytest.raises(ValueError, match=r"at most .*2\*\*62"):
+        Limits(max_queue_size=10**20)
+    with ScalableBus() as bus:
+        before = bus.limits
+        with pytest.raises(ValueError, match="max_queue_size"):
+            bus.reconfigure_limits(max_queue_size=10**20)
+        assert bus.limits == before
+        assert bus.backpressure.capacity == before.max_queue_size
+        with pytest.raises(ValueError, match="capacity"):
+            bus.backpressure.set_capacity(10**20)
+    with pytest.raises(ValueError, match="capacity"):
+        MessageBusBackpressure(10**20)
+    with ScalableBus(limits=Limits(max_queue_size=1 << 62)) as bus:
+        bus.configure_topic("t", TopicConfig(partitions=1))
+        bus.subscribe("t", lambda m: None)
+        bus.publish_many("t", list(range(10)))
+        assert bus.flush(timeout=5)
