@@ -91,6 +91,7 @@ _SHEDDING_HEADER = {BACKPRESSURE_HEADER: "shedding"}
 _NEAR_FULL = frozenset((_CRITICAL, _SHEDDING))
 _STOP = object()
 _OPEN_BUSES: weakref.WeakSet[ScalableBus] = weakref.WeakSet()
+_MAX_WORKERS = 1024  # ScalableBus(workers=): more is a ValueError, not thousands of threads
 
 
 def _close_inherited_buses() -> None:
@@ -375,7 +376,7 @@ class ScalableBus(BusCore):
       (a second one raises ``ValueError``), or a callable ``store(topic) ->
       Store`` called once for each durable topic configured.
     - ``workers``: dispatch threads for in-memory topics (default: 2 x CPUs,
-      at least 2, at most 8). ``max_batch``: most messages handed to a handler
+      at least 2, at most 8; 1 to 1024). ``max_batch``: most messages handed to a handler
       (``batch=True``) or dispatched in one turn. ``linger``: seconds a worker
       may wait to fill a batch while the bus is not under pressure (0 = deliver
       at once); in CRITICAL and SHEDDING workers do not linger, and one that
@@ -441,6 +442,10 @@ class ScalableBus(BusCore):
                                 f"{value!r}")
             if value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if workers > _MAX_WORKERS:
+            raise ValueError(f"workers must be at most {_MAX_WORKERS} dispatch threads, got "
+                             f"{workers}; a topic's parallelism is its partition count, and "
+                             f"Python handlers share the GIL (see docs/tuning.md)")
         if isinstance(linger, bool) or not isinstance(linger, int | float):
             raise TypeError(f"linger must be a number of seconds >= 0 (e.g. 0.001), got "
                             f"{type(linger).__name__} {linger!r}")
@@ -511,8 +516,16 @@ class ScalableBus(BusCore):
             threading.Thread(target=self._worker, name=f"fastbus-dispatch-{i}", daemon=True)
             for i in range(workers)
         ]
-        for t in self._workers:
-            t.start()
+        started = 0
+        try:
+            for t in self._workers:
+                t.start()
+                started += 1
+        except RuntimeError as exc:  # can't start new thread: stop those that started
+            for _ in range(started):
+                self._runq.put(_STOP)
+            raise RuntimeError(f"could not start {workers} dispatch threads ({exc}); "
+                               f"pass a smaller workers=") from exc
         self._housekeeper = threading.Thread(
             target=self._housekeeping, args=(weakref.ref(self),), name="fastbus-housekeeping",
             daemon=True)

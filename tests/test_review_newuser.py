@@ -295,3 +295,41 @@ def test_a_too_large_max_queue_size_is_a_value_error_and_changes_nothing():
         bus.subscribe("t", lambda m: None)
         bus.publish_many("t", list(range(10)))
         assert bus.flush(timeout=5)
+
+
+# -- ScalableBus(workers=) too many ---------------------------------------------------------------
+
+
+def test_too_many_workers_is_a_value_error_and_starts_no_thread():
+    """workers=10**6 started threads until the process could start no more, then raised
+    'can't start new thread' and left every started dispatch thread running."""
+    before = threading.active_count()
+    with pytest.raises(ValueError, match="workers must be at most 1024"):
+        ScalableBus(workers=10**6)
+    assert threading.active_count() == before
+    with ScalableBus(workers=3) as bus:
+        bus.configure_topic("t", TopicConfig(partitions=3))
+        got = []
+        bus.subscribe("t", got.append)
+        bus.publish_many("t", list(range(30)))
+        assert bus.flush(timeout=5)
+        assert len(got) == 30
+
+
+def test_dispatch_threads_that_started_stop_when_a_later_one_cannot(monkeypatch):
+    real_start = threading.Thread.start
+    calls = []
+
+    def start(self):
+        if self.name.startswith("fastbus-dispatch-"):
+            calls.append(self)
+            if len(calls) == 3:
+                raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="could not start 4 dispatch threads"):
+        ScalableBus(workers=4)
+    for th in calls[:2]:
+        th.join(5)
+        assert not th.is_alive()
