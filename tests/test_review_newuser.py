@@ -333,3 +333,40 @@ def test_dispatch_threads_that_started_stop_when_a_later_one_cannot(monkeypatch)
     for th in calls[:2]:
         th.join(5)
         assert not th.is_alive()
+
+
+# -- pyee AsyncIOEventEmitter behind a ScalableBus -----------------------------------------------
+
+
+def test_asyncio_emitter_coroutine_listeners_get_configured_topics():
+    """docs/adapters.md: the library's receivers keep getting the messages of configured
+    topics, and coroutine listeners run on an AsyncIOEventEmitter. The forward runs on a
+    dispatch thread, where pyee's ensure_future found no event loop: every forwarded
+    message failed with RuntimeError (to on_error) and the coroutine was never awaited."""
+    pytest.importorskip("pyee")
+    from pyee.asyncio import AsyncIOEventEmitter
+
+    from fastbus.adapters import PyeeBus
+
+    async def main():
+        ee = AsyncIOEventEmitter()
+        legacy, errors = [], []
+
+        async def legacy_listener(m):
+            await asyncio.sleep(0)
+            legacy.append(m)
+
+        ee.on("orders", legacy_listener)
+        async with ScalableBus(PyeeBus(ee), on_error=errors.append) as bus:
+            bus.configure_topic("orders", TopicConfig(partitions=1))
+            for i in range(5):
+                await bus.publish_async("orders", i)
+            assert await bus.flush_async(timeout=5)
+            deadline = time.monotonic() + 5
+            while len(legacy) < 5 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await ee.wait_for_complete()
+        assert errors == []
+        assert legacy == [0, 1, 2, 3, 4]
+
+    asyncio.run(main())
