@@ -968,11 +968,16 @@ class ScalableBus(BusCore):
             self._batch_limit(t, len(msgs))
         if bp._state is not _NORMAL:
             _check_early(t, msgs, klist)
-            extra = bp.admit(topic, critical=t.config.critical)
-            if bp._state is _SHEDDING and not t.config.critical:
-                extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
-            if extra:
-                hdrs = {**hdrs, **extra} if hdrs else dict(extra)
+            if self._waits_for_room(t):
+                # (as publish: _admit_batch waits for the room, and stops if the bus
+                # closes meanwhile; admit's wait would go on to critical_timeout)
+                hdrs = {**hdrs, **_SHEDDING_HEADER} if hdrs else dict(_SHEDDING_HEADER)
+            else:
+                extra = bp.admit(topic, critical=t.config.critical)
+                if bp._state is _SHEDDING and not t.config.critical:
+                    extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
+                if extra:
+                    hdrs = {**hdrs, **extra} if hdrs else dict(extra)
         if not msgs:
             return [] if t.wal is not None else 0
         if t.wal is not None:
@@ -1051,6 +1056,11 @@ class ScalableBus(BusCore):
             done, out, capacity = self._try_batch(t, n, enqueue)
             if done:
                 return out
+            if t.core is not None and t.core.closed:
+                # close() waits for the publishes under way: one waiting here for
+                # room would hold it up to critical_timeout, past close's timeout.
+                raise BusClosed(f"the bus was closed while {n} message(s) for topic "
+                                f"{t.name!r} waited for room; nothing of it was queued")
             left = self._batch_waits(t, n, deadline, capacity, first)
             first = False
             if bp.depth < capacity:

@@ -370,3 +370,50 @@ def test_asyncio_emitter_coroutine_listeners_get_configured_topics():
         assert legacy == [0, 1, 2, 3, 4]
 
     asyncio.run(main())
+
+
+# -- a critical publisher waiting for room when the bus closes ------------------------------------
+
+
+@pytest.mark.parametrize("how", ["publish", "publish_async", "publish_many"])
+def test_a_critical_publisher_waiting_for_room_gets_bus_closed_when_the_bus_closes(how):
+    """It went on waiting for critical_timeout (30 s by default) after close() and then
+    got QueueLimitExceeded (a BusOverloaded), although the bus was closed: DESIGN says
+    publishing after close raises BusClosed."""
+    from fastbus import BusClosed
+
+    release = threading.Event()
+    bus = ScalableBus(limits=Limits(max_queue_size=10),
+                      thresholds=Thresholds(critical_timeout=20))
+    try:
+        bus.configure_topic("c", TopicConfig(partitions=1, critical=True))
+        bus.subscribe("c", lambda m: release.wait(10))
+        bus.publish_many("c", list(range(10)))  # full: depth 10 of 10
+        outcome: list = []
+
+        def publisher():
+            t0 = time.monotonic()
+            try:
+                if how == "publish":
+                    bus.publish("c", "x")
+                elif how == "publish_async":
+                    asyncio.run(bus.publish_async("c", "x"))
+                else:
+                    bus.publish_many("c", ["x", "y"])
+                outcome.append("published")
+            except Exception as exc:  # the test looks at its type
+                outcome.append(exc)
+            outcome.append(time.monotonic() - t0)
+
+        th = threading.Thread(target=publisher)
+        th.start()
+        deadline = time.monotonic() + 5
+        while bus.backpressure.snapshot()["critical_waits"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        bus.close(timeout=0.5)
+        th.join(15)
+        assert not th.is_alive()
+        assert isinstance(outcome[0], BusClosed), outcome
+        assert outcome[1] < 5
+    finally:
+        release.set()
