@@ -1057,8 +1057,8 @@ class ScalableBus(BusCore):
             if done:
                 return out
             if t.core is not None and t.core.closed:
-                # close() waits for the publishes under way: one waiting here for
-                # room would hold it up to critical_timeout, past close's timeout.
+                # Closed meanwhile: the enqueue can only fail now, so waiting on for
+                # room would end in BusOverloaded after critical_timeout instead.
                 raise BusClosed(f"the bus was closed while {n} message(s) for topic "
                                 f"{t.name!r} waited for room; nothing of it was queued")
             left = self._batch_waits(t, n, deadline, capacity, first)
