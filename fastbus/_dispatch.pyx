@@ -15,6 +15,8 @@ from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 from fastbus._atomic cimport fb_cas, fb_fetch_add, fb_load_acquire, fb_store_release
 from fastbus._partition cimport is_number_buffer, key_type_message, murmur2_c, partition_c
 
+from collections.abc import Mapping
+
 
 cdef inline int64_t _now_ns() noexcept nogil:
     cdef timespec ts
@@ -35,12 +37,22 @@ cdef class Message:
     subscriber group: treat it as read-only.
     """
 
-    def __init__(self, topic, payload, key=None, headers=None, int64_t timestamp_ns=0,
+    def __init__(self, topic, payload, key=None, headers=None, timestamp_ns=0,
                  partition=None, offset=None):
+        if not isinstance(topic, str):
+            raise TypeError(f"Message topic must be a str, got {type(topic).__name__} "
+                            f"{topic!r}")
+        if type(timestamp_ns) is not int and (
+                isinstance(timestamp_ns, bool) or not isinstance(timestamp_ns, int)):
+            raise TypeError(f"Message timestamp_ns must be an int (nanoseconds since the "
+                            f"epoch, e.g. time.time_ns()), got {type(timestamp_ns).__name__} "
+                            f"{timestamp_ns!r}")
+        _check_position(partition, "partition")
+        _check_position(offset, "offset")
         self.topic = topic
         self.payload = payload
         self.key = key
-        self._headers = None if not headers else dict(headers)
+        self._headers = None if not headers else _headers_dict(headers)
         self.timestamp_ns = timestamp_ns
         self.partition = partition
         self.offset = offset
@@ -54,7 +66,7 @@ cdef class Message:
 
     @headers.setter
     def headers(self, value):
-        self._headers = None if value is None else dict(value)
+        self._headers = None if value is None else _headers_dict(value)
 
     def __repr__(self):
         return (f"Message(topic={self.topic!r}, payload={self.payload!r}, key={self.key!r}, "
@@ -74,6 +86,27 @@ cdef class Message:
     def __reduce__(self):
         return (Message, (self.topic, self.payload, self.key, self.headers, self.timestamp_ns,
                           self.partition, self.offset))
+
+
+cdef dict _headers_dict(object headers):
+    if type(headers) is dict:
+        return dict(<dict>headers)
+    if not isinstance(headers, Mapping):
+        raise TypeError(f"Message headers must be a mapping (a dict of str to str or bytes) "
+                        f"or None, got {type(headers).__name__} {headers!r}")
+    return dict(headers)
+
+
+cdef int _check_position(object value, str what) except -1:
+    """``partition`` and ``offset`` of a Message: None or an int >= 0."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Message {what} must be an int >= 0 or None, got "
+                        f"{type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"Message {what} must be an int >= 0 or None, got {value!r}")
+    return 0
 
 
 cdef Message make_message(object topic, object payload, object key, dict headers,

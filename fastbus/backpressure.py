@@ -65,7 +65,7 @@ from typing import Any
 
 from ._dispatch import StepCounter
 from .bus import _AsyncRunner, fit_arguments, is_async_handler, running_loop
-from .config import Thresholds
+from .config import MAX_QUEUE_SIZE, Thresholds
 from .errors import overloaded
 
 # Said of a refusal at a depth that has reached the capacity (a QueueLimitExceeded).
@@ -141,6 +141,9 @@ def _check_capacity(capacity: Any) -> int:
                         f"got {type(capacity).__name__} {capacity!r}")
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1 (Limits.max_queue_size), got {capacity}")
+    if capacity > MAX_QUEUE_SIZE:
+        raise ValueError(f"capacity must be at most 2**62 (Limits.max_queue_size), got "
+                         f"{capacity}")
     return capacity
 
 

@@ -28,11 +28,20 @@ __all__ = [
 T = TypeVar("T")
 
 
-def _check_int(owner: str, name: str, value: Any, *, minimum: int) -> None:
+# The most messages a bus may hold in memory: backpressure's counters and triggers
+# are 64-bit (a larger capacity failed with OverflowError half-way through a change).
+MAX_QUEUE_SIZE = 1 << 62
+
+
+def _check_int(owner: str, name: str, value: Any, *, minimum: int,
+               maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{owner}.{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        power = maximum.bit_length() - 1
+        raise ValueError(f"{owner}.{name} must be at most {maximum} (2**{power}), got {value}")
 
 
 def _check_number(owner: str, name: str, value: Any, *, positive: bool = True,
@@ -65,7 +74,7 @@ class Limits:
     ``max_topics``: configured topics (pass-through topics do not count).
     ``max_subscribers_per_topic``: subscriptions on one configured topic.
     ``max_queue_size``: messages held in memory across the bus's queues and ring
-    overflows; backpressure utilisation is measured against it.
+    overflows; backpressure utilisation is measured against it (1 to 2**62).
 
     Lowering a limit below current use keeps what exists and refuses what is new:
     a topic or a subscription with ``LimitExceeded``; for ``max_queue_size``,
@@ -84,7 +93,8 @@ class Limits:
         _check_int("Limits", "max_topics", self.max_topics, minimum=1)
         _check_int("Limits", "max_subscribers_per_topic", self.max_subscribers_per_topic,
                    minimum=1)
-        _check_int("Limits", "max_queue_size", self.max_queue_size, minimum=1)
+        _check_int("Limits", "max_queue_size", self.max_queue_size, minimum=1,
+                   maximum=MAX_QUEUE_SIZE)
 
     def replace(self, **changes: Any) -> Limits:
         """A copy with ``changes`` applied; unknown names raise ``TypeError``."""

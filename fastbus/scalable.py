@@ -53,6 +53,7 @@ from ._dispatch import (
     PartitionSlot,
     TopicCore,
     deliver_groups,
+    key_partition,
 )
 from ._walcodec import check_keys
 from .backpressure import (
@@ -91,6 +92,7 @@ _SHEDDING_HEADER = {BACKPRESSURE_HEADER: "shedding"}
 _NEAR_FULL = frozenset((_CRITICAL, _SHEDDING))
 _STOP = object()
 _OPEN_BUSES: weakref.WeakSet[ScalableBus] = weakref.WeakSet()
+_MAX_WORKERS = 1024  # ScalableBus(workers=): more is a ValueError, not thousands of threads
 
 
 def _close_inherited_buses() -> None:
@@ -375,7 +377,7 @@ class ScalableBus(BusCore):
       (a second one raises ``ValueError``), or a callable ``store(topic) ->
       Store`` called once for each durable topic configured.
     - ``workers``: dispatch threads for in-memory topics (default: 2 x CPUs,
-      at least 2, at most 8). ``max_batch``: most messages handed to a handler
+      at least 2, at most 8; 1 to 1024). ``max_batch``: most messages handed to a handler
       (``batch=True``) or dispatched in one turn. ``linger``: seconds a worker
       may wait to fill a batch while the bus is not under pressure (0 = deliver
       at once); in CRITICAL and SHEDDING workers do not linger, and one that
@@ -419,6 +421,12 @@ class ScalableBus(BusCore):
                     f"or be a bus fastbus.adapters can wrap (a blinker.Namespace, a pyee "
                     f"EventEmitter, pypubsub's pub or a Publisher); got "
                     f"{type(inner).__name__} (see fastbus.adapters)") from None
+        if _is_async(getattr(inner, "publish", None)):
+            raise TypeError(
+                f"inner.publish of {type(inner).__name__} is a coroutine function: fastbus "
+                f"calls inner.publish(topic, message) without awaiting it (pass-through "
+                f"topics, and the forwarding of configured ones), so nothing would ever be "
+                f"published on it; give an inner bus whose publish is a plain function")
         limits = Limits() if limits is None else limits
         thresholds = Thresholds() if thresholds is None else thresholds
         if not isinstance(limits, Limits):
@@ -435,6 +443,10 @@ class ScalableBus(BusCore):
                                 f"{value!r}")
             if value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if workers > _MAX_WORKERS:
+            raise ValueError(f"workers must be at most {_MAX_WORKERS} dispatch threads, got "
+                             f"{workers}; a topic's parallelism is its partition count, and "
+                             f"Python handlers share the GIL (see docs/tuning.md)")
         if isinstance(linger, bool) or not isinstance(linger, int | float):
             raise TypeError(f"linger must be a number of seconds >= 0 (e.g. 0.001), got "
                             f"{type(linger).__name__} {linger!r}")
@@ -478,7 +490,7 @@ class ScalableBus(BusCore):
                 raise TypeError(f"store must be a fastbus.Store (FileStore, SQLiteStore, "
                                 f"MemoryStore) or a callable topic -> Store, got "
                                 f"{type(store).__name__}")
-        self._data_dir = os.fspath(data_dir) if data_dir is not None else None
+        self._data_dir = None if data_dir is None else _check_data_dir(data_dir)
         self._store = store
         self._store_topic: str | None = None  # the durable topic a Store instance carries
         self._topics: dict[str, _Topic] = {}
@@ -510,8 +522,16 @@ class ScalableBus(BusCore):
             threading.Thread(target=self._worker, name=f"fastbus-dispatch-{i}", daemon=True)
             for i in range(workers)
         ]
-        for t in self._workers:
-            t.start()
+        started = 0
+        try:
+            for t in self._workers:
+                t.start()
+                started += 1
+        except RuntimeError as exc:  # can't start new thread: stop those that started
+            for _ in range(started):
+                self._runq.put(_STOP)
+            raise RuntimeError(f"could not start {workers} dispatch threads ({exc}); "
+                               f"pass a smaller workers=") from exc
         self._housekeeper = threading.Thread(
             target=self._housekeeping, args=(weakref.ref(self),), name="fastbus-housekeeping",
             daemon=True)
@@ -830,7 +850,7 @@ class ScalableBus(BusCore):
         """``self._lock`` held: a topic or subscription refused by ``limit``."""
         self._limit_refusals[limit] = self._limit_refusals.get(limit, 0) + 1
 
-    def reconfigure_limits(self, limits: Limits | None = None, /, **changes: Any) -> Limits:
+    def reconfigure_limits(self, limits: Limits | None = None, **changes: Any) -> Limits:
         """Change limits at runtime; returns the new ``Limits``.
 
         ``limits``: a whole new ``Limits`` (optional), then ``changes`` (keyword
@@ -855,7 +875,7 @@ class ScalableBus(BusCore):
                 self._bp.set_capacity(new.max_queue_size)
         return new
 
-    async def reconfigure_limits_async(self, limits: Limits | None = None, /,
+    async def reconfigure_limits_async(self, limits: Limits | None = None,
                                        **changes: Any) -> Limits:
         """``reconfigure_limits`` for asyncio code (it never blocks the loop for long)."""
         return self.reconfigure_limits(limits, **changes)
@@ -873,6 +893,7 @@ class ScalableBus(BusCore):
         hdrs = None if headers is None else _check_headers(headers)
         bp = self._bp
         if bp._state is not _NORMAL:
+            _check_early(t, (message,), None if key is None else (key,))
             if self._waits_for_room(t):
                 hdrs = {**hdrs, **_SHEDDING_HEADER} if hdrs else dict(_SHEDDING_HEADER)
             else:
@@ -928,6 +949,7 @@ class ScalableBus(BusCore):
         hdrs = None if headers is None else _check_headers(headers)
         bp = self._bp
         if bp._state is not _NORMAL:
+            _check_early(t, (message,), None if key is None else (key,))
             if self._waits_for_room(t):
                 hdrs = {**hdrs, **_SHEDDING_HEADER} if hdrs else dict(_SHEDDING_HEADER)
             else:
@@ -1023,10 +1045,12 @@ class ScalableBus(BusCore):
             # Before admission: no delay, no BusOverloaded for a batch no retry can fit.
             self._batch_limit(t, len(msgs))
         if bp._state is not _NORMAL:
+            _check_early(t, msgs, klist)
             extra: dict[str, str] | None
             if self._waits_for_room(t):
-                # (_admit_batch below waits for room: not admit() too, which would
-                # wait on its own, count a second critical wait and reserve nothing)
+                # (_admit_batch below waits for room, and stops if the bus closes
+                # meanwhile: not admit() too, which would wait on its own, count a
+                # second critical wait and reserve nothing)
                 extra = _SHEDDING_HEADER
             else:
                 extra = self._admit(t)
@@ -1109,9 +1133,12 @@ class ScalableBus(BusCore):
         pause = 0.0005
         first = True
         while True:
-            # Closed meanwhile: the batch was not queued (and no room a stuck handler
-            # holds may ever come): BusClosed now, not after critical_timeout.
-            self._check_open()
+            if self._closed or (t.core is not None and t.core.closed):
+                # Closed meanwhile: the batch was not queued, and no room a stuck
+                # handler holds may ever come: BusClosed now, not BusOverloaded after
+                # critical_timeout.
+                raise BusClosed(f"the bus was closed while {n} message(s) for topic "
+                                f"{t.name!r} waited for room; nothing of it was queued")
             done, out, capacity = self._try_batch(t, n, enqueue)
             if done:
                 return out
@@ -1325,7 +1352,18 @@ class ScalableBus(BusCore):
                     return result
             return asyncio.run(handler(arg))
 
+        call.loop = loop  # type: ignore[attr-defined]  # (_blocks_handler_loop)
         return call
+
+    def _blocks_handler_loop(self) -> bool:
+        """True on the thread of a running event loop that a coroutine handler of this
+        bus runs on: a blocking wait there for deliveries would wait for that loop."""
+        loop = running_loop()
+        if loop is None:
+            return False
+        return any(getattr(m.call, "loop", None) is loop
+                   for t in list(self._topics.values()) for g in t.groups
+                   for m in list(g.members))
 
     # -- dispatch (in-memory topics) ----------------------------------------
 
@@ -1774,11 +1812,18 @@ class ScalableBus(BusCore):
         an I/O error tries again, and flush waits for it). ``timeout``: seconds >= 0, or
         None to wait without limit (``TypeError``/``ValueError`` otherwise).
         Called from a handler of this bus it raises ``RuntimeError``: it would wait
-        for that handler itself.
+        for that handler itself. So it does on the event loop a coroutine handler of
+        this bus runs on (it would block the loop that handler needs): there, use
+        ``await bus.flush_async()``.
         """
         if self._forked:
             return True  # a forked child's copy: it accepted nothing, and delivers nothing
         deadline = self._flush_deadline("flush", timeout)
+        if self._blocks_handler_loop():
+            raise RuntimeError(
+                "flush() was called on the event loop that coroutine handlers of this bus "
+                "run on; it would block the loop they need (forever without a timeout). "
+                "Use `await bus.flush_async()` there")
         for t in list(self._topics.values()):
             if t.wal is not None:
                 t.wal.flush()
@@ -1841,9 +1886,11 @@ class ScalableBus(BusCore):
         committed, so it comes again on restart). If in-memory messages are still
         queued after ``timeout`` seconds, they are not delivered: they are counted
         in ``metrics().drops["undelivered_at_close"]`` and logged. Idempotent.
-        Publishing after close raises ``BusClosed``. Called from a handler, it
-        returns at once and the rest runs in a thread of its own once handlers
-        return. A bad ``timeout`` raises before anything is closed.
+        Publishing after close raises ``BusClosed``. Called from a handler, or on
+        the event loop a coroutine handler of this bus runs on (``with bus:`` in a
+        coroutine; ``async with bus`` waits without blocking the loop), it returns
+        at once and the rest runs in a thread of its own once handlers return. A
+        bad ``timeout`` raises before anything is closed.
         """
         if timeout is not None:
             _check_timeout(timeout)
@@ -1858,10 +1905,12 @@ class ScalableBus(BusCore):
             self._closed = True
             _OPEN_BUSES.discard(self)
         self._bp._wake_room_waiters()  # they end with BusClosed (see _abort)
-        if self._in_handler_thread():
+        if self._in_handler_thread() or self._blocks_handler_loop():
             # Called from a handler: the rest waits for that handler to return (and
             # joins the threads, its own among them), so it goes on in a thread of its
-            # own. Publishes are refused from now on.
+            # own. So on a loop coroutine handlers need: blocking it, the close would
+            # wait for them out its timeout and drop what is queued. Publishes are
+            # refused from now on.
             threading.Thread(target=self._finish_close, args=(timeout,),
                              name="fastbus-close").start()
             return
@@ -2069,6 +2118,39 @@ def _as_list(values: Any, what: str) -> list[Any]:
     except TypeError:
         raise TypeError(f"{what}, got {type(values).__name__} {values!r}") from None
     return list(it)
+
+
+def _check_early(t: _Topic, payloads: Sequence[Any], keys: Sequence[Any] | None) -> None:
+    """Under backpressure, before admission: a key (or a durable payload) of a
+    wrong type is the ``TypeError`` it is in NORMAL, not a CRITICAL delay followed
+    by it, nor a ``BusOverloaded`` counted as a rejection. (In NORMAL the enqueue
+    checks them; these are the same checks, made earlier.)"""
+    wal = t.wal
+    if wal is not None:
+        if keys is not None:
+            check_keys(keys)  # the WAL's rule
+        if wal._serializer is None:  # (a serializer's dumps is tried by the append)
+            from ._walappend import check_payloads
+            from .wal.queue import _payload_type_error
+            check_payloads(payloads, _payload_type_error)
+        return
+    if keys is not None:
+        for key in keys:
+            if key is not None:
+                key_partition(key, 1)
+
+
+def _check_data_dir(data_dir: Any) -> str:
+    """``ScalableBus(data_dir=)`` as a str path (bytes paths decoded as the OS does)."""
+    if not isinstance(data_dir, str | bytes | os.PathLike):
+        raise TypeError(f"data_dir must be a directory path (a str or an os.PathLike such "
+                        f"as pathlib.Path), or None; got {type(data_dir).__name__} "
+                        f"{data_dir!r}")
+    path = os.fsdecode(data_dir)
+    if not path:
+        raise ValueError("data_dir must be a directory path, got an empty one; pass e.g. "
+                         "data_dir='bus-data' (created if missing), or None")
+    return path
 
 
 def _check_headers(headers: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import inspect
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..bus import MessageBus
+from ..bus import MessageBus, is_async_handler
 
 if TYPE_CHECKING:
     from ._blinker import BlinkerBus
@@ -65,9 +65,15 @@ def wrap(obj: Any) -> MessageBus:
     for a pyee ``EventEmitter`` (any subclass); a ``PubSubBus`` for a pypubsub
     ``Publisher`` or the ``pubsub.pub`` module. Adapters get their default
     options; build one yourself for others (``BlinkerBus(ns, keyword="message")``).
-    Anything else raises TypeError naming the accepted kinds.
+    Anything else raises TypeError naming the accepted kinds, as does an object
+    whose ``publish`` is a coroutine function (it would never be awaited).
     """
     if _takes_two(getattr(obj, "publish", None)) and _takes_two(getattr(obj, "subscribe", None)):
+        if is_async_handler(obj.publish):
+            raise TypeError(f"cannot wrap {type(obj).__qualname__}: its publish is a coroutine "
+                            "function, and a MessageBus's publish(topic, message) is called "
+                            "without awaiting (nothing would be published); give it a plain "
+                            "publish")
         return obj
     # A library can only have made obj if it is imported already: no imports here.
     blinker = sys.modules.get("blinker")

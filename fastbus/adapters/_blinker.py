@@ -54,7 +54,11 @@ class BlinkerBus:
         if not isinstance(namespace, blinker.Namespace):
             raise TypeError(f"namespace must be a blinker.Namespace (or None for "
                             f"blinker.default_namespace), got {type(namespace).__name__}")
-        if keyword is not None and (not isinstance(keyword, str) or not keyword.isidentifier()):
+        if keyword is not None and not isinstance(keyword, str):
+            raise TypeError(f"keyword must be None or a str (the name of the argument the "
+                            f"message travels in, e.g. keyword=\"message\"), got "
+                            f"{type(keyword).__name__} {keyword!r}")
+        if keyword is not None and not keyword.isidentifier():
             raise ValueError(f"keyword must be None or an identifier str, got {keyword!r}")
         if keyword is None and sender is not None:
             raise ValueError("sender= is only used with keyword=...; with keyword=None the "

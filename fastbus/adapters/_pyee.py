@@ -7,7 +7,14 @@ from typing import Any
 
 from pyee import EventEmitter
 
-from ..bus import Handler, Subscription, check_handler, check_topic, is_async_handler
+from ..bus import (
+    Handler,
+    Subscription,
+    check_handler,
+    check_topic,
+    is_async_handler,
+    running_loop,
+)
 
 __all__ = ["PyeeBus"]
 
@@ -47,6 +54,14 @@ class PyeeBus:
     ``ExecutorEventEmitter``) would call them and drop the coroutine unawaited, so
     subscribing one there raises ``TypeError``. ``emitter=None`` creates a new
     plain ``EventEmitter`` (pyee has no global emitter).
+
+    Threads: an ``AsyncIOEventEmitter`` must emit on its event loop's thread (its
+    ``loop``, or the loop running when this adapter was made or first
+    subscribed to). ``publish`` from a thread that runs no event loop, such as a
+    ``ScalableBus`` dispatch thread forwarding a configured topic's message, hands
+    the emit to that loop (``call_soon_threadsafe``, in publish order) while it
+    runs, and returns True without waiting: the listeners run there, and an error
+    no ``'error'`` listener takes is the loop's to report.
     """
 
     def __init__(self, emitter: EventEmitter | None = None) -> None:
@@ -56,6 +71,20 @@ class PyeeBus:
             raise TypeError(f"emitter must be a pyee EventEmitter (or None for a new one), "
                             f"got {type(emitter).__name__}")
         self.emitter = emitter
+        aio = getattr(sys.modules.get("pyee.asyncio"), "AsyncIOEventEmitter", None)
+        self._asyncio = aio is not None and isinstance(emitter, aio)
+        # Where an AsyncIOEventEmitter without a loop of its own runs its listeners.
+        self._loop = running_loop()
+
+    def _hand_off_loop(self) -> Any:
+        """The running loop an AsyncIOEventEmitter's emit must be handed to from
+        this thread, which runs none; None to emit here."""
+        if not self._asyncio or running_loop() is not None:
+            return None
+        loop = getattr(self.emitter, "_loop", None) or self._loop
+        if loop is None or not loop.is_running():
+            return None
+        return loop
 
     @property
     def runs_coroutines(self) -> bool:
@@ -68,11 +97,21 @@ class PyeeBus:
         return False
 
     def publish(self, topic: str, message: Any) -> bool:
-        return self.emitter.emit(check_topic(topic), message)
+        check_topic(topic)
+        loop = self._hand_off_loop() if self._asyncio else None
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self.emitter.emit, topic, message)
+                return True
+            except RuntimeError:  # closed since we looked: emit here, as pyee would
+                pass
+        return self.emitter.emit(topic, message)
 
     def subscribe(self, topic: str, handler: Handler) -> Subscription:
         check_topic(topic)
         check_handler(handler)
+        if self._loop is None:
+            self._loop = running_loop()
         if is_async_handler(handler) and not self.runs_coroutines:
             raise TypeError(
                 f"a plain pyee EventEmitter does not await coroutine handler {handler!r}; "

@@ -54,7 +54,11 @@ class PubSubBus:
         if not isinstance(publisher, Publisher):
             raise TypeError(f"publisher must be a pypubsub Publisher, the pubsub.pub module, "
                             f"or None for the default, got {type(publisher).__name__}")
-        if not isinstance(arg, str) or not arg.isidentifier() or arg.startswith("_"):
+        if not isinstance(arg, str):
+            raise TypeError(f"arg must be a str (the keyword argument of sendMessage the "
+                            f"message travels in, e.g. arg=\"msg\"), got "
+                            f"{type(arg).__name__} {arg!r}")
+        if not arg.isidentifier() or arg.startswith("_"):
             raise ValueError(f"arg must be an identifier not starting with '_', got {arg!r}")
         self.publisher = publisher
         self.arg = arg
