@@ -1264,7 +1264,8 @@ class ScalableBus(BusCore):
                 raise ValueError(
                     f"topic {topic!r} is not configured: groups and batch delivery need "
                     f"configure_topic({topic!r}, TopicConfig(...)) first")
-            return self._inner.subscribe(topic, handler)
+            return _as_subscription(self._inner, topic, handler,
+                                    self._inner.subscribe(topic, handler))
         with self._lock:
             self._check_open()  # (again: close() may have begun meanwhile)
             limit = self._limits.current.max_subscribers_per_topic
@@ -2102,6 +2103,31 @@ class ScalableBus(BusCore):
     def __repr__(self) -> str:
         state = "closed" if self._closed else self._bp.state.name
         return f"<ScalableBus topics={len(self._topics)} {state} inner={self._inner!r}>"
+
+
+def _as_subscription(inner: Any, topic: str, handler: Any, result: Any) -> Subscription:
+    """What ``inner.subscribe(topic, handler)`` returned, as the ``Subscription`` the
+    MessageBus protocol promises: a wrapped bus of the user's may return anything
+    (a handle with ``unsubscribe()``, an unsubscribe function, None...)."""
+    if isinstance(result, Subscription):
+        return result
+    end = getattr(result, "unsubscribe", None)
+    if not callable(end):
+        if callable(result):
+            end = result  # (subscribe returned its unsubscribe function)
+        elif callable(getattr(inner, "unsubscribe", None)):
+            def end() -> None:
+                inner.unsubscribe(topic, handler)
+        else:
+            def end() -> None:
+                raise TypeError(
+                    f"the inner bus {type(inner).__name__}'s subscribe returned "
+                    f"{result!r}, which has no unsubscribe(), and the bus has no "
+                    f"unsubscribe(topic, handler): this subscription cannot be ended "
+                    f"through fastbus")
+    sub = Subscription(topic, handler, lambda _s: end())
+    sub._data = result  # (the inner bus's own handle)
+    return sub
 
 
 def _check_open_ref(ref: Any) -> None:

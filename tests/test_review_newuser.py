@@ -17,6 +17,7 @@ from fastbus import (
     FsyncPolicy,
     Limits,
     ScalableBus,
+    Subscription,
     Thresholds,
     TopicConfig,
 )
@@ -417,3 +418,49 @@ def test_a_critical_publisher_waiting_for_room_gets_bus_closed_when_the_bus_clos
         assert outcome[1] < 5
     finally:
         release.set()
+
+
+class _OwnBus:
+    """A user's own legacy bus: subscribe returns whatever its author chose."""
+
+    def __init__(self, returns: str) -> None:
+        self.handlers: dict[str, list] = {}
+        self.returns = returns
+
+    def publish(self, topic, message):
+        for h in list(self.handlers.get(topic, ())):
+            h(message)
+
+    def subscribe(self, topic, handler):
+        self.handlers.setdefault(topic, []).append(handler)
+        if self.returns == "function":
+            return lambda: self.handlers[topic].remove(handler)
+        if self.returns == "token":
+            return 7
+        return None
+
+
+class _OwnBusWithUnsubscribe(_OwnBus):
+    def unsubscribe(self, topic, handler):
+        self.handlers[topic].remove(handler)
+
+
+@pytest.mark.parametrize("kind", ["function", "bus-unsubscribe"])
+def test_pass_through_subscribe_returns_a_subscription_whatever_the_inner_bus_returns(kind):
+    inner = _OwnBus("function") if kind == "function" else _OwnBusWithUnsubscribe("token")
+    got = []
+    with ScalableBus(inner) as bus:
+        with bus.subscribe("legacy", got.append) as sub:
+            assert isinstance(sub, Subscription)
+            bus.publish("legacy", 1)
+        bus.publish("legacy", 2)  # ended by the with block
+    assert got == [1]
+    assert inner.handlers["legacy"] == []
+
+
+def test_pass_through_subscription_that_cannot_end_says_so():
+    with ScalableBus(_OwnBus("none")) as bus:
+        sub = bus.subscribe("legacy", print)
+        assert isinstance(sub, Subscription)
+        with pytest.raises(TypeError, match="cannot be ended"):
+            sub.unsubscribe()
