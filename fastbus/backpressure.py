@@ -419,14 +419,17 @@ class MessageBusBackpressure:
 
     # ------------------------------------------------------------------ admission
 
-    def admit(self, topic: str, *, critical: bool = False) -> dict[str, str] | None:
+    def admit(self, topic: str, *, critical: bool = False,
+              takes_room: bool = True) -> dict[str, str] | None:
         """Decide on one publish to ``topic`` before it is enqueued; may sleep or raise.
 
         Returns None (NORMAL) or the headers to add to the message. In CRITICAL
         it first sleeps :meth:`delay_for` the current utilisation (at least
         ``min_delay``). In SHEDDING it raises ``BusOverloaded`` unless ``critical``;
         a critical publisher is admitted, after waiting for room when the bus is full
-        (``BusOverloaded`` after ``critical_timeout`` seconds without room).
+        (``BusOverloaded`` after ``critical_timeout`` seconds without room), unless
+        the message takes no room in the queues this object counts
+        (``takes_room=False``: a bus's durable topic, kept on disk).
         """
         if self._state is NORMAL:
             return None
@@ -440,7 +443,7 @@ class MessageBusBackpressure:
             return {BACKPRESSURE_HEADER: "critical"}
         if not critical:
             self._reject(topic)
-        if not self._full():
+        if not takes_room or not self._full():
             return {BACKPRESSURE_HEADER: "shedding"}
         self._count("critical_waits")
         timeout = self._thresholds.critical_timeout
@@ -449,7 +452,8 @@ class MessageBusBackpressure:
         self._reject_timeout(topic, timeout)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def admit_async(self, topic: str, *, critical: bool = False) -> dict[str, str] | None:
+    async def admit_async(self, topic: str, *, critical: bool = False,
+                          takes_room: bool = True) -> dict[str, str] | None:
         """:meth:`admit` for coroutines: every wait is an ``await``, never a blocking sleep."""
         if self._state is NORMAL:
             return None
@@ -463,7 +467,7 @@ class MessageBusBackpressure:
             return {BACKPRESSURE_HEADER: "critical"}
         if not critical:
             self._reject(topic)
-        if not self._full():
+        if not takes_room or not self._full():
             return {BACKPRESSURE_HEADER: "shedding"}
         self._count("critical_waits")
         timeout = self._thresholds.critical_timeout

@@ -953,9 +953,11 @@ class ScalableBus(BusCore):
             if self._waits_for_room(t):
                 hdrs = {**hdrs, **_SHEDDING_HEADER} if hdrs else dict(_SHEDDING_HEADER)
             else:
-                if bp._state is _SHEDDING and t.config.critical and bp._full():
+                if bp._state is _SHEDDING and t.config.critical and t.wal is None \
+                        and bp._full():
                     self._refuse_wait_on_worker(t)
-                extra = await bp.admit_async(topic, critical=t.config.critical)
+                extra = await bp.admit_async(topic, critical=t.config.critical,
+                                             takes_room=t.wal is None)
                 if bp._state is _SHEDDING and not t.config.critical:
                     # Rose during the delay: refused. (Not bp.admit, which would sleep on
                     # the loop if the state fell back to CRITICAL meanwhile.)
@@ -1187,11 +1189,12 @@ class ScalableBus(BusCore):
 
     def _admit(self, t: _Topic) -> dict[str, str] | None:
         """``backpressure.admit`` for ``t`` (not in NORMAL), whose wait for room a
-        dispatch worker does not make (``_refuse_wait_on_worker``)."""
+        dispatch worker does not make (``_refuse_wait_on_worker``). A durable topic's
+        messages take no room in the in-memory queues: they wait for none."""
         bp = self._bp
-        if bp._state is _SHEDDING and t.config.critical and bp._full():
+        if bp._state is _SHEDDING and t.config.critical and t.wal is None and bp._full():
             self._refuse_wait_on_worker(t)
-        return bp.admit(t.name, critical=t.config.critical)
+        return bp.admit(t.name, critical=t.config.critical, takes_room=t.wal is None)
 
     def _batch_waits(self, t: _Topic, n: int, deadline: float, capacity: int,
                      first: bool) -> float:

@@ -191,7 +191,7 @@ def test_publish_async_refuses_a_rise_to_shedding_during_its_delay_without_block
         cls = type(bp)
         real_admit_async = cls.admit_async
 
-        async def admit_async(self, topic, *, critical=False):
+        async def admit_async(self, topic, *, critical=False, takes_room=True):
             extra = await real_admit_async(self, topic, critical=critical)
             self._state = BackpressureState.SHEDDING  # rose during the delay
             return extra
