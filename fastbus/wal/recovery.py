@@ -36,6 +36,7 @@ been checked: an open that fails on a later partition changes nothing.
 from __future__ import annotations
 
 import logging
+from array import array
 from dataclasses import dataclass, field
 
 from .._segfile import MappedSegment
@@ -173,8 +174,9 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
             max_timestamp_ns=vr.max_timestamp_ns if count else 0,
             created=(vr.max_timestamp_ns / 1e9) if count else clock_now)
         if len(vr.index):
-            seg.index_offsets = vr.index[:, 0].tolist()
-            seg.index_positions = vr.index[:, 1].tolist()
+            # packed int64s (16 bytes an entry), not lists of Python ints (~80)
+            seg.index_offsets = array("q", vr.index[:, 0].tobytes())
+            seg.index_positions = array("q", vr.index[:, 1].tobytes())
         if seg.index_positions:
             seg.last_index_pos = seg.index_positions[-1]
         out.records += count
