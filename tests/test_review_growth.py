@@ -156,3 +156,43 @@ def test_verifying_a_segment_in_chunks_finds_what_a_whole_read_finds(
             assert found[0] == found[1], name
     finally:
         store.close()
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_long_log_keeps_a_descriptor_per_partition_not_one_per_segment(tmp_path):
+    # Every segment's file stayed open for the life of the queue: a log of more
+    # segments than RLIMIT_NOFILE (1024 by default: 64 GB of 64 MiB segments over
+    # all topics) could not be opened again (EMFILE).
+    kw = dict(partitions=2, fsync=FsyncPolicy.every(1000), segment_bytes=4096,
+              compaction_interval=None)
+    with WalMessageQueue(tmp_path, **kw) as q:
+        for i in range(300):
+            q.append_many([b"%d" % i + PAYLOAD] * 30)
+        total = sum(q.end_offsets().values())
+    base = _fds()
+    q = WalMessageQueue(tmp_path, **kw)
+    try:
+        segments = sum(len(p.segments) for p in q._parts)
+        assert segments > 250
+        assert _fds() - base < 10, (_fds() - base, segments)
+        r = q.reader("all")
+        got = []
+        while batch := r.poll(97):
+            got.extend((x.partition, x.offset) for x in batch)
+            assert _fds() - base < 10 + recovery_open_max(), _fds() - base
+        assert len(got) == total
+        for p in (0, 1):
+            assert [o for (pp, o) in got if pp == p] == list(range(q.end_offsets()[p]))
+        r.seek(3 * 30, partition=0)  # back into a segment whose handle was closed
+        assert r.poll(1)[0].offset == 90
+    finally:
+        q.close()
+    assert _fds() == base
+
+
+def recovery_open_max() -> int:
+    from fastbus.wal import queue
+    return queue._SEALED_OPEN_MAX

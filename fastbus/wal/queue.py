@@ -100,6 +100,10 @@ log = logging.getLogger("fastbus.wal")
 
 _BytesLike = (bytes, bytearray, memoryview)
 _READ_CHUNK = 1 << 20
+# Sealed segments whose handles readers opened again, kept open at most (per queue):
+# an open closes every sealed segment's handle, so a long log holds one file
+# descriptor per partition, not one per segment (the fd limit, DESIGN invariant 5).
+_SEALED_OPEN_MAX = 16
 _DEFAULT_FSYNC = FsyncPolicy.always()
 _DEFAULT_RETENTION = Retention()
 _GATHER_MAX = 0.001  # seconds a group-commit leader waits at most for its batch
@@ -325,6 +329,7 @@ class WalMessageQueue:
         self._deletes_inflight = 0  # compactions deleting detached segments (close waits)
         self._syncer_idle = False
         self._groups: dict[str, dict[int, int]] = {}
+        self._sealed_open: list[SegmentState] = []  # (_delete_lock) see _open_sealed
         # counters (int) and fsync_seconds (float)
         self._m: dict[str, int | float] = dict.fromkeys((
             "bytes_written", "writes", "write_errors", "fsyncs", "fsync_errors",
@@ -345,6 +350,14 @@ class WalMessageQueue:
             # recovery's SegmentStates, which already end at the cuts.)
             for rec in self._recoveries:
                 apply_cuts(store, rec)
+            # Sealed segments are read only by readers, which open them again when
+            # they get there (``_open_sealed``): a log of any length keeps one file
+            # descriptor per partition open, not one per segment.
+            for part in self._parts:
+                for s in part.segments[:-1]:
+                    if s.handle is not None:
+                        s.handle.close()
+                        s.handle = None
         except BaseException:
             self._close_handles()
             store.close()
@@ -1462,6 +1475,19 @@ class WalMessageQueue:
             r.commit()
         return r
 
+    def _open_sealed(self, p: int, seg: SegmentState) -> None:
+        """``_delete_lock`` held: open sealed segment ``seg`` of partition ``p`` again
+        for a reader, closing the handles opened so longest ago beyond
+        ``_SEALED_OPEN_MAX`` (every read runs under ``_delete_lock``: none is in use)."""
+        seg.handle = self._store.open_segment(p, seg.base, writable=False)
+        opened = self._sealed_open
+        opened.append(seg)
+        while len(opened) > _SEALED_OPEN_MAX:
+            old = opened.pop(0)
+            if old.handle is not None and not old.deleted:  # (compact() closed those)
+                old.handle.close()
+                old.handle = None
+
     def _commit(self, name: str, offsets: dict[int, int]) -> None:
         with self._lock:
             if self._closed:  # the store may belong to another queue by now
@@ -1821,6 +1847,8 @@ class WalReader:
                 cur.pos = -1
             if seg.deleted:
                 return  # retention ran meanwhile; the next poll moves forward
+            if seg.handle is None:  # a sealed segment: its handle was closed
+                self._q._open_sealed(p, seg)
             limit = visible_size if seg is segs[-1] else seg.size
             if cur.pos < 0:
                 self._locate(seg, cur)

@@ -165,6 +165,13 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
             if mode == "repair":
                 _plan_drop(store, partition, bases[i:], out)
             break
+        if out.segments and out.segments[-1].handle is not None:
+            # The one before is not the last: its handle is closed (a reader opens it
+            # again when it gets there), so a partition of any length holds one file
+            # descriptor, not one per segment. (Nothing is cut in it: a cut segment
+            # is the last one kept.)
+            out.segments[-1].handle.close()
+            out.segments[-1].handle = None
         handle = store.open_segment(partition, base, writable=writable)
         size = handle.size()
         sv = _verify_segment(handle, size, base, index_interval)
