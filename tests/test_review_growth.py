@@ -168,11 +168,14 @@ def test_a_long_log_keeps_a_descriptor_per_partition_not_one_per_segment(tmp_pat
     # all topics) could not be opened again (EMFILE).
     kw = dict(partitions=2, fsync=FsyncPolicy.every(1000), segment_bytes=4096,
               compaction_interval=None)
+    base = _fds()
     with WalMessageQueue(tmp_path, **kw) as q:
         for i in range(300):
             q.append_many([b"%d" % i + PAYLOAD] * 30)
+            # the segments it rolls are closed too, but for the last few
+            assert _fds() - base < 10 + recovery_open_max(), (i, _fds() - base)
         total = sum(q.end_offsets().values())
-    base = _fds()
+    assert _fds() == base
     q = WalMessageQueue(tmp_path, **kw)
     try:
         segments = sum(len(p.segments) for p in q._parts)

@@ -330,6 +330,7 @@ class WalMessageQueue:
         self._syncer_idle = False
         self._groups: dict[str, dict[int, int]] = {}
         self._sealed_open: list[SegmentState] = []  # (_delete_lock) see _open_sealed
+        self._rolled: list[SegmentState] = []  # (_lock) rolled, handle still open
         # counters (int) and fsync_seconds (float)
         self._m: dict[str, int | float] = dict.fromkeys((
             "bytes_written", "writes", "write_errors", "fsyncs", "fsync_errors",
@@ -975,6 +976,15 @@ class WalMessageQueue:
             part.sync_busy = False  # the sync never ran
             part.sync_seg = None
         if new_seg is not None:
+            # The sealed segment's handle is closed later (_trim_sealed), here if no
+            # reader holds the delete lock (taking it without waiting: readers take
+            # this lock while they hold it), else at a later roll or read.
+            self._rolled.append(part.segments[-1])
+            if self._delete_lock.acquire(False):
+                try:
+                    self._trim_sealed()
+                finally:
+                    self._delete_lock.release()
             # A new list, so readers' snapshots of the old one stay consistent.
             part.segments = [*part.segments, new_seg]
             self._map_active(part)
@@ -1479,14 +1489,31 @@ class WalMessageQueue:
         """``_delete_lock`` held: open sealed segment ``seg`` of partition ``p`` again
         for a reader, closing the handles opened so longest ago beyond
         ``_SEALED_OPEN_MAX`` (every read runs under ``_delete_lock``: none is in use)."""
+        with self._lock:
+            self._trim_sealed(room=1)
         seg.handle = self._store.open_segment(p, seg.base, writable=False)
+        self._sealed_open.append(seg)
+
+    def _trim_sealed(self, room: int = 0) -> None:
+        """``_delete_lock`` and ``_lock`` held: close the handles of sealed segments
+        (rolled by this queue, or opened again by readers) beyond
+        ``_SEALED_OPEN_MAX`` (less ``room``), the oldest first. Every read holds
+        ``_delete_lock``, and only the last segment of a partition is written or
+        synced, except one a sync still runs on (``sync_seg``): that one is kept for
+        now."""
         opened = self._sealed_open
-        opened.append(seg)
-        while len(opened) > _SEALED_OPEN_MAX:
+        opened.extend(self._rolled)
+        self._rolled.clear()
+        busy = [p.sync_seg for p in self._parts if p.sync_seg is not None]
+        kept: list[SegmentState] = []
+        while len(opened) > _SEALED_OPEN_MAX - room:
             old = opened.pop(0)
-            if old.handle is not None and not old.deleted:  # (compact() closed those)
+            if any(old is b for b in busy):
+                kept.append(old)
+            elif old.handle is not None and not old.deleted:  # (compact() closed those)
                 old.handle.close()
                 old.handle = None
+        opened[:0] = kept
 
     def _commit(self, name: str, offsets: dict[int, int]) -> None:
         with self._lock:
@@ -1825,6 +1852,9 @@ class WalReader:
         with q._delete_lock:
             if q._closed:  # close() may have closed the handles while this thread waited
                 raise q._closed_error()
+            if q._rolled:  # (the writer closes them when no read holds this lock)
+                with q._lock:
+                    q._trim_sealed()
             try:
                 self._read_into(out, p, cur, segs, log_start, visible, visible_size, want)
             except Exception:
