@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 import tracemalloc
 
 import pytest
@@ -199,3 +200,51 @@ def test_a_long_log_keeps_a_descriptor_per_partition_not_one_per_segment(tmp_pat
 def recovery_open_max() -> int:
     from fastbus.wal import queue
     return queue._SEALED_OPEN_MAX
+
+
+def test_readers_seeking_over_closed_segments_while_the_writer_rolls_read_every_record(
+        tmp_path):
+    # The handles of sealed segments are closed and opened again under the readers'
+    # feet: each record still comes back in order with its payload.
+    import random
+
+    base = _fds()
+    q = WalMessageQueue(tmp_path, fsync=FsyncPolicy.every(50), segment_bytes=4096,
+                        compaction_interval=None)
+    q.append_many([b"%08d" % i for i in range(8000)])  # ~115 segments
+    errors: list[object] = []
+    written = [8000]
+
+    def writer() -> None:
+        for _ in range(400):
+            k = written[0]
+            q.append_many([b"%08d" % (k + j) for j in range(25)])
+            written[0] = k + 25
+
+    def reader(name: str) -> None:
+        r, rnd, expect = q.reader(name), random.Random(name), 0
+        try:
+            for _ in range(400):
+                for rec in r.poll(rnd.choice([1, 7, 60, 300]), timeout=0):
+                    if (rec.offset, rec.payload) != (expect, b"%08d" % expect):
+                        errors.append((name, rec.offset, expect, rec.payload))
+                        return
+                    expect += 1
+                if rnd.random() < 0.1:
+                    expect = rnd.randrange(0, expect + 1)
+                    r.seek(expect, partition=0)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer)]
+    threads += [threading.Thread(target=reader, args=(f"r{i}",)) for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        # (+ the active segment, the lock file, the sync worker's descriptor)
+        assert _fds() - base <= recovery_open_max() + 4
+    finally:
+        q.close()
