@@ -1,3 +1,4 @@
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, SupportsIndex, overload
 
@@ -14,8 +15,8 @@ class SegmentState:
     next_offset: int
     max_timestamp_ns: int
     created: float
-    index_offsets: list[int]
-    index_positions: list[int]
+    index_offsets: array[int]
+    index_positions: array[int]
     last_index_pos: int
     deleted: bool
     def __init__(
@@ -27,8 +28,8 @@ class SegmentState:
         next_offset: int,
         max_timestamp_ns: int,
         created: float,
-        index_offsets: list[int] | None = None,
-        index_positions: list[int] | None = None,
+        index_offsets: Iterable[int] | None = None,
+        index_positions: Iterable[int] | None = None,
         last_index_pos: int = ...,
         deleted: bool = False,
     ) -> None: ...

@@ -41,6 +41,7 @@ cdef extern from "Python.h":
 from ._walcodec cimport RecordEncoder
 
 from _thread import allocate_lock as _new_lock
+from array import array as _array
 from collections.abc import Sequence as _Sequence
 
 import logging
@@ -80,6 +81,15 @@ cdef Py_ssize_t _bytes_at_most(object x) except -1:
     return 0
 
 
+cdef object _packed(values):
+    """``values`` (None, a sequence of ints, an ``array('q')``) as an ``array('q')``."""
+    if values is None:
+        return _array("q")
+    if type(values) is _array and values.typecode == "q":
+        return values
+    return _array("q", values)
+
+
 cdef class SegmentState:
     """SegmentState(base, location, handle, size, next_offset, max_timestamp_ns, created,
     index_offsets=None, index_positions=None, last_index_pos=-INDEX_INTERVAL,
@@ -90,6 +100,10 @@ cdef class SegmentState:
     seconds (for rolling by age), a sparse index (offset, position) every
     ``INDEX_INTERVAL`` bytes. A cdef class so that the compiled append updates it
     without creating Python ints; guarded by the queue lock like ``PartState``.
+
+    The index is two ``array('q')`` (16 bytes an entry, 0.4 % of the log), not
+    lists of Python ints (~80 bytes an entry, 2 % of the log: 2 GB of RAM for a
+    100 GB topic, DESIGN invariant 5). Lists given to the constructor are packed.
     """
 
     cdef public int64_t base
@@ -99,14 +113,14 @@ cdef class SegmentState:
     cdef public int64_t next_offset
     cdef public int64_t max_timestamp_ns
     cdef public double created
-    cdef public list index_offsets
-    cdef public list index_positions
+    cdef public object index_offsets  # array('q')
+    cdef public object index_positions  # array('q')
     cdef public int64_t last_index_pos
     cdef public bint deleted
 
     def __init__(self, int64_t base, str location, handle, int64_t size, int64_t next_offset,
-                 int64_t max_timestamp_ns, double created, list index_offsets=None,
-                 list index_positions=None, int64_t last_index_pos=-_INDEX_INTERVAL,
+                 int64_t max_timestamp_ns, double created, index_offsets=None,
+                 index_positions=None, int64_t last_index_pos=-_INDEX_INTERVAL,
                  bint deleted=False):
         self.base = base
         self.location = location
@@ -115,8 +129,8 @@ cdef class SegmentState:
         self.next_offset = next_offset
         self.max_timestamp_ns = max_timestamp_ns
         self.created = created
-        self.index_offsets = [] if index_offsets is None else index_offsets
-        self.index_positions = [] if index_positions is None else index_positions
+        self.index_offsets = _packed(index_offsets)
+        self.index_positions = _packed(index_positions)
         self.last_index_pos = last_index_pos
         self.deleted = deleted
 

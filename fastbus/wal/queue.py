@@ -101,6 +101,10 @@ log = logging.getLogger("fastbus.wal")
 
 _BytesLike = (bytes, bytearray, memoryview)
 _READ_CHUNK = 1 << 20
+# Sealed segments whose handles readers opened again, kept open at most (per queue):
+# an open closes every sealed segment's handle, so a long log holds one file
+# descriptor per partition, not one per segment (the fd limit, DESIGN invariant 5).
+_SEALED_OPEN_MAX = 16
 _DEFAULT_FSYNC = FsyncPolicy.always()
 _DEFAULT_RETENTION = Retention()
 _GATHER_MAX = 0.001  # seconds a group-commit leader waits at most for its batch
@@ -326,6 +330,8 @@ class WalMessageQueue:
         self._deletes_inflight = 0  # compactions deleting detached segments (close waits)
         self._syncer_idle = False
         self._groups: dict[str, dict[int, int]] = {}
+        self._sealed_open: list[SegmentState] = []  # (_delete_lock) see _open_sealed
+        self._rolled: list[SegmentState] = []  # (_lock) rolled, handle still open
         # counters (int) and fsync_seconds (float)
         self._m: dict[str, int | float] = dict.fromkeys((
             "bytes_written", "writes", "write_errors", "fsyncs", "fsync_errors",
@@ -347,6 +353,14 @@ class WalMessageQueue:
             # recovery's SegmentStates, which already end at the cuts.)
             for rec in self._recoveries:
                 apply_cuts(store, rec)
+            # Sealed segments are read only by readers, which open them again when
+            # they get there (``_open_sealed``): a log of any length keeps one file
+            # descriptor per partition open, not one per segment.
+            for part in self._parts:
+                for s in part.segments[:-1]:
+                    if s.handle is not None:
+                        s.handle.close()
+                        s.handle = None
         except BaseException:
             self._close_handles()
             store.close()
@@ -964,6 +978,15 @@ class WalMessageQueue:
             part.sync_busy = False  # the sync never ran
             part.sync_seg = None
         if new_seg is not None:
+            # The sealed segment's handle is closed later (_trim_sealed), here if no
+            # reader holds the delete lock (taking it without waiting: readers take
+            # this lock while they hold it), else at a later roll or read.
+            self._rolled.append(part.segments[-1])
+            if self._delete_lock.acquire(False):
+                try:
+                    self._trim_sealed()
+                finally:
+                    self._delete_lock.release()
             # A new list, so readers' snapshots of the old one stay consistent.
             part.segments = [*part.segments, new_seg]
             self._map_active(part)
@@ -1562,6 +1585,36 @@ class WalMessageQueue:
             log.info("fastbus WAL %s: subscriber %r deleted", self._store.location, name)
         return known
 
+    def _open_sealed(self, p: int, seg: SegmentState) -> None:
+        """``_delete_lock`` held: open sealed segment ``seg`` of partition ``p`` again
+        for a reader, closing the handles opened so longest ago beyond
+        ``_SEALED_OPEN_MAX`` (every read runs under ``_delete_lock``: none is in use)."""
+        with self._lock:
+            self._trim_sealed(room=1)
+        seg.handle = self._store.open_segment(p, seg.base, writable=False)
+        self._sealed_open.append(seg)
+
+    def _trim_sealed(self, room: int = 0) -> None:
+        """``_delete_lock`` and ``_lock`` held: close the handles of sealed segments
+        (rolled by this queue, or opened again by readers) beyond
+        ``_SEALED_OPEN_MAX`` (less ``room``), the oldest first. Every read holds
+        ``_delete_lock``, and only the last segment of a partition is written or
+        synced, except one a sync still runs on (``sync_seg``): that one is kept for
+        now."""
+        opened = self._sealed_open
+        opened.extend(self._rolled)
+        self._rolled.clear()
+        busy = [p.sync_seg for p in self._parts if p.sync_seg is not None]
+        kept: list[SegmentState] = []
+        while len(opened) > _SEALED_OPEN_MAX - room:
+            old = opened.pop(0)
+            if any(old is b for b in busy):
+                kept.append(old)
+            elif old.handle is not None and not old.deleted:  # (compact() closed those)
+                old.handle.close()
+                old.handle = None
+        opened[:0] = kept
+
     def _commit(self, name: str, offsets: dict[int, int]) -> None:
         with self._lock:
             if self._closed:  # the store may belong to another queue by now
@@ -1899,6 +1952,9 @@ class WalReader:
         with q._delete_lock:
             if q._closed:  # close() may have closed the handles while this thread waited
                 raise q._closed_error()
+            if q._rolled:  # (the writer closes them when no read holds this lock)
+                with q._lock:
+                    q._trim_sealed()
             try:
                 self._read_into(out, p, cur, segs, log_start, visible, visible_size, want)
             except Exception:
@@ -1921,6 +1977,8 @@ class WalReader:
                 cur.pos = -1
             if seg.deleted:
                 return  # retention ran meanwhile; the next poll moves forward
+            if seg.handle is None:  # a sealed segment: its handle was closed
+                self._q._open_sealed(p, seg)
             limit = visible_size if seg is segs[-1] else seg.size
             if cur.pos < 0:
                 self._locate(seg, cur)

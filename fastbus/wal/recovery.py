@@ -36,7 +36,9 @@ been checked: an open that fails on a later partition changes nothing.
 from __future__ import annotations
 
 import logging
+from array import array
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._segfile import MappedSegment
 from .._walappend import INDEX_INTERVAL, SegmentState
@@ -163,24 +165,31 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
             if mode == "repair":
                 _plan_drop(store, partition, bases[i:], out)
             break
+        if out.segments and out.segments[-1].handle is not None:
+            # The one before is not the last: its handle is closed (a reader opens it
+            # again when it gets there), so a partition of any length holds one file
+            # descriptor, not one per segment. (Nothing is cut in it: a cut segment
+            # is the last one kept.)
+            out.segments[-1].handle.close()
+            out.segments[-1].handle = None
         handle = store.open_segment(partition, base, writable=writable)
         size = handle.size()
-        data = handle.read(0, size) if size else b""
-        vr = verify(data, 0, expected_offset=base, index_interval=index_interval)
-        count, end = vr.count, vr.end
+        sv = _verify_segment(handle, size, base, index_interval)
+        count, end, reason = sv.count, sv.end, sv.reason
+        # ``tail``: the segment's bytes from ``tail_at`` on (tail_at <= end), for the
+        # checks of what follows the valid prefix below (``rel``: ``end`` in it)
+        tail, rel = sv.tail, end - sv.tail_at
         seg = SegmentState(
             base=base, location=location, handle=handle, size=end, next_offset=base + count,
-            max_timestamp_ns=vr.max_timestamp_ns if count else 0,
-            created=(vr.max_timestamp_ns / 1e9) if count else clock_now)
-        if len(vr.index):
-            seg.index_offsets = vr.index[:, 0].tolist()
-            seg.index_positions = vr.index[:, 1].tolist()
+            max_timestamp_ns=sv.max_timestamp_ns if count else 0,
+            created=(sv.max_timestamp_ns / 1e9) if count else clock_now,
+            index_offsets=sv.index_offsets, index_positions=sv.index_positions)
         if seg.index_positions:
             seg.last_index_pos = seg.index_positions[-1]
         out.records += count
         out.bytes += end
-        if (vr.reason != "end" and is_last and isinstance(handle, MappedSegment)
-                and data.count(0, end) == size - end):
+        if (reason != "end" and is_last and isinstance(handle, MappedSegment)
+                and tail.count(0, rel) == size - end):
             # Space the writer allocated ahead (see the module docstring): not data.
             out.zero_tail_bytes += size - end
             if writable:
@@ -188,20 +197,20 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
                     f"fastbus WAL recovery: {location} ends in {size - end} bytes of zeros "
                     f"after its last record at byte {end} (space allocated ahead by a writer "
                     "that did not close); cutting them off")))
-        elif vr.reason != "end":
-            tail = len(data.rstrip(b"\0")) - end  # not counting zeros allocated ahead
+        elif reason != "end":
+            left = len(tail.rstrip(b"\0")) - rel  # not counting zeros allocated ahead
             # Only bytes that fail the length or CRC check can be a torn write: a
             # CRC-valid record this reader cannot decode (bad_version, bad_attributes,
             # bad_field: written by a newer fastbus, say) is never cut as a torn tail.
-            torn = (is_last and vr.reason in _TORN_REASONS
-                    and next_record_at(data, end + 1) == -1)
-            f = Finding("torn_tail" if torn else "corruption", location, end, vr.reason, tail)
+            torn = (is_last and reason in _TORN_REASONS
+                    and next_record_at(tail, rel + 1) == -1)
+            f = Finding("torn_tail" if torn else "corruption", location, end, reason, left)
             out.findings.append(f)
             if torn:
                 if mode != "check":
                     out.cuts.append((seg, end, logging.WARNING, "fastbus WAL recovery: "
                                      f"{f.describe()}; truncating it"))
-                    out.truncated_bytes += tail
+                    out.truncated_bytes += left
             elif mode == "open":
                 _close_all([*out.segments, seg])
                 raise _corrupt(f)
@@ -209,7 +218,7 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
                 out.cuts.append((seg, end, logging.ERROR, (
                     f"fastbus WAL repair: {f.describe()}; truncating there and dropping "
                     f"{len(bases) - i - 1} later segment(s)")))
-                out.repaired_bytes += tail
+                out.repaired_bytes += left
                 out.segments.append(seg)
                 _plan_drop(store, partition, bases[i + 1:], out)
                 break
@@ -221,6 +230,55 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
     if mode == "check":
         _close_all(out.segments)
     return out
+
+
+# Segments are verified this many bytes at a time: an open holds one chunk of a
+# segment in memory, not the whole segment (up to segment_bytes, 64 MiB by
+# default), which the allocator would then keep (DESIGN invariant 5).
+_VERIFY_CHUNK = 4 << 20
+
+
+@dataclass
+class _SegmentCheck:
+    count: int
+    end: int  # (absolute: the valid prefix is the segment's bytes [0, end))
+    reason: str
+    max_timestamp_ns: int
+    index_offsets: array
+    index_positions: array
+    tail: bytes  # the segment's bytes from tail_at to its size
+    tail_at: int
+
+
+def _verify_segment(handle: Any, size: int, base: int, index_interval: int
+                    ) -> _SegmentCheck:
+    """``verify`` a segment of ``size`` bytes a chunk at a time. A chunk that ends
+    in the middle of a record goes on at that record; anything else that stops a
+    chunk (a damaged record, zeros, one record larger than a chunk) is looked at
+    with the rest of the segment, read whole, as verify() of the whole segment
+    would see it."""
+    pos, off, count, max_ts = 0, base, 0, -1
+    offsets, positions = array("q"), array("q")
+    while True:
+        rest = size - pos
+        last = rest <= _VERIFY_CHUNK
+        buf = handle.read(pos, rest if last else _VERIFY_CHUNK) if rest else b""
+        vr = verify(buf, 0, expected_offset=off, index_interval=index_interval)
+        if not last and vr.reason != "end" and not (vr.reason == "truncated" and vr.count):
+            buf = handle.read(pos, rest)
+            vr = verify(buf, 0, expected_offset=off, index_interval=index_interval)
+            last = True
+        if vr.count:
+            count += vr.count
+            max_ts = max(max_ts, vr.max_timestamp_ns)
+            if len(vr.index):
+                offsets.frombytes(vr.index[:, 0].tobytes())
+                positions.frombytes((vr.index[:, 1] + pos).tobytes())
+        at = pos
+        pos += vr.end
+        off += vr.count
+        if last:
+            return _SegmentCheck(count, pos, vr.reason, max_ts, offsets, positions, buf, at)
 
 
 def apply_cuts(store: Store, rec: PartitionRecovery) -> None:
