@@ -269,7 +269,20 @@ def _atomic_write(directory: str, name: str, data: bytes) -> None:
     tmp = os.path.join(directory, f".{name}.tmp")
     replaced = False
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # A temp file left by an interrupted write (a crash between open and rename)
+        # is removed first, and a new one made with O_EXCL | O_NOFOLLOW: opening the
+        # old one with O_TRUNC kept its owner and mode (the document then took them
+        # with the rename), and followed it if it was a symlink, overwriting a file
+        # outside the WAL and leaving the document a symlink to it.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # (a directory in the way: EISDIR; EPERM, ...)
+            raise OSError(exc.errno, f"{exc.strerror or exc} (a stale temporary file "
+                          f"{tmp} that cannot be removed; remove it by hand)", tmp) from exc
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
         try:
             view = memoryview(data)
             while view:
