@@ -47,7 +47,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     try:
         for v in views:
             q: dict[str, Any] = {"topic": v.topic, "location": v.location,
-                                 "partitions": [], "groups": {}}
+                                 "partitions": [], "groups": {},
+                                 "findings": [f.describe() for _, f in v.extra]}
             for r in v.recoveries:
                 segs = [{"file": s.location.rsplit("/", 1)[-1], "first_offset": s.base,
                          "last_offset": s.next_offset - 1, "records": s.count,
@@ -87,6 +88,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 print(f"    {s['file']}  offsets {rng}  {s['bytes']} bytes")
             for f in p["findings"]:
                 print(f"    ! {f}")
+        for f in q["findings"]:
+            print(f"  ! {f}")
         if q["groups"]:
             print("  groups:")
             for g, parts in q["groups"].items():
@@ -104,6 +107,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     views = _views(args.dir, args.topic)
     status = 0
+    extra_found = False
     try:
         for v in views:
             name = f"topic {v.topic!r} " if v.topic else ""
@@ -112,9 +116,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             for p, f in findings:
                 kind = "TORN TAIL" if f.kind == "torn_tail" else "CORRUPT"
                 where = (f"{f.location} is missing or holds no segment file" if
-                         f.kind == "missing" else f"{f.location} at byte {f.position}")
+                         f.kind == "missing" else
+                         f"{f.location} holds segments of a partition the queue does not "
+                         "have" if f.kind == "extra" else f"{f.location} at byte {f.position}")
                 print(f"{kind}: {where} (partition {p}, {f.reason})")
-                status = max(status, 2) if f.kind == "torn_tail" else 1
+                # (1, corruption, wins over 2, a torn tail, whatever the order found)
+                status = (status or 2) if f.kind == "torn_tail" else 1
+                extra_found = extra_found or f.kind == "extra"
             for g, offs in v.groups.items():
                 if isinstance(offs, str):
                     print(f"DAMAGED OFFSETS: subscriber {g!r} in {v.location}: {offs}")
@@ -125,6 +133,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     finally:
         for v in views:
             v.close()
+    if extra_found:
+        print("a partition directory past the count in meta.json holds segments: restore "
+              "the count meta.json had, or move the directory away (repair=True does not "
+              "touch it)", file=sys.stderr)
     if status == 1:
         print("corruption found: see docs/operations-wal.md (open with repair=True to "
               "truncate at the first bad record)", file=sys.stderr)

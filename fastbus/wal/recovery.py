@@ -45,7 +45,7 @@ from ..errors import WalCorruptionError
 from ..stores import Store
 
 __all__ = ["INDEX_INTERVAL", "Finding", "PartitionRecovery", "SegmentState", "apply_cuts",
-           "corruption_error", "missing_partitions", "recover_partition"]
+           "corruption_error", "extra_partitions", "missing_partitions", "recover_partition"]
 
 log = logging.getLogger("fastbus.wal")
 
@@ -57,7 +57,7 @@ _CRC_VALID_REASONS = frozenset(("bad_version", "bad_attributes", "bad_field"))
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    kind: str  # "torn_tail" | "corruption" | "gap" | "missing"
+    kind: str  # "torn_tail" | "corruption" | "gap" | "missing" | "extra"
     location: str
     position: int
     reason: str
@@ -67,6 +67,9 @@ class Finding:
         if self.kind == "missing":
             return (f"no segment in {self.location} (the partition's directory is missing "
                     "or holds no segment file) although the queue holds data")
+        if self.kind == "extra":
+            return (f"{self.location} holds segments, but the partition is not in the "
+                    f"queue ({self.reason})")
         if self.kind == "torn_tail":
             return (f"torn tail in {self.location} at byte {self.position} ({self.reason}, "
                     f"{self.bytes_after} bytes after the last valid record)")
@@ -97,6 +100,13 @@ def _corrupt(f: Finding) -> WalCorruptionError:
             "away). Nothing was changed. Put the directory back if it was moved, restore "
             "it from a replica, or open with repair=True to start the partition again "
             "empty (its subscribers resume at its new end)",
+            path=f.location, position=f.position)
+    if f.kind == "extra":
+        return WalCorruptionError(
+            f"WAL {f.describe()}: its records would be ignored. Nothing was changed "
+            "(repair=True does not touch it either). If meta.json was edited or replaced, "
+            "restore the partition count it had; if the directory was copied here by "
+            "mistake, move it away",
             path=f.location, position=f.position)
     why = ("a damaged record is followed by data, so this is not a torn tail"
            if f.reason in _TORN_REASONS else
@@ -139,6 +149,21 @@ def missing_partitions(store: Store, recoveries: list[PartitionRecovery], *,
         f = Finding("missing", location, 0, "no segment", 0)
         r.findings.append(f)
         out.append(f)
+    return out
+
+
+def extra_partitions(store: Store, partitions: int) -> list[tuple[int, Finding]]:
+    """Partitions numbered ``partitions`` or more that hold segments: the meta
+    document's count is wrong (edited, replaced by another queue's) or a partition
+    directory was copied in. The partition count of a queue never changes, so no
+    crash leaves these; an open would ignore their records, so it refuses. (An empty
+    partition directory beyond the count holds nothing and is ignored.)"""
+    out = []
+    for p in store.list_partitions():
+        if p >= partitions and store.list_segments(p):
+            location = store.segment_location(p, 0).rsplit("/", 1)[0]
+            out.append((p, Finding("extra", location, 0,
+                                   f"the meta document says {partitions} partition(s)", 0)))
     return out
 
 

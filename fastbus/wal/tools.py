@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from .._walcodec import Record, scan
 from ..stores import FileStore, SQLiteStore, Store
 from .offsets import OffsetsDamaged, decode_meta, decode_offsets
-from .recovery import Finding, PartitionRecovery, missing_partitions, recover_partition
+from .recovery import (
+    Finding,
+    PartitionRecovery,
+    extra_partitions,
+    missing_partitions,
+    recover_partition,
+)
 
 __all__ = ["QueueView", "find_queues", "iter_records", "open_view"]
 
@@ -65,10 +71,12 @@ class QueueView:
     partitions: int
     recoveries: list[PartitionRecovery] = field(default_factory=list)
     groups: dict[str, dict[int, int] | str] = field(default_factory=dict)
+    # partitions past the meta document's count that hold segments (damage)
+    extra: list[tuple[int, Finding]] = field(default_factory=list)
 
     @property
     def findings(self) -> list[tuple[int, Finding]]:
-        return [(r.partition, f) for r in self.recoveries for f in r.findings]
+        return [(r.partition, f) for r in self.recoveries for f in r.findings] + self.extra
 
     def end_offset(self, partition: int) -> int:
         segs = self.recoveries[partition].segments
@@ -96,6 +104,7 @@ def open_view(topic: str, location: str) -> QueueView:
         store.close()
         raise ValueError(f"{location}: {exc}") from None
     view = QueueView(topic, location, store, meta["partitions"])
+    view.extra = extra_partitions(store, view.partitions)
     now = time.time()
     for p in range(view.partitions):
         view.recoveries.append(recover_partition(store, p, mode="check", clock_now=now))
