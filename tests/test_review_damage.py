@@ -1,0 +1,184 @@
+"""A damaged data directory (DESIGN invariants 3 and 6): what a real disk, a careless
+operator or a crashed process can leave, opened through WalMessageQueue, ScalableBus
+and `fastbus wal`. A clear error, nothing changed, no corrupt record delivered.
+
+Each test here failed before the fix it guards (see the commit that added it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+
+import pytest
+
+from fastbus import (
+    FsyncPolicy,
+    Retention,
+    ScalableBus,
+    TopicConfig,
+    WalCorruptionError,
+    WalMessageQueue,
+)
+from fastbus.cli import main as cli_main
+
+KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
+
+
+def _make(path, partitions: int = 2, records: int = 40) -> None:
+    q = WalMessageQueue(path, partitions=partitions, fsync=FsyncPolicy.never(),
+                        retention=KEEP, compaction_interval=None)
+    for i in range(records):
+        q.append(b"m%d" % i, partition=i % partitions)
+    r = q.reader("g")
+    r.poll(max_records=records // 2)
+    r.commit()
+    q.close()
+
+
+def _tree(root) -> dict[str, tuple[str, int]]:
+    """Every entry under ``root`` (but the lock file): its content hash (or link
+    target) and mode."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                what = "-> " + os.readlink(p)
+            elif stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    what = hashlib.sha256(f.read()).hexdigest()
+            else:
+                what = "dir"
+            out[os.path.relpath(p, root)] = (what, stat.S_IMODE(st.st_mode))
+    out.pop(".lock", None)
+    return out
+
+
+# ----------------------------------------------- a stale temporary offsets document
+
+
+def test_a_stale_offsets_temp_symlink_is_not_followed(tmp_path):
+    """A ``.g.json.tmp`` left in offsets/ (here a symlink, as a careless copy or a
+    hostile user can leave) was opened with O_TRUNC and followed: the commit
+    overwrote the file it pointed to, outside the WAL, and the rename made the
+    offsets document that symlink."""
+    wal = tmp_path / "wal"
+    _make(wal)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"not fastbus's\n")
+    os.symlink(victim, wal / "offsets" / ".g.json.tmp")
+    with WalMessageQueue(wal, partitions=None, compaction_interval=None) as q:
+        r = q.reader("g")
+        assert len(r.poll(max_records=5)) == 5
+        r.commit()
+    assert victim.read_bytes() == b"not fastbus's\n"
+    doc = wal / "offsets" / "g.json"
+    assert not doc.is_symlink()
+    assert not (wal / "offsets" / ".g.json.tmp").exists()
+    with WalMessageQueue(wal, partitions=None, compaction_interval=None) as q:
+        assert sum(q.groups()["g"].values()) == 25
+
+
+def test_a_stale_offsets_temp_file_does_not_give_its_mode_to_the_document(tmp_path):
+    """Documents are 0600 (docs/operations-wal.md); a stale temp file reused with
+    O_TRUNC kept its own mode, and the rename gave it to the document."""
+    wal = tmp_path / "wal"
+    _make(wal)
+    tmp = wal / "offsets" / ".g.json.tmp"
+    tmp.write_bytes(b'{"trunc')
+    os.chmod(tmp, 0o666)
+    with WalMessageQueue(wal, partitions=None, compaction_interval=None) as q:
+        r = q.reader("g")
+        r.poll(max_records=5)
+        r.commit()
+    assert stat.S_IMODE(os.stat(wal / "offsets" / "g.json").st_mode) == 0o600
+
+
+def test_a_directory_in_the_way_of_the_temp_file_is_named_in_the_error(tmp_path):
+    """The commit cannot work while a directory has the temp file's name: the error
+    named only the document ("Is a directory: .../g.json", which is a file)."""
+    wal = tmp_path / "wal"
+    _make(wal)
+    (wal / "offsets" / ".g.json.tmp").mkdir()
+    doc = (wal / "offsets" / "g.json").read_bytes()
+    with WalMessageQueue(wal, partitions=None, compaction_interval=None) as q:
+        r = q.reader("g")
+        r.poll(max_records=5)
+        with pytest.raises(OSError, match=r"\.g\.json\.tmp.*remove it by hand"):
+            r.commit()
+    assert (wal / "offsets" / "g.json").read_bytes() == doc  # the old commit is in force
+
+
+# -------------------------------------- partition directories past the meta's count
+
+
+@pytest.mark.parametrize("how", ["meta_edited", "directory_copied_in"])
+def test_segments_of_a_partition_past_the_meta_count_are_refused(tmp_path, how, capsys):
+    """meta.json says fewer partitions than hold segments (edited, or replaced by
+    another queue's; or a p-NNNN directory copied in): the open ignored those
+    partitions' records without a word, and `fastbus wal verify` said ok."""
+    wal = tmp_path / "wal"
+    _make(wal)
+    if how == "meta_edited":
+        (wal / "meta.json").write_text(
+            json.dumps({"format": 1, "kind": "fastbus-wal", "partitions": 1}))
+        extra = wal / "p-0001"
+    else:
+        os.rename(wal / "p-0001", wal / "p-0002")
+        _make(tmp_path / "other", partitions=2)
+        os.rename(tmp_path / "other" / "p-0001", wal / "p-0001")
+        extra = wal / "p-0002"
+    before = _tree(wal)
+    for repair in (False, True):
+        with pytest.raises(WalCorruptionError, match="partition is not in the queue") as info:
+            WalMessageQueue(wal, partitions=None, repair=repair, compaction_interval=None)
+        assert info.value.path == str(extra)
+        assert "meta" in str(info.value)
+    bus = ScalableBus(data_dir=tmp_path)
+    try:
+        with pytest.raises(WalCorruptionError, match="partition is not in the queue"):
+            bus.configure_topic("wal", TopicConfig(durable=True))
+    finally:
+        bus.close()
+    assert _tree(wal) == before
+    capsys.readouterr()
+    assert cli_main(["wal", "verify", str(wal)]) == 1
+    out = capsys.readouterr()
+    assert f"CORRUPT: {extra} holds segments" in out.out
+    assert "move the directory away" in out.err
+    assert cli_main(["wal", "inspect", str(wal)]) == 0
+    assert "partition is not in the queue" in capsys.readouterr().out
+    assert _tree(wal) == before
+
+
+def test_an_empty_partition_directory_past_the_count_is_ignored(tmp_path):
+    wal = tmp_path / "wal"
+    _make(wal)
+    (wal / "p-0007").mkdir()
+    with WalMessageQueue(wal, partitions=None, compaction_interval=None) as q:
+        assert q.end_offsets() == {0: 20, 1: 20}
+
+
+# ------------------------------------------------------------- fastbus wal verify
+
+
+def test_verify_exits_1_for_corruption_followed_by_a_torn_tail(tmp_path, capsys):
+    """Corruption in partition 0 and a torn tail in partition 1: verify exited 2
+    ("recoverable damage only"), the torn tail's status replacing corruption's."""
+    wal = tmp_path / "wal"
+    _make(wal)
+    seg0 = wal / "p-0000" / "00000000000000000000.log"
+    data = bytearray(seg0.read_bytes())
+    data[30] ^= 0x40
+    seg0.write_bytes(bytes(data))
+    with open(wal / "p-0001" / "00000000000000000000.log", "ab") as f:
+        f.write(b"\x99" * 21)
+    assert cli_main(["wal", "verify", str(wal)]) == 1
+    out = capsys.readouterr()
+    assert "CORRUPT:" in out.out and "TORN TAIL:" in out.out
+    assert "corruption found" in out.err
+    assert "recoverable damage only" not in out.err
