@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .errors import FastbusError
+
 __all__ = ["COMMANDS", "main"]
 
 
@@ -292,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"fastbus: error: {exc}", file=sys.stderr)
         return 3
+    except FastbusError as exc:  # a damaged WAL database (WalCorruptionError), ...
+        print(f"fastbus: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:  # a damaged directory: a segment that is a directory, ...
         print(f"fastbus: error: {exc} (the WAL is damaged: see docs/operations-wal.md)",
               file=sys.stderr)

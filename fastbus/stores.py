@@ -39,7 +39,7 @@ import weakref
 from typing import Protocol, runtime_checkable
 
 from ._segfile import MappedSegment
-from .errors import FastbusError
+from .errors import FastbusError, WalCorruptionError
 
 __all__ = [
     "FileStore",
@@ -523,6 +523,37 @@ def _sqlite_os_error(exc: sqlite3.OperationalError, where: str) -> OSError:
     return OSError(code, f"sqlite: {exc}", where)
 
 
+def _sqlite_damage(exc: sqlite3.DatabaseError, path: str, where: str) -> WalCorruptionError:
+    """A read of the database at ``path`` failed because its file is damaged
+    (SQLITE_CORRUPT: "database disk image is malformed"), not because it is busy or
+    full: the records there cannot be read, which is WAL corruption."""
+    return WalCorruptionError(
+        f"WAL database {path} is damaged ({exc}, reading {where}): its records "
+        "cannot be read. Nothing was changed. Copy the database (with its -wal file) for "
+        "analysis, then restore it from a backup or a replica, or salvage the rows the "
+        f"sqlite3 shell can still read (`sqlite3 {path} .recover`)",
+        path=path, position=0)
+
+
+def _is_sqlite_busy(exc: BaseException) -> bool:
+    return (isinstance(exc, sqlite3.OperationalError)
+            and getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY,
+                                                            sqlite3.SQLITE_LOCKED))
+
+
+def _sqlite_busy(exc: sqlite3.DatabaseError, path: str) -> WalLockedError:
+    return WalLockedError(
+        f"WAL database {path} is locked by another program ({exc}; an sqlite3 shell or a "
+        "backup tool holding a lock on it, say): nothing was changed; close that program "
+        "and open it again", path=path)
+
+
+def _is_sqlite_damage(exc: BaseException) -> bool:
+    return (isinstance(exc, sqlite3.DatabaseError)
+            and not isinstance(exc, sqlite3.OperationalError)
+            and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_CORRUPT)
+
+
 _LEN = struct.Struct("<I")
 _OFFSET_AT = 10  # u32 length, u32 crc, u8 version, u8 attributes, then i64 offset
 _OFF = struct.Struct("<q")
@@ -553,9 +584,14 @@ class _SQLiteSegment:
         self._base = base
         self.location = store.segment_location(partition, base)
         with store._mutex:
-            row = store._db.execute(
-                "SELECT COALESCE(MAX(pos + LENGTH(blob)), 0) FROM records "
-                "WHERE part = ? AND seg = ?", (partition, base)).fetchone()
+            try:
+                row = store._db.execute(
+                    "SELECT COALESCE(MAX(pos + LENGTH(blob)), 0) FROM records "
+                    "WHERE part = ? AND seg = ?", (partition, base)).fetchone()
+            except sqlite3.DatabaseError as exc:
+                if _is_sqlite_damage(exc):
+                    raise _sqlite_damage(exc, store.path, self.location) from exc
+                raise
         self._size = int(row[0])
 
     def size(self) -> int:
@@ -564,10 +600,15 @@ class _SQLiteSegment:
     def read(self, position: int, size: int) -> bytes:
         end = position + size
         with self._store._mutex:
-            rows = self._store._db.execute(
-                "SELECT pos, blob FROM records WHERE part = ? AND seg = ? AND pos < ? "
-                "AND pos + LENGTH(blob) > ? ORDER BY pos",
-                (self._partition, self._base, end, position)).fetchall()
+            try:
+                rows = self._store._db.execute(
+                    "SELECT pos, blob FROM records WHERE part = ? AND seg = ? AND pos < ? "
+                    "AND pos + LENGTH(blob) > ? ORDER BY pos",
+                    (self._partition, self._base, end, position)).fetchall()
+            except sqlite3.DatabaseError as exc:
+                if _is_sqlite_damage(exc):
+                    raise _sqlite_damage(exc, self._store.path, self.location) from exc
+                raise
         if not rows:
             return b""
         first = rows[0][0]
@@ -675,6 +716,11 @@ class SQLiteStore:
                 _check_sqlite_is_ours(self._db, self.path)
             except BaseException as exc:
                 self.close()
+                if _is_sqlite_damage(exc):
+                    raise _sqlite_damage(exc, self.path, "the queue's tables") from exc
+                if _is_sqlite_busy(exc):
+                    assert isinstance(exc, sqlite3.DatabaseError)
+                    raise _sqlite_busy(exc, self.path) from exc
                 if isinstance(exc, sqlite3.DatabaseError):
                     raise FastbusError(f"{self.path} cannot be read as an SQLite WAL "
                                        f"database ({exc})") from exc
@@ -700,7 +746,10 @@ class SQLiteStore:
             db = self._db
             # Before anything is changed: WAL journaling converts the file.
             _check_sqlite_is_ours(db, self.path)
-            db.execute(f"PRAGMA application_id={_SQLITE_APP_ID}")  # (new, or from before it)
+            # (new, or from before it; set only then: a write, which a damaged database's
+            # failed open must not make)
+            if db.execute("PRAGMA application_id").fetchone()[0] != _SQLITE_APP_ID:
+                db.execute(f"PRAGMA application_id={_SQLITE_APP_ID}")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
             with db:
@@ -717,6 +766,12 @@ class SQLiteStore:
                 for suffix in ("", "-wal", "-shm"):
                     with contextlib.suppress(OSError):
                         os.unlink(self.path + suffix)
+            if _is_sqlite_damage(exc):
+                assert isinstance(exc, sqlite3.DatabaseError)
+                raise _sqlite_damage(exc, self.path, "the queue's tables") from exc
+            if _is_sqlite_busy(exc):
+                assert isinstance(exc, sqlite3.DatabaseError)
+                raise _sqlite_busy(exc, self.path) from exc
             if isinstance(exc, sqlite3.DatabaseError):
                 raise FastbusError(f"{self.path} cannot be opened as an SQLite WAL database "
                                    f"({exc}); point SQLiteStore at a fastbus WAL database or "
@@ -765,6 +820,10 @@ class SQLiteStore:
             except sqlite3.OperationalError as exc:
                 if "no such table" in str(exc):
                     return []
+                raise
+            except sqlite3.DatabaseError as exc:
+                if _is_sqlite_damage(exc):
+                    raise _sqlite_damage(exc, self.path, "the queue's tables") from exc
                 raise
 
     def _put(self, sql: str, args: tuple, where: str | None = None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import stat
 
 import pytest
@@ -18,11 +19,13 @@ from fastbus import (
     FsyncPolicy,
     Retention,
     ScalableBus,
+    SQLiteStore,
     TopicConfig,
     WalCorruptionError,
     WalMessageQueue,
 )
 from fastbus.cli import main as cli_main
+from fastbus.stores import WalLockedError
 
 KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
 
@@ -182,3 +185,82 @@ def test_verify_exits_1_for_corruption_followed_by_a_torn_tail(tmp_path, capsys)
     assert "CORRUPT:" in out.out and "TORN TAIL:" in out.out
     assert "corruption found" in out.err
     assert "recoverable damage only" not in out.err
+
+
+# ------------------------------------------------------------------- SQLiteStore
+
+
+def _sqlite_wal(path) -> None:
+    q = WalMessageQueue(SQLiteStore(path), partitions=2, fsync=FsyncPolicy.never(),
+                        retention=KEEP, compaction_interval=None)
+    q.append_many([b"m%04d" % i * 5 for i in range(3000)], partition=0)
+    q.append_many([b"n%04d" % i * 5 for i in range(3000)], partition=1)
+    r = q.reader("g")
+    r.poll(max_records=60)
+    r.commit()
+    q.close()
+
+
+def _garble(path, start: int, size: int) -> bytes:
+    data = bytearray(path.read_bytes())
+    data[start:start + size] = b"\xab" * size
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("where", ["first_page", "middle"])
+def test_a_damaged_sqlite_database_is_wal_corruption_and_is_left_as_it_was(
+        tmp_path, where, capsys):
+    """Pages of an SQLiteStore database overwritten: the open raised FastbusError
+    saying to point SQLiteStore at a fastbus database (it is one, damaged) after
+    writing its header (PRAGMA application_id), and `fastbus wal` printed a
+    traceback (sqlite3.DatabaseError, or a FastbusError it did not catch)."""
+    db = tmp_path / "wal.db"
+    _sqlite_wal(db)
+    size = db.stat().st_size
+    assert size > 64 << 10 and not (tmp_path / "wal.db-wal").exists()
+    damaged = _garble(db, 100, 4000) if where == "first_page" else \
+        _garble(db, size // 2, 4096)
+    for repair in (False, True):
+        with pytest.raises(WalCorruptionError, match=r"is damaged.*malformed") as info:
+            WalMessageQueue(SQLiteStore(db), partitions=None, repair=repair,
+                            compaction_interval=None)
+        assert info.value.path == str(db)
+        assert ".recover" in str(info.value)
+    bus = ScalableBus(store=lambda topic: SQLiteStore(db))
+    try:
+        with pytest.raises(WalCorruptionError, match="is damaged"):
+            bus.configure_topic("t", TopicConfig(durable=True))
+    finally:
+        bus.close()
+    assert db.read_bytes() == damaged
+    for cmd in ("inspect", "verify", "dump"):
+        capsys.readouterr()
+        assert cli_main(["wal", cmd, str(db)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"fastbus: error: WAL database {db} is damaged")
+    assert db.read_bytes() == damaged
+
+
+def test_an_sqlite_database_locked_by_another_program_says_so(tmp_path, monkeypatch):
+    """Another program holding an exclusive lock on the database (an sqlite3 shell,
+    a backup tool): the open said "point SQLiteStore at a fastbus WAL database or a
+    path that does not exist yet", which it was."""
+    db = tmp_path / "wal.db"
+    _sqlite_wal(db)
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect",
+                        lambda *a, **k: real_connect(*a, **dict(k, timeout=0.05)))
+    other = real_connect(db, isolation_level=None)
+    try:
+        other.execute("PRAGMA locking_mode=EXCLUSIVE")
+        other.execute("BEGIN EXCLUSIVE")
+        other.execute("CREATE TABLE IF NOT EXISTS held (a)")
+        other.execute("COMMIT")  # (the exclusive lock stays: locking_mode=EXCLUSIVE)
+        with pytest.raises(WalLockedError, match="locked by another program") as info:
+            WalMessageQueue(SQLiteStore(db), partitions=None, compaction_interval=None)
+        assert info.value.path == str(db)
+    finally:
+        other.close()
+    with WalMessageQueue(SQLiteStore(db), partitions=None, compaction_interval=None) as q:
+        assert q.end_offsets() == {0: 3000, 1: 3000}
