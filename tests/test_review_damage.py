@@ -264,3 +264,35 @@ def test_an_sqlite_database_locked_by_another_program_says_so(tmp_path, monkeypa
         other.close()
     with WalMessageQueue(SQLiteStore(db), partitions=None, compaction_interval=None) as q:
         assert q.end_offsets() == {0: 3000, 1: 3000}
+
+
+# ------------------------------------------------- a segment name past the i64 range
+
+
+@pytest.mark.parametrize("alone", [False, True])
+def test_a_segment_name_past_the_largest_offset_is_corruption(tmp_path, alone, capsys):
+    """A 20-digit segment name can say more than an i64 offset holds (a careless
+    rename, a stray file): recovery passed it to the codec as the expected offset,
+    and the open, the bus and `fastbus wal` died with a bare OverflowError."""
+    wal = tmp_path / "wal"
+    _make(wal)
+    pdir = wal / "p-0000"
+    if alone:
+        for f in pdir.iterdir():
+            f.unlink()
+    bad = pdir / "99999999999999999999.log"
+    bad.write_bytes(b"")
+    before = _tree(wal)
+    with pytest.raises(WalCorruptionError, match="past the largest offset") as info:
+        WalMessageQueue(wal, partitions=None, compaction_interval=None)
+    assert info.value.path == str(bad)
+    bus = ScalableBus(data_dir=tmp_path)
+    try:
+        with pytest.raises(WalCorruptionError, match="past the largest offset"):
+            bus.configure_topic("wal", TopicConfig(durable=True))
+    finally:
+        bus.close()
+    capsys.readouterr()
+    assert cli_main(["wal", "verify", str(wal)]) == 1
+    assert f"CORRUPT: {bad} at byte 0" in capsys.readouterr().out
+    assert _tree(wal) == before

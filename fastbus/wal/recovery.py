@@ -53,6 +53,7 @@ log = logging.getLogger("fastbus.wal")
 # are records whose CRC matched, or a wrong offset, and are reported as corruption.
 _TORN_REASONS = frozenset(("truncated", "bad_length", "bad_crc"))
 _CRC_VALID_REASONS = frozenset(("bad_version", "bad_attributes", "bad_field"))
+_MAX_OFFSET = (1 << 63) - 1  # record offsets are i64
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,9 +180,12 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
     for i, base in enumerate(bases):
         location = store.segment_location(partition, base)
         is_last = i == len(bases) - 1
-        if expected_base is not None and base != expected_base:
-            f = Finding("gap", location, 0,
-                        f"segment starts at offset {base}, expected {expected_base}", 0)
+        if base > _MAX_OFFSET or (expected_base is not None and base != expected_base):
+            # (a 20-digit name can say more than an offset holds: no writer made it)
+            f = Finding("gap", location, 0, (
+                f"the file name says offset {base}, past the largest offset {_MAX_OFFSET}"
+                if base > _MAX_OFFSET else
+                f"segment starts at offset {base}, expected {expected_base}"), 0)
             out.findings.append(f)
             if mode == "open":
                 raise _corrupt(f)
