@@ -32,6 +32,7 @@ import fcntl
 import os
 import re
 import sqlite3
+import stat
 import struct
 import threading
 import time
@@ -311,7 +312,21 @@ def _atomic_write(directory: str, name: str, data: bytes) -> None:
                       f"{state}", final) from exc
 
 
+def _check_not_special(path: str, what: str) -> None:
+    """Raise unless ``path`` is a regular file or a directory (a directory gives the
+    usual IsADirectoryError when opened as a file): opening a FIFO put there by
+    mistake blocked the open, or a ``fastbus wal`` command, for good."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OSError(errno.EINVAL, f"not a regular file (a FIFO, socket or device): "
+                      f"{what} is a file; move it away", path)
+
+
 def _read_file(path: str) -> bytes | None:
+    _check_not_special(path, "a WAL document")
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -477,8 +492,9 @@ class FileStore:
     def open_segment(self, partition: int, base: int, *, writable: bool) -> _FileSegment:
         if writable:
             self._check_writable()
-        return _FileSegment(self.segment_location(partition, base), writable=writable,
-                            create=False)
+        path = self.segment_location(partition, base)
+        _check_not_special(path, "a segment")
+        return _FileSegment(path, writable=writable, create=False)
 
     def delete_segment(self, partition: int, base: int) -> None:
         self._check_writable()

@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import stat
+import threading
 
 import pytest
 
@@ -296,3 +297,50 @@ def test_a_segment_name_past_the_largest_offset_is_corruption(tmp_path, alone, c
     assert cli_main(["wal", "verify", str(wal)]) == 1
     assert f"CORRUPT: {bad} at byte 0" in capsys.readouterr().out
     assert _tree(wal) == before
+
+
+# ------------------------------------------------------------- a FIFO in the way
+
+
+def test_a_fifo_in_place_of_the_last_segment_is_an_error_not_an_empty_segment(tmp_path):
+    """A FIFO where the last segment was: opened O_RDWR it did not block, had size
+    0, and the queue opened with that segment's records silently gone (and would
+    have appended into the FIFO)."""
+    wal = tmp_path / "wal"
+    _make(wal, records=400)
+    segs = sorted((wal / "p-0000").iterdir())
+    assert len(segs) == 1
+    os.unlink(segs[0])
+    os.mkfifo(segs[0])
+    with pytest.raises(OSError, match="not a regular file") as info:
+        WalMessageQueue(wal, partitions=None, compaction_interval=None)
+    assert info.value.filename == str(segs[0])
+
+
+@pytest.mark.parametrize("doc", ["meta.json", "offsets/g.json"])
+def test_a_fifo_in_place_of_a_document_does_not_hang_the_open(tmp_path, doc):
+    """A FIFO where meta.json or an offsets document was: reading it waited for a
+    writer for ever (the open, and every `fastbus wal` command, hung)."""
+    wal = tmp_path / "wal"
+    _make(wal)
+    path = wal / doc
+    os.unlink(path)
+    os.mkfifo(path)
+    outcome: list[BaseException | None] = []
+
+    def open_it():
+        try:
+            WalMessageQueue(wal, partitions=None, compaction_interval=None).close()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=open_it, daemon=True)
+    t.start()
+    t.join(5.0)
+    if t.is_alive():  # release the blocked open() so the thread ends
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5.0)
+        pytest.fail(f"opening a queue whose {doc} is a FIFO blocked")
+    assert isinstance(outcome[0], OSError) and "not a regular file" in str(outcome[0])
+    assert cli_main(["wal", "verify", str(wal)]) == 1
