@@ -344,3 +344,38 @@ def test_a_fifo_in_place_of_a_document_does_not_hang_the_open(tmp_path, doc):
         pytest.fail(f"opening a queue whose {doc} is a FIFO blocked")
     assert isinstance(outcome[0], OSError) and "not a regular file" in str(outcome[0])
     assert cli_main(["wal", "verify", str(wal)]) == 1
+
+
+# ------------------------------------------------ fastbus wal on a queue without meta
+
+
+@pytest.mark.parametrize("where", ["queue", "data_dir"])
+def test_verify_reports_a_queue_whose_meta_json_is_gone_as_damage(tmp_path, where, capsys):
+    """meta.json deleted: the open refuses ("holds partition data but no meta
+    document"), but `fastbus wal verify` said "holds no fastbus WAL" (exit 3, not
+    a WAL) on the queue, and on a ScalableBus data_dir skipped that topic and
+    reported the others ok (exit 0)."""
+    data = tmp_path / "data"
+    _make(data / "orders")
+    _make(data / "audit")
+    os.unlink(data / "orders" / "meta.json")
+    before = _tree(data)
+    target = data / "orders" if where == "queue" else data
+    capsys.readouterr()
+    assert cli_main(["wal", "verify", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert f"{data / 'orders'} holds WAL segments" in err and "no meta.json" in err
+    assert _tree(data) == before
+
+
+def test_a_data_dir_topic_named_like_a_partition_is_not_taken_for_one(tmp_path, capsys):
+    data = tmp_path / "data"
+    bus = ScalableBus(data_dir=data)
+    try:
+        bus.configure_topic("p-0000", TopicConfig(durable=True, retention=KEEP))
+        bus.publish("p-0000", b"x")
+        assert bus.flush(timeout=5)
+    finally:
+        bus.close()
+    assert cli_main(["wal", "verify", str(data)]) == 0
+    assert "ok: topic 'p-0000'" in capsys.readouterr().out
