@@ -345,7 +345,18 @@ class _FileSegment(MappedSegment):
 
 def _take_writer_lock(lock_path: str, what: str, path: str, hint: str) -> int:
     """The writer's exclusive ``flock`` on ``lock_path``; its fd. WalLockedError if taken."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            # (a read-only file system or copy, another user's files)
+            hint = (f"a writer needs {what} writable (run as its owner, or copy it "
+                    "somewhere writable; `fastbus wal inspect` reads it as it is)")
+        else:  # (a directory or a symlink loop in its place)
+            hint = ("it holds no data: remove whatever is in its place while no writer "
+                    "runs, and open again")
+        raise type(exc)(exc.errno, f"{exc.strerror}: cannot open the writer's lock file "
+                        f"of {what}; {hint}", lock_path) from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -7,6 +7,7 @@ Each test here failed before the fix it guards (see the commit that added it).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -379,3 +380,36 @@ def test_a_data_dir_topic_named_like_a_partition_is_not_taken_for_one(tmp_path, 
         bus.close()
     assert cli_main(["wal", "verify", str(data)]) == 0
     assert "ok: topic 'p-0000'" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ the lock file
+
+
+def test_a_read_only_wal_directory_says_what_to_do(tmp_path, monkeypatch):
+    """A read-only file system (or a copy owned by another user): the open said only
+    "[Errno 30] Read-only file system: '.../.lock'"."""
+    wal = tmp_path / "wal"
+    _make(wal)
+    real_open = os.open
+
+    def read_only_fs(path, flags, *args, **kwargs):
+        if os.fspath(path).endswith(".lock") and flags & (os.O_RDWR | os.O_WRONLY):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_fs)
+    before = _tree(wal)
+    with pytest.raises(OSError, match=r"writable.*fastbus wal inspect") as info:
+        WalMessageQueue(wal, partitions=None, compaction_interval=None)
+    assert info.value.errno == errno.EROFS
+    assert info.value.filename == str(wal / ".lock")
+    assert _tree(wal) == before
+
+
+def test_a_directory_in_place_of_the_lock_file_says_what_to_do(tmp_path):
+    wal = tmp_path / "wal"
+    _make(wal)
+    os.unlink(wal / ".lock")
+    os.mkdir(wal / ".lock")
+    with pytest.raises(IsADirectoryError, match=r"lock file.*remove whatever is in its place"):
+        WalMessageQueue(wal, partitions=None, compaction_interval=None)
