@@ -272,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _inside(exc: BaseException, path: str | None) -> bool:
+    """``exc`` is about a file under ``path`` (a ``fastbus wal`` DIR), not ``path``."""
+    name = getattr(exc, "filename", None)
+    if not path or not isinstance(name, str):
+        return False
+    top = os.path.abspath(path)
+    name = os.path.abspath(name)
+    return name != top and name.startswith(top.rstrip(os.sep) + os.sep)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -292,6 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
         return 128 + signal.SIGPIPE
     except (ValueError, FileNotFoundError, PermissionError) as exc:
+        if _inside(exc, getattr(args, "dir", None)):
+            # A file of the WAL, not the path given: a segment that is a dangling
+            # symlink, a partition directory this user may not read. The WAL is
+            # there, and could not be checked: not "no WAL here" (3).
+            hint = ("run it as the WAL's owner" if isinstance(exc, PermissionError)
+                    else "the WAL is damaged: see docs/operations-wal.md")
+            print(f"fastbus: error: {exc} ({hint})", file=sys.stderr)
+            return 1
         print(f"fastbus: error: {exc}", file=sys.stderr)
         return 3
     except FastbusError as exc:  # a damaged WAL database (WalCorruptionError), ...

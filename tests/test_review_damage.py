@@ -413,3 +413,19 @@ def test_a_directory_in_place_of_the_lock_file_says_what_to_do(tmp_path):
     os.mkdir(wal / ".lock")
     with pytest.raises(IsADirectoryError, match=r"lock file.*remove whatever is in its place"):
         WalMessageQueue(wal, partitions=None, compaction_interval=None)
+
+
+def test_verify_on_a_segment_that_is_a_dangling_symlink_is_damage(tmp_path, capsys):
+    """A segment replaced by a symlink to nowhere (a moved volume): verify exited 3,
+    which the docs keep for "the path is not a WAL"."""
+    wal = tmp_path / "wal"
+    _make(wal)
+    seg = wal / "p-0001" / "00000000000000000000.log"
+    seg.unlink()
+    os.symlink(tmp_path / "gone" / "00000000000000000000.log", seg)
+    for cmd in ("verify", "inspect", "dump"):
+        capsys.readouterr()
+        assert cli_main(["wal", cmd, str(wal)]) == 1
+        err = capsys.readouterr().err
+        assert str(seg) in err and "damaged" in err
+    assert cli_main(["wal", "verify", str(tmp_path / "nowhere")]) == 3
