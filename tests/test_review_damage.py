@@ -429,3 +429,18 @@ def test_verify_on_a_segment_that_is_a_dangling_symlink_is_damage(tmp_path, caps
         err = capsys.readouterr().err
         assert str(seg) in err and "damaged" in err
     assert cli_main(["wal", "verify", str(tmp_path / "nowhere")]) == 3
+
+
+def test_meta_json_edited_to_more_partitions_is_named_as_a_cause(tmp_path):
+    """meta.json edited from 2 to 3 partitions: the error said only that p-0002's
+    records were gone and offered repair=True, which would add a partition and
+    move keys to others."""
+    wal = tmp_path / "wal"
+    _make(wal)
+    (wal / "meta.json").write_text(
+        json.dumps({"format": 1, "kind": "fastbus-wal", "partitions": 3}))
+    before = _tree(wal)
+    with pytest.raises(WalCorruptionError, match="meta.json was edited") as info:
+        WalMessageQueue(wal, partitions=None, compaction_interval=None)
+    assert info.value.path == str(wal / "p-0002")
+    assert _tree(wal) == before

@@ -100,7 +100,9 @@ def _corrupt(f: Finding) -> WalCorruptionError:
             f"WAL {f.describe()}: the partition's records are gone (deleted, or moved "
             "away). Nothing was changed. Put the directory back if it was moved, restore "
             "it from a replica, or open with repair=True to start the partition again "
-            "empty (its subscribers resume at its new end)",
+            "empty (its subscribers resume at its new end). If meta.json was edited to "
+            "more partitions than the queue had, restore its count instead: repair would "
+            "add the partition and move keys to other partitions",
             path=f.location, position=f.position)
     if f.kind == "extra":
         return WalCorruptionError(
