@@ -261,12 +261,28 @@ def _make_dir(path: str, why: str) -> None:
         raise NotADirectoryError(errno.ENOTDIR, f"Not a directory; {why}", path) from None
 
 
+_DOC_LOCKS: dict[str, threading.Lock] = {}  # document path -> its writers' lock
+_DOC_LOCKS_GUARD = threading.Lock()
+# (a fork child starts with none held: a thread of the parent may have held one)
+os.register_at_fork(after_in_child=_DOC_LOCKS.clear)
+
+
 def _atomic_write(directory: str, name: str, data: bytes) -> None:
     """write temp, fsync, rename over ``name``, fsync the directory.
 
     A failure is an ``OSError`` naming ``name``'s path (a bare ``os.write`` error
-    names no file) and saying whether the old document is still the one in place."""
+    names no file) and saying whether the old document is still the one in place.
+    Writers of one document take turns: two commits of one subscriber at once
+    (two readers of it in two threads) shared the temp file, and one of them
+    failed with ENOENT when the other had renamed it."""
     final = os.path.join(directory, name)
+    with _DOC_LOCKS_GUARD:
+        lock = _DOC_LOCKS.setdefault(final, threading.Lock())
+    with lock:
+        _atomic_write_locked(directory, name, final, data)
+
+
+def _atomic_write_locked(directory: str, name: str, final: str, data: bytes) -> None:
     tmp = os.path.join(directory, f".{name}.tmp")
     replaced = False
     try:

@@ -440,7 +440,35 @@ def test_meta_json_edited_to_more_partitions_is_named_as_a_cause(tmp_path):
     (wal / "meta.json").write_text(
         json.dumps({"format": 1, "kind": "fastbus-wal", "partitions": 3}))
     before = _tree(wal)
-    with pytest.raises(WalCorruptionError, match="meta.json was edited") as info:
+    with pytest.raises(WalCorruptionError, match=r"meta\.json was edited") as info:
         WalMessageQueue(wal, partitions=None, compaction_interval=None)
     assert info.value.path == str(wal / "p-0002")
     assert _tree(wal) == before
+
+
+def test_commits_of_one_subscriber_from_two_threads_do_not_fail(tmp_path):
+    """Two readers of one subscriber committing at once shared the temp file: one
+    renamed it, and the other's rename failed (ENOENT, "replacing ... failed")."""
+    q = WalMessageQueue(tmp_path / "wal", fsync=FsyncPolicy.never(), retention=KEEP,
+                        compaction_interval=None)
+    errors: list[BaseException] = []
+    try:
+        q.append_many([b"x"] * 10)
+        readers = [q.reader("g") for _ in range(3)]
+
+        def commit_many(r):
+            for _ in range(40):
+                try:
+                    r.commit()
+                except BaseException as exc:
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=commit_many, args=(r,)) for r in readers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        q.close()
+    assert errors == []
+    assert not [n for n in os.listdir(tmp_path / "wal" / "offsets") if n.endswith(".tmp")]
