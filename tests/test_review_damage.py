@@ -13,6 +13,8 @@ import json
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -30,6 +32,7 @@ from fastbus.cli import main as cli_main
 from fastbus.stores import WalLockedError
 
 KEEP = Retention(max_age=None, max_bytes=None, until_acked=False)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _make(path, partitions: int = 2, records: int = 40) -> None:
@@ -472,3 +475,39 @@ def test_commits_of_one_subscriber_from_two_threads_do_not_fail(tmp_path):
         q.close()
     assert errors == []
     assert not [n for n in os.listdir(tmp_path / "wal" / "offsets") if n.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------- a full disk
+
+_FILL = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+from fastbus import FsyncPolicy, WalMessageQueue
+resource.setrlimit(resource.RLIMIT_FSIZE, (1536 << 10, resource.RLIM_INFINITY))
+q = WalMessageQueue(sys.argv[1], fsync=FsyncPolicy.always(), compaction_interval=None)
+n = 0
+try:
+    while True:
+        q.append(b"x" * 1000)
+        n += 1
+except OSError as exc:
+    print(n, exc.errno)
+q.close()
+"""
+
+
+def test_a_segment_fills_the_space_left_before_it_reports_no_space(tmp_path):
+    """The active segment's file grows ahead in steps of up to 8 MiB: when the next
+    step did not fit (ENOSPC, or EFBIG past a file size limit), the append failed
+    although the space it needed was there, and appends stayed refused until a
+    whole step's worth was freed. Here a 1.5 MiB file size limit stopped the WAL
+    at 1 MiB (1012 records of 1036 bytes); it now takes what each write needs."""
+    out = subprocess.run(
+        [sys.executable, "-c", _FILL, str(tmp_path / "wal")], capture_output=True,
+        text=True, timeout=60, env=dict(os.environ, PYTHONPATH=_ROOT))
+    assert out.returncode == 0, out.stderr
+    appended, err = map(int, out.stdout.split())
+    assert err == errno.EFBIG
+    assert appended == (1536 << 10) // 1036
+    with WalMessageQueue(tmp_path / "wal", compaction_interval=None) as q:
+        assert q.end_offsets() == {0: appended}
