@@ -896,8 +896,12 @@ class SQLiteStore:
         return f"{self.path}#{partition_dir_name(partition)}/{segment_file_name(base)}"
 
     def create_segment(self, partition: int, base: int) -> _SQLiteSegment:
-        self._put("INSERT INTO segments (part, seg) VALUES (?, ?)", (partition, base),
-                  self.segment_location(partition, base))
+        where = self.segment_location(partition, base)
+        # Records left at this base without their segment row (see
+        # _delete_orphan_records) must not become the new segment's.
+        self._check_writable()
+        self._delete_records(partition, base, where)
+        self._put("INSERT INTO segments (part, seg) VALUES (?, ?)", (partition, base), where)
         return _SQLiteSegment(self, partition, base)
 
     def open_segment(self, partition: int, base: int, *, writable: bool) -> _SQLiteSegment:
@@ -934,11 +938,19 @@ class SQLiteStore:
             time.sleep(_DELETE_PAUSE)
 
     def _delete_orphan_records(self) -> None:
-        """Records whose segment row is gone: a ``delete_segment`` cut short by a
-        crash. A segment created later at the same base must not take them in."""
+        """Records whose segment row is gone before the partition's first segment:
+        a retention ``delete_segment`` (oldest first) cut short by a crash.
+
+        Only those: this runs in ``open``, before the queue has checked anything, and
+        records without a segment row elsewhere (a partition with no segment row left,
+        a row gone between two others) are damage, which the open reports as
+        corruption and must leave as it found them (it deleted them, then said
+        "nothing was changed"). Orphans past a partition's last segment (a repair's
+        drops cut short) go when a segment is created at their base."""
         rows = self._db.execute(
             "SELECT DISTINCT part, seg FROM records WHERE NOT EXISTS (SELECT 1 FROM "
-            "segments WHERE segments.part = records.part AND segments.seg = records.seg)"
+            "segments WHERE segments.part = records.part AND segments.seg = records.seg) "
+            "AND seg < (SELECT MIN(s.seg) FROM segments s WHERE s.part = records.part)"
         ).fetchall()
         for part, seg in rows:
             self._delete_records(part, seg, self.segment_location(part, seg))

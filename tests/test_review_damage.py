@@ -511,3 +511,57 @@ def test_a_segment_fills_the_space_left_before_it_reports_no_space(tmp_path):
     assert appended == (1536 << 10) // 1036
     with WalMessageQueue(tmp_path / "wal", compaction_interval=None) as q:
         assert q.end_offsets() == {0: appended}
+
+
+# ------------------------------------------- SQLiteStore records without a segment
+
+
+def _sqlite_records(db, partition: int) -> int:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("SELECT COUNT(*) FROM records WHERE part = ?",
+                           (partition,)).fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_sqlite_partition_without_its_segment_row_keeps_its_records(tmp_path):
+    """The segment rows of a partition gone (damage): SQLiteStore.open deleted the
+    partition's records as leftovers of an interrupted retention, then the open
+    raised WalCorruptionError saying "Nothing was changed"."""
+    db = tmp_path / "wal.db"
+    _sqlite_wal(db)
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM segments WHERE part = 0")
+    con.commit()
+    con.close()
+    with pytest.raises(WalCorruptionError, match="no segment"):
+        WalMessageQueue(SQLiteStore(db), partitions=None, compaction_interval=None)
+    assert _sqlite_records(db, 0) == 3000
+    # repair=True starts the partition again, empty: the old rows are not taken in
+    with WalMessageQueue(SQLiteStore(db), partitions=None, repair=True,
+                         compaction_interval=None) as q:
+        assert q.end_offsets() == {0: 0, 1: 3000}
+        assert q.append(b"new", partition=0) == (0, 0)
+        assert [r.payload for r in q.reader("z").poll(max_records=1)] == [b"new"]
+    assert _sqlite_records(db, 0) == 1
+
+
+def test_sqlite_records_left_by_an_interrupted_retention_still_go(tmp_path):
+    db = tmp_path / "wal.db"
+    q = WalMessageQueue(SQLiteStore(db), fsync=FsyncPolicy.never(), retention=KEEP,
+                        segment_bytes=4096, compaction_interval=None)
+    for i in range(300):
+        q.append(b"m%04d" % i * 5)
+    q.close()
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT COUNT(*) FROM segments").fetchone()[0] > 2
+    first = con.execute("SELECT MIN(seg) FROM segments").fetchone()[0]
+    con.execute("DELETE FROM segments WHERE seg = ?", (first,))  # (the row goes first)
+    con.commit()
+    left = con.execute("SELECT COUNT(*) FROM records WHERE seg = ?", (first,)).fetchone()[0]
+    con.close()
+    assert left > 0
+    with WalMessageQueue(SQLiteStore(db), compaction_interval=None) as q:
+        assert q.start_offsets()[0] > 0
+    assert _sqlite_records(db, 0) == 300 - left
