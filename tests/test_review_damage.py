@@ -565,3 +565,27 @@ def test_sqlite_records_left_by_an_interrupted_retention_still_go(tmp_path):
     with WalMessageQueue(SQLiteStore(db), compaction_interval=None) as q:
         assert q.start_offsets()[0] > 0
     assert _sqlite_records(db, 0) == 300 - left
+
+
+_HUGE = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.RLIM_INFINITY))
+from fastbus import WalCorruptionError, WalMessageQueue
+try:
+    WalMessageQueue(sys.argv[1], partitions=None, compaction_interval=None)
+except WalCorruptionError as exc:
+    print("corrupt", exc.path)
+"""
+
+
+def test_a_segment_whose_size_is_damaged_is_named_in_the_error(tmp_path):
+    """A segment file grown to 30 GiB (a damaged inode, a `truncate -s`): recovery,
+    which reads a segment whole, raised a bare MemoryError naming nothing."""
+    wal = tmp_path / "wal"
+    _make(wal)
+    seg = wal / "p-0000" / "00000000000000000000.log"
+    os.truncate(seg, 30 << 30)  # (sparse: no space used)
+    out = subprocess.run([sys.executable, "-c", _HUGE, str(wal)], capture_output=True,
+                         text=True, timeout=60, env=dict(os.environ, PYTHONPATH=_ROOT))
+    assert out.stdout.split() == ["corrupt", str(seg)], out.stderr[-2000:]
+    assert os.path.getsize(seg) == 30 << 30

@@ -196,7 +196,21 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
             break
         handle = store.open_segment(partition, base, writable=writable)
         size = handle.size()
-        data = handle.read(0, size) if size else b""
+        try:
+            data = handle.read(0, size) if size else b""
+        except MemoryError:
+            # (a segment is read whole; a size no writer gives it, from a damaged
+            # inode or a `truncate -s`, raised a MemoryError naming nothing)
+            _close_all([*out.segments])
+            handle.close()
+            raise WalCorruptionError(
+                f"WAL segment {location} is {size} bytes, too large to be checked in "
+                "memory: a segment is at most segment_bytes plus one write (or one "
+                "append_many batch), so its size is probably damaged (a file system "
+                "error, or a `truncate -s`). Nothing was changed. Copy the directory for "
+                "analysis; if the file is sparse past its records (`ls -ls` shows few "
+                "blocks), cut it back to the data it holds and open again",
+                path=location, position=0) from None
         vr = verify(data, 0, expected_offset=base, index_interval=index_interval)
         count, end = vr.count, vr.end
         seg = SegmentState(
