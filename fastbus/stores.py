@@ -566,7 +566,7 @@ def _sqlite_os_error(exc: sqlite3.OperationalError, where: str) -> OSError:
     return OSError(code, f"sqlite: {exc}", where)
 
 
-def _sqlite_damage(exc: sqlite3.DatabaseError, path: str, where: str) -> WalCorruptionError:
+def _sqlite_damage(exc: BaseException, path: str, where: str) -> WalCorruptionError:
     """A read of the database at ``path`` failed because its file is damaged
     (SQLITE_CORRUPT: "database disk image is malformed"), not because it is busy or
     full: the records there cannot be read, which is WAL corruption."""
@@ -584,7 +584,7 @@ def _is_sqlite_busy(exc: BaseException) -> bool:
                                                             sqlite3.SQLITE_LOCKED))
 
 
-def _sqlite_busy(exc: sqlite3.DatabaseError, path: str) -> WalLockedError:
+def _sqlite_busy(exc: BaseException, path: str) -> WalLockedError:
     return WalLockedError(
         f"WAL database {path} is locked by another program ({exc}; an sqlite3 shell or a "
         "backup tool holding a lock on it, say): nothing was changed; close that program "
@@ -762,7 +762,6 @@ class SQLiteStore:
                 if _is_sqlite_damage(exc):
                     raise _sqlite_damage(exc, self.path, "the queue's tables") from exc
                 if _is_sqlite_busy(exc):
-                    assert isinstance(exc, sqlite3.DatabaseError)
                     raise _sqlite_busy(exc, self.path) from exc
                 if isinstance(exc, sqlite3.DatabaseError):
                     raise FastbusError(f"{self.path} cannot be read as an SQLite WAL "
@@ -810,10 +809,8 @@ class SQLiteStore:
                     with contextlib.suppress(OSError):
                         os.unlink(self.path + suffix)
             if _is_sqlite_damage(exc):
-                assert isinstance(exc, sqlite3.DatabaseError)
                 raise _sqlite_damage(exc, self.path, "the queue's tables") from exc
             if _is_sqlite_busy(exc):
-                assert isinstance(exc, sqlite3.DatabaseError)
                 raise _sqlite_busy(exc, self.path) from exc
             if isinstance(exc, sqlite3.DatabaseError):
                 raise FastbusError(f"{self.path} cannot be opened as an SQLite WAL database "
