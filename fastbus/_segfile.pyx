@@ -29,7 +29,7 @@ from one thread at a time (under the queue lock or with the partition's
 mapping, so a remap cannot pull memory from under a reader.
 """
 
-from libc.errno cimport errno, EINTR, EIO
+from libc.errno cimport errno, EINTR, EIO, EFBIG, ENOSPC
 from libc.string cimport memcpy, strerror
 from posix.fcntl cimport open as c_open, O_RDONLY, O_RDWR, O_CREAT, O_EXCL
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
@@ -286,9 +286,17 @@ cdef class MappedSegment:
             while True:
                 with nogil:
                     err = posix_fallocate(self._fd, <off_t>cap, <off_t>step)
-                if err != EINTR:
-                    break
-                PyErr_CheckSignals()
+                if err == EINTR:
+                    PyErr_CheckSignals()
+                    continue
+                if (err == ENOSPC or err == EFBIG) and cap + step > need:
+                    # The step ahead does not fit (a full disk, a file size limit):
+                    # take only what this write needs, so the disk fills up to its
+                    # last free block instead of failing with up to 8 MiB free.
+                    ftruncate(self._fd, <off_t>cap)
+                    step = need - cap
+                    continue
+                break
             if err != 0:
                 # A partial allocation may have moved the end of the file: put it back,
                 # so no page of the mapping is ever past the space the disk gave us.

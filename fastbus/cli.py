@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .errors import FastbusError
+
 __all__ = ["COMMANDS", "main"]
 
 
@@ -47,7 +49,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     try:
         for v in views:
             q: dict[str, Any] = {"topic": v.topic, "location": v.location,
-                                 "partitions": [], "groups": {}}
+                                 "partitions": [], "groups": {},
+                                 "findings": [f.describe() for _, f in v.extra]}
             for r in v.recoveries:
                 segs = [{"file": s.location.rsplit("/", 1)[-1], "first_offset": s.base,
                          "last_offset": s.next_offset - 1, "records": s.count,
@@ -87,6 +90,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 print(f"    {s['file']}  offsets {rng}  {s['bytes']} bytes")
             for f in p["findings"]:
                 print(f"    ! {f}")
+        for f in q["findings"]:
+            print(f"  ! {f}")
         if q["groups"]:
             print("  groups:")
             for g, parts in q["groups"].items():
@@ -104,6 +109,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     views = _views(args.dir, args.topic)
     status = 0
+    extra_found = False
     try:
         for v in views:
             name = f"topic {v.topic!r} " if v.topic else ""
@@ -112,9 +118,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             for p, f in findings:
                 kind = "TORN TAIL" if f.kind == "torn_tail" else "CORRUPT"
                 where = (f"{f.location} is missing or holds no segment file" if
-                         f.kind == "missing" else f"{f.location} at byte {f.position}")
+                         f.kind == "missing" else
+                         f"{f.location} holds segments of a partition the queue does not "
+                         "have" if f.kind == "extra" else f"{f.location} at byte {f.position}")
                 print(f"{kind}: {where} (partition {p}, {f.reason})")
-                status = max(status, 2) if f.kind == "torn_tail" else 1
+                # (1, corruption, wins over 2, a torn tail, whatever the order found)
+                status = (status or 2) if f.kind == "torn_tail" else 1
+                extra_found = extra_found or f.kind == "extra"
             for g, offs in v.groups.items():
                 if isinstance(offs, str):
                     print(f"DAMAGED OFFSETS: subscriber {g!r} in {v.location}: {offs}")
@@ -125,6 +135,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     finally:
         for v in views:
             v.close()
+    if extra_found:
+        print("a partition directory past the count in meta.json holds segments: restore "
+              "the count meta.json had, or move the directory away (repair=True does not "
+              "touch it)", file=sys.stderr)
     if status == 1:
         print("corruption found: see docs/operations-wal.md (open with repair=True to "
               "truncate at the first bad record)", file=sys.stderr)
@@ -258,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _inside(exc: BaseException, path: str | None) -> bool:
+    """``exc`` is about a file under ``path`` (a ``fastbus wal`` DIR), not ``path``."""
+    name = getattr(exc, "filename", None)
+    if not path or not isinstance(name, str):
+        return False
+    top = os.path.abspath(path)
+    name = os.path.abspath(name)
+    return name != top and name.startswith(top.rstrip(os.sep) + os.sep)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -278,8 +302,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
         return 128 + signal.SIGPIPE
     except (ValueError, FileNotFoundError, PermissionError) as exc:
+        if _inside(exc, getattr(args, "dir", None)):
+            # A file of the WAL, not the path given: a segment that is a dangling
+            # symlink, a partition directory this user may not read. The WAL is
+            # there, and could not be checked: not "no WAL here" (3).
+            hint = ("run it as the WAL's owner" if isinstance(exc, PermissionError)
+                    else "the WAL is damaged: see docs/operations-wal.md")
+            print(f"fastbus: error: {exc} ({hint})", file=sys.stderr)
+            return 1
         print(f"fastbus: error: {exc}", file=sys.stderr)
         return 3
+    except FastbusError as exc:  # a damaged WAL database (WalCorruptionError), ...
+        print(f"fastbus: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:  # a damaged directory: a segment that is a directory, ...
         print(f"fastbus: error: {exc} (the WAL is damaged: see docs/operations-wal.md)",
               file=sys.stderr)

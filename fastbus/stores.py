@@ -32,6 +32,7 @@ import fcntl
 import os
 import re
 import sqlite3
+import stat
 import struct
 import threading
 import time
@@ -39,7 +40,7 @@ import weakref
 from typing import Protocol, runtime_checkable
 
 from ._segfile import MappedSegment
-from .errors import FastbusError
+from .errors import FastbusError, WalCorruptionError
 
 __all__ = [
     "FileStore",
@@ -260,16 +261,45 @@ def _make_dir(path: str, why: str) -> None:
         raise NotADirectoryError(errno.ENOTDIR, f"Not a directory; {why}", path) from None
 
 
+_DOC_LOCKS: dict[str, threading.Lock] = {}  # document path -> its writers' lock
+_DOC_LOCKS_GUARD = threading.Lock()
+# (a fork child starts with none held: a thread of the parent may have held one)
+os.register_at_fork(after_in_child=_DOC_LOCKS.clear)
+
+
 def _atomic_write(directory: str, name: str, data: bytes) -> None:
     """write temp, fsync, rename over ``name``, fsync the directory.
 
     A failure is an ``OSError`` naming ``name``'s path (a bare ``os.write`` error
-    names no file) and saying whether the old document is still the one in place."""
+    names no file) and saying whether the old document is still the one in place.
+    Writers of one document take turns: two commits of one subscriber at once
+    (two readers of it in two threads) shared the temp file, and one of them
+    failed with ENOENT when the other had renamed it."""
     final = os.path.join(directory, name)
+    with _DOC_LOCKS_GUARD:
+        lock = _DOC_LOCKS.setdefault(final, threading.Lock())
+    with lock:
+        _atomic_write_locked(directory, name, final, data)
+
+
+def _atomic_write_locked(directory: str, name: str, final: str, data: bytes) -> None:
     tmp = os.path.join(directory, f".{name}.tmp")
     replaced = False
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # A temp file left by an interrupted write (a crash between open and rename)
+        # is removed first, and a new one made with O_EXCL | O_NOFOLLOW: opening the
+        # old one with O_TRUNC kept its owner and mode (the document then took them
+        # with the rename), and followed it if it was a symlink, overwriting a file
+        # outside the WAL and leaving the document a symlink to it.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # (a directory in the way: EISDIR; EPERM, ...)
+            raise OSError(exc.errno, f"{exc.strerror or exc} (a stale temporary file "
+                          f"{tmp} that cannot be removed; remove it by hand)", tmp) from exc
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
         try:
             view = memoryview(data)
             while view:
@@ -298,7 +328,21 @@ def _atomic_write(directory: str, name: str, data: bytes) -> None:
                       f"{state}", final) from exc
 
 
+def _check_not_special(path: str, what: str) -> None:
+    """Raise unless ``path`` is a regular file or a directory (a directory gives the
+    usual IsADirectoryError when opened as a file): opening a FIFO put there by
+    mistake blocked the open, or a ``fastbus wal`` command, for good."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OSError(errno.EINVAL, f"not a regular file (a FIFO, socket or device): "
+                      f"{what} is a file; move it away", path)
+
+
 def _read_file(path: str) -> bytes | None:
+    _check_not_special(path, "a WAL document")
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -317,7 +361,18 @@ class _FileSegment(MappedSegment):
 
 def _take_writer_lock(lock_path: str, what: str, path: str, hint: str) -> int:
     """The writer's exclusive ``flock`` on ``lock_path``; its fd. WalLockedError if taken."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            # (a read-only file system or copy, another user's files)
+            hint = (f"a writer needs {what} writable (run as its owner, or copy it "
+                    "somewhere writable; `fastbus wal inspect` reads it as it is)")
+        else:  # (a directory or a symlink loop in its place)
+            hint = ("it holds no data: remove whatever is in its place while no writer "
+                    "runs, and open again")
+        raise type(exc)(exc.errno, f"{exc.strerror}: cannot open the writer's lock file "
+                        f"of {what}; {hint}", lock_path) from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -464,8 +519,9 @@ class FileStore:
     def open_segment(self, partition: int, base: int, *, writable: bool) -> _FileSegment:
         if writable:
             self._check_writable()
-        return _FileSegment(self.segment_location(partition, base), writable=writable,
-                            create=False)
+        path = self.segment_location(partition, base)
+        _check_not_special(path, "a segment")
+        return _FileSegment(path, writable=writable, create=False)
 
     def delete_segment(self, partition: int, base: int) -> None:
         self._check_writable()
@@ -512,6 +568,37 @@ def _sqlite_os_error(exc: sqlite3.OperationalError, where: str) -> OSError:
     return OSError(code, f"sqlite: {exc}", where)
 
 
+def _sqlite_damage(exc: BaseException, path: str, where: str) -> WalCorruptionError:
+    """A read of the database at ``path`` failed because its file is damaged
+    (SQLITE_CORRUPT: "database disk image is malformed"), not because it is busy or
+    full: the records there cannot be read, which is WAL corruption."""
+    return WalCorruptionError(
+        f"WAL database {path} is damaged ({exc}, reading {where}): its records "
+        "cannot be read. Nothing was changed. Copy the database (with its -wal file) for "
+        "analysis, then restore it from a backup or a replica, or salvage the rows the "
+        f"sqlite3 shell can still read (`sqlite3 {path} .recover`)",
+        path=path, position=0)
+
+
+def _is_sqlite_busy(exc: BaseException) -> bool:
+    return (isinstance(exc, sqlite3.OperationalError)
+            and getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY,
+                                                            sqlite3.SQLITE_LOCKED))
+
+
+def _sqlite_busy(exc: BaseException, path: str) -> WalLockedError:
+    return WalLockedError(
+        f"WAL database {path} is locked by another program ({exc}; an sqlite3 shell or a "
+        "backup tool holding a lock on it, say): nothing was changed; close that program "
+        "and open it again", path=path)
+
+
+def _is_sqlite_damage(exc: BaseException) -> bool:
+    return (isinstance(exc, sqlite3.DatabaseError)
+            and not isinstance(exc, sqlite3.OperationalError)
+            and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_CORRUPT)
+
+
 _LEN = struct.Struct("<I")
 _OFFSET_AT = 10  # u32 length, u32 crc, u8 version, u8 attributes, then i64 offset
 _OFF = struct.Struct("<q")
@@ -542,9 +629,14 @@ class _SQLiteSegment:
         self._base = base
         self.location = store.segment_location(partition, base)
         with store._mutex:
-            row = store._db.execute(
-                "SELECT COALESCE(MAX(pos + LENGTH(blob)), 0) FROM records "
-                "WHERE part = ? AND seg = ?", (partition, base)).fetchone()
+            try:
+                row = store._db.execute(
+                    "SELECT COALESCE(MAX(pos + LENGTH(blob)), 0) FROM records "
+                    "WHERE part = ? AND seg = ?", (partition, base)).fetchone()
+            except sqlite3.DatabaseError as exc:
+                if _is_sqlite_damage(exc):
+                    raise _sqlite_damage(exc, store.path, self.location) from exc
+                raise
         self._size = int(row[0])
 
     def size(self) -> int:
@@ -553,10 +645,15 @@ class _SQLiteSegment:
     def read(self, position: int, size: int) -> bytes:
         end = position + size
         with self._store._mutex:
-            rows = self._store._db.execute(
-                "SELECT pos, blob FROM records WHERE part = ? AND seg = ? AND pos < ? "
-                "AND pos + LENGTH(blob) > ? ORDER BY pos",
-                (self._partition, self._base, end, position)).fetchall()
+            try:
+                rows = self._store._db.execute(
+                    "SELECT pos, blob FROM records WHERE part = ? AND seg = ? AND pos < ? "
+                    "AND pos + LENGTH(blob) > ? ORDER BY pos",
+                    (self._partition, self._base, end, position)).fetchall()
+            except sqlite3.DatabaseError as exc:
+                if _is_sqlite_damage(exc):
+                    raise _sqlite_damage(exc, self._store.path, self.location) from exc
+                raise
         if not rows:
             return b""
         first = rows[0][0]
@@ -664,6 +761,10 @@ class SQLiteStore:
                 _check_sqlite_is_ours(self._db, self.path)
             except BaseException as exc:
                 self.close()
+                if _is_sqlite_damage(exc):
+                    raise _sqlite_damage(exc, self.path, "the queue's tables") from exc
+                if _is_sqlite_busy(exc):
+                    raise _sqlite_busy(exc, self.path) from exc
                 if isinstance(exc, sqlite3.DatabaseError):
                     raise FastbusError(f"{self.path} cannot be read as an SQLite WAL "
                                        f"database ({exc})") from exc
@@ -689,7 +790,10 @@ class SQLiteStore:
             db = self._db
             # Before anything is changed: WAL journaling converts the file.
             _check_sqlite_is_ours(db, self.path)
-            db.execute(f"PRAGMA application_id={_SQLITE_APP_ID}")  # (new, or from before it)
+            # (new, or from before it; set only then: a write, which a damaged database's
+            # failed open must not make)
+            if db.execute("PRAGMA application_id").fetchone()[0] != _SQLITE_APP_ID:
+                db.execute(f"PRAGMA application_id={_SQLITE_APP_ID}")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
             with db:
@@ -706,6 +810,10 @@ class SQLiteStore:
                 for suffix in ("", "-wal", "-shm"):
                     with contextlib.suppress(OSError):
                         os.unlink(self.path + suffix)
+            if _is_sqlite_damage(exc):
+                raise _sqlite_damage(exc, self.path, "the queue's tables") from exc
+            if _is_sqlite_busy(exc):
+                raise _sqlite_busy(exc, self.path) from exc
             if isinstance(exc, sqlite3.DatabaseError):
                 raise FastbusError(f"{self.path} cannot be opened as an SQLite WAL database "
                                    f"({exc}); point SQLiteStore at a fastbus WAL database or "
@@ -755,6 +863,10 @@ class SQLiteStore:
                 if "no such table" in str(exc):
                     return []
                 raise
+            except sqlite3.DatabaseError as exc:
+                if _is_sqlite_damage(exc):
+                    raise _sqlite_damage(exc, self.path, "the queue's tables") from exc
+                raise
 
     def _put(self, sql: str, args: tuple, where: str | None = None) -> None:
         self._check_writable()
@@ -783,8 +895,12 @@ class SQLiteStore:
         return f"{self.path}#{partition_dir_name(partition)}/{segment_file_name(base)}"
 
     def create_segment(self, partition: int, base: int) -> _SQLiteSegment:
-        self._put("INSERT INTO segments (part, seg) VALUES (?, ?)", (partition, base),
-                  self.segment_location(partition, base))
+        where = self.segment_location(partition, base)
+        # Records left at this base without their segment row (see
+        # _delete_orphan_records) must not become the new segment's.
+        self._check_writable()
+        self._delete_records(partition, base, where)
+        self._put("INSERT INTO segments (part, seg) VALUES (?, ?)", (partition, base), where)
         return _SQLiteSegment(self, partition, base)
 
     def open_segment(self, partition: int, base: int, *, writable: bool) -> _SQLiteSegment:
@@ -821,11 +937,19 @@ class SQLiteStore:
             time.sleep(_DELETE_PAUSE)
 
     def _delete_orphan_records(self) -> None:
-        """Records whose segment row is gone: a ``delete_segment`` cut short by a
-        crash. A segment created later at the same base must not take them in."""
+        """Records whose segment row is gone before the partition's first segment:
+        a retention ``delete_segment`` (oldest first) cut short by a crash.
+
+        Only those: this runs in ``open``, before the queue has checked anything, and
+        records without a segment row elsewhere (a partition with no segment row left,
+        a row gone between two others) are damage, which the open reports as
+        corruption and must leave as it found them (it deleted them, then said
+        "nothing was changed"). Orphans past a partition's last segment (a repair's
+        drops cut short) go when a segment is created at their base."""
         rows = self._db.execute(
             "SELECT DISTINCT part, seg FROM records WHERE NOT EXISTS (SELECT 1 FROM "
-            "segments WHERE segments.part = records.part AND segments.seg = records.seg)"
+            "segments WHERE segments.part = records.part AND segments.seg = records.seg) "
+            "AND seg < (SELECT MIN(s.seg) FROM segments s WHERE s.part = records.part)"
         ).fetchall()
         for part, seg in rows:
             self._delete_records(part, seg, self.segment_location(part, seg))

@@ -90,6 +90,7 @@ from .recovery import (
     SegmentState,
     apply_cuts,
     corruption_error,
+    extra_partitions,
     missing_partitions,
     recover_partition,
 )
@@ -467,6 +468,11 @@ class WalMessageQueue:
             count = partitions or 1
             store.write_meta(encode_meta(count))
         self.partitions = count
+        # Segments of a partition past the count would be ignored (their records lost
+        # to every reader, then to retention): refuse, changing nothing, repair or not.
+        extra = extra_partitions(store, count)
+        if extra:
+            raise corruption_error(extra[0][1])
         now = self._clock()
         self._recoveries: list[PartitionRecovery] = []
         parts = []

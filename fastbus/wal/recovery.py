@@ -47,7 +47,7 @@ from ..errors import WalCorruptionError
 from ..stores import Store
 
 __all__ = ["INDEX_INTERVAL", "Finding", "PartitionRecovery", "SegmentState", "apply_cuts",
-           "corruption_error", "missing_partitions", "recover_partition"]
+           "corruption_error", "extra_partitions", "missing_partitions", "recover_partition"]
 
 log = logging.getLogger("fastbus.wal")
 
@@ -55,11 +55,12 @@ log = logging.getLogger("fastbus.wal")
 # are records whose CRC matched, or a wrong offset, and are reported as corruption.
 _TORN_REASONS = frozenset(("truncated", "bad_length", "bad_crc"))
 _CRC_VALID_REASONS = frozenset(("bad_version", "bad_attributes", "bad_field"))
+_MAX_OFFSET = (1 << 63) - 1  # record offsets are i64
 
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    kind: str  # "torn_tail" | "corruption" | "gap" | "missing"
+    kind: str  # "torn_tail" | "corruption" | "gap" | "missing" | "extra"
     location: str
     position: int
     reason: str
@@ -69,6 +70,9 @@ class Finding:
         if self.kind == "missing":
             return (f"no segment in {self.location} (the partition's directory is missing "
                     "or holds no segment file) although the queue holds data")
+        if self.kind == "extra":
+            return (f"{self.location} holds segments, but the partition is not in the "
+                    f"queue ({self.reason})")
         if self.kind == "torn_tail":
             return (f"torn tail in {self.location} at byte {self.position} ({self.reason}, "
                     f"{self.bytes_after} bytes after the last valid record)")
@@ -98,7 +102,16 @@ def _corrupt(f: Finding) -> WalCorruptionError:
             f"WAL {f.describe()}: the partition's records are gone (deleted, or moved "
             "away). Nothing was changed. Put the directory back if it was moved, restore "
             "it from a replica, or open with repair=True to start the partition again "
-            "empty (its subscribers resume at its new end)",
+            "empty (its subscribers resume at its new end). If meta.json was edited to "
+            "more partitions than the queue had, restore its count instead: repair would "
+            "add the partition and move keys to other partitions",
+            path=f.location, position=f.position)
+    if f.kind == "extra":
+        return WalCorruptionError(
+            f"WAL {f.describe()}: its records would be ignored. Nothing was changed "
+            "(repair=True does not touch it either). If meta.json was edited or replaced, "
+            "restore the partition count it had; if the directory was copied here by "
+            "mistake, move it away",
             path=f.location, position=f.position)
     why = ("a damaged record is followed by data, so this is not a torn tail"
            if f.reason in _TORN_REASONS else
@@ -144,6 +157,21 @@ def missing_partitions(store: Store, recoveries: list[PartitionRecovery], *,
     return out
 
 
+def extra_partitions(store: Store, partitions: int) -> list[tuple[int, Finding]]:
+    """Partitions numbered ``partitions`` or more that hold segments: the meta
+    document's count is wrong (edited, replaced by another queue's) or a partition
+    directory was copied in. The partition count of a queue never changes, so no
+    crash leaves these; an open would ignore their records, so it refuses. (An empty
+    partition directory beyond the count holds nothing and is ignored.)"""
+    out = []
+    for p in store.list_partitions():
+        if p >= partitions and store.list_segments(p):
+            location = store.segment_location(p, 0).rsplit("/", 1)[0]
+            out.append((p, Finding("extra", location, 0,
+                                   f"the meta document says {partitions} partition(s)", 0)))
+    return out
+
+
 def recover_partition(store: Store, partition: int, *, mode: str, clock_now: float,
                       index_interval: int = INDEX_INTERVAL) -> PartitionRecovery:
     """Scan ``partition``'s segments; ``mode`` is "open", "repair" or "check"."""
@@ -156,9 +184,12 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
     for i, base in enumerate(bases):
         location = store.segment_location(partition, base)
         is_last = i == len(bases) - 1
-        if expected_base is not None and base != expected_base:
-            f = Finding("gap", location, 0,
-                        f"segment starts at offset {base}, expected {expected_base}", 0)
+        if base > _MAX_OFFSET or (expected_base is not None and base != expected_base):
+            # (a 20-digit name can say more than an offset holds: no writer made it)
+            f = Finding("gap", location, 0, (
+                f"the file name says offset {base}, past the largest offset {_MAX_OFFSET}"
+                if base > _MAX_OFFSET else
+                f"segment starts at offset {base}, expected {expected_base}"), 0)
             out.findings.append(f)
             if mode == "open":
                 raise _corrupt(f)
@@ -174,7 +205,22 @@ def recover_partition(store: Store, partition: int, *, mode: str, clock_now: flo
             out.segments[-1].handle = None
         handle = store.open_segment(partition, base, writable=writable)
         size = handle.size()
-        sv = _verify_segment(handle, size, base, index_interval)
+        try:
+            sv = _verify_segment(handle, size, base, index_interval)
+        except MemoryError:
+            # (past damage the rest of a segment is read whole; a size no writer gives
+            # it, from a damaged inode or a `truncate -s`, raised a MemoryError naming
+            # nothing)
+            _close_all([*out.segments])
+            handle.close()
+            raise WalCorruptionError(
+                f"WAL segment {location} is {size} bytes, too large to be checked in "
+                "memory: a segment is at most segment_bytes plus one write (or one "
+                "append_many batch), so its size is probably damaged (a file system "
+                "error, or a `truncate -s`). Nothing was changed. Copy the directory for "
+                "analysis; if the file is sparse past its records (`ls -ls` shows few "
+                "blocks), cut it back to the data it holds and open again",
+                path=location, position=0) from None
         count, end, reason = sv.count, sv.end, sv.reason
         # ``tail``: the segment's bytes from ``tail_at`` on (tail_at <= end), for the
         # checks of what follows the valid prefix below (``rel``: ``end`` in it)

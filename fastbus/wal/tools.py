@@ -14,9 +14,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .._walcodec import Record, scan
-from ..stores import FileStore, SQLiteStore, Store
+from ..errors import FastbusError
+from ..stores import _PART_RE, _SEG_RE, FileStore, SQLiteStore, Store
 from .offsets import OffsetsDamaged, decode_meta, decode_offsets
-from .recovery import Finding, PartitionRecovery, missing_partitions, recover_partition
+from .recovery import (
+    Finding,
+    PartitionRecovery,
+    extra_partitions,
+    missing_partitions,
+    recover_partition,
+)
 
 __all__ = ["QueueView", "find_queues", "iter_records", "open_view"]
 
@@ -41,13 +48,17 @@ def find_queues(path: str) -> list[tuple[str, str]]:
         raise FileNotFoundError(f"no WAL at {path}: no such file or directory")
     meta = os.path.join(path, "meta.json")
     # (a ScalableBus data_dir may have a durable topic named "meta.json": a directory
-    # that holds a queue of its own; a queue's own meta.json is a file, or damage)
-    if os.path.exists(meta) and not os.path.exists(os.path.join(meta, "meta.json")):
+    # that holds a queue of its own; a queue's own meta.json is a file, or damage.
+    # lexists: a meta.json that cannot be followed, a symlink loop, is damage too)
+    if os.path.lexists(meta) and not os.path.exists(os.path.join(meta, "meta.json")):
         return [("", path)]
+    _refuse_queue_without_meta(path)
     out = []
     for name in sorted(os.listdir(path)):
         sub = os.path.join(path, name)
-        if os.path.isdir(sub) and os.path.exists(os.path.join(sub, "meta.json")):
+        if os.path.isdir(sub) and not os.path.lexists(os.path.join(sub, "meta.json")):
+            _refuse_queue_without_meta(sub)
+        if os.path.isdir(sub) and os.path.lexists(os.path.join(sub, "meta.json")):
             out.append((name, sub))
         elif os.path.isfile(sub) and _is_sqlite(sub):
             out.append((name, sub))
@@ -55,6 +66,30 @@ def find_queues(path: str) -> list[tuple[str, str]]:
         raise ValueError(f"{path} holds no fastbus WAL (no meta.json here or in a "
                          "sub-directory, no SQLite WAL database)")
     return out
+
+
+def _refuse_queue_without_meta(path: str) -> None:
+    """A directory that holds a partition directory with segments (and not a queue
+    of its own: a ScalableBus topic may be called "p-0000") but no meta.json is a
+    queue whose meta document went: damage, not "no WAL here"."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return
+    for name in names:
+        sub = os.path.join(path, name)
+        if (_PART_RE.match(name) and os.path.isdir(sub)
+                and not os.path.lexists(os.path.join(sub, "meta.json"))):
+            try:
+                segments = any(_SEG_RE.match(n) for n in os.listdir(sub))
+            except OSError:
+                segments = False
+            if segments:
+                raise FastbusError(
+                    f"{path} holds WAL segments ({sub}) but no meta.json: the WAL is "
+                    "damaged. Restore meta.json (it records {\"format\": 1, \"kind\": "
+                    "\"fastbus-wal\", \"partitions\": N}, N the number of p-NNNN "
+                    "directories)")
 
 
 @dataclass
@@ -65,10 +100,12 @@ class QueueView:
     partitions: int
     recoveries: list[PartitionRecovery] = field(default_factory=list)
     groups: dict[str, dict[int, int] | str] = field(default_factory=dict)
+    # partitions past the meta document's count that hold segments (damage)
+    extra: list[tuple[int, Finding]] = field(default_factory=list)
 
     @property
     def findings(self) -> list[tuple[int, Finding]]:
-        return [(r.partition, f) for r in self.recoveries for f in r.findings]
+        return [(r.partition, f) for r in self.recoveries for f in r.findings] + self.extra
 
     def end_offset(self, partition: int) -> int:
         segs = self.recoveries[partition].segments
@@ -96,6 +133,7 @@ def open_view(topic: str, location: str) -> QueueView:
         store.close()
         raise ValueError(f"{location}: {exc}") from None
     view = QueueView(topic, location, store, meta["partitions"])
+    view.extra = extra_partitions(store, view.partitions)
     now = time.time()
     for p in range(view.partitions):
         view.recoveries.append(recover_partition(store, p, mode="check", clock_now=now))
