@@ -67,7 +67,6 @@ class PartState:
     last_appenders: int
     last_sync_seconds: float
     gather_gate: Any
-    gather_entry: list[Any] | None
     mapped: MappedSegment | None
     roll_at_ns: int
     index_due: int

@@ -187,7 +187,6 @@ cdef class PartState:
     cdef public int64_t last_appenders   # appenders the last group commit acknowledged
     cdef public double last_sync_seconds # how long its fdatasync took
     cdef public object gather_gate       # a leader waiting for its batch (queue._gather)
-    cdef public object gather_entry      # its waiter entry, for whoever completes the batch
     cdef public MappedSegment mapped     # the active segment, for direct copies (or None)
     cdef public int64_t roll_at_ns       # record time from which the segment rolls by age
     cdef public Py_ssize_t index_due     # position of the next sparse index entry
@@ -229,7 +228,6 @@ cdef class PartState:
         self.last_appenders = 0
         self.last_sync_seconds = 0.0
         self.gather_gate = None
-        self.gather_entry = None
         self.mapped = None
         self.roll_at_ns = (1 << 63) - 1
         self.index_due = 0
@@ -537,24 +535,10 @@ cdef class Appender:
             self._first_unsynced(part)
         return True
 
-    cdef bint _take_over(self, PartState part) except -1:
-        """Lock held, ``part.sync_busy``: ``WalMessageQueue._take_over_gather``, compiled
-        (this appender completes the batch a leader gathers for: it leads instead)."""
-        cdef list entry = part.gather_entry
-        if entry is None or len(part.sync_waiters) + 2 < part.last_appenders \
-                or entry[3] != part.fail_gen:
-            return False
-        part.gather_gate = None
-        part.gather_entry = None
-        part.sync_waiters.append(entry)
-        part.sync_busy = False  # (the gathering leader's placeholder)
-        self._notify_readers()  # (the queue's condition: flush() may wait for the sync)
-        return True
-
     cdef object _append_always(self, PartState part, object payload, object key,
                                object headers):
         cdef int64_t off, target, gen
-        cdef bint held, took
+        cdef bint held
         cdef list entry
         self._acquire()
         if self.closed or part.broken is not None or part.unwritten \
@@ -566,13 +550,16 @@ cdef class Appender:
             off = self._encode(part, key, headers, payload)
             target = off + 1
             gen = part.fail_gen
-            took = part.sync_busy and self._take_over(part)
-            if part.sync_busy and not took:
+            if part.sync_busy:
                 # Queue behind the running sync (see WalMessageQueue._wait_durable).
                 waiter = _new_lock()
                 waiter.acquire()
                 entry = [target, waiter, False]
                 part.sync_waiters.append(entry)
+                gate = part.gather_gate
+                if gate is not None and len(part.sync_waiters) + 1 >= part.last_appenders:
+                    part.gather_gate = None
+                    gate.release()  # the gathering leader has its batch
                 held = False
                 self._release()
                 try:
@@ -591,8 +578,7 @@ cdef class Appender:
                 held = True
                 if pending is not None:
                     raise pending
-            # (took: this appender completed a gathered batch: it leads that sync now)
-            held = self._wait_durable(part, target, gen, took)
+            held = self._wait_durable(part, target, gen)
             if held and self.readers_waiting:
                 self._notify_readers()
         finally:

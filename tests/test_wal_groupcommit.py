@@ -30,11 +30,8 @@ class SyncGate:
         self.syncs = 0
         real = stores_mod._FileSegment.sync
 
-        self.threads: list[str] = []  # the thread each sync ran on
-
         def sync(segment):
             self.syncs += 1
-            self.threads.append(threading.current_thread().name)
             self.entered.set()
             assert self.open.wait(10), "the test never opened the sync gate"
             real(segment)
@@ -224,30 +221,27 @@ def test_the_system_clock_stamps_records(tmp_path):
 
 
 def test_a_leader_gathers_the_batch_the_last_sync_had(tmp_path, monkeypatch):
-    """After a sync of several appenders, the next leader waits for as many records,
-    and the appender completing the batch syncs them at once: it is running already,
-    whereas waking the gathering leader to do it would cost a thread hand-off."""
+    """After a sync of several appenders, the next leader waits for as many records
+    (the appender completing the batch opens the gate), then syncs them at once."""
     monkeypatch.setattr(wal_queue, "_GATHER_MAX", 10.0)
     gate = SyncGate(monkeypatch)
     q = _always(tmp_path)
     part = q._parts[0]
     part.last_appenders, part.last_sync_seconds = 3, 10.0
     out: list[tuple[int, int]] = []
-    leader = threading.Thread(target=lambda: out.append(q.append(b"a")), name="leader")
+    leader = threading.Thread(target=lambda: out.append(q.append(b"a")))
     leader.start()
     wait_for(lambda: part.gather_gate is not None, "the leader to gather")
     assert gate.syncs == 0 and part.sync_busy  # arrivals queue behind the gathering
-    followers = [threading.Thread(target=lambda p=p: out.append(q.append(p)),
-                                  name=p.decode()) for p in (b"b", b"c")]
-    followers[0].start()
-    wait_for(lambda: len(part.sync_waiters) == 1, "b to queue behind the gathering")
-    followers[1].start()  # c completes the batch
+    followers = [threading.Thread(target=lambda p=p: out.append(q.append(p)))
+                 for p in (b"b", b"c")]
+    for t in followers:
+        t.start()
     leader.join(10)
     for t in followers:
         t.join(10)
     assert sorted(out) == [(0, 0), (0, 1), (0, 2)]
     assert gate.syncs == 1 and q.metrics()["group_commit_max"] == 3
-    assert gate.threads == ["c"]  # the appender that completed the batch
     assert part.gather_gate is None and not part.sync_busy
     q.close()
 
@@ -296,76 +290,4 @@ def test_ctrl_c_of_a_gathering_leader_hands_the_sync_on(tmp_path, monkeypatch, s
     assert follower_out == [(0, 1)]  # woken to lead, it synced both records
     assert part.gather_gate is None and not part.sync_busy and part.durable == 2
     assert [r.payload for r in q.reader("g").poll(max_records=5)] == [b"leader", b"follower"]
-    q.close()
-
-
-def test_a_gather_taken_over_as_it_times_out_still_acknowledges_the_leader(tmp_path,
-                                                                           monkeypatch):
-    """The gathering leader's wait ends (timeout) just as an appender completes the
-    batch and takes it over: the leader, now one of that appender's waiters, must
-    wait for its sync, not lead one of its own."""
-    monkeypatch.setattr(wal_queue, "_GATHER_MAX", 10.0)
-    gate = SyncGate(monkeypatch)
-    q = _always(tmp_path)
-    part = q._parts[0]
-    part.last_appenders, part.last_sync_seconds = 2, 0.2  # gathers for 0.1 s
-    out: list[tuple[int, int]] = []
-    leader = threading.Thread(target=lambda: out.append(q.append(b"a")), name="leader")
-    with q._lock:
-        leader.start()
-        # (the leader gathers without the lock; wait_for polls without it too)
-        q._lock.release()
-        try:
-            wait_for(lambda: part.gather_gate is not None, "the leader to gather")
-        finally:
-            q._lock.acquire()
-        time.sleep(0.3)  # its gather timed out; it waits for the lock held here
-        # An appender completes the batch meanwhile (as _append_always does).
-        part.buffered += part.enc.add(part.next_offset, time.time_ns(), None, None, b"b")
-        part.next_offset += 1
-        assert q._take_over_gather(part)
-        assert q._wait_durable(part, part.next_offset, part.fail_gen, True)
-    leader.join(10)
-    assert out == [(0, 0)] and part.durable == 2
-    assert gate.syncs == 1 and gate.threads == [threading.current_thread().name]
-    assert part.gather_gate is None and not part.sync_busy and not part.sync_waiters
-    assert [r.payload for r in q.reader("g").poll(max_records=5)] == [b"a", b"b"]
-    q.close()
-
-
-def test_ctrl_c_of_a_gathering_leader_whose_batch_was_taken_over(tmp_path, monkeypatch,
-                                                                 sigint_raises):
-    if threading.current_thread() is not threading.main_thread():  # pragma: no cover
-        pytest.skip("signals are delivered to the main thread")
-    monkeypatch.setattr(wal_queue, "_GATHER_MAX", 10.0)
-    gate = SyncGate(monkeypatch)
-    q = _always(tmp_path)
-    part = q._parts[0]
-    part.last_appenders, part.last_sync_seconds = 2, 10.0
-    gate.close()  # the completing appender's sync waits here
-    out: list[tuple[int, int]] = []
-
-    def completer() -> None:
-        wait_for(lambda: part.gather_gate is not None, "the leader to gather")
-        out.append(q.append(b"completer"))
-
-    t = threading.Thread(target=completer, name="completer")
-    t.start()
-    main = threading.main_thread().ident
-
-    def interrupt() -> None:
-        assert gate.entered.wait(10)  # the batch was taken over and is being synced
-        signal.pthread_kill(main, signal.SIGINT)
-
-    timer = threading.Thread(target=interrupt)
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        q.append(b"leader")
-    timer.join(10)
-    assert part.sync_waiters == []  # the interrupted leader left the queue
-    gate.open.set()
-    t.join(10)
-    assert out == [(0, 1)] and gate.threads == ["completer"]
-    assert part.gather_gate is None and not part.sync_busy and part.durable == 2
-    assert q.append(b"after") == (0, 2)
     q.close()

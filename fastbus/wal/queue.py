@@ -20,9 +20,8 @@ Concurrency and durability in one page:
   (its own record and everybody else's) and fdatasyncs it in one unlocked
   stretch, then wakes the others: concurrent appenders share one
   ``fdatasync`` (group commit). A leader first waits a little for as many
-  records as the previous sync had (``_gather_batch``); the appender that
-  completes that batch leads its sync instead, with the gathering leader among
-  the waiters it wakes (``_take_over_gather``). Readers only see durable records.
+  records as the previous sync had (``_gather_batch``). Readers only see
+  durable records.
 - ``every(n)`` / ``interval(s)`` / ``never`` on a FileStore: an append returns
   once its record is in the page cache, so it survives ``kill -9``. The active
   segment is mapped (``fastbus/_segfile.pyx``) and the compiled path copies
@@ -1135,8 +1134,7 @@ class WalMessageQueue:
         self._wake_sync_waiters(part, everyone=True)
         raise self._broken_error(part) from error
 
-    def _wait_durable(self, part: _Part, target: int, gen: int,
-                      gathered: bool = False) -> bool:
+    def _wait_durable(self, part: _Part, target: int, gen: int) -> bool:
         """Lock held, ``always``: return once offsets < target are durable.
 
         Returns whether the lock is still held: a waiter woken by the sync that made
@@ -1146,6 +1144,7 @@ class WalMessageQueue:
         commit. Raises with the lock held.
         """
         swept = False
+        gathered = False
         while True:
             if part.fail_gen != gen:
                 for g in range(gen + 1, part.fail_gen + 1):
@@ -1170,8 +1169,7 @@ class WalMessageQueue:
                     continue
                 if not gathered and part.last_appenders > 1:
                     gathered = True
-                    if self._gather_batch(part, target):
-                        return False  # the appender that completed the batch synced it
+                    self._gather_batch(part)
                     continue
                 self._do_write(part, sync=True)  # everything queued, this one included
                 continue
@@ -1179,13 +1177,14 @@ class WalMessageQueue:
                 # Sleep until the running sync covers this record, or until it is this
                 # thread's turn to lead the next one (which writes every queued record,
                 # this one included, then syncs); nobody else is woken for it.
-                if self._take_over_gather(part):
-                    gathered = True
-                    continue  # this appender completes the batch: it leads its sync
                 waiter = _new_lock()
                 waiter.acquire()
                 entry = [target, waiter, False]  # [2]: the waker saw it durable
                 part.sync_waiters.append(entry)
+                gate = part.gather_gate
+                if gate is not None and len(part.sync_waiters) + 1 >= part.last_appenders:
+                    part.gather_gate = None
+                    gate.release()  # the gathering leader has its batch
                 lock = self._lock
                 lock.release()
                 try:
@@ -1213,114 +1212,44 @@ class WalMessageQueue:
                 continue
             self._sync(part)
 
-    def _gather_batch(self, part: _Part, target: int) -> bool:
+    def _gather_batch(self, part: _Part) -> None:
         """Lock held, ``always``, about to lead a sync after one that covered several
-        appenders: give the appenders it woke a moment to come back first. Returns
-        True once this appender's record (offsets < ``target``) is durable, with the
-        lock no longer held; False with the lock held (then it leads, or looks again).
+        appenders: give the appenders it woke a moment to come back first.
 
         Without this, the next sync starts with whoever happened to be back, and the
         rest wait for the one after: about half the appenders per fdatasync. The
-        wait ends when as many records are pending as the last sync had, or after
-        half that sync's duration (at most ``_GATHER_MAX``, 1 ms). Appenders arriving
-        meanwhile see a sync running and queue behind it; the one that completes
-        the batch leads its sync itself (``_take_over_gather``), with this appender
-        among the waiters it wakes: it is running already, and waking this one to
-        do it would cost a thread hand-off (about 30 us) per group commit. The
-        batch size adapts: one appender alone makes batches of one, and then nobody
-        waits.
+        wait ends when as many records are pending as the last sync had (the
+        appender that completes the batch opens ``gather_gate``), or after half that
+        sync's duration (at most ``_GATHER_MAX``, 1 ms). Appenders arriving meanwhile see a sync
+        running and queue behind it. The batch size adapts: one appender alone
+        makes batches of one, and then nobody waits.
         """
         want = part.last_appenders
         limit = min(part.last_sync_seconds * 0.5, _GATHER_MAX)
         if len(part.sync_waiters) + 1 >= want or limit <= 0:
-            return False
-        part.sync_busy = True  # (a placeholder: arrivals queue behind it)
+            return
+        part.sync_busy = True
         gate = _new_lock()
         gate.acquire()
-        # A waiter's entry, for whoever takes the batch over; [3]: the failures so far
-        # (after another, this appender's record may be gone: it must look itself).
-        entry = [target, gate, False, part.fail_gen]
-        part.gather_gate = gate
-        part.gather_entry = entry
+        part.gather_gate = gate  # released by the appender that completes the batch
         lock = self._lock
         lock.release()
         try:
-            woken = gate.acquire(timeout=limit)
-        except BaseException:  # KeyboardInterrupt
+            gate.acquire(timeout=limit)
+        except BaseException:  # KeyboardInterrupt: another appender leads the sync
             _relock(lock)
-            self._leave_gather(part, entry)
-            raise
-        if woken:  # taken over, and the sync that covered it (or a failure) woke it
-            if entry[2]:
-                return True
-            interrupted = _relock(lock)
-            if interrupted is not None:
-                self._hand_off(part)
-                raise interrupted
-            return False
-        interrupted = _relock(lock)
-        if part.gather_entry is entry:
-            # Nobody completed the batch: lead with what came.
             part.gather_gate = None
-            part.gather_entry = None
-            part.sync_busy = False
-            self._cond.notify_all()
-            if interrupted is not None:
-                self._wake_sync_waiters(part)
-                raise interrupted
-            return False
-        # Taken over between the timeout and the lock: wait as the waiter it now is.
-        if interrupted is not None:
-            self._leave_gather(part, entry)
-            raise interrupted
-        lock.release()
-        try:
-            gate.acquire()
-        except BaseException:
-            _relock(lock)
-            self._leave_gather(part, entry)
-            raise
-        if entry[2]:
-            return True
-        interrupted = _relock(lock)
-        if interrupted is not None:
-            self._hand_off(part)
-            raise interrupted
-        return False
-
-    def _leave_gather(self, part: _Part, entry: list[Any]) -> None:
-        """Lock held: a gathering appender interrupted (Ctrl-C) leaves the queue as it
-        was: it stops gathering, or if its batch was taken over, leaves the waiters
-        (and hands on the lead if it was woken to take it)."""
-        if part.gather_entry is entry:
-            part.gather_gate = None
-            part.gather_entry = None
             part.sync_busy = False
             self._wake_sync_waiters(part)
             self._cond.notify_all()
-        elif any(e is entry for e in part.sync_waiters):
-            part.sync_waiters.remove(entry)
-        elif not entry[2]:
-            self._hand_off(part)
-
-    def _take_over_gather(self, part: _Part) -> bool:
-        """Lock held, a sync running or being gathered for: if this appender completes
-        the batch a leader gathers for (``_gather_batch``), it takes the batch over:
-        the gathering appender becomes one of the waiters, and this one leads the
-        sync (returns True; the caller goes on to write and sync). Not after a write
-        failed meanwhile: the gathering appender's record may be gone with it, and a
-        waiter told its record is durable would not look (it finds out once its
-        wait ends)."""
-        entry = part.gather_entry
-        if entry is None or len(part.sync_waiters) + 2 < part.last_appenders \
-                or entry[3] != part.fail_gen:
-            return False
+            raise
+        interrupted = _relock(lock)
         part.gather_gate = None
-        part.gather_entry = None
-        part.sync_waiters.append(entry)
-        part.sync_busy = False  # (the placeholder)
+        part.sync_busy = False
         self._cond.notify_all()
-        return True
+        if interrupted is not None:
+            self._wake_sync_waiters(part)
+            raise interrupted
 
     def _hand_off(self, part: _Part) -> None:
         """Lock held, an ``always`` appender leaving (returning or raising): if waiters
