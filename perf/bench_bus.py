@@ -59,6 +59,9 @@ class _NoAccounting:
     def remove(self, n: int = 1) -> None:
         pass
 
+    def _wake_room_waiters(self) -> None:  # (close(): nobody waits for room here)
+        pass
+
 
 def bench_hot(loops: int, n: int, chunked: bool, batch: bool, accounting: bool = True) -> float:
     bus = ScalableBus(workers=1)
