@@ -2111,12 +2111,14 @@ class ScalableBus(BusCore):
 def _as_subscription(inner: Any, topic: str, handler: Any, result: Any) -> Subscription:
     """What ``inner.subscribe(topic, handler)`` returned, as the ``Subscription`` the
     MessageBus protocol promises: a wrapped bus of the user's may return anything
-    (a handle with ``unsubscribe()``, an unsubscribe function, None...)."""
+    (a handle with ``unsubscribe()``, an unsubscribe function, None... or the
+    handler itself, as a decorator-style subscribe returns it: no unsubscribe
+    function, calling it would call the handler)."""
     if isinstance(result, Subscription):
         return result
     end = getattr(result, "unsubscribe", None)
     if not callable(end):
-        if callable(result):
+        if callable(result) and result is not handler:
             end = result  # (subscribe returned its unsubscribe function)
         elif callable(getattr(inner, "unsubscribe", None)):
             def end() -> None:

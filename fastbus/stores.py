@@ -261,7 +261,10 @@ def _make_dir(path: str, why: str) -> None:
         raise NotADirectoryError(errno.ENOTDIR, f"Not a directory; {why}", path) from None
 
 
-_DOC_LOCKS: dict[str, threading.Lock] = {}  # document path -> its writers' lock
+# document path -> its writers' lock, while one is in use (weak: an entry for each
+# document ever written, deleted subscribers' and closed queues' too, was kept for
+# the life of the process)
+_DOC_LOCKS: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
 _DOC_LOCKS_GUARD = threading.Lock()
 # (a fork child starts with none held: a thread of the parent may have held one)
 os.register_at_fork(after_in_child=_DOC_LOCKS.clear)
@@ -277,7 +280,9 @@ def _atomic_write(directory: str, name: str, data: bytes) -> None:
     failed with ENOENT when the other had renamed it."""
     final = os.path.join(directory, name)
     with _DOC_LOCKS_GUARD:
-        lock = _DOC_LOCKS.setdefault(final, threading.Lock())
+        lock = _DOC_LOCKS.get(final)
+        if lock is None:
+            lock = _DOC_LOCKS[final] = threading.Lock()
     with lock:
         _atomic_write_locked(directory, name, final, data)
 
