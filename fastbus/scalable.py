@@ -1158,15 +1158,29 @@ class ScalableBus(BusCore):
         """(True, what enqueue() returned, capacity) if the batch fits now, checked
         and enqueued under one lock; else (False, None, capacity)."""
         bp = self._bp
-        with self._batch_lock:
-            # Read again each time (during admission and while a critical batch
-            # waits, reconfigure_limits may lower the capacity and configure_topic
-            # may turn critical off): a batch that can no longer fit at all is a
-            # ValueError at once, not a wait for room that never comes.
-            capacity = bp.capacity
-            if bp.depth + n <= self._batch_limit(t, n):
-                return True, enqueue(), capacity
-        return False, None, capacity
+        try:
+            with self._batch_lock:
+                # Read again each time (during admission and while a critical batch
+                # waits, reconfigure_limits may lower the capacity and configure_topic
+                # may turn critical off): a batch that can no longer fit at all is a
+                # ValueError at once, not a wait for room that never comes.
+                capacity = bp.capacity
+                if bp.depth + n > self._batch_limit(t, n):
+                    return False, None, capacity
+                # The on_change callbacks of a level this enqueue crosses run once the
+                # lock is let go (below), not under it: one may close or flush the bus,
+                # which waits for handlers, and a handler publishing meanwhile waits
+                # for this lock. (Holding the delivery turn makes the enqueue's own
+                # delivery leave them queued; if another thread has the turn, that
+                # thread delivers them.)
+                held = bp._dispatch_lock.acquire(False)
+                try:
+                    return True, enqueue(), capacity
+                finally:
+                    if held:
+                        bp._dispatch_lock.release()
+        finally:
+            bp._deliver()
 
     def _refuse_wait_on_worker(self, t: _Topic, what: str = "a message") -> None:
         """``BusOverloaded`` (counted) if this is a dispatch worker, which must not wait

@@ -71,3 +71,59 @@ def test_offsets_writers_locks_are_not_kept_for_every_document_ever_written(tmp_
         q.close()
     gc.collect()
     assert len(stores_mod._DOC_LOCKS) - before < 5
+
+
+def test_close_from_an_on_change_callback_at_shedding_does_not_wait_out_its_timeout():
+    """The callbacks of a transition run once the publish is over, so that one may
+    close the bus. But a publish in CRITICAL is enqueued under the bus's batch lock
+    (``_try_batch``), and the callbacks of the crossing into SHEDDING ran there, the
+    lock held: a handler that publishes meanwhile waited for that lock, so close()
+    (waiting for that handler) waited out its whole timeout and dropped what was
+    queued."""
+    import threading
+    import time
+
+    from fastbus import BusClosed, BusOverloaded, Limits, Thresholds, TopicConfig
+
+    bus = ScalableBus(limits=Limits(max_queue_size=40),
+                      thresholds=Thresholds(min_delay=0.0, max_delay=0.0), workers=2)
+    bus.configure_topic("a", TopicConfig(partitions=1))
+    bus.configure_topic("b", TopicConfig(partitions=1))
+    gate = threading.Event()
+    got_b = []
+
+    def forward(m):
+        gate.wait(10)
+        try:
+            bus.publish("b", m.payload)
+        except (BusClosed, BusOverloaded):
+            pass
+
+    bus.subscribe("a", forward)
+    bus.subscribe("b", lambda m: got_b.append(m.payload))
+    took = []
+
+    def on_change(old, new):
+        if new.name == "SHEDDING" and not took:
+            gate.set()  # (the handlers go on: one publishes to "b" while we close)
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            bus.close(timeout=5)
+            took.append(time.monotonic() - t0)
+
+    bus.backpressure.on_change(on_change)
+    out = []
+
+    def run():
+        try:
+            for i in range(200):
+                bus.publish("a", i)
+        except Exception as exc:  # BusClosed once closed, BusOverloaded in SHEDDING
+            out.append(type(exc).__name__)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(15)
+    assert not th.is_alive() and took
+    assert took[0] < 3.0, f"close() took {took[0]:.1f} s"
+    assert bus.metrics().drops.get("undelivered_at_close", 0) == 0
