@@ -768,7 +768,9 @@ class ScalableBus(BusCore):
         subscribing afterwards starts at the start of the log. The group must have
         no members (``ValueError`` otherwise, also for the subscriber name of an
         open mirror); its last delivery thread is let finish first (up to
-        ``timeout`` seconds, ``TimeoutError`` after). A topic that is not
+        ``timeout`` seconds, ``TimeoutError`` after; on an event loop, where the
+        wait would block a coroutine handler it waits for, ``RuntimeError`` at once:
+        ``await asyncio.to_thread(bus.delete_group, ...)``). A topic that is not
         configured raises ``UnknownTopicError``; one that is not durable,
         ``ValueError``.
         """
@@ -793,6 +795,14 @@ class ScalableBus(BusCore):
         if prev is threading.current_thread():
             raise RuntimeError(f"group {group!r} of topic {topic!r} cannot be deleted from "
                                "its own handler: its delivery thread commits after it")
+        if prev is not None and prev.is_alive() and running_loop() is not None:
+            # (as _unsubscribe: the thread may be waiting for a coroutine handler on
+            # this very loop, which a join here would freeze for the whole timeout)
+            raise RuntimeError(
+                f"group {group!r} of topic {topic!r} still has a delivery thread "
+                "committing, and delete_group() was called on an event loop, where "
+                "waiting for it would block the loop its coroutine handler may need; "
+                f"use `await asyncio.to_thread(bus.delete_group, {topic!r}, {group!r})`")
         if prev is not None:
             # The group's last delivery thread may still commit: after that commit, the
             # offsets would be back.

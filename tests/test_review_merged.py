@@ -127,3 +127,42 @@ def test_close_from_an_on_change_callback_at_shedding_does_not_wait_out_its_time
     assert not th.is_alive() and took
     assert took[0] < 3.0, f"close() took {took[0]:.1f} s"
     assert bus.metrics().drops.get("undelivered_at_close", 0) == 0
+
+
+def test_delete_group_on_the_loop_its_coroutine_handler_needs_does_not_block_it(tmp_path):
+    """``delete_group`` joined the group's last delivery thread on the calling thread,
+    whatever it was: called on the event loop a coroutine handler of that group
+    runs on (its last member left from there, the handler still awaiting), the
+    thread waited for that handler, which waited for the blocked loop: the loop
+    froze for the whole ``timeout``, then ``TimeoutError``. It now refuses at once,
+    as ``flush()`` does there (``RuntimeError``), leaving the loop to run."""
+    import asyncio
+    import time
+
+    import pytest
+
+    from fastbus import TopicConfig
+
+    async def main(bus):
+        entered = asyncio.Event()
+
+        async def handler(m):
+            entered.set()
+            await asyncio.sleep(0.3)
+
+        sub = bus.subscribe("t", handler, group="g")
+        bus.publish("t", b"x")
+        await asyncio.wait_for(entered.wait(), 10)
+        sub.unsubscribe()  # (on the loop: no join; the thread stays in t.leaving)
+        assert "g" in bus._topics["t"].leaving
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="event loop"):
+            bus.delete_group("t", "g", timeout=3)
+        assert time.monotonic() - t0 < 1.0
+        # From another thread, it waits for the handler, which the loop now runs.
+        assert await asyncio.to_thread(bus.delete_group, "t", "g", timeout=10) is True
+
+    with ScalableBus(data_dir=tmp_path) as bus:
+        bus.configure_topic("t", TopicConfig(partitions=1, durable=True))
+        asyncio.run(main(bus))
+        assert "g" not in bus._topics["t"].wal.groups()
