@@ -787,37 +787,39 @@ class ScalableBus(BusCore):
         if t.wal is None:
             raise ValueError(f"topic {topic!r} is not durable: only a durable topic keeps a "
                              "group's offsets, so there is nothing to delete")
-        with self._lock:
-            self._check_open()
-            self._check_no_members(t, group)
-            with t.lock:
-                prev = t.leaving.get(group)
-        if prev is threading.current_thread():
-            raise RuntimeError(f"group {group!r} of topic {topic!r} cannot be deleted from "
-                               "its own handler: its delivery thread commits after it")
-        if prev is not None and prev.is_alive() and running_loop() is not None:
-            # (as _unsubscribe: the thread may be waiting for a coroutine handler on
-            # this very loop, which a join here would freeze for the whole timeout)
-            raise RuntimeError(
-                f"group {group!r} of topic {topic!r} still has a delivery thread "
-                "committing, and delete_group() was called on an event loop, where "
-                "waiting for it would block the loop its coroutine handler may need; "
-                f"use `await asyncio.to_thread(bus.delete_group, {topic!r}, {group!r})`")
-        if prev is not None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._check_open()
+                self._check_no_members(t, group)
+                with t.lock:
+                    prev = t.leaving.get(group)
+                if prev is None or not prev.is_alive():
+                    # No thread of this group can commit any more (one never started
+                    # finds itself replaced and commits nothing), and none can start
+                    # while the bus lock is held: a member joins under it.
+                    with t.lock:
+                        t.leaving.pop(group, None)
+                        t.handled.pop(group, None)
+                    return bool(t.wal.delete_subscriber(group))
+            if prev is threading.current_thread():
+                raise RuntimeError(f"group {group!r} of topic {topic!r} cannot be deleted "
+                                   "from its own handler: its delivery thread commits after it")
+            if running_loop() is not None:
+                # (as _unsubscribe: the thread may be waiting for a coroutine handler on
+                # this very loop, which a join here would freeze for the whole timeout)
+                raise RuntimeError(
+                    f"group {group!r} of topic {topic!r} still has a delivery thread "
+                    "committing, and delete_group() was called on an event loop, where "
+                    "waiting for it would block the loop its coroutine handler may need; "
+                    f"use `await asyncio.to_thread(bus.delete_group, {topic!r}, {group!r})`")
             # The group's last delivery thread may still commit: after that commit, the
-            # offsets would be back.
-            prev.join(timeout)
+            # offsets would be back. Then look again: a member may have joined and left
+            # meanwhile, leaving a thread of its own.
+            prev.join(max(0.0, deadline - time.monotonic()))
             if prev.is_alive():
                 raise TimeoutError(f"group {group!r} of topic {topic!r} still has a delivery "
                                    "thread committing (a handler is still running?); try again")
-        with self._lock:
-            self._check_open()
-            self._check_no_members(t, group)
-            with t.lock:
-                t.leaving.pop(group, None)
-                t.handled.pop(group, None)
-            # (under the bus lock: a member of this group cannot join meanwhile)
-            return bool(t.wal.delete_subscriber(group))
 
     def _check_no_members(self, t: _Topic, group: str) -> None:
         """``self._lock`` held: refuse to delete a group that is in use."""
