@@ -502,7 +502,8 @@ class MessageBusBackpressure:
 
         ``timeout=None`` waits without limit (still interruptible). Woken by
         ``remove()`` and ``set_capacity()``; room is not reserved, so several
-        woken publishers may each enqueue one message.
+        woken publishers may each enqueue one message. On a ``ScalableBus``'s
+        backpressure, closing the bus ends the wait with ``BusClosed``.
         """
         deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
         try:

@@ -946,11 +946,12 @@ class SQLiteStore:
         a retention ``delete_segment`` (oldest first) cut short by a crash.
 
         Only those: this runs in ``open``, before the queue has checked anything, and
-        records without a segment row elsewhere (a partition with no segment row left,
-        a row gone between two others) are damage, which the open reports as
-        corruption and must leave as it found them (it deleted them, then said
-        "nothing was changed"). Orphans past a partition's last segment (a repair's
-        drops cut short) go when a segment is created at their base."""
+        records without a segment row elsewhere are left as they are: a partition
+        with no segment row left is reported by the open as a missing partition
+        (corruption), and the open must not have deleted them first (it did, then
+        said "nothing was changed"); rows between two segments are not read and stay
+        unused. Orphans past a partition's last segment (a repair's drops cut short)
+        go when a segment is created at their base."""
         rows = self._db.execute(
             "SELECT DISTINCT part, seg FROM records WHERE NOT EXISTS (SELECT 1 FROM "
             "segments WHERE segments.part = records.part AND segments.seg = records.seg) "
