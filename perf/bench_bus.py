@@ -55,11 +55,15 @@ class _NoAccounting:
         self.depth = 0
         self.capacity = real.capacity
         self.thresholds = real.thresholds
+        self._dispatch_lock = threading.Lock()  # (the batch path takes the delivery turn)
 
     def remove(self, n: int = 1) -> None:
         pass
 
     def _wake_room_waiters(self) -> None:  # (close(): nobody waits for room here)
+        pass
+
+    def _deliver(self) -> None:  # (no levels, so no on_change callbacks to run)
         pass
 
 
