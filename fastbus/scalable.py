@@ -901,19 +901,11 @@ class ScalableBus(BusCore):
                        headers: Mapping[str, Any] | None) -> int | None:
         if t.core is None and headers is None and self._bp._state is _NORMAL:
             return self._append_durable(t, message, key, None)  # the common durable case
-        topic = t.name
         hdrs = None if headers is None else _check_headers(headers)
         bp = self._bp
         if bp._state is not _NORMAL:
             _check_early(t, (message,), None if key is None else (key,))
-            if self._waits_for_room(t):
-                hdrs = {**hdrs, **_SHEDDING_HEADER} if hdrs else dict(_SHEDDING_HEADER)
-            else:
-                extra = self._admit(t)
-                if bp._state is _SHEDDING and not t.config.critical:
-                    extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
-                if extra:
-                    hdrs = {**hdrs, **extra} if hdrs else dict(extra)
+            hdrs = self._admission(t, hdrs)
             if t.core is not None and bp._state in _NEAR_FULL:
                 return self._admit_batch(t, 1, self._put_one(t, message, key, hdrs))
         return self._enqueue(t, message, key, hdrs)
@@ -1060,18 +1052,7 @@ class ScalableBus(BusCore):
             self._batch_limit(t, len(msgs))
         if bp._state is not _NORMAL:
             _check_early(t, msgs, klist)
-            extra: dict[str, str] | None
-            if self._waits_for_room(t):
-                # (_admit_batch below waits for room, and stops if the bus closes
-                # meanwhile: not admit() too, which would wait on its own, count a
-                # second critical wait and reserve nothing)
-                extra = _SHEDDING_HEADER
-            else:
-                extra = self._admit(t)
-                if bp._state is _SHEDDING and not t.config.critical:
-                    extra = bp.admit(topic)  # rose during the delay: raises BusOverloaded
-            if extra:
-                hdrs = {**hdrs, **extra} if hdrs else dict(extra)
+            hdrs = self._admission(t, hdrs)
         if not msgs:
             return [] if t.wal is not None else 0
         if t.wal is not None:
@@ -1212,6 +1193,24 @@ class ScalableBus(BusCore):
             f"deliveries must make, so nothing of it was queued. Publish from another "
             f"thread, or raise max_queue_size",
             topic=t.name, state=bp.state, depth=depth, capacity=capacity)
+
+    def _admission(self, t: _Topic, hdrs: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Not in NORMAL: admit a sync publish (one message or a batch) to ``t``, which
+        may delay or raise; returns ``hdrs`` with the state's header added."""
+        bp = self._bp
+        extra: dict[str, str] | None
+        if self._waits_for_room(t):
+            # (_admit_batch waits for the room, and stops if the bus closes meanwhile:
+            # not admit() too, which would wait on its own, count a second critical
+            # wait and reserve nothing)
+            extra = _SHEDDING_HEADER
+        else:
+            extra = self._admit(t)
+            if bp._state is _SHEDDING and not t.config.critical:
+                extra = bp.admit(t.name)  # rose during the delay: raises BusOverloaded
+        if not extra:
+            return hdrs
+        return {**hdrs, **extra} if hdrs else dict(extra)
 
     def _admit(self, t: _Topic) -> dict[str, str] | None:
         """``backpressure.admit`` for ``t`` (not in NORMAL), whose wait for room a
