@@ -37,6 +37,12 @@ class SegmentState:
     def count(self) -> int: ...
     def add_index(self, offset: int, position: int) -> None: ...
 
+class WakeGate:
+    def __init__(self) -> None: ...
+    def epoch(self) -> int: ...
+    def open(self) -> None: ...
+    def wait(self, seen: int) -> None: ...
+
 class PartState:
     index: int
     segments: list[Any]
@@ -63,7 +69,8 @@ class PartState:
     broken: BaseException | None
     last_error: BaseException | None
     sync_seg: Any
-    sync_waiters: list[list[Any]]
+    sync_waiters: list[list[int]]
+    wake: WakeGate
     last_appenders: int
     last_sync_seconds: float
     gather_gate: Any

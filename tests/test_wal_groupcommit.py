@@ -83,6 +83,36 @@ def test_followers_share_the_next_sync(tmp_path, monkeypatch):
     q2.close()
 
 
+def test_a_record_copied_in_before_its_sync_stays_unseen_until_durable(tmp_path, monkeypatch):
+    """Under always an append copies its record into the mapped segment at once (the
+    leader then only has to fdatasync), but readers and durable_offsets() see it
+    only once the sync that covers it has ended."""
+    gate = SyncGate(monkeypatch)
+    q = _always(tmp_path)
+    part = q._parts[0]
+    reader = q.reader("r")
+    assert q.append(b"0") == (0, 0)  # (the first write allocates the file and maps it)
+    assert [r.payload for r in reader.poll(max_records=10)] == [b"0"]
+    direct = part.direct_writes
+    gate.close()
+    done: dict[str, tuple[int, int]] = {}
+    leader = threading.Thread(target=lambda: done.setdefault("a", q.append(b"a")))
+    leader.start()
+    assert gate.entered.wait(10)
+    follower = threading.Thread(target=lambda: done.setdefault("b", q.append(b"b")))
+    follower.start()
+    wait_for(lambda: len(part.sync_waiters) == 1, "the follower to queue")
+    assert part.written == 3 and part.direct_writes == direct + 2  # in the page cache
+    assert part.durable == 1 and q.durable_offsets() == {0: 1}
+    assert reader.poll(max_records=10) == [] and not done
+    gate.open.set()
+    leader.join(10)
+    follower.join(10)
+    assert done == {"a": (0, 1), "b": (0, 2)}
+    assert [r.payload for r in reader.poll(max_records=10)] == [b"a", b"b"]
+    q.close()
+
+
 def test_ctrl_c_of_a_waiting_follower_leaves_the_queue_usable(tmp_path, monkeypatch,
                                                               sigint_raises):
     if threading.current_thread() is not threading.main_thread():  # pragma: no cover

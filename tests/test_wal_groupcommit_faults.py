@@ -17,7 +17,6 @@ import time
 import pytest
 
 from fastbus import FsyncPolicy, Retention, WalMessageQueue
-from fastbus import _walappend as walappend
 from fastbus import stores as S
 from fastbus._walcodec import scan
 from fastbus.errors import BusClosed, FastbusError
@@ -72,28 +71,21 @@ def test_a_discarded_record_is_never_acknowledged_with_a_reused_offset(monkeypat
         raise OSError(errno.ENOSPC, "No space left on device", h.location)
 
     monkeypatch.setattr(S._MemSegment, "append", append)
-    real_new_lock = walappend._new_lock
 
-    class SlowWaiter:
+    class SlowWake:
         """The follower is held after its wake-up, as if descheduled."""
 
-        def __init__(self):
-            self.lock, self.n = real_new_lock(), 0
+        def __init__(self, real):
+            self.real = real
+            self.epoch, self.open = real.epoch, real.open
 
-        def acquire(self, *a, **k):
-            self.n += 1
-            got = self.lock.acquire(*a, **k)
-            if self.n == 2:
-                assert resume.wait(10)
-            return got
+        def wait(self, seen):
+            self.real.wait(seen)
+            assert resume.wait(10)
 
-        def release(self):
-            self.lock.release()
-
-    monkeypatch.setattr(walappend, "_new_lock", SlowWaiter)
-    monkeypatch.setattr(wal_queue, "_new_lock", SlowWaiter)
     q = _memq()
     part = q._parts[0]
+    part.wake = SlowWake(part.wake)
     q.append(b"x0")
     out: dict[str, object] = {}
 

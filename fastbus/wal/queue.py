@@ -13,15 +13,17 @@ Concurrency and durability in one page:
 - ``append`` itself is compiled (``fastbus/_walappend.pyx``: ``Appender``,
   and ``PartState``, a partition's state); it takes the same lock and calls
   back into this module for everything but the common case.
-- ``always``: an appender waits until its record is durable. One that finds a
-  sync running queues behind it and sleeps on a private lock; the sync that
-  makes its record durable says so, and it returns without taking the queue
-  lock again. Whoever finds no sync running leads: it writes the whole buffer
-  (its own record and everybody else's) and fdatasyncs it in one unlocked
-  stretch, then wakes the others: concurrent appenders share one
-  ``fdatasync`` (group commit). A leader first waits a little for as many
-  records as the previous sync had (``_gather_batch``). Readers only see
-  durable records.
+- ``always``: an appender waits until its record is durable. On a FileStore
+  the compiled path first copies the record into the mapped segment, as below
+  (readers still do not see it). One that finds a sync running queues behind
+  it and sleeps on the partition's ``WakeGate``; the sync's leader wakes them
+  all with one call when it ends, and one whose record is now durable returns
+  without taking the queue lock again. Whoever finds no sync running leads:
+  it writes whatever is still buffered (its own record and everybody else's)
+  and fdatasyncs it in one unlocked stretch, then wakes the others: concurrent
+  appenders share one ``fdatasync`` (group commit). A leader first waits a
+  little for as many records as the previous sync had (``_gather_batch``).
+  Readers only see durable records.
 - ``every(n)`` / ``interval(s)`` / ``never`` on a FileStore: an append returns
   once its record is in the page cache, so it survives ``kill -9``. The active
   segment is mapped (``fastbus/_segfile.pyx``) and the compiled path copies
@@ -588,7 +590,7 @@ class WalMessageQueue:
         partition's active segment (buffered policies on a mapped store only)."""
         seg = part.segments[-1]
         h = seg.handle
-        part.mapped = h if not self._always and isinstance(h, MappedSegment) else None
+        part.mapped = h if isinstance(h, MappedSegment) else None
         part.roll_at_ns = (int((seg.created + self._segment_age) * 1e9)
                            if self._segment_age is not None else (1 << 63) - 1)
         part.index_due = seg.last_index_pos + INDEX_INTERVAL
@@ -1031,7 +1033,7 @@ class WalMessageQueue:
             part.fail_floors[part.fail_gen] = first
             part.fail_floors.pop(part.fail_gen - 64, None)
             part.last_error = error
-            self._wake_sync_waiters(part, everyone=True)
+            self._wake_sync_waiters(part)
         else:
             # These records were acknowledged (buffered): keep them for the next attempt.
             with part.enc.getbuffer() as mv:
@@ -1131,7 +1133,7 @@ class WalMessageQueue:
                   "until the queue is reopened", self._store.location, seg.location,
                   error, part.index)
         self._cond.notify_all()
-        self._wake_sync_waiters(part, everyone=True)
+        self._wake_sync_waiters(part)
         raise self._broken_error(part) from error
 
     def _wait_durable(self, part: _Part, target: int, gen: int) -> bool:
@@ -1163,41 +1165,41 @@ class WalMessageQueue:
                 return True
             if part.broken is not None:
                 raise self._broken_error(part)
+            if part.written < target and not part.sync_busy and part.io_busy:
+                self._cond.wait()
+                continue
+            if not gathered and not part.sync_busy and part.last_appenders > 1:
+                gathered = True
+                self._gather_batch(part)
+                continue
             if part.written < target and not part.sync_busy:
-                if part.io_busy:
-                    self._cond.wait()
-                    continue
-                if not gathered and part.last_appenders > 1:
-                    gathered = True
-                    self._gather_batch(part)
-                    continue
                 self._do_write(part, sync=True)  # everything queued, this one included
                 continue
             if part.sync_busy:
                 # Sleep until the running sync covers this record, or until it is this
                 # thread's turn to lead the next one (which writes every queued record,
                 # this one included, then syncs); nobody else is woken for it.
-                waiter = _new_lock()
-                waiter.acquire()
-                entry = [target, waiter, False]  # [2]: the waker saw it durable
+                entry = [target]
                 part.sync_waiters.append(entry)
                 gate = part.gather_gate
                 if gate is not None and len(part.sync_waiters) + 1 >= part.last_appenders:
                     part.gather_gate = None
                     gate.release()  # the gathering leader has its batch
+                wake = part.wake
+                seen = wake.epoch()
                 lock = self._lock
                 lock.release()
                 try:
-                    waiter.acquire()
+                    wake.wait(seen)
                 except BaseException:  # KeyboardInterrupt: leave the queue as it was
                     _relock(lock)
                     if any(e is entry for e in part.sync_waiters):
                         part.sync_waiters.remove(entry)
-                    elif not entry[2]:
-                        self._hand_off(part)  # it was woken to lead: wake another
+                    else:
+                        self._hand_off(part)  # it was woken: let another lead if need be
                     raise
-                if entry[2]:
-                    return False
+                if part.durable >= target and part.fail_gen == gen:
+                    return False  # (without the lock: durable only grows; no failure since)
                 interrupted = _relock(lock)
                 if interrupted is not None:
                     self._hand_off(part)
@@ -1259,28 +1261,16 @@ class WalMessageQueue:
             self._wake_sync_waiters(part)
             self._cond.notify_all()
 
-    def _wake_sync_waiters(self, part: _Part, *, everyone: bool = False) -> None:
-        """Lock held: wake the waiters whose record is durable, plus one to lead next.
+    def _wake_sync_waiters(self, part: _Part) -> None:
+        """Lock held: a sync ended, or failed: wake every appender asleep behind it.
 
-        A waiter told its record is durable returns without the lock; the others
-        woken (the next leader; everyone after a failure) take it and look again.
+        One call wakes them all (``PartState.wake``). One whose record is durable
+        returns without the lock; the others take it and look again: one of them
+        leads the next sync, the rest queue behind that.
         """
-        waiters = part.sync_waiters
-        if not waiters:
-            return
-        keep = []
-        leader = everyone
-        durable = part.durable
-        for entry in waiters:
-            if entry[0] <= durable:
-                entry[2] = True
-                entry[1].release()
-            elif not leader or everyone:
-                entry[1].release()
-                leader = True
-            else:
-                keep.append(entry)
-        part.sync_waiters = keep
+        if part.sync_waiters:
+            part.sync_waiters = []
+            part.wake.open()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Write and fdatasync everything appended before this call, on every partition.
