@@ -36,10 +36,11 @@ lint: $(STAMP)
 unit: build
 	$(PY) -m pytest -q
 
-# The suite again on a debug build (bounds checks and invariant assertions on), built
+# The suite again on a debug build (bounds checks and invariant assertions on, the WAL's
+# wake-up gate on a condition variable as on systems other than Linux), built
 # out of tree in build/debug (a copy of the package and its tests) so the release build
 # in place is untouched.
-DEBUG_TESTS := tests/test_ring.py tests/test_partition.py tests/test_walcodec.py tests/test_scalable.py tests/test_wal_groupcommit.py tests/test_segfile.py tests/test_issue_audit_rings.py
+DEBUG_TESTS := tests/test_ring.py tests/test_partition.py tests/test_walcodec.py tests/test_scalable.py tests/test_wal_groupcommit.py tests/test_wal_groupcommit_faults.py tests/test_wal_races.py tests/test_segfile.py tests/test_issue_audit_rings.py
 test-debug: $(STAMP)
 	rm -rf build/debug && mkdir -p build/debug
 	cp -r fastbus tests setup.py pyproject.toml build/debug/

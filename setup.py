@@ -3,7 +3,9 @@
 ``FASTBUS_DEBUG_BUILD=1`` turns bounds/wraparound checks back on and defines
 ``FASTBUS_DEBUG`` so that the invariant assertions in the C helpers and the
 ``assert`` statements in the Cython modules are compiled in (they are compiled
-away otherwise, through ``CYTHON_WITHOUT_ASSERTIONS``).
+away otherwise, through ``CYTHON_WITHOUT_ASSERTIONS``). It also builds the WAL's
+wake-up gate (``fastbus/_wakegate.h``) on a mutex and a condition variable, the
+branch other systems than Linux use, so ``make test`` runs that branch too.
 """
 
 import glob
@@ -31,6 +33,7 @@ def _extensions():
     macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
     if DEBUG:
         macros.append(("FASTBUS_DEBUG", "1"))
+        macros.append(("FASTBUS_GATE_PTHREAD", "1"))
         cflags = ["-O1", "-g", "-fno-omit-frame-pointer"]
     else:
         macros.append(("CYTHON_WITHOUT_ASSERTIONS", "1"))

@@ -6,6 +6,7 @@ from ._segfile import MappedSegment
 from ._walcodec import RecordEncoder
 
 INDEX_INTERVAL: int
+WAKE_GATE_KIND: str
 
 class SegmentState:
     base: int

@@ -51,6 +51,7 @@ cdef extern from "_wakegate.h" nogil:
     uint32_t fb_gate_epoch(fb_gate *g)
     int fb_gate_wait(fb_gate *g, uint32_t seen, long timeout_ms)
     void fb_gate_open(fb_gate *g)
+    const char *FB_GATE_KIND
 from ._walcodec cimport RecordEncoder
 
 from array import array as _array
@@ -73,6 +74,7 @@ cdef enum:
     _NEAR = 64 << 10
 
 INDEX_INTERVAL = _INDEX_INTERVAL  # bytes between sparse index entries
+WAKE_GATE_KIND = FB_GATE_KIND.decode()  # "futex" (Linux) or "condvar": see _wakegate.h
 cdef int64_t _NEAR_NS = 1_000_000_000  # may_wait: a roll by age within a second is near
 
 

@@ -7,7 +7,9 @@ told the record is durable) is exercised deterministically.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 import time
 
@@ -15,7 +17,14 @@ import pytest
 
 from fastbus import FsyncPolicy, WalMessageQueue
 from fastbus import stores as stores_mod
-from fastbus._walappend import Appender, PartState, check_payloads, offsets
+from fastbus._walappend import (
+    WAKE_GATE_KIND,
+    Appender,
+    PartState,
+    WakeGate,
+    check_payloads,
+    offsets,
+)
 from fastbus.wal import queue as wal_queue
 from tests.waiting import wait_for
 
@@ -321,3 +330,42 @@ def test_ctrl_c_of_a_gathering_leader_hands_the_sync_on(tmp_path, monkeypatch, s
     assert part.gather_gate is None and not part.sync_busy and part.durable == 2
     assert [r.payload for r in q.reader("g").poll(max_records=5)] == [b"leader", b"follower"]
     q.close()
+
+
+def test_the_wake_gate_wakes_every_sleeper_with_one_open():
+    """WakeGate: sleepers that saw epoch e all return after one open(); one that saw
+    an older epoch does not sleep at all. The debug build (make test-debug) uses the
+    condition-variable branch other systems use; the release build on Linux a futex."""
+    if os.environ.get("FASTBUS_TEST_DEBUG_BUILD") == "1":
+        assert WAKE_GATE_KIND == "condvar"
+    elif sys.platform.startswith("linux"):
+        assert WAKE_GATE_KIND == "futex"
+    g = WakeGate()
+    seen = g.epoch()
+    woke: list[int] = []
+    sleepers = [threading.Thread(target=lambda i=i: (g.wait(seen), woke.append(i)))
+                for i in range(5)]
+    for t in sleepers:
+        t.start()
+    time.sleep(0.12)  # past two of the 50 ms slices a sleeper checks for signals in
+    assert woke == []
+    g.open()
+    for t in sleepers:
+        t.join(10)
+    assert sorted(woke) == [0, 1, 2, 3, 4]
+    assert g.epoch() == (seen + 1) % (1 << 32)
+    t0 = time.monotonic()
+    g.wait(seen)  # already moved on: returns at once
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_a_sleeper_on_the_wake_gate_can_be_interrupted(sigint_raises):
+    if threading.current_thread() is not threading.main_thread():  # pragma: no cover
+        pytest.skip("signals are delivered to the main thread")
+    g = WakeGate()
+    timer = threading.Timer(0.05, signal.pthread_kill,
+                            args=(threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        g.wait(g.epoch())
+    timer.join()
