@@ -77,8 +77,10 @@ from .._walappend import (
     BatchOffsets,
     PartState,
     check_payloads,
+    let_go,
     offsets,
     scattered_offsets,
+    take_back,
 )
 from .._walcodec import Record, encode_record, scan
 from ..config import FsyncPolicy, Retention
@@ -1176,34 +1178,40 @@ class WalMessageQueue:
                 self._do_write(part, sync=True)  # everything queued, this one included
                 continue
             if part.sync_busy:
-                # Sleep until the running sync covers this record, or until it is this
-                # thread's turn to lead the next one (which writes every queued record,
-                # this one included, then syncs); nobody else is woken for it.
-                entry = [target]
-                part.sync_waiters.append(entry)
-                gate = part.gather_gate
-                if gate is not None and len(part.sync_waiters) + 1 >= part.last_appenders:
-                    part.gather_gate = None
-                    gate.release()  # the gathering leader has its batch
-                wake = part.wake
-                seen = wake.epoch()
+                # Sleep until the running sync ends; then return if it made this record
+                # durable, else look again (one of those woken leads the next sync, which
+                # writes every queued record, this one included, then syncs).
+                # A Ctrl-C may come between any two bytecodes: ``held`` says whether the
+                # lock is held then (let_go / take_back, compiled, set it along with it).
                 lock = self._lock
-                lock.release()
+                held = [True]
+                entry = [target]
                 try:
+                    part.sync_waiters.append(entry)
+                    gate = part.gather_gate
+                    if gate is not None and len(part.sync_waiters) + 1 >= part.last_appenders:
+                        part.gather_gate = None
+                        gate.release()  # the gathering leader has its batch
+                    wake = part.wake
+                    seen = wake.epoch()
+                    let_go(lock.release, held)
                     wake.wait(seen)
+                    if part.durable >= target and part.fail_gen == gen:
+                        return False  # (without the lock: durable only grows; no failure)
+                    take_back(lock.acquire, held)
                 except BaseException:  # KeyboardInterrupt: leave the queue as it was
-                    _relock(lock)
-                    if any(e is entry for e in part.sync_waiters):
-                        part.sync_waiters.remove(entry)
+                    if not held[0]:
+                        try:
+                            take_back(lock.acquire, held)
+                        except BaseException:  # (a second Ctrl-C: the first is raised)
+                            pass
+                    for i, e in enumerate(part.sync_waiters):
+                        if e is entry:  # (by identity: another waiter's may be equal)
+                            del part.sync_waiters[i]
+                            break
                     else:
                         self._hand_off(part)  # it was woken: let another lead if need be
                     raise
-                if part.durable >= target and part.fail_gen == gen:
-                    return False  # (without the lock: durable only grows; no failure since)
-                interrupted = _relock(lock)
-                if interrupted is not None:
-                    self._hand_off(part)
-                    raise interrupted
                 continue
             if not swept and part.written < part.next_offset and not part.io_busy:
                 # About to lead a sync: write what the others queued meanwhile and
@@ -1230,28 +1238,30 @@ class WalMessageQueue:
         limit = min(part.last_sync_seconds * 0.5, _GATHER_MAX)
         if len(part.sync_waiters) + 1 >= want or limit <= 0:
             return
-        part.sync_busy = True
         gate = _new_lock()
         gate.acquire()
-        part.gather_gate = gate  # released by the appender that completes the batch
         lock = self._lock
-        lock.release()
+        held = [True]  # (see _wait_durable: a Ctrl-C may come between any two bytecodes)
+        part.sync_busy = True
+        part.gather_gate = gate  # released by the appender that completes the batch
         try:
+            let_go(lock.release, held)
             gate.acquire(timeout=limit)
+            take_back(lock.acquire, held)
         except BaseException:  # KeyboardInterrupt: another appender leads the sync
-            _relock(lock)
+            if not held[0]:
+                try:
+                    take_back(lock.acquire, held)
+                except BaseException:  # (a second Ctrl-C: the first is raised)
+                    pass
             part.gather_gate = None
             part.sync_busy = False
             self._wake_sync_waiters(part)
             self._cond.notify_all()
             raise
-        interrupted = _relock(lock)
         part.gather_gate = None
         part.sync_busy = False
         self._cond.notify_all()
-        if interrupted is not None:
-            self._wake_sync_waiters(part)
-            raise interrupted
 
     def _hand_off(self, part: _Part) -> None:
         """Lock held, an ``always`` appender leaving (returning or raising): if waiters
