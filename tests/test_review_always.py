@@ -453,3 +453,42 @@ def test_ctrl_c_just_after_the_queue_lock_is_let_go(tmp_path, monkeypatch, func)
     assert q.append(b"after")[1] == part.next_offset - 1
     assert q.flush(timeout=10)
     q.close()
+
+
+@pytest.mark.parametrize("path", ["sync", "write_and_sync"])
+def test_ctrl_c_during_a_leaders_fdatasync_does_not_break_the_partition(
+        tmp_path, monkeypatch, sigint_raises, path):
+    """Ctrl-C while the main thread leads a group commit is raised as the fdatasync
+    returns: that is no failed fdatasync. The append raises KeyboardInterrupt, the
+    partition stays usable (not broken until reopened), and the cut sync claims
+    nothing (the next one makes the record durable)."""
+    if threading.current_thread() is not threading.main_thread():  # pragma: no cover
+        pytest.skip("signals are delivered to the main thread")
+    import signal
+
+    cls = stores_mod._FileSegment
+    real_sync = cls.sync
+    q = WalMessageQueue(str(tmp_path / "w"), fsync=FsyncPolicy.always(),
+                        compaction_interval=None)
+    part = q._parts[0]
+    if path == "sync":
+        q.append(b"0")  # maps the segment: the next record is copied in, the leader syncs
+    direct = part.direct_writes
+
+    def sync(seg: Any) -> None:
+        real_sync(seg)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    monkeypatch.setattr(cls, "sync", sync)
+    before = part.durable
+    with pytest.raises(KeyboardInterrupt):
+        q.append(b"x")
+    monkeypatch.setattr(cls, "sync", real_sync)
+    assert (part.direct_writes > direct) == (path == "sync")  # (the path taken)
+    assert part.broken is None and q.metrics()["fsync_errors"] == 0
+    assert part.durable == before and not part.sync_busy and not part.io_busy
+    off = q.append(b"y")[1]
+    assert part.durable == off + 1
+    got = [bytes(r.payload) for r in q.reader("r").poll(max_records=10)]
+    assert got[-2:] == [b"x", b"y"]
+    q.close()

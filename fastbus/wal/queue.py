@@ -935,6 +935,7 @@ class WalMessageQueue:
         error: BaseException | None = None
         sync_error: BaseException | None = None
         roll_sync_error: BaseException | None = None
+        sync_cut: BaseException | None = None
         dt = 0.0
         handle = seg.handle
         assert handle is not None
@@ -945,7 +946,8 @@ class WalMessageQueue:
                 try:
                     handle.seal()  # fdatasync, and give back the space allocated ahead
                 except BaseException as exc:
-                    roll_sync_error = exc
+                    # (a Ctrl-C is no failed fsync: the roll just did not happen)
+                    roll_sync_error = exc if isinstance(exc, Exception) else None
                     raise
                 h = self._store.create_segment(part.index, first)
                 new_seg = SegmentState(first, self._store.segment_location(part.index, first),
@@ -965,14 +967,18 @@ class WalMessageQueue:
                 t0 = time.perf_counter()
                 try:
                     handle.sync()
-                except BaseException as exc:
+                except Exception as exc:
                     sync_error = exc
+                except BaseException as exc:  # Ctrl-C: no failed sync (see _sync)
+                    sync_cut = exc
                 dt = time.perf_counter() - t0
         finally:
             interrupted = _relock(self._lock)
+        if sync_cut is not None:
+            interrupted = interrupted or sync_cut
         try:
             self._write_done(part, data, first, last, max_ts, new_seg, sync, dt, error,
-                             sync_error, roll_sync_error)
+                             sync_error, roll_sync_error, sync_cut=sync_cut is not None)
         finally:
             if interrupted is not None:
                 raise interrupted
@@ -980,8 +986,9 @@ class WalMessageQueue:
     def _write_done(self, part: _Part, data: bytes, first: int, last: int, max_ts: int,
                     new_seg: SegmentState | None, sync: bool, dt: float,
                     error: BaseException | None, sync_error: BaseException | None,
-                    roll_sync_error: BaseException | None) -> None:
-        """Lock held: the bookkeeping after ``_do_write``'s unlocked stretch."""
+                    roll_sync_error: BaseException | None, *, sync_cut: bool = False) -> None:
+        """Lock held: the bookkeeping after ``_do_write``'s unlocked stretch.
+        ``sync_cut``: a Ctrl-C cut the fdatasync short, which then claims nothing."""
         part.io_busy = False
         if sync and error is not None:
             part.sync_busy = False  # the sync never ran
@@ -1021,7 +1028,8 @@ class WalMessageQueue:
                     part.visible_size = active.size
             if sync:
                 active = part.segments[-1]
-                self._sync_finish(part, part.written, active, active.size, dt, sync_error)
+                self._sync_finish(part, part.durable if sync_cut else part.written, active,
+                                  active.size, dt, sync_error)
             self._cond.notify_all()
             return
         self._m["write_errors"] += 1
@@ -1076,14 +1084,23 @@ class WalMessageQueue:
         self._sync_start(part, seg)
         self._lock.release()
         error: BaseException | None = None
+        cut: BaseException | None = None
         t0 = time.perf_counter()
         try:
             handle.sync()
-        except BaseException as exc:
+        except Exception as exc:
             error = exc
+        except BaseException as exc:
+            # Ctrl-C, raised as the fdatasync returned (or cutting its EINTR retry): not
+            # a failed sync, so the partition is not broken; it claims nothing, and the
+            # waiters woken by its end sync again.
+            cut = exc
         finally:
             dt = time.perf_counter() - t0
             interrupted = _relock(self._lock)
+        if cut is not None:
+            upto = part.durable
+            interrupted = interrupted or cut
         try:
             self._sync_finish(part, upto, seg, size, dt, error)
         finally:
