@@ -403,11 +403,12 @@ def _interrupt_once_unlocked(q: WalMessageQueue, func: str) -> Any:
     return tracer, fired
 
 
-@pytest.mark.parametrize("func", ["_wait_durable", "_gather_batch"])
+@pytest.mark.parametrize("func", ["_wait_durable", "_gather_batch", "_sync"])
 def test_ctrl_c_just_after_the_queue_lock_is_let_go(tmp_path, monkeypatch, func):
     """Ctrl-C lands the moment the Python path has let go of the queue lock to sleep
-    (behind a running sync, or gathering a batch): the append raises KeyboardInterrupt
-    (not RuntimeError from releasing a lock it no longer holds) and the queue goes on."""
+    (behind a running sync, gathering a batch) or to fdatasync as the leader: the append
+    raises KeyboardInterrupt (not RuntimeError from releasing a lock it no longer
+    holds), no sync stays marked running, and the queue goes on."""
     import sys
 
     cls = stores_mod._FileSegment
@@ -428,27 +429,30 @@ def test_ctrl_c_just_after_the_queue_lock_is_let_go(tmp_path, monkeypatch, func)
     done: dict[str, Any] = {}
     if func == "_wait_durable":
         hold.clear()
+        entered.clear()
         a = threading.Thread(target=lambda: done.setdefault("a", q.append(b"a")), daemon=True)
         a.start()
-        assert entered.wait(10)
-        opener = threading.Thread(target=lambda: (
-            wait_until(lambda: len(part.sync_waiters) == 1), hold.set()), daemon=True)
-        opener.start()
+        assert entered.wait(10)  # a's sync runs: the append below queues behind it
+        # (the interrupt comes before it sleeps: right after it lets the lock go)
     else:
-        part.last_appenders, part.last_sync_seconds = 4, 0.05  # the next leader gathers
-        a = opener = None
+        if func == "_gather_batch":
+            part.last_appenders, part.last_sync_seconds = 4, 0.05  # the leader gathers
+        a = None
     tracer, fired = _interrupt_once_unlocked(q, func)
     sys.settrace(tracer)
     try:
         with pytest.raises(KeyboardInterrupt):
-            q.append_many([b"m"])  # (the Python path: _append_batch, _wait_durable)
+            if func == "_sync":
+                q.append(b"m")  # copied in: the leader only fdatasyncs (_sync)
+            else:
+                q.append_many([b"m"])  # (the Python path: _append_batch, _wait_durable)
     finally:
         sys.settrace(None)
     assert fired
     hold.set()
-    for t in (a, opener):
-        if t is not None:
-            t.join(10)
+    if a is not None:
+        a.join(10)
+        assert done == {"a": (0, 1)}
     assert not part.sync_busy and part.gather_gate is None
     assert q.append(b"after")[1] == part.next_offset - 1
     assert q.flush(timeout=10)

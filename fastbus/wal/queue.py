@@ -1081,23 +1081,33 @@ class WalMessageQueue:
         size = seg.size
         handle = seg.handle
         assert handle is not None
-        self._sync_start(part, seg)
-        self._lock.release()
         error: BaseException | None = None
         cut: BaseException | None = None
-        t0 = time.perf_counter()
+        interrupted: BaseException | None = None
+        held = [True]  # (see _wait_durable: a Ctrl-C may come between any two bytecodes)
+        t0 = 0.0
+        self._sync_start(part, seg)
         try:
+            let_go(self._lock.release, held)
+            t0 = time.perf_counter()
             handle.sync()
         except Exception as exc:
             error = exc
         except BaseException as exc:
-            # Ctrl-C, raised as the fdatasync returned (or cutting its EINTR retry): not
-            # a failed sync, so the partition is not broken; it claims nothing, and the
-            # waiters woken by its end sync again.
+            # Ctrl-C, raised as the fdatasync returned (or cutting its EINTR retry, or
+            # before it began): not a failed sync, so the partition is not broken; it
+            # claims nothing, and the waiters woken by its end sync again.
             cut = exc
-        finally:
-            dt = time.perf_counter() - t0
-            interrupted = _relock(self._lock)
+        if not held[0]:
+            try:
+                take_back(self._lock.acquire, held)
+            except BaseException as exc:  # (raised with the lock held)
+                interrupted = exc
+        try:
+            dt = time.perf_counter() - t0 if t0 else 0.0
+        except BaseException as exc:  # (Ctrl-C)
+            dt = 0.0
+            interrupted = interrupted or exc
         if cut is not None:
             upto = part.durable
             interrupted = interrupted or cut
@@ -1108,12 +1118,14 @@ class WalMessageQueue:
                 raise interrupted
 
     def _sync_start(self, part: _Part, seg: SegmentState) -> None:
+        # (the call first: a Ctrl-C raised after it finds nothing changed yet)
+        now = time.monotonic()
         part.sync_busy = True
         part.sync_seg = seg
         part.sync_mark = part.next_offset - 1
         part.sync_requested = False
         # records past what this sync covers (buffered, or being written) stay unsynced
-        part.unsynced_since = 0.0 if part.written >= part.next_offset else time.monotonic()
+        part.unsynced_since = 0.0 if part.written >= part.next_offset else now
 
     def _sync_finish(self, part: _Part, upto: int, seg: SegmentState, size: int, dt: float,
                      error: BaseException | None) -> None:
