@@ -403,7 +403,7 @@ def _interrupt_once_unlocked(q: WalMessageQueue, func: str) -> Any:
     return tracer, fired
 
 
-@pytest.mark.parametrize("func", ["_wait_durable", "_gather_batch", "_sync"])
+@pytest.mark.parametrize("func", ["_wait_durable", "_gather_batch", "_sync", "_do_write"])
 def test_ctrl_c_just_after_the_queue_lock_is_let_go(tmp_path, monkeypatch, func):
     """Ctrl-C lands the moment the Python path has let go of the queue lock to sleep
     (behind a running sync, gathering a batch) or to fdatasync as the leader: the append

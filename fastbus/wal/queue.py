@@ -928,18 +928,21 @@ class WalMessageQueue:
         roll = seg.next_offset > seg.base and (
             seg.size + len(data) > self._segment_bytes
             or (self._segment_age is not None and now - seg.created >= self._segment_age))
-        if sync:
-            self._sync_start(part, seg)
-        self._lock.release()
         new_seg: SegmentState | None = None
         error: BaseException | None = None
         sync_error: BaseException | None = None
         roll_sync_error: BaseException | None = None
         sync_cut: BaseException | None = None
+        interrupted: BaseException | None = None
         dt = 0.0
         handle = seg.handle
         assert handle is not None
+        held = [True]  # (see _wait_durable: a Ctrl-C may come between any two bytecodes)
+        if sync:
+            self._sync_start(part, seg)
         try:
+            # (a Ctrl-C raised right after this counts as a failed write: nothing written)
+            let_go(self._lock.release, held)
             if roll:
                 # The old segment is complete: make it durable before the new one exists,
                 # so recovery never sees a torn segment that is not the last.
@@ -973,7 +976,11 @@ class WalMessageQueue:
                     sync_cut = exc
                 dt = time.perf_counter() - t0
         finally:
-            interrupted = _relock(self._lock)
+            if not held[0]:
+                try:
+                    take_back(self._lock.acquire, held)
+                except BaseException as exc:  # (raised with the lock held)
+                    interrupted = exc
         if sync_cut is not None:
             interrupted = interrupted or sync_cut
         try:
