@@ -208,6 +208,39 @@ cdef class WakeGate:
             PyErr_CheckSignals()
 
 
+def let_go(release, list held not None):
+    """let_go(release, held) -> None
+
+    ``release()`` (the queue lock's), then ``held[0] = False``, with no check for
+    signals in between. Python checks for them between bytecodes: after
+    ``lock.release()`` and before the ``try`` that follows it, a Ctrl-C is raised
+    with the lock let go and the handler that takes it back not yet in force (the
+    caller's ``finally`` then releases a lock it does not hold). Inside that
+    ``try``, ``let_go`` / ``take_back`` keep ``held`` true to the lock, whenever
+    the KeyboardInterrupt comes."""
+    release()
+    held[0] = False
+
+
+def take_back(acquire, list held not None):
+    """take_back(acquire, held) -> None
+
+    ``acquire()`` until it succeeds, then ``held[0] = True``, with no check for
+    signals in between (see ``let_go``). A KeyboardInterrupt that cut a wait for
+    the lock short is raised once the lock is held."""
+    pending = None
+    while True:
+        try:
+            acquire()
+            break
+        except BaseException as exc:
+            if pending is None:
+                pending = exc
+    held[0] = True
+    if pending is not None:
+        raise pending
+
+
 cdef class PartState:
     """PartState(index, segments, always)
 

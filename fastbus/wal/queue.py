@@ -77,8 +77,10 @@ from .._walappend import (
     BatchOffsets,
     PartState,
     check_payloads,
+    let_go,
     offsets,
     scattered_offsets,
+    take_back,
 )
 from .._walcodec import Record, encode_record, scan
 from ..config import FsyncPolicy, Retention
@@ -926,24 +928,29 @@ class WalMessageQueue:
         roll = seg.next_offset > seg.base and (
             seg.size + len(data) > self._segment_bytes
             or (self._segment_age is not None and now - seg.created >= self._segment_age))
-        if sync:
-            self._sync_start(part, seg)
-        self._lock.release()
         new_seg: SegmentState | None = None
         error: BaseException | None = None
         sync_error: BaseException | None = None
         roll_sync_error: BaseException | None = None
+        sync_cut: BaseException | None = None
+        interrupted: BaseException | None = None
         dt = 0.0
         handle = seg.handle
         assert handle is not None
+        held = [True]  # (see _wait_durable: a Ctrl-C may come between any two bytecodes)
+        if sync:
+            self._sync_start(part, seg)
         try:
+            # (a Ctrl-C raised right after this counts as a failed write: nothing written)
+            let_go(self._lock.release, held)
             if roll:
                 # The old segment is complete: make it durable before the new one exists,
                 # so recovery never sees a torn segment that is not the last.
                 try:
                     handle.seal()  # fdatasync, and give back the space allocated ahead
                 except BaseException as exc:
-                    roll_sync_error = exc
+                    # (a Ctrl-C is no failed fsync: the roll just did not happen)
+                    roll_sync_error = exc if isinstance(exc, Exception) else None
                     raise
                 h = self._store.create_segment(part.index, first)
                 new_seg = SegmentState(first, self._store.segment_location(part.index, first),
@@ -963,14 +970,22 @@ class WalMessageQueue:
                 t0 = time.perf_counter()
                 try:
                     handle.sync()
-                except BaseException as exc:
+                except Exception as exc:
                     sync_error = exc
+                except BaseException as exc:  # Ctrl-C: no failed sync (see _sync)
+                    sync_cut = exc
                 dt = time.perf_counter() - t0
         finally:
-            interrupted = _relock(self._lock)
+            if not held[0]:
+                try:
+                    take_back(self._lock.acquire, held)
+                except BaseException as exc:  # (raised with the lock held)
+                    interrupted = exc
+        if sync_cut is not None:
+            interrupted = interrupted or sync_cut
         try:
             self._write_done(part, data, first, last, max_ts, new_seg, sync, dt, error,
-                             sync_error, roll_sync_error)
+                             sync_error, roll_sync_error, sync_cut=sync_cut is not None)
         finally:
             if interrupted is not None:
                 raise interrupted
@@ -978,8 +993,9 @@ class WalMessageQueue:
     def _write_done(self, part: _Part, data: bytes, first: int, last: int, max_ts: int,
                     new_seg: SegmentState | None, sync: bool, dt: float,
                     error: BaseException | None, sync_error: BaseException | None,
-                    roll_sync_error: BaseException | None) -> None:
-        """Lock held: the bookkeeping after ``_do_write``'s unlocked stretch."""
+                    roll_sync_error: BaseException | None, *, sync_cut: bool = False) -> None:
+        """Lock held: the bookkeeping after ``_do_write``'s unlocked stretch.
+        ``sync_cut``: a Ctrl-C cut the fdatasync short, which then claims nothing."""
         part.io_busy = False
         if sync and error is not None:
             part.sync_busy = False  # the sync never ran
@@ -1019,7 +1035,8 @@ class WalMessageQueue:
                     part.visible_size = active.size
             if sync:
                 active = part.segments[-1]
-                self._sync_finish(part, part.written, active, active.size, dt, sync_error)
+                self._sync_finish(part, part.durable if sync_cut else part.written, active,
+                                  active.size, dt, sync_error)
             self._cond.notify_all()
             return
         self._m["write_errors"] += 1
@@ -1071,17 +1088,36 @@ class WalMessageQueue:
         size = seg.size
         handle = seg.handle
         assert handle is not None
-        self._sync_start(part, seg)
-        self._lock.release()
         error: BaseException | None = None
-        t0 = time.perf_counter()
+        cut: BaseException | None = None
+        interrupted: BaseException | None = None
+        held = [True]  # (see _wait_durable: a Ctrl-C may come between any two bytecodes)
+        t0 = 0.0
+        self._sync_start(part, seg)
         try:
+            let_go(self._lock.release, held)
+            t0 = time.perf_counter()
             handle.sync()
-        except BaseException as exc:
+        except Exception as exc:
             error = exc
-        finally:
-            dt = time.perf_counter() - t0
-            interrupted = _relock(self._lock)
+        except BaseException as exc:
+            # Ctrl-C, raised as the fdatasync returned (or cutting its EINTR retry, or
+            # before it began): not a failed sync, so the partition is not broken; it
+            # claims nothing, and the waiters woken by its end sync again.
+            cut = exc
+        if not held[0]:
+            try:
+                take_back(self._lock.acquire, held)
+            except BaseException as exc:  # (raised with the lock held)
+                interrupted = exc
+        try:
+            dt = time.perf_counter() - t0 if t0 else 0.0
+        except BaseException as exc:  # (Ctrl-C)
+            dt = 0.0
+            interrupted = interrupted or exc
+        if cut is not None:
+            upto = part.durable
+            interrupted = interrupted or cut
         try:
             self._sync_finish(part, upto, seg, size, dt, error)
         finally:
@@ -1089,12 +1125,14 @@ class WalMessageQueue:
                 raise interrupted
 
     def _sync_start(self, part: _Part, seg: SegmentState) -> None:
+        # (the call first: a Ctrl-C raised after it finds nothing changed yet)
+        now = time.monotonic()
         part.sync_busy = True
         part.sync_seg = seg
         part.sync_mark = part.next_offset - 1
         part.sync_requested = False
         # records past what this sync covers (buffered, or being written) stay unsynced
-        part.unsynced_since = 0.0 if part.written >= part.next_offset else time.monotonic()
+        part.unsynced_since = 0.0 if part.written >= part.next_offset else now
 
     def _sync_finish(self, part: _Part, upto: int, seg: SegmentState, size: int, dt: float,
                      error: BaseException | None) -> None:
@@ -1176,34 +1214,40 @@ class WalMessageQueue:
                 self._do_write(part, sync=True)  # everything queued, this one included
                 continue
             if part.sync_busy:
-                # Sleep until the running sync covers this record, or until it is this
-                # thread's turn to lead the next one (which writes every queued record,
-                # this one included, then syncs); nobody else is woken for it.
-                entry = [target]
-                part.sync_waiters.append(entry)
-                gate = part.gather_gate
-                if gate is not None and len(part.sync_waiters) + 1 >= part.last_appenders:
-                    part.gather_gate = None
-                    gate.release()  # the gathering leader has its batch
-                wake = part.wake
-                seen = wake.epoch()
+                # Sleep until the running sync ends; then return if it made this record
+                # durable, else look again (one of those woken leads the next sync, which
+                # writes every queued record, this one included, then syncs).
+                # A Ctrl-C may come between any two bytecodes: ``held`` says whether the
+                # lock is held then (let_go / take_back, compiled, set it along with it).
                 lock = self._lock
-                lock.release()
+                held = [True]
+                entry = [target]
                 try:
+                    part.sync_waiters.append(entry)
+                    gate = part.gather_gate
+                    if gate is not None and len(part.sync_waiters) + 1 >= part.last_appenders:
+                        part.gather_gate = None
+                        gate.release()  # the gathering leader has its batch
+                    wake = part.wake
+                    seen = wake.epoch()
+                    let_go(lock.release, held)
                     wake.wait(seen)
+                    if part.durable >= target and part.fail_gen == gen:
+                        return False  # (without the lock: durable only grows; no failure)
+                    take_back(lock.acquire, held)
                 except BaseException:  # KeyboardInterrupt: leave the queue as it was
-                    _relock(lock)
-                    if any(e is entry for e in part.sync_waiters):
-                        part.sync_waiters.remove(entry)
+                    if not held[0]:
+                        try:
+                            take_back(lock.acquire, held)
+                        except BaseException:  # (a second Ctrl-C: the first is raised)
+                            pass
+                    for i, e in enumerate(part.sync_waiters):
+                        if e is entry:  # (by identity: another waiter's may be equal)
+                            del part.sync_waiters[i]
+                            break
                     else:
                         self._hand_off(part)  # it was woken: let another lead if need be
                     raise
-                if part.durable >= target and part.fail_gen == gen:
-                    return False  # (without the lock: durable only grows; no failure since)
-                interrupted = _relock(lock)
-                if interrupted is not None:
-                    self._hand_off(part)
-                    raise interrupted
                 continue
             if not swept and part.written < part.next_offset and not part.io_busy:
                 # About to lead a sync: write what the others queued meanwhile and
@@ -1230,28 +1274,30 @@ class WalMessageQueue:
         limit = min(part.last_sync_seconds * 0.5, _GATHER_MAX)
         if len(part.sync_waiters) + 1 >= want or limit <= 0:
             return
-        part.sync_busy = True
         gate = _new_lock()
         gate.acquire()
-        part.gather_gate = gate  # released by the appender that completes the batch
         lock = self._lock
-        lock.release()
+        held = [True]  # (see _wait_durable: a Ctrl-C may come between any two bytecodes)
+        part.sync_busy = True
+        part.gather_gate = gate  # released by the appender that completes the batch
         try:
+            let_go(lock.release, held)
             gate.acquire(timeout=limit)
+            take_back(lock.acquire, held)
         except BaseException:  # KeyboardInterrupt: another appender leads the sync
-            _relock(lock)
+            if not held[0]:
+                try:
+                    take_back(lock.acquire, held)
+                except BaseException:  # (a second Ctrl-C: the first is raised)
+                    pass
             part.gather_gate = None
             part.sync_busy = False
             self._wake_sync_waiters(part)
             self._cond.notify_all()
             raise
-        interrupted = _relock(lock)
         part.gather_gate = None
         part.sync_busy = False
         self._cond.notify_all()
-        if interrupted is not None:
-            self._wake_sync_waiters(part)
-            raise interrupted
 
     def _hand_off(self, part: _Part) -> None:
         """Lock held, an ``always`` appender leaving (returning or raising): if waiters
