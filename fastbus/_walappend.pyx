@@ -578,9 +578,10 @@ cdef class Appender:
         return 0
 
     cdef bint _copy_direct(self, PartState part, int64_t first, int64_t count) except -1:
-        """Lock held, buffered policy, mapped segment: put the buffer (the ``count``
-        records from ``first`` alone) into the segment and publish them as
-        written, as ``WalMessageQueue._do_write`` + ``_write_done`` would: a copy
+        """Lock held, mapped segment: put the buffer (the ``count`` records from
+        ``first`` alone) into the segment and publish them as written (under
+        ``always`` not yet to readers: the sync that covers them does), as
+        ``WalMessageQueue._do_write`` + ``_write_done`` would: a copy
         into the mapping, or one ``pwrite`` for a batch of ``PWRITE_MIN`` bytes or
         more. False: not now (the caller writes the buffer out the slow way, which
         also allocates more of the file, rolls, and reports a failed write)."""

@@ -589,7 +589,7 @@ class WalMessageQueue:
 
     def _map_active(self, part: _Part) -> None:
         """Lock held (or opening): aim the compiled append's direct copy at the
-        partition's active segment (buffered policies on a mapped store only)."""
+        partition's active segment (any policy, on a mapped store only)."""
         seg = part.segments[-1]
         h = seg.handle
         part.mapped = h if isinstance(h, MappedSegment) else None
