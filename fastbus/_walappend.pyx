@@ -208,6 +208,21 @@ cdef class WakeGate:
             PyErr_CheckSignals()
 
 
+cpdef uint32_t queue_behind(PartState part, list entry) except? 0:
+    """queue_behind(part, entry) -> epoch
+
+    Lock held, ``always``, a sync running: put an appender's ``entry``
+    (``[target]``) on the partition's waiters' list, open the gathering leader's
+    gate if this completes its batch, and return the epoch of the partition's
+    ``WakeGate`` to sleep on (``part.wake.wait(epoch)``, once the lock is let go)."""
+    part.sync_waiters.append(entry)
+    gate = part.gather_gate
+    if gate is not None and len(part.sync_waiters) + 1 >= part.last_appenders:
+        part.gather_gate = None
+        gate.release()  # the gathering leader has its batch
+    return part.wake.epoch()
+
+
 def let_go(release, list held not None):
     """let_go(release, held) -> None
 
@@ -649,13 +664,8 @@ cdef class Appender:
             if part.sync_busy:
                 # Queue behind the running sync (see WalMessageQueue._wait_durable).
                 entry = [target]
-                part.sync_waiters.append(entry)
-                gate = part.gather_gate
-                if gate is not None and len(part.sync_waiters) + 1 >= part.last_appenders:
-                    part.gather_gate = None
-                    gate.release()  # the gathering leader has its batch
+                seen = queue_behind(part, entry)
                 wake = part.wake
-                seen = wake.epoch()
                 held = False
                 self._release()
                 try:

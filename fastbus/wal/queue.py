@@ -79,6 +79,7 @@ from .._walappend import (
     check_payloads,
     let_go,
     offsets,
+    queue_behind,
     scattered_offsets,
     take_back,
 )
@@ -1223,13 +1224,8 @@ class WalMessageQueue:
                 held = [True]
                 entry = [target]
                 try:
-                    part.sync_waiters.append(entry)
-                    gate = part.gather_gate
-                    if gate is not None and len(part.sync_waiters) + 1 >= part.last_appenders:
-                        part.gather_gate = None
-                        gate.release()  # the gathering leader has its batch
+                    seen = queue_behind(part, entry)
                     wake = part.wake
-                    seen = wake.epoch()
                     let_go(lock.release, held)
                     wake.wait(seen)
                     if part.durable >= target and part.fail_gen == gen:
