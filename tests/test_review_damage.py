@@ -69,6 +69,16 @@ def _tree(root) -> dict[str, tuple[str, int]]:
 # ----------------------------------------------- a stale temporary offsets document
 
 
+
+def _bus_refuses(data_dir, match: str) -> None:
+    """A ScalableBus on ``data_dir`` refuses to open the durable topic "wal"."""
+    bus = ScalableBus(data_dir=data_dir)
+    try:
+        with pytest.raises(WalCorruptionError, match=match):
+            bus.configure_topic("wal", TopicConfig(durable=True))
+    finally:
+        bus.close()
+
 def test_a_stale_offsets_temp_symlink_is_not_followed(tmp_path):
     """A ``.g.json.tmp`` left in offsets/ (here a symlink, as a careless copy or a
     hostile user can leave) was opened with O_TRUNC and followed: the commit
@@ -146,12 +156,7 @@ def test_segments_of_a_partition_past_the_meta_count_are_refused(tmp_path, how, 
             WalMessageQueue(wal, partitions=None, repair=repair, compaction_interval=None)
         assert info.value.path == str(extra)
         assert "meta" in str(info.value)
-    bus = ScalableBus(data_dir=tmp_path)
-    try:
-        with pytest.raises(WalCorruptionError, match="partition is not in the queue"):
-            bus.configure_topic("wal", TopicConfig(durable=True))
-    finally:
-        bus.close()
+    _bus_refuses(tmp_path, "partition is not in the queue")
     assert _tree(wal) == before
     capsys.readouterr()
     assert cli_main(["wal", "verify", str(wal)]) == 1
@@ -291,12 +296,7 @@ def test_a_segment_name_past_the_largest_offset_is_corruption(tmp_path, alone, c
     with pytest.raises(WalCorruptionError, match="past the largest offset") as info:
         WalMessageQueue(wal, partitions=None, compaction_interval=None)
     assert info.value.path == str(bad)
-    bus = ScalableBus(data_dir=tmp_path)
-    try:
-        with pytest.raises(WalCorruptionError, match="past the largest offset"):
-            bus.configure_topic("wal", TopicConfig(durable=True))
-    finally:
-        bus.close()
+    _bus_refuses(tmp_path, "past the largest offset")
     capsys.readouterr()
     assert cli_main(["wal", "verify", str(wal)]) == 1
     assert f"CORRUPT: {bad} at byte 0" in capsys.readouterr().out
